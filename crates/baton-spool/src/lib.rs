@@ -1,1 +1,473 @@
+//! Baton's durable spool: the only state shared between receiving and delivery.
+//!
+//! Messages are appended to a journal of segment files (see [`journal`]) by one committer
+//! thread that takes every commit waiting at the moment, writes them with one `writev` and makes
+//! them durable with one `fdatasync` (group commit): twenty sessions finishing DATA together cost
+//! one disk flush, not twenty. A message's [`Spool::commit`] returns only after that flush, so a
+//! 250 sent after it means the message survives a crash or `kill -9`.
+//!
+//! Bodies up to `inline_body_max` travel inside the journal record. Larger ones spill to
+//! `bodies/<queue id>` while they are received (never held whole in memory) and are fsynced on
+//! their own before their envelope record is committed; the record is the commit point, so a
+//! body file without a record (a crash mid-DATA) is garbage and is removed at recovery.
+//!
+//! This crate owns the files under the spool directory. It knows nothing of SMTP sessions,
+//! routing or delivery; see docs/ARCHITECTURE.md and docs/SPOOL.md.
 
+pub mod envelope;
+pub mod journal;
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+pub use envelope::{DsnRet, Envelope, IdGenerator, QueueId, RcptState, Recipient, now_ms};
+pub use journal::{BodyLocation, StoredMessage};
+
+/// Largest number of commits written with one fsync.
+const MAX_BATCH: usize = 4096;
+/// Spilled bodies are written to their file in chunks of this size.
+const SPILL_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    /// fdatasync before acknowledging. Turning it off loses acknowledged mail on power loss.
+    pub fsync: bool,
+    /// A new segment is started once the active one reaches this size.
+    pub segment_size: u64,
+    /// Bodies larger than this go to a file of their own.
+    pub inline_body_max: usize,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            fsync: true,
+            segment_size: 64 << 20,
+            inline_body_max: 256 << 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is out of disk space: {0}")]
+    NoSpace(io::Error),
+    #[error("spool I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("spool record encoding failed: {0}")]
+    Encode(#[from] postcard::Error),
+    #[error("spool committer has stopped")]
+    Stopped,
+}
+
+impl SpoolError {
+    fn classify(err: io::Error) -> SpoolError {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => SpoolError::NoSpace(err),
+            _ => SpoolError::Io(err),
+        }
+    }
+}
+
+struct CommitRequest {
+    head: Vec<u8>,
+    body: Bytes,
+    body_in_file: bool,
+    reply: oneshot::Sender<Result<BodyLocation, SpoolError>>,
+}
+
+/// Handle to an open spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    journal_dir: PathBuf,
+    bodies_dir: PathBuf,
+    options: SpoolOptions,
+    ids: IdGenerator,
+    committer: mpsc::Sender<CommitRequest>,
+}
+
+/// What [`Spool::open`] found on disk.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub messages: Vec<StoredMessage>,
+    /// Bytes of torn records cut off the end of the journal.
+    pub truncated_bytes: u64,
+    /// Body files that had no committed envelope (cut off mid-transaction) and were removed.
+    pub orphan_bodies_removed: usize,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool under `dir`, recovers what is on disk and starts the
+    /// committer thread.
+    pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
+        let journal_dir = dir.join("journal");
+        let bodies_dir = dir.join("bodies");
+        fs::create_dir_all(&journal_dir)?;
+        fs::create_dir_all(&bodies_dir)?;
+        journal::sync_dir(dir)?;
+
+        let mut recovery = Recovery::default();
+        let segments = journal::list_segments(&journal_dir)?;
+        let mut tail = None;
+        for (i, &number) in segments.iter().enumerate() {
+            let path = journal::segment_path(&journal_dir, number);
+            let (messages, valid, file_len) = journal::scan_segment(&path, number)?;
+            if file_len > valid {
+                if i + 1 == segments.len() {
+                    recovery.truncated_bytes = file_len - valid;
+                } else {
+                    tracing::error!(
+                        segment = %path.display(),
+                        bad_bytes = file_len - valid,
+                        "corrupt record in a sealed journal segment; records after it are skipped"
+                    );
+                }
+            }
+            recovery.messages.extend(messages);
+            if i + 1 == segments.len() {
+                tail = Some((number, valid, file_len));
+            }
+        }
+        recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &recovery.messages)?;
+
+        let active = match tail {
+            Some((number, valid, file_len)) if valid < options.segment_size => {
+                journal::ActiveSegment::reopen(&journal_dir, number, valid, file_len)?
+            }
+            Some((number, valid, file_len)) => {
+                // Cut any torn tail before moving on to a fresh segment.
+                drop(journal::ActiveSegment::reopen(
+                    &journal_dir,
+                    number,
+                    valid,
+                    file_len,
+                )?);
+                journal::ActiveSegment::create(&journal_dir, number + 1, options.fsync)?
+            }
+            None => journal::ActiveSegment::create(&journal_dir, 1, options.fsync)?,
+        };
+
+        let last_id = recovery
+            .messages
+            .iter()
+            .map(|m| m.envelope.id)
+            .max()
+            .unwrap_or(QueueId(0));
+        let (tx, rx) = mpsc::channel();
+        let committer = Committer {
+            active,
+            rx,
+            options: options.clone(),
+            bodies_dir: bodies_dir.clone(),
+        };
+        thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || committer.run())?;
+        let inner = Inner {
+            journal_dir,
+            bodies_dir,
+            options,
+            ids: IdGenerator::after(last_id),
+            committer: tx,
+        };
+        Ok((
+            Spool {
+                inner: Arc::new(inner),
+            },
+            recovery,
+        ))
+    }
+
+    /// Reads the spool under `dir` without changing anything (for `baton queue` while a server
+    /// runs). A torn tail is ignored rather than cut off.
+    pub fn read_only(dir: &Path) -> Result<Vec<StoredMessage>, SpoolError> {
+        let journal_dir = dir.join("journal");
+        if !journal_dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut messages = Vec::new();
+        for number in journal::list_segments(&journal_dir)? {
+            let path = journal::segment_path(&journal_dir, number);
+            messages.extend(journal::scan_segment(&path, number)?.0);
+        }
+        Ok(messages)
+    }
+
+    /// Reads a stored message's body (the bytes after the envelope: headers and body).
+    pub fn read_body(dir: &Path, message: &StoredMessage) -> io::Result<Vec<u8>> {
+        match message.body {
+            BodyLocation::Inline {
+                segment,
+                offset,
+                len,
+            } => {
+                let mut file = File::open(journal::segment_path(&dir.join("journal"), segment))?;
+                file.seek(SeekFrom::Start(offset))?;
+                let mut body = vec![0; len as usize];
+                file.read_exact(&mut body)?;
+                Ok(body)
+            }
+            BodyLocation::File => {
+                fs::read(dir.join("bodies").join(message.envelope.id.to_string()))
+            }
+        }
+    }
+
+    pub fn next_id(&self) -> QueueId {
+        self.inner.ids.next()
+    }
+
+    pub fn options(&self) -> &SpoolOptions {
+        &self.inner.options
+    }
+
+    pub fn journal_dir(&self) -> &Path {
+        &self.inner.journal_dir
+    }
+
+    /// A writer for the body of message `id`, to fill while receiving it.
+    pub fn body_writer(&self, id: QueueId) -> BodyWriter {
+        BodyWriter {
+            id,
+            buf: Vec::new(),
+            file: None,
+            spilled: 0,
+            inline_max: self.inner.options.inline_body_max,
+            bodies_dir: self.inner.bodies_dir.clone(),
+            committed: false,
+        }
+    }
+
+    /// Makes the message durable. Returns once it is on disk (when fsync is on): only then may
+    /// the client be told 250.
+    pub async fn commit(
+        &self,
+        envelope: &Envelope,
+        mut body: BodyWriter,
+    ) -> Result<BodyLocation, SpoolError> {
+        let body_in_file = body.file.is_some();
+        let inline = if body_in_file {
+            body.flush_to_file()?;
+            let writer = body.file.take().ok_or(SpoolError::Stopped)?;
+            let fsync = self.inner.options.fsync;
+            body.file = tokio::task::spawn_blocking(move || {
+                if fsync {
+                    writer.sync_data()?;
+                }
+                Ok::<_, io::Error>(writer)
+            })
+            .await
+            .map_err(|_| SpoolError::Stopped)?
+            .map(Some)
+            .map_err(SpoolError::classify)?;
+            Bytes::new()
+        } else {
+            Bytes::from(std::mem::take(&mut body.buf))
+        };
+        let head = journal::encode_message(envelope, &inline, body_in_file)?;
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .committer
+            .send(CommitRequest {
+                head,
+                body: inline,
+                body_in_file,
+                reply,
+            })
+            .map_err(|_| SpoolError::Stopped)?;
+        let location = rx.await.map_err(|_| SpoolError::Stopped)??;
+        body.committed = true;
+        Ok(location)
+    }
+}
+
+/// Collects a message body while it is received: in memory up to the inline limit, then in
+/// `bodies/<id>`. Dropping it without a commit removes the file.
+pub struct BodyWriter {
+    id: QueueId,
+    buf: Vec<u8>,
+    file: Option<File>,
+    spilled: u64,
+    inline_max: usize,
+    bodies_dir: PathBuf,
+    committed: bool,
+}
+
+impl BodyWriter {
+    /// The buffer to append body bytes to; call [`BodyWriter::settle`] after appending.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Spills the buffer to the body file once it is large enough.
+    pub fn settle(&mut self) -> Result<(), SpoolError> {
+        let threshold = if self.file.is_some() {
+            SPILL_CHUNK
+        } else {
+            self.inline_max
+        };
+        if self.buf.len() > threshold {
+            self.flush_to_file()?;
+        }
+        Ok(())
+    }
+
+    /// Body bytes so far.
+    pub fn len(&self) -> u64 {
+        self.spilled + self.buf.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn flush_to_file(&mut self) -> Result<(), SpoolError> {
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(self.path())
+                .map_err(SpoolError::classify)?;
+            self.file = Some(file);
+        }
+        if let Some(file) = self.file.as_mut() {
+            file.write_all(&self.buf).map_err(SpoolError::classify)?;
+        }
+        self.spilled += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn path(&self) -> PathBuf {
+        self.bodies_dir.join(self.id.to_string())
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        if (self.file.is_some() || self.spilled > 0) && !self.committed {
+            let _ = fs::remove_file(self.path());
+        }
+    }
+}
+
+fn remove_orphan_bodies(bodies_dir: &Path, messages: &[StoredMessage]) -> io::Result<usize> {
+    let referenced: HashSet<String> = messages
+        .iter()
+        .filter(|m| m.body == BodyLocation::File)
+        .map(|m| m.envelope.id.to_string())
+        .collect();
+    let mut removed = 0;
+    for entry in fs::read_dir(bodies_dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !referenced.contains(&name) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The group-commit loop, on its own thread: it is the only writer of the journal.
+struct Committer {
+    active: journal::ActiveSegment,
+    rx: mpsc::Receiver<CommitRequest>,
+    options: SpoolOptions,
+    bodies_dir: PathBuf,
+}
+
+impl Committer {
+    fn run(mut self) {
+        let mut batch = Vec::new();
+        while let Ok(first) = self.rx.recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<CommitRequest>) {
+        let result = self.write_batch(batch);
+        let n = batch.len();
+        for (request, location) in batch.drain(..).zip(result_per_request(result, n)) {
+            let _ = request.reply.send(location);
+        }
+    }
+
+    fn write_batch(&mut self, batch: &[CommitRequest]) -> Result<Vec<BodyLocation>, SpoolError> {
+        if self.active.len >= self.options.segment_size {
+            self.active
+                .rotate(self.options.fsync)
+                .map_err(SpoolError::classify)?;
+        }
+        if self.options.fsync && batch.iter().any(|r| r.body_in_file) {
+            journal::sync_dir(&self.bodies_dir).map_err(SpoolError::classify)?;
+        }
+        let mut offset = self.active.len;
+        let mut locations = Vec::with_capacity(batch.len());
+        let mut slices = Vec::with_capacity(batch.len() * 2);
+        for request in batch {
+            let body_offset = offset + request.head.len() as u64;
+            locations.push(if request.body_in_file {
+                BodyLocation::File
+            } else {
+                BodyLocation::Inline {
+                    segment: self.active.number,
+                    offset: body_offset,
+                    len: request.body.len() as u64,
+                }
+            });
+            offset = body_offset + request.body.len() as u64;
+            slices.push(IoSlice::new(&request.head));
+            if !request.body.is_empty() {
+                slices.push(IoSlice::new(&request.body));
+            }
+        }
+        self.active
+            .append(&mut slices, self.options.fsync)
+            .map_err(SpoolError::classify)?;
+        Ok(locations)
+    }
+}
+
+/// Spreads a batch result over its requests: each gets its location, or a copy of the error.
+fn result_per_request(
+    result: Result<Vec<BodyLocation>, SpoolError>,
+    n: usize,
+) -> Vec<Result<BodyLocation, SpoolError>> {
+    match result {
+        Ok(locations) => locations.into_iter().map(Ok).collect(),
+        Err(err) => {
+            tracing::error!(error = %err, "spool commit failed; {n} messages not accepted");
+            (0..n)
+                .map(|_| {
+                    Err(match &err {
+                        SpoolError::NoSpace(e) => {
+                            SpoolError::NoSpace(io::Error::new(e.kind(), e.to_string()))
+                        }
+                        other => SpoolError::Io(io::Error::other(other.to_string())),
+                    })
+                })
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The on-disk journal: numbered segment files of checksummed records, appended in batches.
+//!
+//! Segment layout: an 8-byte magic, then frames
+//! `len:u32le | crc32:u32le | kind:u8 | payload` where `len` counts `kind` and `payload` and the
+//! CRC covers them. A frame is valid only if complete and its CRC matches, so a batch torn by a
+//! crash is detected and cut off at recovery; everything before it had been fsynced.
+//!
+//! Message payload: `envelope_len:u32le | envelope (postcard) | body` where the body is empty
+//! when it lives in its own file under `bodies/` (large messages).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::envelope::Envelope;
+
+pub const MAGIC: &[u8; 8] = b"BATONJ1\n";
+/// A message whose body follows the envelope in the same frame.
+pub const KIND_MESSAGE_INLINE: u8 = 1;
+/// A message whose body is in `bodies/<queue id>`.
+pub const KIND_MESSAGE_FILE: u8 = 2;
+const FRAME_HEADER: usize = 9;
+
+/// Where a message's body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLocation {
+    /// Inside a journal segment.
+    Inline { segment: u64, offset: u64, len: u64 },
+    /// In `bodies/<queue id>`.
+    File,
+}
+
+/// A message as found in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub envelope: Envelope,
+    pub body: BodyLocation,
+}
+
+pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:010}.log"))
+}
+
+/// Segment numbers present in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name
+            .strip_suffix(".log")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Builds the frame header and envelope part of a message record; the body follows it on disk.
+pub fn encode_message(
+    envelope: &Envelope,
+    body: &[u8],
+    body_in_file: bool,
+) -> Result<Vec<u8>, postcard::Error> {
+    let env = postcard::to_stdvec(envelope)?;
+    let len = 1 + 4 + env.len() + body.len();
+    let mut head = Vec::with_capacity(FRAME_HEADER + 4 + env.len());
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    head.push(if body_in_file {
+        KIND_MESSAGE_FILE
+    } else {
+        KIND_MESSAGE_INLINE
+    });
+    head.extend_from_slice(&(env.len() as u32).to_le_bytes());
+    head.extend_from_slice(&env);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[8..]);
+    crc.update(body);
+    head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    Ok(head)
+}
+
+/// Reads one segment. Returns the messages and the offset just past the last valid frame;
+/// anything after it is a torn or corrupt tail.
+pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<StoredMessage>, u64, u64)> {
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; 8];
+    if reader.read_exact(&mut magic).is_err() || &magic != MAGIC {
+        return Ok((Vec::new(), 0, file_len));
+    }
+    let mut offset = MAGIC.len() as u64;
+    let mut messages = Vec::new();
+    let mut frame = Vec::new();
+    loop {
+        let mut header = [0u8; 8];
+        if reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 || offset + 8 + len > file_len {
+            break;
+        }
+        frame.resize(len as usize, 0);
+        if reader.read_exact(&mut frame).is_err() || crc32fast::hash(&frame) != crc {
+            break;
+        }
+        if frame[0] == KIND_MESSAGE_INLINE || frame[0] == KIND_MESSAGE_FILE {
+            match decode_message(&frame, number, offset) {
+                Some(message) => messages.push(message),
+                None => break,
+            }
+        }
+        offset += 8 + len;
+    }
+    Ok((messages, offset, file_len))
+}
+
+fn decode_message(frame: &[u8], segment: u64, frame_offset: u64) -> Option<StoredMessage> {
+    let env_len = u32::from_le_bytes(frame.get(1..5)?.try_into().ok()?) as usize;
+    let env_bytes = frame.get(5..5 + env_len)?;
+    let envelope: Envelope = postcard::from_bytes(env_bytes).ok()?;
+    let body_len = (frame.len() - 5 - env_len) as u64;
+    let body = if frame[0] == KIND_MESSAGE_FILE {
+        BodyLocation::File
+    } else {
+        BodyLocation::Inline {
+            segment,
+            offset: frame_offset + 8 + 5 + env_len as u64,
+            len: body_len,
+        }
+    };
+    Some(StoredMessage { envelope, body })
+}
+
+/// The segment being appended to. Owned by the committer thread alone.
+pub struct ActiveSegment {
+    dir: PathBuf,
+    pub number: u64,
+    file: File,
+    pub len: u64,
+}
+
+impl ActiveSegment {
+    /// Creates segment `number` (with its magic) and makes its directory entry durable.
+    pub fn create(dir: &Path, number: u64, fsync: bool) -> io::Result<Self> {
+        let path = segment_path(dir, number);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .append(true)
+            .open(&path)?;
+        file.write_all(MAGIC)?;
+        if fsync {
+            file.sync_data()?;
+            sync_dir(dir)?;
+        }
+        Ok(ActiveSegment {
+            dir: dir.to_path_buf(),
+            number,
+            file,
+            len: MAGIC.len() as u64,
+        })
+    }
+
+    /// Reopens an existing segment for appending, cutting off a torn tail at `valid_len`.
+    pub fn reopen(dir: &Path, number: u64, valid_len: u64, file_len: u64) -> io::Result<Self> {
+        let path = segment_path(dir, number);
+        let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
+        if valid_len < MAGIC.len() as u64 {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(MAGIC)?;
+            file.sync_data()?;
+            return Self::reopen(dir, number, MAGIC.len() as u64, MAGIC.len() as u64);
+        }
+        if file_len > valid_len {
+            file.set_len(valid_len)?;
+            file.sync_data()?;
+        }
+        file.seek(SeekFrom::Start(valid_len))?;
+        Ok(ActiveSegment {
+            dir: dir.to_path_buf(),
+            number,
+            file,
+            len: valid_len,
+        })
+    }
+
+    pub fn rotate(&mut self, fsync: bool) -> io::Result<()> {
+        *self = ActiveSegment::create(&self.dir, self.number + 1, fsync)?;
+        Ok(())
+    }
+
+    /// Appends `slices` and makes them durable. On failure the segment is cut back to where it
+    /// was, so a failed batch leaves no partial record behind.
+    pub fn append(&mut self, slices: &mut [IoSlice<'_>], fsync: bool) -> io::Result<()> {
+        let start = self.len;
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        let result = write_all_vectored(&mut self.file, slices)
+            .and_then(|()| if fsync { self.file.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                self.len += total as u64;
+                Ok(())
+            }
+            Err(err) => {
+                let _ = self.file.set_len(start);
+                let _ = self.file.seek(SeekFrom::Start(start));
+                Err(err)
+            }
+        }
+    }
+}
+
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "journal write")),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that entries created in it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
