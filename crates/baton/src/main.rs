@@ -1,1 +1,138 @@
-fn main() {}
+//! `baton`: the command line. See docs/ARCHITECTURE.md for how the pieces fit.
+
+mod config;
+mod queue;
+mod server;
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "baton", version, about = "Baton, a mail transfer agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (embedded defaults when no --config is given).
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and report every error with its line.
+    CheckConfig { file: PathBuf },
+    /// Look into the queue.
+    Queue {
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Every queued message with its recipients and their states.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message: envelope, recipients and states.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        /// Print the stored message (headers and body) instead.
+        #[arg(long, conflicts_with = "json")]
+        body: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve { config } => load_config(config.as_deref()).and_then(serve),
+        Cmd::CheckConfig { file } => return check_config(&file),
+        Cmd::Queue { config, command } => load_config(config.as_deref()).and_then(|c| match command {
+            QueueCmd::List { json } => queue::list(&c.data_dir, json),
+            QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None => Ok(Config::defaults()),
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: OK ({} listener(s), data_dir {})",
+                file.display(),
+                c.listeners.len(),
+                c.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s)", errors.errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stop signal received");
+            let _ = stop_tx.send(true);
+        });
+        server::serve(config, stop_rx).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

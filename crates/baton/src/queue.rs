@@ -1,0 +1,128 @@
+//! `baton queue list|show`: what is in the spool, read straight from its files.
+//!
+//! Read-only: safe while a server runs (a record being written is simply not shown yet).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use baton_spool::{BodyLocation, QueueId, Spool, StoredMessage};
+use serde_json::json;
+
+fn spool_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("spool")
+}
+
+fn load(data_dir: &Path) -> anyhow::Result<Vec<StoredMessage>> {
+    let dir = spool_dir(data_dir);
+    let mut messages = Spool::read_only(&dir)
+        .with_context(|| format!("cannot read the spool at {}", dir.display()))?;
+    messages.sort_by_key(|m| m.envelope.id);
+    Ok(messages)
+}
+
+fn arrived(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn sender(s: &str) -> &str {
+    if s.is_empty() { "<>" } else { s }
+}
+
+fn message_json(m: &StoredMessage) -> serde_json::Value {
+    let e = &m.envelope;
+    json!({
+        "id": e.id.to_string(),
+        "sender": e.sender,
+        "arrived_ms": e.arrived_ms,
+        "size": e.size,
+        "client_ip": e.client_ip.to_string(),
+        "helo": e.helo,
+        "smtputf8": e.smtputf8,
+        "eight_bit": e.eight_bit,
+        "dsn_ret": e.dsn_ret.map(|r| format!("{r:?}").to_uppercase()),
+        "dsn_envid": e.dsn_envid,
+        "body_in_file": m.body == BodyLocation::File,
+        "recipients": e.recipients.iter().map(|r| json!({
+            "email": r.address,
+            "state": r.state.as_str(),
+            "orcpt": r.orcpt,
+            "notify": r.notify,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn list(data_dir: &Path, as_json: bool) -> anyhow::Result<()> {
+    let messages = load(data_dir)?;
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let all: Vec<_> = messages.iter().map(message_json).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+        return Ok(());
+    }
+    if messages.is_empty() {
+        writeln!(out, "Mail queue is empty")?;
+        return Ok(());
+    }
+    writeln!(out, "{:<16}  {:<19}  {:>9}  SENDER / RECIPIENTS", "ID", "ARRIVED", "SIZE")?;
+    let mut rcpts = 0;
+    for m in &messages {
+        let e = &m.envelope;
+        writeln!(
+            out,
+            "{}  {}  {:>9}  {}",
+            e.id,
+            arrived(e.arrived_ms),
+            e.size,
+            sender(&e.sender)
+        )?;
+        for r in &e.recipients {
+            writeln!(out, "{:>50}{} ({})", "", r.address, r.state.as_str())?;
+        }
+        rcpts += e.recipients.len();
+    }
+    writeln!(out, "-- {} messages, {} recipients", messages.len(), rcpts)?;
+    Ok(())
+}
+
+pub fn show(data_dir: &Path, id: &str, as_json: bool, body: bool) -> anyhow::Result<()> {
+    let id: QueueId = id.parse().map_err(anyhow::Error::msg)?;
+    let messages = load(data_dir)?;
+    let Some(m) = messages.iter().find(|m| m.envelope.id == id) else {
+        bail!("no message {id} in the queue (see `baton queue list`)");
+    };
+    let mut out = std::io::stdout().lock();
+    if body {
+        let bytes = Spool::read_body(&spool_dir(data_dir), m)
+            .with_context(|| format!("cannot read the body of {id}"))?;
+        out.write_all(&bytes)?;
+        return Ok(());
+    }
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&message_json(m))?)?;
+        return Ok(());
+    }
+    let e = &m.envelope;
+    writeln!(out, "id:        {}", e.id)?;
+    writeln!(out, "arrived:   {}", arrived(e.arrived_ms))?;
+    writeln!(out, "sender:    {}", sender(&e.sender))?;
+    writeln!(out, "size:      {} bytes", e.size)?;
+    writeln!(out, "client:    {} (helo {})", e.client_ip, e.helo)?;
+    if let Some(envid) = &e.dsn_envid {
+        writeln!(out, "envid:     {envid}")?;
+    }
+    if let Some(ret) = e.dsn_ret {
+        writeln!(out, "ret:       {ret:?}")?;
+    }
+    writeln!(out, "recipients:")?;
+    for r in &e.recipients {
+        write!(out, "  {:<40} {}", r.address, r.state.as_str())?;
+        if let Some(orcpt) = &r.orcpt {
+            write!(out, "  orcpt={orcpt}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The listeners: bind the configured addresses, accept connections within the connection
+//! limits and run one [`Session`] task per client. Also owns orderly shutdown.
+//!
+//! Owns sockets and counting connections. It must not parse SMTP (the session does) or write
+//! to the spool (the session commits through [`Spool`]).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use baton_spool::{Spool, SpoolOptions};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Role};
+use crate::session::Session;
+
+/// What every session shares.
+pub struct Context {
+    pub config: Config,
+    pub spool: Spool,
+    pub shutdown: watch::Receiver<bool>,
+    connections: Mutex<Connections>,
+}
+
+#[derive(Default)]
+struct Connections {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds a connection's place in the counts; released on drop.
+struct Slot {
+    ctx: Arc<Context>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .ctx
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Takes a connection slot, or says which limit is full.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let limits = &self.config.limits;
+        let mut c = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        if c.total >= limits.max_connections {
+            return Err("Error: too many connections");
+        }
+        let n = c.per_ip.entry(ip).or_insert(0);
+        if *n >= limits.max_connections_per_ip {
+            return Err("Error: too many connections from your address");
+        }
+        *n += 1;
+        c.total += 1;
+        Ok(Slot {
+            ctx: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Opens the spool, binds every listener and serves until `stop` turns true.
+pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let options = SpoolOptions {
+        fsync: config.spool.fsync,
+        segment_size: config.spool.segment_size,
+        ..SpoolOptions::default()
+    };
+    let spool_dir = config.data_dir.join("spool");
+    let (spool, recovery) = Spool::open(&spool_dir, options).with_context(|| {
+        format!(
+            "cannot open the spool at {} (check that data_dir exists and is writable)",
+            spool_dir.display()
+        )
+    })?;
+    tracing::info!(
+        messages = recovery.messages.len(),
+        torn_bytes_cut = recovery.truncated_bytes,
+        orphan_bodies_removed = recovery.orphan_bodies_removed,
+        dir = %spool_dir.display(),
+        "spool recovered"
+    );
+    if !config.spool.fsync {
+        tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
+    }
+
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.address)
+            .await
+            .with_context(|| format!("cannot listen on {} (in use? permitted?)", l.address))?;
+        tracing::info!(address = %l.address, role = l.role.as_str(), "listening");
+        listeners.push((listener, l.role));
+    }
+
+    let ctx = Arc::new(Context {
+        config,
+        spool,
+        shutdown: stop.clone(),
+        connections: Mutex::default(),
+    });
+    let mut sessions = JoinSet::new();
+    let mut acceptors = JoinSet::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Role)>(64);
+    for (listener, role) in listeners {
+        let conn_tx = conn_tx.clone();
+        acceptors.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        if conn_tx.send((stream, peer, role)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+
+    loop {
+        tokio::select! {
+            conn = conn_rx.recv() => {
+                let Some((stream, peer, role)) = conn else { break };
+                start_session(&ctx, &mut sessions, stream, peer, role);
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    acceptors.abort_all();
+    tracing::info!(sessions = sessions.len(), "shutting down");
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still busy after 10 s; closing them");
+    }
+    Ok(())
+}
+
+fn start_session(
+    ctx: &Arc<Context>,
+    sessions: &mut JoinSet<()>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+) {
+    let _ = stream.set_nodelay(true);
+    let ip = peer.ip().to_canonical();
+    match ctx.admit(ip) {
+        Ok(slot) => {
+            let ctx = ctx.clone();
+            sessions.spawn(async move {
+                Session::new(stream, ctx, peer, role).run().await;
+                drop(slot);
+            });
+        }
+        Err(why) => {
+            tracing::warn!(client = %peer, "{why}");
+            let msg = format!("421 4.7.0 {} {why}\r\n", ctx.config.hostname);
+            sessions.spawn(async move {
+                let _ = stream.write_all(msg.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! One SMTP session: reads commands and message data from a client connection, applies the
+//! policy (relay control, limits) and hands complete messages to the spool.
+//!
+//! Owns the conversation with one client. It must not touch the spool's files or schedule
+//! delivery: it calls [`Spool::commit`] and answers 250 only once that has returned.
+//!
+//! Replies are batched and flushed only when the session needs more input (RFC 2920), so a
+//! pipelining client gets one write per batch of commands.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use baton_smtp::address::{domain_of, validate_mailbox};
+use baton_smtp::command::printable;
+use baton_smtp::{
+    BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo, Reply, Ret,
+    parse_command,
+};
+use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, RcptState, Recipient, SpoolError};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+use crate::config::Role;
+use crate::server::Context;
+
+/// Why a session ended early; logged, never shown to the client beyond its 421/5xx.
+#[derive(Debug)]
+enum Close {
+    Quit,
+    Eof,
+    Timeout,
+    TooManyErrors,
+    Smuggling,
+    Shutdown,
+    Io(#[allow(dead_code, reason = "shown in logs through Debug")] std::io::Error),
+}
+
+struct Transaction {
+    id: QueueId,
+    mail: MailFrom,
+    rcpts: Vec<RcptTo>,
+    bdat: Option<Bdat>,
+}
+
+/// A BDAT transfer under way.
+struct Bdat {
+    body: BodyWriter,
+    check: LineEndingCheck,
+    client_bytes: u64,
+    /// The reply every later chunk gets once one has failed (RFC 3030 §2).
+    failure: Option<Reply>,
+}
+
+pub struct Session<S> {
+    stream: S,
+    ctx: Arc<Context>,
+    peer: SocketAddr,
+    role: Role,
+    inbuf: BytesMut,
+    out: Vec<u8>,
+    /// HELO/EHLO argument and whether it was EHLO.
+    helo: Option<(String, bool)>,
+    tx: Option<Transaction>,
+    errors: u32,
+    shutdown: watch::Receiver<bool>,
+}
+
+enum Input {
+    Line(BytesMut),
+    TooLong,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(stream: S, ctx: Arc<Context>, peer: SocketAddr, role: Role) -> Self {
+        let shutdown = ctx.shutdown.clone();
+        Session {
+            stream,
+            ctx,
+            peer,
+            role,
+            inbuf: BytesMut::with_capacity(8192),
+            out: Vec::with_capacity(1024),
+            helo: None,
+            tx: None,
+            errors: 0,
+            shutdown,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let greeting = Reply::new(
+            220,
+            "",
+            format!("{} ESMTP Baton", self.ctx.config.hostname),
+        );
+        self.reply(greeting);
+        let close = self.serve().await;
+        match &close {
+            Close::Quit | Close::Eof => {}
+            other => tracing::info!(client = %self.peer, reason = ?other, "session closed"),
+        }
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn serve(&mut self) -> Close {
+        loop {
+            let input = match self.next_line().await {
+                Ok(input) => input,
+                Err(close) => {
+                    let text = match close {
+                        Close::Timeout => "Error: timeout exceeded",
+                        Close::Shutdown => "Service shutting down, try again later",
+                        _ => return close,
+                    };
+                    let status = if matches!(close, Close::Timeout) {
+                        "4.4.2"
+                    } else {
+                        "4.3.2"
+                    };
+                    let host = self.ctx.config.hostname.clone();
+                    self.reply(Reply::new(421, status, format!("{host} {text}")));
+                    return close;
+                }
+            };
+            let line = match input {
+                Input::Line(line) => line,
+                Input::TooLong => {
+                    let r = Reply::new(500, "5.5.2", "Error: line too long");
+                    if let Some(close) = self.error_reply(r) {
+                        return close;
+                    }
+                    continue;
+                }
+            };
+            let outcome = match parse_command(&line) {
+                Ok(command) => self.command(command).await,
+                Err(reply) => Ok(reply),
+            };
+            match outcome {
+                Ok(reply) => {
+                    if reply.is_error() {
+                        if let Some(close) = self.error_reply(reply) {
+                            return close;
+                        }
+                    } else {
+                        self.reply(reply);
+                    }
+                }
+                Err(close) => return close,
+            }
+        }
+    }
+
+    /// Queues an error reply and counts it; past the limit the session ends with 421.
+    fn error_reply(&mut self, reply: Reply) -> Option<Close> {
+        self.reply(reply);
+        self.errors += 1;
+        if self.errors >= self.ctx.config.limits.max_errors {
+            let host = self.ctx.config.hostname.clone();
+            self.reply(Reply::new(
+                421,
+                "4.7.0",
+                format!("{host} Error: too many errors"),
+            ));
+            return Some(Close::TooManyErrors);
+        }
+        None
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await.map_err(Close::Io)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads more input, flushing pending replies first. `deadline` bounds the wait.
+    async fn fill(&mut self, deadline: Instant, idle: bool) -> Result<(), Close> {
+        self.flush().await?;
+        let read = async {
+            match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.stream.read_buf(&mut self.inbuf),
+            )
+            .await
+            {
+                Err(_) => Err(Close::Timeout),
+                Ok(Ok(0)) => Err(Close::Eof),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(Close::Io(e)),
+            }
+        };
+        if idle {
+            // Only between commands may a shutdown interrupt the client.
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                r = read => r,
+                _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
+            }
+        } else {
+            read.await
+        }
+    }
+
+    /// The next command line (with its line end), or a note that it was too long.
+    async fn next_line(&mut self) -> Result<Input, Close> {
+        let limits = &self.ctx.config.limits;
+        let (max_len, idle_timeout, command_timeout) = (
+            limits.max_line_length,
+            limits.idle_timeout,
+            limits.command_timeout,
+        );
+        let mut deadline = Instant::now() + idle_timeout;
+        let mut started = !self.inbuf.is_empty();
+        if started {
+            deadline = deadline.min(Instant::now() + command_timeout);
+        }
+        let mut discarding = false;
+        loop {
+            if let Some(pos) = self.inbuf.iter().position(|&b| b == b'\n') {
+                let line = self.inbuf.split_to(pos + 1);
+                if discarding || line.len() > max_len {
+                    return Ok(Input::TooLong);
+                }
+                return Ok(Input::Line(line));
+            }
+            if self.inbuf.len() > max_len {
+                // Keep only the tail so that a line of any length costs no memory.
+                self.inbuf.clear();
+                discarding = true;
+            }
+            let idle = !started && !discarding;
+            self.fill(deadline, idle).await?;
+            if !started {
+                started = true;
+                deadline = Instant::now() + command_timeout;
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) -> Result<Reply, Close> {
+        Ok(match command {
+            Command::Ehlo(host) => self.hello(host, true),
+            Command::Helo(host) => self.hello(host, false),
+            Command::Mail(mail) => self.mail(mail),
+            Command::Rcpt(rcpt) => self.rcpt(rcpt),
+            Command::Data => return self.data().await,
+            Command::Bdat { size, last } => return self.bdat(size, last).await,
+            Command::Rset => {
+                self.tx = None;
+                Reply::new(250, "2.0.0", "Ok")
+            }
+            Command::Noop => Reply::new(250, "2.0.0", "Ok"),
+            Command::Quit => {
+                self.reply(Reply::new(221, "2.0.0", "Bye"));
+                return Err(Close::Quit);
+            }
+            Command::Vrfy => Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Command::Expn => Reply::new(502, "5.5.1", "Error: EXPN not supported"),
+            Command::Help => Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\nSee RFC 5321",
+            ),
+            Command::StartTls => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
+            Command::Auth => Reply::new(502, "5.5.1", "Error: AUTH not available"),
+        })
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) -> Reply {
+        self.tx = None;
+        let me = &self.ctx.config.hostname;
+        let reply = if esmtp {
+            let max = self.ctx.config.limits.max_message_size;
+            Reply::new(
+                250,
+                "",
+                format!(
+                    "{me} Hello {} [{}]\nPIPELINING\nSIZE {max}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nDSN\nCHUNKING",
+                    printable(&host),
+                    self.peer.ip()
+                ),
+            )
+        } else {
+            Reply::new(250, "", me.clone())
+        };
+        self.helo = Some((host, esmtp));
+        reply
+    }
+
+    fn esmtp(&self) -> bool {
+        matches!(self.helo, Some((_, true)))
+    }
+
+    fn mail(&mut self, mail: MailFrom) -> Reply {
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+        }
+        let has_params = mail.size.is_some()
+            || mail.body != BodyType::Unspecified
+            || mail.smtputf8
+            || mail.ret.is_some()
+            || mail.envid.is_some();
+        if has_params && !self.esmtp() {
+            return Reply::new(555, "5.5.4", "Error: MAIL parameters require EHLO");
+        }
+        let max = self.ctx.config.limits.max_message_size;
+        if mail.size.is_some_and(|size| size > max) {
+            return Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
+        }
+        self.tx = Some(Transaction {
+            id: self.ctx.spool.next_id(),
+            mail,
+            rcpts: Vec::new(),
+            bdat: None,
+        });
+        Reply::new(250, "2.1.0", "Ok")
+    }
+
+    fn rcpt(&mut self, rcpt: RcptTo) -> Reply {
+        let esmtp = self.esmtp();
+        let relay_allowed = self.relay_allowed();
+        let max = self.ctx.config.limits.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        if (rcpt.notify.0 != 0 || rcpt.orcpt.is_some()) && !esmtp {
+            return Reply::new(555, "5.5.4", "Error: RCPT parameters require EHLO");
+        }
+        if tx.rcpts.len() >= max {
+            return Reply::new(452, "4.5.3", "Error: too many recipients");
+        }
+        if rcpt.address != "postmaster" && validate_mailbox(&rcpt.address, tx.mail.smtputf8).is_err()
+        {
+            return Reply::new(
+                553,
+                "5.6.7",
+                "Error: non-ASCII recipient address requires SMTPUTF8",
+            );
+        }
+        let local = rcpt.address == "postmaster"
+            || domain_of(&rcpt.address)
+                .is_some_and(|d| self.ctx.config.relay.local_domains.contains(&d));
+        if !local && !relay_allowed {
+            return Reply::new(
+                554,
+                "5.7.1",
+                format!("<{}>: Relay access denied", printable(&rcpt.address)),
+            );
+        }
+        tx.rcpts.push(rcpt);
+        Reply::new(250, "2.1.5", "Ok")
+    }
+
+    fn relay_allowed(&self) -> bool {
+        let ip = self.peer.ip().to_canonical();
+        self.ctx.config.relay.networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Checks that a transaction is ready for its content.
+    fn ready_for_data(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(Reply::new(503, "5.5.1", "Error: need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(Reply::new(554, "5.5.1", "Error: no valid recipients"))
+            }
+            Some(_) => None,
+        }
+    }
+
+    async fn data(&mut self) -> Result<Reply, Close> {
+        if let Some(reply) = self.ready_for_data() {
+            return Ok(reply);
+        }
+        if self.tx.as_ref().is_some_and(|tx| tx.bdat.is_some()) {
+            return Ok(Reply::new(503, "5.5.1", "Error: DATA during BDAT transfer"));
+        }
+        self.reply(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        let Some(mut body) = self.start_body() else {
+            return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        let limit = self.ctx.config.limits.max_message_size;
+        let data_timeout = self.ctx.config.limits.data_timeout;
+        let mut reader = DataReader::new(limit);
+        let mut scratch = Vec::new();
+        let mut spool_error: Option<SpoolError> = None;
+        let outcome = loop {
+            let sink = if spool_error.is_some() {
+                scratch.clear();
+                &mut scratch
+            } else {
+                body.buf()
+            };
+            let (used, outcome) = reader.feed(&self.inbuf, sink);
+            self.inbuf.advance(used);
+            if spool_error.is_none()
+                && let Err(e) = body.settle()
+            {
+                spool_error = Some(e);
+            }
+            if let Some(outcome) = outcome {
+                break outcome;
+            }
+            if reader.seen() > limit.saturating_mul(2).saturating_add(1 << 20) {
+                // Past twice the limit, stop reading what will be thrown away.
+                self.tx = None;
+                self.reply(too_large());
+                return Err(Close::TooManyErrors);
+            }
+            self.fill(Instant::now() + data_timeout, false).await?;
+        };
+        match outcome {
+            DataOutcome::Complete => match spool_error {
+                Some(e) => {
+                    self.tx = None;
+                    Ok(spool_reply(&e))
+                }
+                None => Ok(self.finish(body).await),
+            },
+            DataOutcome::TooLarge => {
+                self.tx = None;
+                Ok(too_large())
+            }
+            DataOutcome::BareCr | DataOutcome::BareLf => {
+                self.tx = None;
+                let what = if outcome == DataOutcome::BareCr {
+                    "CR"
+                } else {
+                    "LF"
+                };
+                tracing::warn!(client = %self.peer, "bare {what} in DATA; closing (SMTP smuggling defence)");
+                self.reply(Reply::new(
+                    550,
+                    "5.5.2",
+                    format!("Error: bare <{what}> received; lines must end with <CR><LF>"),
+                ));
+                Err(Close::Smuggling)
+            }
+        }
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> Result<Reply, Close> {
+        let not_ready = self.ready_for_data();
+        // The chunk is read in every case, or its bytes would be taken for commands.
+        if not_ready.is_none()
+            && let Some(tx) = self.tx.as_mut()
+            && tx.bdat.is_none()
+        {
+            let body = self.start_body();
+            if let (Some(tx), Some(body)) = (self.tx.as_mut(), body) {
+                tx.bdat = Some(Bdat {
+                    body,
+                    check: LineEndingCheck::default(),
+                    client_bytes: 0,
+                    failure: None,
+                });
+            }
+        }
+        let limit = self.ctx.config.limits.max_message_size;
+        let data_timeout = self.ctx.config.limits.data_timeout;
+        let mut remaining = size;
+        loop {
+            let take = remaining.min(self.inbuf.len() as u64) as usize;
+            let chunk = self.inbuf.split_to(take);
+            remaining -= take as u64;
+            if let Some(bdat) = self.tx.as_mut().and_then(|tx| tx.bdat.as_mut())
+                && bdat.failure.is_none()
+            {
+                bdat.client_bytes += chunk.len() as u64;
+                bdat.failure = if bdat.client_bytes > limit {
+                    Some(too_large())
+                } else if bdat.check.check(&chunk).is_err() {
+                    Some(bare_line_end_in_bdat())
+                } else {
+                    bdat.body.buf().extend_from_slice(&chunk);
+                    bdat.body.settle().err().map(|e| spool_reply(&e))
+                };
+            }
+            if remaining == 0 {
+                break;
+            }
+            self.fill(Instant::now() + data_timeout, false).await?;
+        }
+        if let Some(reply) = not_ready {
+            return Ok(reply);
+        }
+        let Some(bdat) = self.tx.as_mut().and_then(|tx| tx.bdat.as_mut()) else {
+            return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        if last && bdat.failure.is_none() && bdat.check.finish().is_err() {
+            bdat.failure = Some(bare_line_end_in_bdat());
+        }
+        if let Some(failure) = bdat.failure.clone() {
+            if last {
+                self.tx = None;
+            }
+            return Ok(failure);
+        }
+        if !last {
+            return Ok(Reply::new(
+                250,
+                "2.0.0",
+                format!("{size} octets received"),
+            ));
+        }
+        let Some(bdat) = self.tx.as_mut().and_then(|tx| tx.bdat.take()) else {
+            return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        Ok(self.finish(bdat.body).await)
+    }
+
+    /// A body writer for the current transaction, primed with our Received: header.
+    fn start_body(&mut self) -> Option<BodyWriter> {
+        let tx = self.tx.as_ref()?;
+        let mut body = self.ctx.spool.body_writer(tx.id);
+        let header = self.received_header(tx);
+        body.buf().extend_from_slice(header.as_bytes());
+        Some(body)
+    }
+
+    /// RFC 5321 §4.4 trace header.
+    fn received_header(&self, tx: &Transaction) -> String {
+        let (helo, esmtp) = self
+            .helo
+            .as_ref()
+            .map(|(h, e)| (sanitize(h), *e))
+            .unwrap_or_else(|| ("unknown".into(), false));
+        let protocol = match (esmtp, tx.mail.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, _) => "SMTP",
+        };
+        let for_clause = match tx.rcpts.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", sanitize(&one.address)),
+            _ => String::new(),
+        };
+        let date = jiff::Zoned::now().strftime("%a, %d %b %Y %H:%M:%S %z");
+        format!(
+            "Received: from {helo} (unknown [{}])\r\n\tby {} (Baton) with {protocol} id {}{for_clause};\r\n\t{date}\r\n",
+            self.peer.ip().to_canonical(),
+            self.ctx.config.hostname,
+            tx.id,
+        )
+    }
+
+    /// Commits the finished message and answers for it.
+    async fn finish(&mut self, body: BodyWriter) -> Reply {
+        let Some(tx) = self.tx.take() else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        let envelope = self.envelope(tx, body.len());
+        match self.ctx.spool.commit(&envelope, body).await {
+            Ok(_) => {
+                tracing::info!(
+                    id = %envelope.id,
+                    from = %envelope.sender,
+                    nrcpt = envelope.recipients.len(),
+                    size = envelope.size,
+                    client = %self.peer.ip(),
+                    listener = self.role.as_str(),
+                    "queued"
+                );
+                Reply::new(250, "2.0.0", format!("OK queued as {}", envelope.id))
+            }
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "message not queued");
+                spool_reply(&e)
+            }
+        }
+    }
+
+    fn envelope(&self, tx: Transaction, size: u64) -> Envelope {
+        let Transaction { id, mail, rcpts, .. } = tx;
+        Envelope {
+            id,
+            sender: mail.address,
+            recipients: rcpts
+                .into_iter()
+                .map(|r| Recipient {
+                    address: r.address,
+                    orcpt: r.orcpt,
+                    notify: r.notify.0,
+                    state: RcptState::Queued,
+                })
+                .collect(),
+            dsn_ret: mail.ret.map(|r| match r {
+                Ret::Full => DsnRet::Full,
+                Ret::Headers => DsnRet::Headers,
+            }),
+            dsn_envid: mail.envid,
+            eight_bit: mail.body == BodyType::EightBitMime,
+            smtputf8: mail.smtputf8,
+            client_ip: self.peer.ip().to_canonical(),
+            helo: self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
+            arrived_ms: baton_spool::now_ms(),
+            size,
+        }
+    }
+}
+
+fn too_large() -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        "Message size exceeds fixed maximum message size",
+    )
+}
+
+fn bare_line_end_in_bdat() -> Reply {
+    Reply::new(
+        550,
+        "5.6.0",
+        "Error: bare <CR> or <LF> in message; lines must end with <CR><LF>",
+    )
+}
+
+fn spool_reply(err: &SpoolError) -> Reply {
+    match err {
+        SpoolError::NoSpace(_) => Reply::new(452, "4.3.1", "Insufficient system storage"),
+        _ => Reply::new(451, "4.3.0", "Error: queue file write error, try again later"),
+    }
+}
+
+/// Client-supplied text for a trace header: printable, no line breaks, bounded.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .take(255)
+        .map(|c| if c.is_control() || c == '(' || c == ')' { '?' } else { c })
+        .collect()
+}
