@@ -97,6 +97,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         self.reply(greeting);
         let close = self.serve().await;
+        let host = &self.ctx.config.hostname;
+        let last_word = match close {
+            Close::Timeout => Some(Reply::new(
+                421,
+                "4.4.2",
+                format!("{host} Error: timeout exceeded"),
+            )),
+            Close::Shutdown => Some(Reply::new(
+                421,
+                "4.3.2",
+                format!("{host} Service shutting down, try again later"),
+            )),
+            _ => None,
+        };
+        if let Some(reply) = last_word {
+            self.reply(reply);
+        }
         match &close {
             Close::Quit | Close::Eof => {}
             other => tracing::info!(client = %self.peer, reason = ?other, "session closed"),
@@ -109,21 +126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             let input = match self.next_line().await {
                 Ok(input) => input,
-                Err(close) => {
-                    let text = match close {
-                        Close::Timeout => "Error: timeout exceeded",
-                        Close::Shutdown => "Service shutting down, try again later",
-                        _ => return close,
-                    };
-                    let status = if matches!(close, Close::Timeout) {
-                        "4.4.2"
-                    } else {
-                        "4.3.2"
-                    };
-                    let host = self.ctx.config.hostname.clone();
-                    self.reply(Reply::new(421, status, format!("{host} {text}")));
-                    return close;
-                }
+                Err(close) => return close,
             };
             let line = match input {
                 Input::Line(line) => line,

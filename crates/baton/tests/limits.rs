@@ -1,0 +1,204 @@
+//! Each limit with its precise reply, against a real server.
+
+mod common;
+
+use std::io::Write;
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::{Client, Server, strip_received};
+
+#[test]
+fn command_line_length() {
+    let server = Server::start("[limits]\nmax_line_length = 600");
+    let mut c = server.connect();
+    c.hello();
+    let long = format!("NOOP {}", "x".repeat(700));
+    let r = c.cmd(&long);
+    assert_eq!((r.code, r.text()), (500, "5.5.2 Error: line too long".into()));
+    // A line far longer than any buffer is discarded without harm, and the session goes on.
+    c.send(b"NOOP ");
+    c.send(&vec![b'y'; 1 << 20]);
+    let r = c.cmd("");
+    assert_eq!(r.code, 500);
+    assert_eq!(c.cmd("NOOP").code, 250);
+}
+
+#[test]
+fn recipients_per_transaction() {
+    let server = Server::start("");
+    let mut c = server.connect();
+    c.hello();
+    c.cmd("MAIL FROM:<a@example.com>");
+    for i in 0..100 {
+        let r = c.cmd(&format!("RCPT TO:<r{i}@example.net>"));
+        assert_eq!(r.code, 250, "recipient {i}: {r:?}");
+    }
+    let r = c.cmd("RCPT TO:<r100@example.net>");
+    assert_eq!((r.code, r.text()), (452, "4.5.3 Error: too many recipients".into()));
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"x\r\n.\r\n");
+    let id = c.reply().queue_id();
+    let m = server.message_json(&id);
+    assert_eq!(m["recipients"].as_array().unwrap().len(), 100);
+}
+
+#[test]
+fn message_size_is_enforced_while_reading() {
+    let server = Server::start("[limits]\nmax_message_size = 10000");
+    let mut c = server.connect();
+    let ehlo = c.hello();
+    assert!(ehlo.lines.iter().any(|l| l == "SIZE 10000"));
+    let r = c.cmd("MAIL FROM:<a@example.com> SIZE=10001");
+    assert_eq!((r.code, &r.lines[0][..5]), (552, "5.3.4"));
+    c.cmd("MAIL FROM:<a@example.com>");
+    c.cmd("RCPT TO:<b@example.net>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    for _ in 0..200 {
+        c.send(&[b'z'; 98]);
+        c.send(b"\r\n");
+    }
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert_eq!((r.code, &r.lines[0][..5]), (552, "5.3.4"));
+    // The session is still in step: the next transaction works.
+    let r = c.send_mail("a@example.com", &["b@example.net"], b"small\r\n");
+    assert_eq!(r.code, 250);
+    assert_eq!(server.queued_ids().len(), 1);
+    // The same over BDAT.
+    c.cmd("MAIL FROM:<a@example.com>");
+    c.cmd("RCPT TO:<b@example.net>");
+    c.send(b"BDAT 6000\r\n");
+    c.send(&[b'q'; 6000]);
+    assert_eq!(c.reply().code, 250);
+    c.send(b"BDAT 6000 LAST\r\n");
+    c.send(&[b'q'; 6000]);
+    let r = c.reply();
+    assert_eq!((r.code, &r.lines[0][..5]), (552, "5.3.4"));
+    assert_eq!(server.queued_ids().len(), 1);
+}
+
+#[test]
+fn too_many_errors_closes_with_421() {
+    let server = Server::start("[limits]\nmax_errors = 3");
+    let mut c = server.connect();
+    c.hello();
+    assert_eq!(c.cmd("FOO").code, 500);
+    assert_eq!(c.cmd("BAR").code, 500);
+    let r = c.cmd("BAZ");
+    assert_eq!(r.code, 500);
+    let r = c.reply();
+    assert_eq!((r.code, r.text()), (421, "4.7.0 mx.test.example Error: too many errors".into()));
+    assert!(c.is_closed());
+}
+
+#[test]
+fn idle_command_and_data_timeouts() {
+    let server =
+        Server::start("[limits]\nidle_timeout = 2\ncommand_timeout = 1\ndata_timeout = 1");
+    // Idle: nothing sent after EHLO.
+    let mut c = server.connect();
+    c.hello();
+    let r = c.reply();
+    assert_eq!((r.code, r.text()), (421, "4.4.2 mx.test.example Error: timeout exceeded".into()));
+    assert!(c.is_closed());
+    // Command: a line trickled a byte at a time never completes (slowloris); the deadline
+    // runs from its first byte, however often bytes arrive.
+    let mut c = server.connect();
+    c.hello();
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut reply = None;
+    for _ in 0..40 {
+        if c.stream.write_all(b"N").is_err() {
+            break;
+        }
+        if let Some(r) = c.try_reply() {
+            reply = Some(r);
+            break;
+        }
+    }
+    let r = reply.expect("no reply to a trickled line");
+    assert_eq!((r.code, &r.lines[0][..5]), (421, "4.4.2"));
+    // Data: the client stops in the middle of DATA.
+    let mut c = server.connect();
+    c.hello();
+    c.cmd("MAIL FROM:<a@example.com>");
+    c.cmd("RCPT TO:<b@example.net>");
+    c.cmd("DATA");
+    c.send(b"partial\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 421);
+    assert!(server.queued_ids().is_empty(), "a timed-out message is not queued");
+}
+
+#[test]
+fn connection_limits_total_and_per_ip() {
+    let server = Server::start("[limits]\nmax_connections = 3\nmax_connections_per_ip = 2");
+    let addr = server.addr;
+    let mut a = Client::connect_from(addr, "127.0.0.5".parse().unwrap());
+    assert_eq!(a.reply().code, 220);
+    let mut b = Client::connect_from(addr, "127.0.0.5".parse().unwrap());
+    assert_eq!(b.reply().code, 220);
+    let mut third_same_ip = Client::connect_from(addr, "127.0.0.5".parse().unwrap());
+    let r = third_same_ip.reply();
+    assert_eq!(r.code, 421, "{r:?}");
+    assert!(r.text().contains("from your address"), "{r:?}");
+    let mut other = Client::connect_from(addr, "127.0.0.6".parse().unwrap());
+    assert_eq!(other.reply().code, 220);
+    let mut fourth = Client::connect_from(addr, "127.0.0.7".parse().unwrap());
+    let r = fourth.reply();
+    assert_eq!((r.code, &r.lines[0][..5]), (421, "4.7.0"));
+    // A slot comes back when its session ends.
+    assert_eq!(a.cmd("QUIT").code, 221);
+    assert!(a.is_closed());
+    let mut again = Client::connect_from(addr, "127.0.0.5".parse().unwrap());
+    let mut reply = again.reply();
+    for _ in 0..50 {
+        if reply.code == 220 {
+            break;
+        }
+        sleep(Duration::from_millis(20));
+        again = Client::connect_from(addr, "127.0.0.5".parse().unwrap());
+        reply = again.reply();
+    }
+    assert_eq!(reply.code, 220);
+    b.stream.flush().unwrap();
+}
+
+#[test]
+fn large_message_is_streamed_not_held_in_memory() {
+    let server = Server::start("[limits]\nmax_message_size = \"60MB\"");
+    let mut c = server.connect();
+    c.hello();
+    c.cmd("MAIL FROM:<a@example.com> SIZE=50000000");
+    c.cmd("RCPT TO:<b@example.net>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    let line: Vec<u8> = (0..998).map(|i| b'!' + (i % 90) as u8).chain(*b"\r\n").collect();
+    let lines = 50_000_000 / line.len();
+    let mut hasher_input_len = 0usize;
+    let mut chunk = Vec::with_capacity(line.len() * 100);
+    for i in 0..lines {
+        chunk.extend_from_slice(&line);
+        hasher_input_len += line.len();
+        if i % 100 == 99 {
+            c.send(&chunk);
+            chunk.clear();
+        }
+    }
+    c.send(&chunk);
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r:?}");
+    let stored = server.body(&r.queue_id());
+    let body = strip_received(&stored);
+    assert_eq!(body.len(), hasher_input_len);
+    assert!(body.chunks(line.len()).all(|l| l == line.as_slice()));
+    let peak = server.peak_rss_kb();
+    eprintln!("peak RSS after a 50 MB message: {peak} KiB");
+    assert!(
+        peak < 40 * 1024,
+        "peak RSS {peak} KiB: a 50 MB message must not be held in memory"
+    );
+}
