@@ -326,7 +326,10 @@ impl Validator<'_> {
             Ok(a) => Some(a),
             Err(_) => self.error(
                 raw.address.span(),
-                format!("listener address {:?} is not IP:port", raw.address.get_ref()),
+                format!(
+                    "listener address {:?} is not IP:port",
+                    raw.address.get_ref()
+                ),
                 "write it as \"127.0.0.1:2525\" or \"[::1]:2525\"",
             ),
         };
@@ -386,13 +389,15 @@ impl Validator<'_> {
         let networks = match raw.networks {
             Some(list) => list
                 .into_iter()
-                .filter_map(|n| parse_network(n.get_ref()).or_else(|| {
-                    self.error(
+                .filter_map(|n| {
+                    parse_network(n.get_ref()).or_else(|| {
+                        self.error(
                         n.span(),
                         format!("network {:?} is not an IP address or CIDR block", n.get_ref()),
                         "write networks as \"192.0.2.0/24\", \"2001:db8::/32\" or a single address",
                     )
-                }))
+                    })
+                })
                 .collect(),
             None => vec![
                 "127.0.0.0/8".parse().unwrap_or_else(|_| unreachable!()),
@@ -449,7 +454,9 @@ impl Validator<'_> {
     fn duration(&mut self, q: Spanned<Quantity>) -> Option<Duration> {
         let parsed = match q.get_ref() {
             Quantity::Number(n) => Some(*n),
-            Quantity::Text(t) => parse_with_unit(t, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)]),
+            Quantity::Text(t) => {
+                parse_with_unit(t, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)])
+            }
         };
         match parsed {
             Some(0) | None => self.error(
@@ -531,7 +538,12 @@ mod tests {
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].address.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.listeners[0].role, Role::Mx);
-        assert!(c.relay.networks.iter().any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap())));
+        assert!(
+            c.relay
+                .networks
+                .iter()
+                .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()))
+        );
         assert_eq!(c.data_dir, PathBuf::from("./baton-data"));
         assert_eq!(c.limits.max_recipients, 100);
         assert!(c.spool.fsync);

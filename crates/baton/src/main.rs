@@ -61,10 +61,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve { config } => load_config(config.as_deref()).and_then(serve),
         Cmd::CheckConfig { file } => return check_config(&file),
-        Cmd::Queue { config, command } => load_config(config.as_deref()).and_then(|c| match command {
-            QueueCmd::List { json } => queue::list(&c.data_dir, json),
-            QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
-        }),
+        Cmd::Queue { config, command } => {
+            load_config(config.as_deref()).and_then(|c| match command {
+                QueueCmd::List { json } => queue::list(&c.data_dir, json),
+                QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,7 +128,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -66,7 +66,11 @@ pub fn list(data_dir: &Path, as_json: bool) -> anyhow::Result<()> {
         writeln!(out, "Mail queue is empty")?;
         return Ok(());
     }
-    writeln!(out, "{:<16}  {:<19}  {:>9}  SENDER / RECIPIENTS", "ID", "ARRIVED", "SIZE")?;
+    writeln!(
+        out,
+        "{:<16}  {:<19}  {:>9}  SENDER / RECIPIENTS",
+        "ID", "ARRIVED", "SIZE"
+    )?;
     let mut rcpts = 0;
     for m in &messages {
         let e = &m.envelope;

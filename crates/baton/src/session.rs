@@ -90,11 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     pub async fn run(mut self) {
-        let greeting = Reply::new(
-            220,
-            "",
-            format!("{} ESMTP Baton", self.ctx.config.hostname),
-        );
+        let greeting = Reply::new(220, "", format!("{} ESMTP Baton", self.ctx.config.hostname));
         self.reply(greeting);
         let close = self.serve().await;
         let host = &self.ctx.config.hostname;
@@ -352,7 +348,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if tx.rcpts.len() >= max {
             return Reply::new(452, "4.5.3", "Error: too many recipients");
         }
-        if rcpt.address != "postmaster" && validate_mailbox(&rcpt.address, tx.mail.smtputf8).is_err()
+        if rcpt.address != "postmaster"
+            && validate_mailbox(&rcpt.address, tx.mail.smtputf8).is_err()
         {
             return Reply::new(
                 553,
@@ -376,7 +373,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn relay_allowed(&self) -> bool {
         let ip = self.peer.ip().to_canonical();
-        self.ctx.config.relay.networks.iter().any(|n| n.contains(&ip))
+        self.ctx
+            .config
+            .relay
+            .networks
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 
     /// Checks that a transaction is ready for its content.
@@ -519,11 +521,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(failure);
         }
         if !last {
-            return Ok(Reply::new(
-                250,
-                "2.0.0",
-                format!("{size} octets received"),
-            ));
+            return Ok(Reply::new(250, "2.0.0", format!("{size} octets received")));
         }
         let Some(bdat) = self.tx.as_mut().and_then(|tx| tx.bdat.take()) else {
             return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
@@ -592,7 +590,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn envelope(&self, tx: Transaction, size: u64) -> Envelope {
-        let Transaction { id, mail, rcpts, .. } = tx;
+        let Transaction {
+            id, mail, rcpts, ..
+        } = tx;
         Envelope {
             id,
             sender: mail.address,
@@ -613,7 +613,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             eight_bit: mail.body == BodyType::EightBitMime,
             smtputf8: mail.smtputf8,
             client_ip: self.peer.ip().to_canonical(),
-            helo: self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
+            helo: self
+                .helo
+                .as_ref()
+                .map(|(h, _)| h.clone())
+                .unwrap_or_default(),
             arrived_ms: baton_spool::now_ms(),
             size,
         }
@@ -639,7 +643,11 @@ fn bare_line_end_in_bdat() -> Reply {
 fn spool_reply(err: &SpoolError) -> Reply {
     match err {
         SpoolError::NoSpace(_) => Reply::new(452, "4.3.1", "Insufficient system storage"),
-        _ => Reply::new(451, "4.3.0", "Error: queue file write error, try again later"),
+        _ => Reply::new(
+            451,
+            "4.3.0",
+            "Error: queue file write error, try again later",
+        ),
     }
 }
 
@@ -647,6 +655,12 @@ fn spool_reply(err: &SpoolError) -> Reply {
 fn sanitize(s: &str) -> String {
     s.chars()
         .take(255)
-        .map(|c| if c.is_control() || c == '(' || c == ')' { '?' } else { c })
+        .map(|c| {
+            if c.is_control() || c == '(' || c == ')' {
+                '?'
+            } else {
+                c
+            }
+        })
         .collect()
 }

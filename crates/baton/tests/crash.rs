@@ -23,7 +23,11 @@ fn body_for(thread: usize, i: usize) -> Vec<u8> {
     let marker = format!("t{thread}-m{i}");
     let mut body = format!("Subject: {marker}\r\nX-Marker: {marker}\r\n\r\n").into_bytes();
     // Mostly small messages, every 7th large enough to spill to its own file.
-    let lines = if i % 7 == 3 { 6000 } else { 10 + (i * 37 + thread * 11) % 200 };
+    let lines = if i % 7 == 3 {
+        6000
+    } else {
+        10 + (i * 37 + thread * 11) % 200
+    };
     for l in 0..lines {
         body.extend_from_slice(format!("{marker} line {l} .{}\r\n", "x".repeat(l % 50)).as_bytes());
         if l % 13 == 0 {
@@ -64,9 +68,15 @@ fn client_loop(
             },
         );
         let ok = (|| {
-            c.stream.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+            c.stream
+                .set_write_timeout(Some(Duration::from_secs(5)))
+                .ok()?;
             use std::io::Write;
-            c.stream.write_all(b"MAIL FROM:<load@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n").ok()?;
+            c.stream
+                .write_all(
+                    b"MAIL FROM:<load@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n",
+                )
+                .ok()?;
             for _ in 0..3 {
                 let code = c.try_reply()?.code;
                 if code != 250 && code != 354 {
@@ -120,7 +130,11 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     let sent = sent.lock().unwrap().clone();
     let acked: Vec<&Sent> = sent.values().filter(|s| s.acked_id.is_some()).collect();
     let cut_off = sent.values().filter(|s| !s.final_dot_sent).count();
-    assert!(acked.len() >= 300, "only {} acks before the kill", acked.len());
+    assert!(
+        acked.len() >= 300,
+        "only {} acks before the kill",
+        acked.len()
+    );
 
     // Restart on the same data: recovery must cut any torn record and serve again.
     server.spawn();
@@ -138,12 +152,19 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
             "{marker} was cut off mid-DATA but is in the spool as {id}"
         );
         assert_eq!(body, s.body, "{marker} ({id}) is not byte-exact");
-        assert!(seen.insert(marker.clone(), id.clone()).is_none(), "{marker} stored twice");
+        assert!(
+            seen.insert(marker.clone(), id.clone()).is_none(),
+            "{marker} stored twice"
+        );
     }
     for s in &acked {
         let marker = marker_of(&s.body);
         let id = s.acked_id.as_ref().unwrap();
-        assert_eq!(seen.get(&marker), Some(id), "acknowledged {marker} ({id}) was lost");
+        assert_eq!(
+            seen.get(&marker),
+            Some(id),
+            "acknowledged {marker} ({id}) was lost"
+        );
     }
     let unacked_but_stored = ids.len() - acked.len();
     eprintln!(

@@ -15,7 +15,10 @@ fn command_line_length() {
     c.hello();
     let long = format!("NOOP {}", "x".repeat(700));
     let r = c.cmd(&long);
-    assert_eq!((r.code, r.text()), (500, "5.5.2 Error: line too long".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (500, "5.5.2 Error: line too long".into())
+    );
     // A line far longer than any buffer is discarded without harm, and the session goes on.
     c.send(b"NOOP ");
     c.send(&vec![b'y'; 1 << 20]);
@@ -35,7 +38,10 @@ fn recipients_per_transaction() {
         assert_eq!(r.code, 250, "recipient {i}: {r:?}");
     }
     let r = c.cmd("RCPT TO:<r100@example.net>");
-    assert_eq!((r.code, r.text()), (452, "4.5.3 Error: too many recipients".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (452, "4.5.3 Error: too many recipients".into())
+    );
     assert_eq!(c.cmd("DATA").code, 354);
     c.send(b"x\r\n.\r\n");
     let id = c.reply().queue_id();
@@ -88,19 +94,24 @@ fn too_many_errors_closes_with_421() {
     let r = c.cmd("BAZ");
     assert_eq!(r.code, 500);
     let r = c.reply();
-    assert_eq!((r.code, r.text()), (421, "4.7.0 mx.test.example Error: too many errors".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (421, "4.7.0 mx.test.example Error: too many errors".into())
+    );
     assert!(c.is_closed());
 }
 
 #[test]
 fn idle_command_and_data_timeouts() {
-    let server =
-        Server::start("[limits]\nidle_timeout = 2\ncommand_timeout = 1\ndata_timeout = 1");
+    let server = Server::start("[limits]\nidle_timeout = 2\ncommand_timeout = 1\ndata_timeout = 1");
     // Idle: nothing sent after EHLO.
     let mut c = server.connect();
     c.hello();
     let r = c.reply();
-    assert_eq!((r.code, r.text()), (421, "4.4.2 mx.test.example Error: timeout exceeded".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (421, "4.4.2 mx.test.example Error: timeout exceeded".into())
+    );
     assert!(c.is_closed());
     // Command: a line trickled a byte at a time never completes (slowloris); the deadline
     // runs from its first byte, however often bytes arrive.
@@ -130,7 +141,10 @@ fn idle_command_and_data_timeouts() {
     c.send(b"partial\r\n");
     let r = c.reply();
     assert_eq!(r.code, 421);
-    assert!(server.queued_ids().is_empty(), "a timed-out message is not queued");
+    assert!(
+        server.queued_ids().is_empty(),
+        "a timed-out message is not queued"
+    );
 }
 
 #[test]
@@ -175,7 +189,10 @@ fn large_message_is_streamed_not_held_in_memory() {
     c.cmd("MAIL FROM:<a@example.com> SIZE=50000000");
     c.cmd("RCPT TO:<b@example.net>");
     assert_eq!(c.cmd("DATA").code, 354);
-    let line: Vec<u8> = (0..998).map(|i| b'!' + (i % 90) as u8).chain(*b"\r\n").collect();
+    let line: Vec<u8> = (0..998)
+        .map(|i| b'!' + (i % 90) as u8)
+        .chain(*b"\r\n")
+        .collect();
     let lines = 50_000_000 / line.len();
     let mut hasher_input_len = 0usize;
     let mut chunk = Vec::with_capacity(line.len() * 100);

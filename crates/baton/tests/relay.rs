@@ -19,15 +19,24 @@ fn relay_matrix() {
     let trusted = "127.0.0.2";
     let untrusted = "127.0.0.3";
     // Local recipients: accepted from anyone (we are their MX).
-    assert_eq!(rcpt_from(&server, untrusted, "user@local.example").code, 250);
-    assert_eq!(rcpt_from(&server, untrusted, "user@LOCAL.Example").code, 250);
+    assert_eq!(
+        rcpt_from(&server, untrusted, "user@local.example").code,
+        250
+    );
+    assert_eq!(
+        rcpt_from(&server, untrusted, "user@LOCAL.Example").code,
+        250
+    );
     assert_eq!(rcpt_from(&server, trusted, "user@local.example").code, 250);
     // Remote recipients: only trusted networks may relay.
     assert_eq!(rcpt_from(&server, trusted, "user@remote.example").code, 250);
     let r = rcpt_from(&server, untrusted, "user@remote.example");
     assert_eq!(
         (r.code, r.text()),
-        (554, "5.7.1 <user@remote.example>: Relay access denied".into())
+        (
+            554,
+            "5.7.1 <user@remote.example>: Relay access denied".into()
+        )
     );
     // Tricks that must not pass for local: a subdomain, a lookalike, a source route.
     for rcpt in [
@@ -45,7 +54,10 @@ fn relay_matrix() {
 fn default_config_relays_for_loopback_only_clients() {
     // The embedded defaults trust 127.0.0.0/8, so every loopback client may relay.
     let server = Server::start("");
-    assert_eq!(rcpt_from(&server, "127.0.0.9", "user@remote.example").code, 250);
+    assert_eq!(
+        rcpt_from(&server, "127.0.0.9", "user@remote.example").code,
+        250
+    );
 }
 
 #[test]

@@ -10,7 +10,10 @@ fn greeting_ehlo_and_helo() {
     let mut c = server.connect();
     let greeting = c.reply();
     assert_eq!(greeting.code, 220);
-    assert!(greeting.text().starts_with("mx.test.example "), "{greeting:?}");
+    assert!(
+        greeting.text().starts_with("mx.test.example "),
+        "{greeting:?}"
+    );
     let ehlo = c.cmd("EHLO client.test.example");
     assert_eq!(ehlo.code, 250);
     assert!(ehlo.lines[0].starts_with("mx.test.example"));
@@ -23,10 +26,18 @@ fn greeting_ehlo_and_helo() {
         "DSN",
         "CHUNKING",
     ] {
-        assert!(ehlo.lines.iter().any(|l| l == ext), "{ext} missing: {ehlo:?}");
+        assert!(
+            ehlo.lines.iter().any(|l| l == ext),
+            "{ext} missing: {ehlo:?}"
+        );
     }
     // No STARTTLS or AUTH advertised in this version.
-    assert!(!ehlo.lines.iter().any(|l| l.starts_with("STARTTLS") || l.starts_with("AUTH")));
+    assert!(
+        !ehlo
+            .lines
+            .iter()
+            .any(|l| l.starts_with("STARTTLS") || l.starts_with("AUTH"))
+    );
     let helo = c.cmd("HELO client.test.example");
     assert_eq!((helo.code, helo.text()), (250, "mx.test.example".into()));
     // Without EHLO, ESMTP parameters are refused.
@@ -50,7 +61,11 @@ fn a_message_is_queued_with_its_id_and_stored_byte_exact() {
     assert_eq!(id.len(), 16);
 
     let stored = server.body(&id);
-    assert_eq!(strip_received(&stored), body, "dot-unstuffed body must match");
+    assert_eq!(
+        strip_received(&stored),
+        body,
+        "dot-unstuffed body must match"
+    );
     let received = String::from_utf8_lossy(&stored[..stored.len() - body.len()]).to_string();
     assert!(received.starts_with("Received: from client.test.example (unknown [127.0.0.1])\r\n\tby mx.test.example (Baton) with ESMTP id "), "{received}");
     assert!(received.contains(&id));
@@ -65,7 +80,10 @@ fn a_message_is_queued_with_its_id_and_stored_byte_exact() {
     assert_eq!(m["size"], stored.len() as u64);
 
     let list = String::from_utf8(server.cli(&["queue", "list"]).stdout).unwrap();
-    assert!(list.contains(&id) && list.contains("c@example.org (queued)"), "{list}");
+    assert!(
+        list.contains(&id) && list.contains("c@example.org (queued)"),
+        "{list}"
+    );
     assert!(list.contains("1 messages, 2 recipients"), "{list}");
 }
 
@@ -75,11 +93,13 @@ fn dsn_parameters_are_kept_with_the_envelope() {
     let mut c = server.connect();
     c.hello();
     assert_eq!(
-        c.cmd("MAIL FROM:<a@example.com> RET=HDRS ENVID=abc+2Bdef BODY=8BITMIME SIZE=100").code,
+        c.cmd("MAIL FROM:<a@example.com> RET=HDRS ENVID=abc+2Bdef BODY=8BITMIME SIZE=100")
+            .code,
         250
     );
     assert_eq!(
-        c.cmd("RCPT TO:<b@example.net> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig+40example.net").code,
+        c.cmd("RCPT TO:<b@example.net> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig+40example.net")
+            .code,
         250
     );
     assert_eq!(c.cmd("RCPT TO:<c@example.net> NOTIFY=NEVER").code, 250);
@@ -111,14 +131,24 @@ fn smtputf8_addresses_need_the_parameter() {
     let r = c.cmd("RCPT TO:<\u{e9}l\u{e8}ve@\u{e9}cole.example>");
     assert_eq!((r.code, &r.lines[0][..5]), (553, "5.6.7"));
     assert_eq!(c.cmd("RSET").code, 250);
-    assert_eq!(c.cmd("MAIL FROM:<j\u{f6}rg@b\u{fc}cher.example> SMTPUTF8").code, 250);
-    assert_eq!(c.cmd("RCPT TO:<\u{e9}l\u{e8}ve@\u{e9}cole.example>").code, 250);
+    assert_eq!(
+        c.cmd("MAIL FROM:<j\u{f6}rg@b\u{fc}cher.example> SMTPUTF8")
+            .code,
+        250
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<\u{e9}l\u{e8}ve@\u{e9}cole.example>").code,
+        250
+    );
     assert_eq!(c.cmd("DATA").code, 354);
     c.send("Subject: caf\u{e9}\r\n\r\nhi\r\n.\r\n".as_bytes());
     let id = c.reply().queue_id();
     let m = server.message_json(&id);
     assert_eq!(m["smtputf8"], true);
-    assert_eq!(m["recipients"][0]["email"], "\u{e9}l\u{e8}ve@\u{e9}cole.example");
+    assert_eq!(
+        m["recipients"][0]["email"],
+        "\u{e9}l\u{e8}ve@\u{e9}cole.example"
+    );
     let stored = server.body(&id);
     assert!(String::from_utf8_lossy(&stored).contains("with UTF8SMTP id"));
 }
@@ -155,7 +185,10 @@ fn bad_sequences_and_syntax_get_precise_codes() {
     let mut c = server.connect();
     assert_eq!(c.reply().code, 220);
     let r = c.cmd("MAIL FROM:<a@example.com>");
-    assert_eq!((r.code, r.text()), (503, "5.5.1 Error: send HELO/EHLO first".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (503, "5.5.1 Error: send HELO/EHLO first".into())
+    );
     c.cmd("EHLO client.test.example");
     let r = c.cmd("DATA");
     assert_eq!((r.code, &r.lines[0][..5]), (503, "5.5.1"));
@@ -167,11 +200,18 @@ fn bad_sequences_and_syntax_get_precise_codes() {
     assert_eq!((r.code, &r.lines[0][..5]), (501, "5.1.7"));
     assert_eq!(c.cmd("MAIL FROM:<>").code, 250, "null sender is allowed");
     let r = c.cmd("MAIL FROM:<a@example.com>");
-    assert_eq!((r.code, r.text()), (503, "5.5.1 Error: nested MAIL command".into()));
+    assert_eq!(
+        (r.code, r.text()),
+        (503, "5.5.1 Error: nested MAIL command".into())
+    );
     let r = c.cmd("RCPT TO:<b@-bad-.example>");
     assert_eq!((r.code, &r.lines[0][..5]), (501, "5.1.3"));
     let r = c.cmd("DATA");
-    assert_eq!((r.code, &r.lines[0][..5]), (554, "5.5.1"), "no valid recipients");
+    assert_eq!(
+        (r.code, &r.lines[0][..5]),
+        (554, "5.5.1"),
+        "no valid recipients"
+    );
     c.cmd("RSET");
     let r = c.cmd("MAIL FROM:<a@example.com> FUTURE=1");
     assert_eq!((r.code, &r.lines[0][..5]), (555, "5.5.4"));
@@ -217,7 +257,11 @@ fn bdat_chunks_make_one_message() {
     c.send(b"BDAT 5\r\nHELLO");
     let r = c.reply();
     assert_eq!((r.code, &r.lines[0][..5]), (503, "5.5.1"));
-    assert_eq!(c.cmd("NOOP").code, 250, "chunk bytes were not read as a command");
+    assert_eq!(
+        c.cmd("NOOP").code,
+        250,
+        "chunk bytes were not read as a command"
+    );
 
     c.cmd("MAIL FROM:<a@example.com>");
     c.cmd("RCPT TO:<b@example.net>");

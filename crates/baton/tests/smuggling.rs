@@ -40,8 +40,14 @@ fn no_variant_ends_data_or_smuggles_a_message() {
         c.send(&smuggle_payload(fake_end));
         let r = c.reply();
         assert_eq!(r.code, 550, "variant {name}: {r:?}");
-        assert!(r.lines[0].starts_with("5.5.2 Error: bare <"), "variant {name}: {r:?}");
-        assert!(c.try_reply().is_none(), "variant {name}: nothing after the 550");
+        assert!(
+            r.lines[0].starts_with("5.5.2 Error: bare <"),
+            "variant {name}: {r:?}"
+        );
+        assert!(
+            c.try_reply().is_none(),
+            "variant {name}: nothing after the 550"
+        );
         assert!(c.is_closed(), "variant {name}: connection closed");
     }
     assert!(
@@ -51,7 +57,11 @@ fn no_variant_ends_data_or_smuggles_a_message() {
     // An honest message still goes through.
     let mut c = server.connect();
     c.hello();
-    assert_eq!(c.send_mail("a@example.com", &["b@example.net"], b"ok\r\n").code, 250);
+    assert_eq!(
+        c.send_mail("a@example.com", &["b@example.net"], b"ok\r\n")
+            .code,
+        250
+    );
     assert_eq!(server.queued_ids().len(), 1);
 }
 

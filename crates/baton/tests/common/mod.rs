@@ -64,10 +64,18 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(self.addr).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("baton exited at start ({status}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "baton did not listen:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "baton did not listen:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -108,7 +116,11 @@ impl Server {
 
     pub fn queue_json(&self) -> serde_json::Value {
         let out = self.cli(&["queue", "list", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("queue list --json")
     }
 
@@ -123,13 +135,21 @@ impl Server {
 
     pub fn message_json(&self, id: &str) -> serde_json::Value {
         let out = self.cli(&["queue", "show", id, "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn body(&self, id: &str) -> Vec<u8> {
         let out = self.cli(&["queue", "show", id, "--body"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -162,7 +182,10 @@ impl Drop for Server {
 
 /// The body after baton's own Received: header (the first header field, with its folded lines).
 pub fn strip_received(stored: &[u8]) -> &[u8] {
-    assert!(stored.starts_with(b"Received: "), "no Received header first");
+    assert!(
+        stored.starts_with(b"Received: "),
+        "no Received header first"
+    );
     let mut i = 0;
     loop {
         let end = stored[i..].windows(2).position(|w| w == b"\r\n").unwrap() + i + 2;
