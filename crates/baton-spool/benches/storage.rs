@@ -32,7 +32,9 @@ fn file_per_message(dir: &Path, threads: usize, total: usize, size: usize) -> f6
                     f.write_all(&body).expect("write");
                     f.sync_data().expect("fdatasync");
                     fs::rename(&tmp, dir.join(format!("msg.{t}.{i}"))).expect("rename");
-                    fs::File::open(&dir).and_then(|d| d.sync_all()).expect("fsync dir");
+                    fs::File::open(&dir)
+                        .and_then(|d| d.sync_all())
+                        .expect("fsync dir");
                 }
             })
         })
@@ -104,20 +106,29 @@ fn main() {
         .expect("cwd")
         .join("target/storage-bench");
     println!("{total} messages per run, fsync on, in {}", base.display());
-    println!("{:<28} {:>8} {:>10} {:>12}", "scheme", "size", "writers", "msgs/s");
+    println!(
+        "{:<28} {:>8} {:>10} {:>12}",
+        "scheme", "size", "writers", "msgs/s"
+    );
     for &size in &[1024usize, 8192, 102_400] {
         for &writers in &[1usize, 16, 64] {
             let dir = base.join(format!("fpm-{size}-{writers}"));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).expect("mkdir");
             let rate = file_per_message(&dir, writers, total, size);
-            println!("{:<28} {:>8} {:>10} {:>12.0}", "file per message", size, writers, rate);
+            println!(
+                "{:<28} {:>8} {:>10} {:>12.0}",
+                "file per message", size, writers, rate
+            );
             let _ = fs::remove_dir_all(&dir);
 
             let dir = base.join(format!("journal-{size}-{writers}"));
             let _ = fs::remove_dir_all(&dir);
             let rate = journal(&dir, writers, total, size);
-            println!("{:<28} {:>8} {:>10} {:>12.0}", "baton journal (group commit)", size, writers, rate);
+            println!(
+                "{:<28} {:>8} {:>10} {:>12.0}",
+                "baton journal (group commit)", size, writers, rate
+            );
             let _ = fs::remove_dir_all(&dir);
         }
     }

@@ -178,3 +178,30 @@ fn serve_without_config_uses_embedded_defaults() {
         .unwrap();
     assert!(log.contains("listening") && log.contains("queued"), "{log}");
 }
+
+#[test]
+fn sigterm_lets_data_finish_and_tells_idle_clients_421() {
+    let mut server = Server::start("");
+    let mut idle = server.connect();
+    idle.hello();
+    let mut busy = server.connect();
+    busy.hello();
+    busy.cmd("MAIL FROM:<a@example.com>");
+    busy.cmd("RCPT TO:<b@example.net>");
+    assert_eq!(busy.cmd("DATA").code, 354);
+    busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = server.pid() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let r = idle.reply();
+    assert_eq!((r.code, &r.lines[0][..5]), (421, "4.3.2"), "{r:?}");
+    busy.send(b"second half\r\n.\r\n");
+    let r = busy.reply();
+    assert_eq!(r.code, 250, "the transaction in DATA completes: {r:?}");
+    let r = busy.reply();
+    assert_eq!(r.code, 421);
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+}

@@ -20,6 +20,8 @@ pub fn free_port() -> u16 {
 
 pub struct Server {
     pub child: Option<Child>,
+    /// RLIMIT_FSIZE for the server process: files cannot grow past it, as on a full disk.
+    pub file_size_limit: Option<u64>,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub config_path: PathBuf,
@@ -29,6 +31,11 @@ impl Server {
     /// Starts baton with `extra` appended to a config that sets hostname, data_dir and one mx
     /// listener on a free loopback port.
     pub fn start(extra: &str) -> Server {
+        Self::start_with(extra, None)
+    }
+
+    /// Like [`Server::start`], with files limited to `file_size_limit` bytes.
+    pub fn start_with(extra: &str, file_size_limit: Option<u64>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -40,6 +47,7 @@ impl Server {
         std::fs::write(&config_path, config).unwrap();
         let mut server = Server {
             child: None,
+            file_size_limit,
             dir,
             addr,
             config_path,
@@ -54,13 +62,29 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let child = Command::new(BATON)
+        let mut command = Command::new(BATON);
+        command
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn baton");
+            .stderr(log);
+        if let Some(limit) = self.file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec. SIG_IGN survives exec,
+            // so writes past the limit fail with EFBIG instead of killing the server.
+            unsafe {
+                command.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    libc::setrlimit(libc::RLIMIT_FSIZE, &rl);
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn baton");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(self.addr).is_err() {
@@ -78,6 +102,15 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().expect("wait for baton")
     }
 
     pub fn log(&self) -> String {
