@@ -32,6 +32,8 @@ enum Close {
     Eof,
     Timeout,
     TooManyErrors,
+    /// Data far beyond the size limit.
+    TooLarge,
     Smuggling,
     Shutdown,
     Io(#[allow(dead_code, reason = "shown in logs through Debug")] std::io::Error),
@@ -264,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Command::Vrfy => Reply::new(
                 252,
-                "2.5.2",
+                "2.0.0",
                 "Cannot VRFY user, but will accept message and attempt delivery",
             ),
             Command::Expn => Reply::new(502, "5.5.1", "Error: EXPN not supported"),
@@ -429,7 +431,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // Past twice the limit, stop reading what will be thrown away.
                 self.tx = None;
                 self.reply(too_large());
-                return Err(Close::TooManyErrors);
+                return Err(Close::TooLarge);
             }
             self.fill(Instant::now() + data_timeout, false).await?;
         };
@@ -482,6 +484,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let limit = self.ctx.config.limits.max_message_size;
         let data_timeout = self.ctx.config.limits.data_timeout;
+        if size > limit.saturating_mul(2) {
+            // Reading a chunk this large only to throw it away is not worth staying in step.
+            self.tx = None;
+            self.reply(too_large());
+            return Err(Close::TooLarge);
+        }
         let mut remaining = size;
         loop {
             let take = remaining.min(self.inbuf.len() as u64) as usize;

@@ -82,6 +82,13 @@ fn message_size_is_enforced_while_reading() {
     let r = c.reply();
     assert_eq!((r.code, &r.lines[0][..5]), (552, "5.3.4"));
     assert_eq!(server.queued_ids().len(), 1);
+    // A chunk announced far beyond the limit is refused without reading it, and the
+    // connection closed (its bytes could not be told from commands otherwise).
+    c.cmd("MAIL FROM:<a@example.com>");
+    c.cmd("RCPT TO:<b@example.net>");
+    let r = c.cmd("BDAT 999999999999 LAST");
+    assert_eq!((r.code, &r.lines[0][..5]), (552, "5.3.4"));
+    assert!(c.is_closed());
 }
 
 #[test]
