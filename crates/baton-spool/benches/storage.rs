@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_spool::{Envelope, RcptState, Recipient, Spool, SpoolOptions};
+use baton_spool::{Envelope, Recipient, Spool, SpoolOptions};
 
 fn file_per_message(dir: &Path, threads: usize, total: usize, size: usize) -> f64 {
     let body = Arc::new(vec![b'x'; size]);
@@ -49,12 +49,11 @@ fn envelope(spool: &Spool, size: usize) -> Envelope {
     Envelope {
         id: spool.next_id(),
         sender: "sender@example.com".into(),
-        recipients: vec![Recipient {
-            address: "rcpt@example.net".into(),
-            orcpt: None,
-            notify: 0,
-            state: RcptState::Queued,
-        }],
+        recipients: vec![Recipient::new(
+            "b@example.net".into(),
+            Some("b@example.net".into()),
+            4,
+        )],
         dsn_ret: None,
         dsn_envid: None,
         eight_bit: false,

@@ -118,6 +118,65 @@ pub struct Recipient {
     /// DSN NOTIFY bits: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY; 0 when not given.
     pub notify: u8,
     pub state: RcptState,
+    /// Every delivery attempt so far, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// When the next attempt is due (ms since the epoch); 0 = as soon as possible.
+    pub next_attempt_ms: u64,
+    /// A delay DSN has been sent for this recipient.
+    pub delay_notified: bool,
+}
+
+impl Recipient {
+    pub fn new(address: String, orcpt: Option<String>, notify: u8) -> Self {
+        Recipient {
+            address,
+            orcpt,
+            notify,
+            state: RcptState::Queued,
+            attempts: Vec::new(),
+            next_attempt_ms: 0,
+            delay_notified: false,
+        }
+    }
+}
+
+/// One delivery attempt's outcome for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at_ms: u64,
+    /// SMTP reply code (0 when there was no reply: DNS or connection trouble).
+    pub code: u16,
+    /// Enhanced status code, e.g. "4.2.0".
+    pub status: String,
+    /// The remote reply text, or what went wrong.
+    pub diagnostic: String,
+    /// The host that answered, if any.
+    pub remote_mta: Option<String>,
+}
+
+/// A change to one recipient, appended to the journal after a delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientUpdate {
+    pub id: QueueId,
+    pub rcpt: u32,
+    pub state: RcptState,
+    pub attempt: Option<Attempt>,
+    pub next_attempt_ms: u64,
+    pub delay_notified: bool,
+}
+
+impl RecipientUpdate {
+    /// Applies the update to the envelope it belongs to.
+    pub fn apply(&self, envelope: &mut Envelope) {
+        if let Some(r) = envelope.recipients.get_mut(self.rcpt as usize) {
+            r.state = self.state;
+            if let Some(a) = &self.attempt {
+                r.attempts.push(a.clone());
+            }
+            r.next_attempt_ms = self.next_attempt_ms;
+            r.delay_notified |= self.delay_notified;
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,13 +12,17 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, QueueId, RecipientUpdate};
 
-pub const MAGIC: &[u8; 8] = b"BATONJ1\n";
+pub const MAGIC: &[u8; 8] = b"BATONJ2\n";
 /// A message whose body follows the envelope in the same frame.
 pub const KIND_MESSAGE_INLINE: u8 = 1;
 /// A message whose body is in `bodies/<queue id>`.
 pub const KIND_MESSAGE_FILE: u8 = 2;
+/// A recipient's new state after a delivery attempt (postcard `RecipientUpdate`).
+pub const KIND_UPDATE: u8 = 3;
+/// Every recipient of a message is final: the message is gone (8-byte queue id).
+pub const KIND_DONE: u8 = 4;
 const FRAME_HEADER: usize = 9;
 
 /// Where a message's body is.
@@ -28,6 +32,14 @@ pub enum BodyLocation {
     Inline { segment: u64, offset: u64, len: u64 },
     /// In `bodies/<queue id>`.
     File,
+}
+
+/// One journal record, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Message(StoredMessage),
+    Update(RecipientUpdate),
+    Done(QueueId),
 }
 
 /// A message as found in the spool.
@@ -83,9 +95,30 @@ pub fn encode_message(
     Ok(head)
 }
 
-/// Reads one segment. Returns the messages and the offset just past the last valid frame;
+/// A whole frame of `kind` around `payload`.
+fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+pub fn encode_update(update: &RecipientUpdate, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    let payload = postcard::to_stdvec(update)?;
+    encode_frame(KIND_UPDATE, &payload, out);
+    Ok(())
+}
+
+pub fn encode_done(id: QueueId, out: &mut Vec<u8>) {
+    encode_frame(KIND_DONE, &id.0.to_le_bytes(), out);
+}
+
+/// Reads one segment. Returns its records and the offset just past the last valid frame;
 /// anything after it is a torn or corrupt tail.
-pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<StoredMessage>, u64, u64)> {
+pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u64)> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -94,7 +127,7 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<StoredMessage>,
         return Ok((Vec::new(), 0, file_len));
     }
     let mut offset = MAGIC.len() as u64;
-    let mut messages = Vec::new();
+    let mut records = Vec::new();
     let mut frame = Vec::new();
     loop {
         let mut header = [0u8; 8];
@@ -110,15 +143,24 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<StoredMessage>,
         if reader.read_exact(&mut frame).is_err() || crc32fast::hash(&frame) != crc {
             break;
         }
-        if frame[0] == KIND_MESSAGE_INLINE || frame[0] == KIND_MESSAGE_FILE {
-            match decode_message(&frame, number, offset) {
-                Some(message) => messages.push(message),
-                None => break,
+        let record = match frame[0] {
+            KIND_MESSAGE_INLINE | KIND_MESSAGE_FILE => {
+                decode_message(&frame, number, offset).map(Record::Message)
             }
+            KIND_UPDATE => postcard::from_bytes(&frame[1..]).ok().map(Record::Update),
+            KIND_DONE => frame
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(|b| Record::Done(QueueId(u64::from_le_bytes(b)))),
+            _ => None,
+        };
+        match record {
+            Some(r) => records.push(r),
+            None => break,
         }
         offset += 8 + len;
     }
-    Ok((messages, offset, file_len))
+    Ok((records, offset, file_len))
 }
 
 fn decode_message(frame: &[u8], segment: u64, frame_offset: u64) -> Option<StoredMessage> {

@@ -17,7 +17,7 @@
 pub mod envelope;
 pub mod journal;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -28,8 +28,10 @@ use std::thread;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub use envelope::{DsnRet, Envelope, IdGenerator, QueueId, RcptState, Recipient, now_ms};
-pub use journal::{BodyLocation, StoredMessage};
+pub use envelope::{
+    Attempt, DsnRet, Envelope, IdGenerator, QueueId, RcptState, Recipient, RecipientUpdate, now_ms,
+};
+pub use journal::{BodyLocation, Record, StoredMessage};
 
 /// Largest number of commits written with one fsync.
 const MAX_BATCH: usize = 4096;
@@ -77,11 +79,17 @@ impl SpoolError {
     }
 }
 
-struct CommitRequest {
-    head: Vec<u8>,
-    body: Bytes,
-    body_in_file: bool,
-    reply: oneshot::Sender<Result<BodyLocation, SpoolError>>,
+enum CommitRequest {
+    /// A new message; answered once durable.
+    Message {
+        id: QueueId,
+        head: Vec<u8>,
+        body: Bytes,
+        body_in_file: bool,
+        reply: oneshot::Sender<Result<BodyLocation, SpoolError>>,
+    },
+    /// Recipient updates and finished messages, already framed.
+    Records { frames: Vec<u8>, done: Vec<QueueId> },
 }
 
 /// Handle to an open spool; cheap to clone.
@@ -120,10 +128,11 @@ impl Spool {
 
         let mut recovery = Recovery::default();
         let segments = journal::list_segments(&journal_dir)?;
+        let mut live: HashMap<QueueId, (StoredMessage, u64)> = HashMap::new();
         let mut tail = None;
         for (i, &number) in segments.iter().enumerate() {
             let path = journal::segment_path(&journal_dir, number);
-            let (messages, valid, file_len) = journal::scan_segment(&path, number)?;
+            let (records, valid, file_len) = journal::scan_segment(&path, number)?;
             if file_len > valid {
                 if i + 1 == segments.len() {
                     recovery.truncated_bytes = file_len - valid;
@@ -135,11 +144,19 @@ impl Spool {
                     );
                 }
             }
-            recovery.messages.extend(messages);
+            apply_records(&mut live, records, number);
             if i + 1 == segments.len() {
                 tail = Some((number, valid, file_len));
             }
         }
+        let mut segment_live: BTreeMap<u64, usize> = segments.iter().map(|&n| (n, 0)).collect();
+        let mut live_index = HashMap::with_capacity(live.len());
+        for (id, (message, segment)) in &live {
+            *segment_live.entry(*segment).or_default() += 1;
+            live_index.insert(*id, (*segment, message.body == BodyLocation::File));
+        }
+        recovery.messages = live.into_values().map(|(m, _)| m).collect();
+        recovery.messages.sort_by_key(|m| m.envelope.id);
         recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &recovery.messages)?;
 
         let active = match tail {
@@ -158,6 +175,7 @@ impl Spool {
             }
             None => journal::ActiveSegment::create(&journal_dir, 1, options.fsync)?,
         };
+        segment_live.entry(active.number).or_insert(0);
 
         let last_id = recovery
             .messages
@@ -166,12 +184,16 @@ impl Spool {
             .max()
             .unwrap_or(QueueId(0));
         let (tx, rx) = mpsc::channel();
-        let committer = Committer {
+        let mut committer = Committer {
             active,
             rx,
             options: options.clone(),
+            journal_dir: journal_dir.clone(),
             bodies_dir: bodies_dir.clone(),
+            live: live_index,
+            segment_live,
         };
+        committer.remove_dead_segments();
         thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || committer.run())?;
@@ -197,32 +219,24 @@ impl Spool {
         if !journal_dir.exists() {
             return Ok(Vec::new());
         }
-        let mut messages = Vec::new();
+        let mut live = HashMap::new();
         for number in journal::list_segments(&journal_dir)? {
             let path = journal::segment_path(&journal_dir, number);
-            messages.extend(journal::scan_segment(&path, number)?.0);
+            match journal::scan_segment(&path, number) {
+                Ok((records, _, _)) => apply_records(&mut live, records, number),
+                // Deleted by the server between listing and reading: nothing live was in it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        let mut messages: Vec<StoredMessage> = live.into_values().map(|(m, _)| m).collect();
+        messages.sort_by_key(|m| m.envelope.id);
         Ok(messages)
     }
 
     /// Reads a stored message's body (the bytes after the envelope: headers and body).
     pub fn read_body(dir: &Path, message: &StoredMessage) -> io::Result<Vec<u8>> {
-        match message.body {
-            BodyLocation::Inline {
-                segment,
-                offset,
-                len,
-            } => {
-                let mut file = File::open(journal::segment_path(&dir.join("journal"), segment))?;
-                file.seek(SeekFrom::Start(offset))?;
-                let mut body = vec![0; len as usize];
-                file.read_exact(&mut body)?;
-                Ok(body)
-            }
-            BodyLocation::File => {
-                fs::read(dir.join("bodies").join(message.envelope.id.to_string()))
-            }
-        }
+        read_body_at(dir, message.envelope.id, message.body)
     }
 
     pub fn next_id(&self) -> QueueId {
@@ -252,11 +266,13 @@ impl Spool {
 
     /// Makes the message durable. Returns once it is on disk (when fsync is on): only then may
     /// the client be told 250.
+    /// Returns where the body is and, for a body kept in the journal, the bytes themselves (so
+    /// that delivery need not read them back).
     pub async fn commit(
         &self,
         envelope: &Envelope,
         mut body: BodyWriter,
-    ) -> Result<BodyLocation, SpoolError> {
+    ) -> Result<(BodyLocation, Bytes), SpoolError> {
         let body_in_file = body.file.is_some();
         let inline = if body_in_file {
             body.flush_to_file()?;
@@ -280,16 +296,43 @@ impl Spool {
         let (reply, rx) = oneshot::channel();
         self.inner
             .committer
-            .send(CommitRequest {
+            .send(CommitRequest::Message {
+                id: envelope.id,
                 head,
-                body: inline,
+                body: inline.clone(),
                 body_in_file,
                 reply,
             })
             .map_err(|_| SpoolError::Stopped)?;
         let location = rx.await.map_err(|_| SpoolError::Stopped)??;
         body.committed = true;
-        Ok(location)
+        Ok((location, inline))
+    }
+
+    /// Appends recipient updates and finished messages. Not waited for: they are written with
+    /// the next batch, in order after everything sent before. A crash before that batch means
+    /// the attempt is made again (a duplicate delivery), never that mail is lost.
+    pub fn record(&self, updates: &[RecipientUpdate], done: &[QueueId]) -> Result<(), SpoolError> {
+        let mut frames = Vec::with_capacity(64 * (updates.len() + done.len()));
+        for u in updates {
+            journal::encode_update(u, &mut frames)?;
+        }
+        for &id in done {
+            journal::encode_done(id, &mut frames);
+        }
+        self.inner
+            .committer
+            .send(CommitRequest::Records {
+                frames,
+                done: done.to_vec(),
+            })
+            .map_err(|_| SpoolError::Stopped)
+    }
+
+    /// Reads the body of a message in this spool (for delivery of a message not in memory).
+    pub fn load_body(&self, id: QueueId, location: BodyLocation) -> io::Result<Bytes> {
+        let dir = self.inner.journal_dir.parent().unwrap_or(Path::new("."));
+        read_body_at(dir, id, location).map(Bytes::from)
     }
 }
 
@@ -364,6 +407,47 @@ impl Drop for BodyWriter {
     }
 }
 
+fn read_body_at(dir: &Path, id: QueueId, location: BodyLocation) -> io::Result<Vec<u8>> {
+    match location {
+        BodyLocation::Inline {
+            segment,
+            offset,
+            len,
+        } => {
+            let mut file = File::open(journal::segment_path(&dir.join("journal"), segment))?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut body = vec![0; len as usize];
+            file.read_exact(&mut body)?;
+            Ok(body)
+        }
+        BodyLocation::File => fs::read(dir.join("bodies").join(id.to_string())),
+    }
+}
+
+/// Applies journal records in order: the latest message record for an id wins, updates change
+/// it, done removes it. Tracks the segment each live message's record is in.
+fn apply_records(
+    live: &mut HashMap<QueueId, (StoredMessage, u64)>,
+    records: Vec<Record>,
+    segment: u64,
+) {
+    for record in records {
+        match record {
+            Record::Message(m) => {
+                live.insert(m.envelope.id, (m, segment));
+            }
+            Record::Update(u) => {
+                if let Some((m, _)) = live.get_mut(&u.id) {
+                    u.apply(&mut m.envelope);
+                }
+            }
+            Record::Done(id) => {
+                live.remove(&id);
+            }
+        }
+    }
+}
+
 fn remove_orphan_bodies(bodies_dir: &Path, messages: &[StoredMessage]) -> io::Result<usize> {
     let referenced: HashSet<String> = messages
         .iter()
@@ -382,12 +466,18 @@ fn remove_orphan_bodies(bodies_dir: &Path, messages: &[StoredMessage]) -> io::Re
     Ok(removed)
 }
 
-/// The group-commit loop, on its own thread: it is the only writer of the journal.
+/// The group-commit loop, on its own thread: it is the only writer of the journal and the only
+/// one that deletes spool files.
 struct Committer {
     active: journal::ActiveSegment,
     rx: mpsc::Receiver<CommitRequest>,
     options: SpoolOptions,
+    journal_dir: PathBuf,
     bodies_dir: PathBuf,
+    /// Live message → (segment of its record, body in its own file).
+    live: HashMap<QueueId, (u64, bool)>,
+    /// Live messages per segment, every existing segment listed.
+    segment_live: BTreeMap<u64, usize>,
 }
 
 impl Committer {
@@ -406,10 +496,71 @@ impl Committer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<CommitRequest>) {
+        let segment = self.active.number;
         let result = self.write_batch(batch);
-        let n = batch.len();
-        for (request, location) in batch.drain(..).zip(result_per_request(result, n)) {
-            let _ = request.reply.send(location);
+        let ok = result.is_ok();
+        let mut results = result_per_request(result, batch.len()).into_iter();
+        let mut finished = Vec::new();
+        let mut replies = Vec::new();
+        for request in batch.drain(..) {
+            let location = results.next().unwrap_or(Err(SpoolError::Stopped));
+            match request {
+                CommitRequest::Message {
+                    id,
+                    body_in_file,
+                    reply,
+                    ..
+                } => {
+                    if location.is_ok() {
+                        self.live.insert(id, (segment, body_in_file));
+                        *self.segment_live.entry(segment).or_default() += 1;
+                    }
+                    replies.push((reply, location));
+                }
+                CommitRequest::Records { done, .. } if ok => finished.extend(done),
+                CommitRequest::Records { .. } => {}
+            }
+        }
+        for id in finished {
+            self.forget(id);
+        }
+        self.remove_dead_segments();
+        // Answer last, so that whoever waits on a commit sees the batch's clean-up done too.
+        for (reply, location) in replies {
+            let _ = reply.send(location);
+        }
+    }
+
+    /// A finished message: its body file goes now (its done record is durable), its segment
+    /// once nothing in it or before it is live.
+    fn forget(&mut self, id: QueueId) {
+        if let Some((segment, in_file)) = self.live.remove(&id) {
+            if let Some(n) = self.segment_live.get_mut(&segment) {
+                *n = n.saturating_sub(1);
+            }
+            if in_file {
+                let _ = fs::remove_file(self.bodies_dir.join(id.to_string()));
+            }
+        }
+    }
+
+    /// Deletes segments from the oldest on while they hold nothing live. Only from the oldest:
+    /// a later segment may hold the done record of a message in an earlier one.
+    fn remove_dead_segments(&mut self) {
+        while let Some((&oldest, &count)) = self.segment_live.first_key_value() {
+            if count > 0 || oldest == self.active.number {
+                break;
+            }
+            let path = journal::segment_path(&self.journal_dir, oldest);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(segment = %path.display(), error = %e, "cannot delete a finished journal segment");
+                    break;
+                }
+            }
+            self.segment_live.remove(&oldest);
         }
     }
 
@@ -418,28 +569,53 @@ impl Committer {
             self.active
                 .rotate(self.options.fsync)
                 .map_err(SpoolError::classify)?;
+            self.segment_live.entry(self.active.number).or_insert(0);
         }
-        if self.options.fsync && batch.iter().any(|r| r.body_in_file) {
+        let any_file = batch.iter().any(|r| {
+            matches!(
+                r,
+                CommitRequest::Message {
+                    body_in_file: true,
+                    ..
+                }
+            )
+        });
+        if self.options.fsync && any_file {
             journal::sync_dir(&self.bodies_dir).map_err(SpoolError::classify)?;
         }
         let mut offset = self.active.len;
         let mut locations = Vec::with_capacity(batch.len());
         let mut slices = Vec::with_capacity(batch.len() * 2);
         for request in batch {
-            let body_offset = offset + request.head.len() as u64;
-            locations.push(if request.body_in_file {
-                BodyLocation::File
-            } else {
-                BodyLocation::Inline {
-                    segment: self.active.number,
-                    offset: body_offset,
-                    len: request.body.len() as u64,
+            match request {
+                CommitRequest::Message {
+                    head,
+                    body,
+                    body_in_file,
+                    ..
+                } => {
+                    let body_offset = offset + head.len() as u64;
+                    locations.push(if *body_in_file {
+                        BodyLocation::File
+                    } else {
+                        BodyLocation::Inline {
+                            segment: self.active.number,
+                            offset: body_offset,
+                            len: body.len() as u64,
+                        }
+                    });
+                    offset = body_offset + body.len() as u64;
+                    slices.push(IoSlice::new(head));
+                    if !body.is_empty() {
+                        slices.push(IoSlice::new(body));
+                    }
                 }
-            });
-            offset = body_offset + request.body.len() as u64;
-            slices.push(IoSlice::new(&request.head));
-            if !request.body.is_empty() {
-                slices.push(IoSlice::new(&request.body));
+                CommitRequest::Records { frames, .. } => {
+                    // Records carry no location; a placeholder keeps results aligned.
+                    locations.push(BodyLocation::File);
+                    offset += frames.len() as u64;
+                    slices.push(IoSlice::new(frames));
+                }
             }
         }
         self.active
@@ -457,7 +633,7 @@ fn result_per_request(
     match result {
         Ok(locations) => locations.into_iter().map(Ok).collect(),
         Err(err) => {
-            tracing::error!(error = %err, "spool commit failed; {n} messages not accepted");
+            tracing::error!(error = %err, "spool commit failed; {n} requests not written");
             (0..n)
                 .map(|_| {
                     Err(match &err {

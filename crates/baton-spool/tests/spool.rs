@@ -4,18 +4,19 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 
-use baton_spool::{BodyLocation, Envelope, RcptState, Recipient, Spool, SpoolOptions};
+use baton_spool::{
+    Attempt, BodyLocation, Envelope, RcptState, Recipient, RecipientUpdate, Spool, SpoolOptions,
+};
 
 fn envelope(spool: &Spool, size: u64) -> Envelope {
     Envelope {
         id: spool.next_id(),
         sender: "a@example.com".into(),
-        recipients: vec![Recipient {
-            address: "b@example.net".into(),
-            orcpt: Some("b@example.net".into()),
-            notify: 4,
-            state: RcptState::Queued,
-        }],
+        recipients: vec![Recipient::new(
+            "b@example.net".into(),
+            Some("b@example.net".into()),
+            4,
+        )],
         dsn_ret: None,
         dsn_envid: Some("env1".into()),
         eight_bit: true,
@@ -172,4 +173,100 @@ async fn concurrent_commits_rotate_segments_and_all_survive() {
         let m = rec.messages.iter().find(|m| m.envelope.id == id).unwrap();
         assert_eq!(Spool::read_body(dir.path(), m).unwrap(), body.as_bytes());
     }
+}
+
+#[tokio::test]
+async fn updates_and_done_records_survive_and_finished_segments_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SpoolOptions {
+        segment_size: 4 << 10,
+        ..SpoolOptions::default()
+    };
+    let large: Vec<u8> = vec![b'L'; 400 << 10];
+    let (kept, finished_large) = {
+        let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+        let mut envs = Vec::new();
+        for i in 0..20 {
+            envs.push(store(&spool, format!("message {i}\r\n").repeat(40).as_bytes()).await);
+        }
+        let big = store(&spool, &large).await;
+        let attempt = Attempt {
+            at_ms: 5,
+            code: 451,
+            status: "4.3.0".into(),
+            diagnostic: "try later".into(),
+            remote_mta: Some("mx.example.net".into()),
+        };
+        // The first message is deferred once; all others but the last finish.
+        spool
+            .record(
+                &[RecipientUpdate {
+                    id: envs[0].id,
+                    rcpt: 0,
+                    state: RcptState::Deferred,
+                    attempt: Some(attempt.clone()),
+                    next_attempt_ms: 99,
+                    delay_notified: false,
+                }],
+                &[],
+            )
+            .unwrap();
+        let done: Vec<_> = envs[1..19].iter().map(|e| e.id).chain([big.id]).collect();
+        spool.record(&[], &done).unwrap();
+        // A commit after the records makes sure they were written.
+        store(&spool, b"last\r\n").await;
+        assert!(!dir.path().join("bodies").join(big.id.to_string()).exists());
+        (vec![envs[0].id, envs[19].id], big.id)
+    };
+    let (_, rec) = Spool::open(dir.path(), options).unwrap();
+    let ids: Vec<_> = rec.messages.iter().map(|m| m.envelope.id).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(&ids[..2], kept.as_slice());
+    assert!(!ids.contains(&finished_large));
+    let first = &rec.messages[0].envelope.recipients[0];
+    assert_eq!(first.state, RcptState::Deferred);
+    assert_eq!(first.attempts.len(), 1);
+    assert_eq!(first.attempts[0].code, 451);
+    assert_eq!(first.next_attempt_ms, 99);
+    // Segments before the first live message's are gone; at most those from it on remain.
+    let segments = std::fs::read_dir(dir.path().join("journal"))
+        .unwrap()
+        .count();
+    let first_segment = match rec.messages[0].body {
+        BodyLocation::Inline { segment, .. } => segment,
+        BodyLocation::File => panic!("small body in a file"),
+    };
+    assert_eq!(first_segment, 1);
+    assert!(segments >= 2);
+}
+
+#[tokio::test]
+async fn head_segments_are_deleted_once_all_their_messages_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SpoolOptions {
+        segment_size: 2 << 10,
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            store(&spool, format!("m{i}\r\n").repeat(100).as_bytes())
+                .await
+                .id,
+        );
+    }
+    let before = std::fs::read_dir(dir.path().join("journal"))
+        .unwrap()
+        .count();
+    assert!(before > 5);
+    spool.record(&[], &ids).unwrap();
+    store(&spool, b"flush\r\n").await;
+    let after = std::fs::read_dir(dir.path().join("journal"))
+        .unwrap()
+        .count();
+    assert!(after <= 2, "{before} segments before, {after} after");
+    drop(spool);
+    let (_, rec) = Spool::open(dir.path(), options).unwrap();
+    assert_eq!(rec.messages.len(), 1);
 }

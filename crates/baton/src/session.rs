@@ -16,7 +16,7 @@ use baton_smtp::{
     BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo, Reply, Ret,
     parse_command,
 };
-use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, RcptState, Recipient, SpoolError};
+use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -606,12 +606,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             sender: mail.address,
             recipients: rcpts
                 .into_iter()
-                .map(|r| Recipient {
-                    address: r.address,
-                    orcpt: r.orcpt,
-                    notify: r.notify.0,
-                    state: RcptState::Queued,
-                })
+                .map(|r| Recipient::new(r.address, r.orcpt, r.notify.0))
                 .collect(),
             dsn_ret: mail.ret.map(|r| match r {
                 Ret::Full => DsnRet::Full,
