@@ -77,6 +77,102 @@ pub struct Config {
     pub relay: RelayConfig,
     pub limits: Limits,
     pub spool: SpoolConfig,
+    pub dns: DnsConfig,
+    pub delivery: DeliveryConfig,
+    pub local: LocalConfig,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Replace the system resolver (from /etc/resolv.conf) with these servers.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// The port dialled on every MX host (25; tests point it elsewhere).
+    pub smtp_port: u16,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
+    /// A delay DSN is sent once a recipient has waited this long.
+    pub delay_warning: Duration,
+    pub max_connections_per_destination: usize,
+    pub max_messages_per_connection: usize,
+    pub max_recipients_per_transaction: usize,
+    pub connect_timeout: Duration,
+    /// How long an idle outbound connection is kept for more mail.
+    pub idle_timeout: Duration,
+    /// Accept and queue, but deliver nothing (maintenance; like Postfix's hold queue).
+    pub hold: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Mailboxes: a local part (any local domain) or a full address.
+    pub users: Vec<String>,
+    pub maildir_root: PathBuf,
+    /// Deliver local mail over LMTP instead of into Maildirs.
+    pub lmtp: Option<LmtpTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LmtpTarget {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// How mail for a domain leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Look up the domain's MX hosts (A/AAAA fallback).
+    Mx,
+    /// Relay everything through one host.
+    Smarthost { host: String, port: u16 },
+    /// Deliver to local mailboxes (Maildir or LMTP).
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Lower-case domain, or "*" for every domain no other route names.
+    pub domain: String,
+    pub transport: Transport,
+}
+
+impl Config {
+    /// The transport for a recipient domain: an exact route, else local for local domains,
+    /// else the `*` route, else MX.
+    pub fn transport_for(&self, domain: &str) -> Transport {
+        let domain = domain.to_ascii_lowercase();
+        if let Some(r) = self.routes.iter().find(|r| r.domain == domain) {
+            return r.transport.clone();
+        }
+        if self.relay.local_domains.contains(&domain) {
+            return Transport::Local;
+        }
+        self.routes
+            .iter()
+            .find(|r| r.domain == "*")
+            .map(|r| r.transport.clone())
+            .unwrap_or(Transport::Mx)
+    }
+
+    /// Whether `address` (at a local domain) is a known mailbox; the user part when it is.
+    pub fn local_mailbox(&self, address: &str) -> Option<String> {
+        let lower = address.to_ascii_lowercase();
+        let local_part = lower.rsplit_once('@').map(|(l, _)| l).unwrap_or(&lower);
+        if local_part == "postmaster" {
+            return Some("postmaster".into());
+        }
+        self.local
+            .users
+            .iter()
+            .find(|u| **u == lower || **u == local_part)
+            .cloned()
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
@@ -139,6 +235,53 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     spool: RawSpool,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
+    delivery: RawDelivery,
+    #[serde(default)]
+    local: RawLocal,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    nameservers: Option<Vec<Spanned<String>>>,
+    timeout: Option<Spanned<Quantity>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    smtp_port: Option<Spanned<u64>>,
+    retry_min: Option<Spanned<Quantity>>,
+    retry_max: Option<Spanned<Quantity>>,
+    max_age: Option<Spanned<Quantity>>,
+    delay_warning: Option<Spanned<Quantity>>,
+    max_connections_per_destination: Option<Spanned<u64>>,
+    max_messages_per_connection: Option<Spanned<u64>>,
+    max_recipients_per_transaction: Option<Spanned<u64>>,
+    connect_timeout: Option<Spanned<Quantity>>,
+    idle_timeout: Option<Spanned<Quantity>>,
+    hold: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    users: Option<Vec<Spanned<String>>>,
+    maildir_root: Option<String>,
+    lmtp: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    domain: Spanned<String>,
+    smarthost: Option<Spanned<String>>,
+    transport: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +454,14 @@ impl Validator<'_> {
                 .and_then(|s| self.size(s))
                 .unwrap_or(64 << 20),
         };
+        let dns = self.dns(raw.dns);
+        let delivery = self.delivery(raw.delivery);
+        let local = self.local(raw.local, &data_dir);
+        let routes = raw
+            .route
+            .into_iter()
+            .filter_map(|r| self.route(r))
+            .collect();
         Config {
             hostname,
             data_dir,
@@ -318,6 +469,203 @@ impl Validator<'_> {
             relay,
             limits,
             spool,
+            dns,
+            delivery,
+            local,
+            routes,
+        }
+    }
+
+    fn dns(&mut self, raw: RawDns) -> DnsConfig {
+        let nameservers = raw
+            .nameservers
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| {
+                let text = n.get_ref();
+                text.parse::<SocketAddr>()
+                    .ok()
+                    .or_else(|| {
+                        text.parse::<std::net::IpAddr>()
+                            .ok()
+                            .map(|ip| (ip, 53).into())
+                    })
+                    .or_else(|| {
+                        self.error(
+                            n.span(),
+                            format!("nameserver {text:?} is not an IP address or IP:port"),
+                            "write \"192.0.2.53\" or \"127.0.0.1:5353\"",
+                        )
+                    })
+            })
+            .collect();
+        DnsConfig {
+            nameservers,
+            timeout: raw
+                .timeout
+                .and_then(|q| self.duration(q))
+                .unwrap_or(Duration::from_secs(5)),
+        }
+    }
+
+    fn delivery(&mut self, raw: RawDelivery) -> DeliveryConfig {
+        let port = match raw.smtp_port {
+            Some(p) if *p.get_ref() == 0 || *p.get_ref() > 65535 => self
+                .error(
+                    p.span(),
+                    "smtp_port must be 1-65535".into(),
+                    "leave it out for port 25",
+                )
+                .unwrap_or(25),
+            Some(p) => *p.get_ref() as u16,
+            None => 25,
+        };
+        let mut dur = |q: Option<Spanned<Quantity>>, default: u64| {
+            q.and_then(|q| self.duration(q))
+                .unwrap_or(Duration::from_secs(default))
+        };
+        let retry_min = dur(raw.retry_min, 300);
+        let retry_max = dur(raw.retry_max, 4000);
+        let max_age = dur(raw.max_age, 5 * 86400);
+        let delay_warning = dur(raw.delay_warning, 4 * 3600);
+        let connect_timeout = dur(raw.connect_timeout, 30);
+        let idle_timeout = dur(raw.idle_timeout, 5);
+        let mut count = |n: Option<Spanned<u64>>, default: u64| match n {
+            Some(n) if *n.get_ref() == 0 => self
+                .error(
+                    n.span(),
+                    "this limit must be at least 1".into(),
+                    "remove the key to get the default",
+                )
+                .unwrap_or(default),
+            Some(n) => *n.get_ref(),
+            None => default,
+        };
+        DeliveryConfig {
+            smtp_port: port,
+            retry_min,
+            retry_max: retry_max.max(retry_min),
+            max_age,
+            delay_warning,
+            max_connections_per_destination: count(raw.max_connections_per_destination, 20)
+                as usize,
+            max_messages_per_connection: count(raw.max_messages_per_connection, 1000) as usize,
+            max_recipients_per_transaction: count(raw.max_recipients_per_transaction, 100) as usize,
+            connect_timeout,
+            idle_timeout,
+            hold: raw.hold.unwrap_or(false),
+        }
+    }
+
+    fn local(&mut self, raw: RawLocal, data_dir: &Path) -> LocalConfig {
+        let users = raw
+            .users
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|u| {
+                let name = u.get_ref().trim().to_ascii_lowercase();
+                let bad = name.is_empty()
+                    || name.contains('/')
+                    || name.starts_with('.')
+                    || name.chars().any(|c| c.is_whitespace() || c.is_control());
+                if bad {
+                    self.error(
+                        u.span(),
+                        format!("local user {:?} is not a usable mailbox name", u.get_ref()),
+                        "list local parts (\"alice\") or addresses (\"alice@example.com\"); no slashes or leading dots",
+                    )
+                } else {
+                    Some(name)
+                }
+            })
+            .collect();
+        let lmtp = raw.lmtp.and_then(|l| {
+            let text = l.get_ref();
+            if let Some(path) = text.strip_prefix("unix:") {
+                Some(LmtpTarget::Unix(PathBuf::from(path)))
+            } else if let Ok(addr) = text.parse::<SocketAddr>() {
+                Some(LmtpTarget::Tcp(addr))
+            } else {
+                self.error(
+                    l.span(),
+                    format!("lmtp {text:?} is neither IP:port nor unix:/path"),
+                    "write \"127.0.0.1:24\" or \"unix:/run/dovecot/lmtp\"",
+                )
+            }
+        });
+        LocalConfig {
+            users,
+            maildir_root: raw
+                .maildir_root
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("mail")),
+            lmtp,
+        }
+    }
+
+    fn route(&mut self, raw: RawRoute) -> Option<Route> {
+        let domain = raw.domain.get_ref().trim().to_ascii_lowercase();
+        if domain != "*" && baton_smtp::address::validate_domain(&domain).is_err() {
+            return self.error(
+                raw.domain.span(),
+                format!(
+                    "route domain {:?} is not a domain or \"*\"",
+                    raw.domain.get_ref()
+                ),
+                "write a domain such as \"example.com\", or \"*\" for all others",
+            );
+        }
+        let transport = match (&raw.smarthost, &raw.transport) {
+            (Some(host), None) => self.smarthost(host)?,
+            (None, Some(t)) => match t.get_ref().as_str() {
+                "mx" => Transport::Mx,
+                "local" => Transport::Local,
+                other => {
+                    return self.error(
+                        t.span(),
+                        format!("unknown transport {other:?}"),
+                        "transport is \"mx\" or \"local\"; for a relay host write smarthost = \"host:port\"",
+                    );
+                }
+            },
+            (Some(host), Some(_)) => {
+                return self.error(
+                    host.span(),
+                    "a route has either smarthost or transport, not both".into(),
+                    "keep smarthost = \"host:port\" for a relay host",
+                );
+            }
+            (None, None) => {
+                return self.error(
+                    raw.domain.span(),
+                    "this route says neither smarthost nor transport".into(),
+                    "add smarthost = \"host:port\" or transport = \"mx\" / \"local\"",
+                );
+            }
+        };
+        Some(Route { domain, transport })
+    }
+
+    fn smarthost(&mut self, host: &Spanned<String>) -> Option<Transport> {
+        let text = host.get_ref().trim();
+        let parsed = text
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| (a.ip().to_string(), a.port()))
+            .or_else(|| {
+                let (h, p) = text.rsplit_once(':')?;
+                let port = p.parse::<u16>().ok()?;
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                baton_smtp::address::validate_domain(h).ok()?;
+                Some((h.to_string(), port))
+            });
+        match parsed {
+            Some((host, port)) if port != 0 => Some(Transport::Smarthost { host, port }),
+            _ => self.error(
+                host.span(),
+                format!("smarthost {text:?} is not host:port"),
+                "write \"relay.example.com:25\" or \"192.0.2.1:587\"",
+            ),
         }
     }
 

@@ -1,6 +1,12 @@
 //! `baton`: the command line. See docs/ARCHITECTURE.md for how the pieces fit.
 
+mod bounce;
+mod client;
 mod config;
+mod delivery;
+mod dns;
+mod events;
+mod qmgr;
 mod queue;
 mod server;
 mod session;

@@ -17,12 +17,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Role};
+use crate::events::Events;
+use crate::qmgr::{QueueHandle, QueueManager};
 use crate::session::Session;
 
 /// What every session shares.
 pub struct Context {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub spool: Spool,
+    pub queue: QueueHandle,
+    pub events: Events,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -111,9 +115,20 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         listeners.push((listener, l.role));
     }
 
+    let config = Arc::new(config);
+    let events = Events::start(&config.data_dir, config.spool.fsync)
+        .context("cannot open the event log under data_dir/events")?;
+    let queue = QueueManager::start(
+        config.clone(),
+        spool.clone(),
+        events.clone(),
+        recovery.messages,
+    )?;
     let ctx = Arc::new(Context {
         config,
         spool,
+        queue,
+        events,
         shutdown: stop.clone(),
         connections: Mutex::default(),
     });

@@ -16,13 +16,14 @@ use baton_smtp::{
     BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo, Reply, Ret,
     parse_command,
 };
-use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError};
+use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError, StoredMessage};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::config::Role;
+use crate::config::{Role, Transport};
+use crate::events::EventKind;
 use crate::server::Context;
 
 /// Why a session ended early; logged, never shown to the client beyond its 421/5xx.
@@ -369,8 +370,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 format!("<{}>: Relay access denied", printable(&rcpt.address)),
             );
         }
+        if let Some(reply) = self.unknown_local_user(&rcpt.address) {
+            return reply;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
         tx.rcpts.push(rcpt);
         Reply::new(250, "2.1.5", "Ok")
+    }
+
+    /// 550 5.1.1 for a recipient at a locally delivered domain with no mailbox. With LMTP and
+    /// no user list, the LMTP server decides.
+    fn unknown_local_user(&self, address: &str) -> Option<Reply> {
+        let config = &self.ctx.config;
+        let domain = domain_of(address).unwrap_or_default();
+        let is_local = address == "postmaster" || config.transport_for(&domain) == Transport::Local;
+        if !is_local || (config.local.lmtp.is_some() && config.local.users.is_empty()) {
+            return None;
+        }
+        if config.local_mailbox(address).is_some() {
+            return None;
+        }
+        Some(Reply::new(
+            550,
+            "5.1.1",
+            format!(
+                "<{}>: Recipient address rejected: User unknown in local recipient table",
+                printable(address)
+            ),
+        ))
     }
 
     fn relay_allowed(&self) -> bool {
@@ -578,7 +607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let envelope = self.envelope(tx, body.len());
         match self.ctx.spool.commit(&envelope, body).await {
-            Ok(_) => {
+            Ok((location, inline)) => {
                 tracing::info!(
                     id = %envelope.id,
                     from = %envelope.sender,
@@ -588,7 +617,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     listener = self.role.as_str(),
                     "queued"
                 );
-                Reply::new(250, "2.0.0", format!("OK queued as {}", envelope.id))
+                let id = envelope.id;
+                let id_text = id.to_string();
+                for r in &envelope.recipients {
+                    let mut e = self.ctx.events.new_event(
+                        EventKind::Reception,
+                        &id_text,
+                        &r.address,
+                        &envelope.sender,
+                    );
+                    e.size = Some(envelope.size);
+                    self.ctx.events.emit(e);
+                }
+                let body = (!inline.is_empty()).then_some(inline);
+                self.ctx.queue.submit(
+                    StoredMessage {
+                        envelope,
+                        body: location,
+                    },
+                    body,
+                );
+                Reply::new(250, "2.0.0", format!("OK queued as {id}"))
             }
             Err(e) => {
                 tracing::error!(id = %envelope.id, error = %e, "message not queued");

@@ -159,9 +159,32 @@ fn serve_without_config_uses_embedded_defaults() {
     }
     let mut c = Client::connect("127.0.0.1:2525".parse().unwrap());
     c.hello();
-    let r = c.send_mail("a@example.com", &["b@remote.example"], b"hi\r\n");
-    assert_eq!(r.code, 250, "loopback clients may relay by default");
+    // A remote recipient is accepted from loopback (relay allowed by default); RSET so that
+    // the test causes no delivery attempt (no traffic leaves loopback).
+    c.cmd("MAIL FROM:<a@example.com>");
+    assert_eq!(
+        c.cmd("RCPT TO:<b@remote.example>").code,
+        250,
+        "loopback clients may relay"
+    );
+    c.cmd("RSET");
+    // Local mail to postmaster@localhost is delivered into a Maildir under ./baton-data.
+    let r = c.send_mail(
+        "a@example.com",
+        &["postmaster@localhost"],
+        b"Subject: hi\r\n\r\nhi\r\n",
+    );
+    assert_eq!(r.code, 250);
     assert!(dir.path().join("baton-data/spool/journal").is_dir());
+    let new = dir.path().join("baton-data/mail/postmaster/new");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no maildir delivery to postmaster"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SIGTERM stops it cleanly.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -4,7 +4,7 @@ mod common;
 
 use common::{Client, Server};
 
-const CONFIG: &str = "[relay]\nlocal_domains = [\"local.example\"]\nnetworks = [\"127.0.0.2/32\"]";
+const CONFIG: &str = "[relay]\nlocal_domains = [\"local.example\"]\nnetworks = [\"127.0.0.2/32\"]\n[local]\nusers = [\"user\"]";
 
 fn rcpt_from(server: &Server, source: &str, rcpt: &str) -> common::Reply {
     let mut c = Client::connect_from(server.addr, source.parse().unwrap());
@@ -48,6 +48,15 @@ fn relay_matrix() {
     }
     // Postmaster is always reachable.
     assert_eq!(rcpt_from(&server, untrusted, "postmaster").code, 250);
+    assert_eq!(
+        rcpt_from(&server, untrusted, "postmaster@local.example").code,
+        250
+    );
+    // Unknown local users are refused at RCPT, from anyone.
+    for source in [trusted, untrusted] {
+        let r = rcpt_from(&server, source, "nobody@local.example");
+        assert_eq!((r.code, &r.text()[..5]), (550, "5.1.1"), "{r:?}");
+    }
 }
 
 #[test]

@@ -30,12 +30,32 @@ pub struct Server {
 impl Server {
     /// Starts baton with `extra` appended to a config that sets hostname, data_dir and one mx
     /// listener on a free loopback port.
+    /// A receiving server: mail is queued and held, never delivered (no DNS, no traffic).
     pub fn start(extra: &str) -> Server {
         Self::start_with(extra, None)
     }
 
-    /// Like [`Server::start`], with files limited to `file_size_limit` bytes.
+    /// A server that delivers; `extra` must route mail to loopback test hosts only.
+    pub fn start_delivering(extra: &str) -> Server {
+        Self::start_raw(extra, None)
+    }
+
+    /// A held server (see [`Server::start`]) with files limited to `file_size_limit` bytes.
     pub fn start_with(extra: &str, file_size_limit: Option<u64>) -> Server {
+        Self::start_raw(
+            &format!("{extra}\n[delivery]\nhold = true\n"),
+            file_size_limit,
+        )
+    }
+
+    fn start_raw(extra: &str, file_size_limit: Option<u64>) -> Server {
+        // A safety net: no test may reach the system's resolver (outside loopback). Tests that
+        // deliver bring their own [dns] section pointing at a loopback server.
+        let extra = if extra.contains("[dns]") {
+            extra.to_string()
+        } else {
+            format!("{extra}\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -1,0 +1,207 @@
+//! Delivery status notifications (RFC 3464): the message Baton sends back to a sender when
+//! recipients failed, were delayed, or (NOTIFY=SUCCESS) were delivered.
+//!
+//! Builds the bytes only. Whether a DSN is due, and queueing it with a null reverse-path, is
+//! the queue manager's call; never-bounce-a-bounce is enforced there.
+
+use baton_spool::{DsnRet, Envelope};
+
+/// What happened to the recipients a DSN reports on (RFC 3464 §2.3.3 Action).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    Relayed,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
+    }
+}
+
+/// One recipient's line in the report.
+#[derive(Debug, Clone)]
+pub struct ReportedRecipient {
+    pub address: String,
+    pub orcpt: Option<String>,
+    pub action: Action,
+    pub status: String,
+    /// The remote reply ("550 5.1.1 no such user") or our own explanation.
+    pub diagnostic: String,
+    /// Whether `diagnostic` is a remote SMTP reply (Diagnostic-Code type "smtp").
+    pub diagnostic_is_smtp: bool,
+    pub remote_mta: Option<String>,
+    pub last_attempt_ms: u64,
+    /// For delays: when Baton gives up.
+    pub will_retry_until_ms: Option<u64>,
+}
+
+/// Bodies returned in full up to this size when the sender did not say RET (as Postfix's
+/// bounce_size_limit); larger ones are returned as headers only.
+const FULL_RETURN_LIMIT: usize = 50_000;
+
+/// Builds the DSN for `original` (whose stored body is `body`) reporting `recipients`.
+pub fn build(
+    hostname: &str,
+    original: &Envelope,
+    body: &[u8],
+    recipients: &[ReportedRecipient],
+    dsn_id: &str,
+) -> Vec<u8> {
+    let action = recipients
+        .first()
+        .map(|r| r.action)
+        .unwrap_or(Action::Failed);
+    let (subject, intro) = match action {
+        Action::Failed => (
+            "Undelivered Mail Returned to Sender",
+            "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. It's attached below.",
+        ),
+        Action::Delayed => (
+            "Delayed Mail (still being retried)",
+            "Your message could not be delivered yet to one or more recipients.\r\nDelivery will be retried; you do not need to resend it.",
+        ),
+        Action::Delivered | Action::Relayed => (
+            "Successful Mail Delivery Report",
+            "Your message was successfully delivered to the destination(s)\r\nlisted below.",
+        ),
+    };
+    let boundary = format!("{dsn_id}/{hostname}");
+    let now = rfc5322_date(baton_spool::now_ms());
+    let mut out = String::with_capacity(2048 + body.len());
+    out.push_str(&format!(
+        "From: MAILER-DAEMON@{hostname} (Mail Delivery System)\r\n\
+         To: <{}>\r\n\
+         Subject: {subject}\r\n\
+         Date: {now}\r\n\
+         Message-ID: <{dsn_id}@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Description: Notification\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\
+         \r\n\
+         This is the mail system at host {hostname}.\r\n\
+         \r\n\
+         {intro}\r\n\
+         \r\n",
+        original.sender
+    ));
+    for r in recipients {
+        out.push_str(&format!("<{}>: {}\r\n", r.address, one_line(&r.diagnostic)));
+    }
+    out.push_str(&format!(
+        "\r\n--{boundary}\r\n\
+         Content-Description: Delivery report\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Baton-Queue-ID: {}\r\n",
+        original.id
+    ));
+    if let Some(envid) = &original.dsn_envid {
+        out.push_str(&format!("Original-Envelope-Id: {}\r\n", one_line(envid)));
+    }
+    out.push_str(&format!(
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(original.arrived_ms)
+    ));
+    for r in recipients {
+        out.push_str("\r\n");
+        out.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.address));
+        if let Some(orcpt) = &r.orcpt {
+            out.push_str(&format!("Original-Recipient: rfc822; {orcpt}\r\n"));
+        }
+        out.push_str(&format!("Action: {}\r\n", r.action.as_str()));
+        out.push_str(&format!("Status: {}\r\n", r.status));
+        if let Some(mta) = &r.remote_mta {
+            out.push_str(&format!("Remote-MTA: dns; {}\r\n", one_line(mta)));
+        }
+        let kind = if r.diagnostic_is_smtp {
+            "smtp"
+        } else {
+            "x-baton"
+        };
+        out.push_str(&format!(
+            "Diagnostic-Code: {kind}; {}\r\n",
+            one_line(&r.diagnostic)
+        ));
+        out.push_str(&format!(
+            "Last-Attempt-Date: {}\r\n",
+            rfc5322_date(r.last_attempt_ms)
+        ));
+        if let Some(until) = r.will_retry_until_ms {
+            out.push_str(&format!("Will-Retry-Until: {}\r\n", rfc5322_date(until)));
+        }
+    }
+    let headers_only = match original.dsn_ret {
+        Some(DsnRet::Headers) => true,
+        Some(DsnRet::Full) => false,
+        None => body.len() > FULL_RETURN_LIMIT || action != Action::Failed,
+    };
+    let mut bytes = out.into_bytes();
+    if headers_only {
+        bytes.extend_from_slice(
+            format!(
+                "\r\n--{boundary}\r\n\
+                 Content-Description: Undelivered Message Headers\r\n\
+                 Content-Type: text/rfc822-headers\r\n\
+                 \r\n"
+            )
+            .as_bytes(),
+        );
+        bytes.extend_from_slice(header_section(body));
+    } else {
+        bytes.extend_from_slice(
+            format!(
+                "\r\n--{boundary}\r\n\
+                 Content-Description: Undelivered Message\r\n\
+                 Content-Type: message/rfc822\r\n\
+                 \r\n"
+            )
+            .as_bytes(),
+        );
+        bytes.extend_from_slice(body);
+    }
+    if !bytes.ends_with(b"\r\n") {
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    bytes
+}
+
+/// The header section of a message, up to and including the blank line.
+fn header_section(body: &[u8]) -> &[u8] {
+    match body.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &body[..i + 4],
+        None => body,
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect()
+}
+
+pub fn rfc5322_date(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| {
+            t.to_zoned(jiff::tz::TimeZone::UTC)
+                .strftime("%a, %d %b %Y %H:%M:%S +0000")
+                .to_string()
+        })
+        .unwrap_or_default()
+}

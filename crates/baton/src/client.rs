@@ -1,0 +1,846 @@
+//! The outbound SMTP/LMTP client: one connection to one server, over which transactions run.
+//!
+//! EHLO (HELO fallback), opportunistic STARTTLS (certificates are not checked: RFC 7435
+//! opportunistic security; what was negotiated is reported), PIPELINING (MAIL, every RCPT and
+//! DATA/BDAT go out in one write), SIZE, 8BITMIME, SMTPUTF8, DSN pass-through, CHUNKING,
+//! per-recipient results, RSET between transactions. Timeouts follow RFC 5321 §4.5.3.2.
+//!
+//! Owns one conversation; it must not decide what happens to a recipient after a reply (the
+//! queue manager does).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::timeout;
+
+/// RFC 5321 §4.5.3.2 client timeouts.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(300);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+const DATA_INIT_TIMEOUT: Duration = Duration::from_secs(120);
+const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(180);
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_REPLY_BYTES: usize = 64 << 10;
+
+/// A server reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code if the server gave one, else derived from the code class.
+    pub status: String,
+    /// The whole text, lines joined with a space.
+    pub text: String,
+    /// The text line by line.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// "550 5.1.1 user unknown", for logs and diagnostic codes.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.code, self.text)
+    }
+
+    /// A reply of our own making (for conditions found before or without the server's word).
+    pub fn local(code: u16, status: &str, text: impl Into<String>) -> Reply {
+        let text = text.into();
+        Reply {
+            code,
+            status: status.to_string(),
+            lines: vec![text.clone()],
+            text,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection to {0} failed: {1}")]
+    Connect(String, std::io::Error),
+    #[error("{0} timed out {1}")]
+    Timeout(String, &'static str),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0} answered {1}")]
+    Rejected(String, String, Reply),
+    #[error("{0}: {1}")]
+    Protocol(String, String),
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, String),
+}
+
+impl ClientError {
+    /// The server's reply, when the failure was one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            ClientError::Rejected(_, _, r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What the server offered in its EHLO reply.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    pub esmtp: bool,
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub chunking: bool,
+    pub starttls: bool,
+}
+
+/// What TLS was negotiated, for the delivery record.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+    pub verified: bool,
+}
+
+/// One message's envelope as the client sends it.
+pub struct Outgoing<'a> {
+    pub sender: &'a str,
+    pub recipients: &'a [OutRcpt],
+    pub size: u64,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<&'a str>,
+    pub dsn_envid: Option<&'a str>,
+    pub body: &'a Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutRcpt {
+    pub address: String,
+    pub orcpt: Option<String>,
+    /// NOTIFY bits as in the spool (1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY).
+    pub notify: u8,
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An open session with a server, ready for transactions.
+pub struct Client {
+    stream: Stream,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    /// The server's name or address, for reports ("mx1.example.net [192.0.2.1]").
+    pub remote: String,
+    pub caps: Capabilities,
+    pub tls: Option<TlsInfo>,
+    lmtp: bool,
+    /// Transactions sent over this connection.
+    pub transactions: usize,
+}
+
+/// How a connection should be opened.
+pub struct ConnectOptions<'a> {
+    pub helo_name: &'a str,
+    pub connect_timeout: Duration,
+    /// Try STARTTLS when offered.
+    pub starttls: bool,
+}
+
+impl Client {
+    /// Connects over TCP and says EHLO (or LHLO).
+    pub async fn connect_tcp(
+        addr: SocketAddr,
+        host: &str,
+        options: &ConnectOptions<'_>,
+        lmtp: bool,
+    ) -> Result<Client, ClientError> {
+        let remote = if host.is_empty() || host == addr.ip().to_string() {
+            format!("[{}]", addr.ip())
+        } else {
+            format!("{host} [{}]", addr.ip())
+        };
+        let stream = match timeout(options.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(ClientError::Timeout(remote, "connecting")),
+            Ok(Err(e)) => return Err(ClientError::Connect(remote, e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let mut client = Client::new(Stream::Tcp(stream), remote, lmtp);
+        client.open(options, host).await?;
+        Ok(client)
+    }
+
+    /// Connects to an LMTP server on a Unix socket.
+    pub async fn connect_unix(
+        path: &Path,
+        options: &ConnectOptions<'_>,
+    ) -> Result<Client, ClientError> {
+        let remote = format!("unix:{}", path.display());
+        let stream = match timeout(options.connect_timeout, UnixStream::connect(path)).await {
+            Err(_) => return Err(ClientError::Timeout(remote, "connecting")),
+            Ok(Err(e)) => return Err(ClientError::Connect(remote, e)),
+            Ok(Ok(s)) => s,
+        };
+        let mut client = Client::new(Stream::Unix(stream), remote, true);
+        client.open(options, "").await?;
+        Ok(client)
+    }
+
+    fn new(stream: Stream, remote: String, lmtp: bool) -> Client {
+        Client {
+            stream,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: Vec::with_capacity(4096),
+            remote,
+            caps: Capabilities::default(),
+            tls: None,
+            lmtp,
+            transactions: 0,
+        }
+    }
+
+    async fn open(&mut self, options: &ConnectOptions<'_>, host: &str) -> Result<(), ClientError> {
+        let greeting = self
+            .read_reply(GREETING_TIMEOUT, "waiting for the greeting")
+            .await?;
+        if greeting.code != 220 {
+            return Err(self.rejected("greeting", greeting));
+        }
+        self.hello(options.helo_name).await?;
+        if options.starttls && self.caps.starttls && !self.lmtp {
+            self.starttls(host).await?;
+            self.hello(options.helo_name).await?;
+        }
+        Ok(())
+    }
+
+    async fn hello(&mut self, name: &str) -> Result<(), ClientError> {
+        let verb = if self.lmtp { "LHLO" } else { "EHLO" };
+        self.command(&format!("{verb} {name}")).await?;
+        let reply = self.read_reply(COMMAND_TIMEOUT, "after EHLO").await?;
+        if reply.code == 250 {
+            self.caps = parse_capabilities(&reply.lines);
+            return Ok(());
+        }
+        if self.lmtp || !(500..600).contains(&reply.code) {
+            return Err(self.rejected("EHLO", reply));
+        }
+        self.command(&format!("HELO {name}")).await?;
+        let reply = self.read_reply(COMMAND_TIMEOUT, "after HELO").await?;
+        if reply.code != 250 {
+            return Err(self.rejected("HELO", reply));
+        }
+        self.caps = Capabilities::default();
+        Ok(())
+    }
+
+    async fn starttls(&mut self, host: &str) -> Result<(), ClientError> {
+        self.command("STARTTLS").await?;
+        let reply = self.read_reply(COMMAND_TIMEOUT, "after STARTTLS").await?;
+        if reply.code != 220 {
+            // Offered but refused: carry on in plaintext, as opportunistic TLS allows.
+            tracing::info!(remote = %self.remote, reply = %reply.line(), "STARTTLS refused");
+            return Ok(());
+        }
+        if !self.rbuf.is_empty() {
+            // Anything the server sent before the handshake could be an injection
+            // (CVE-2011-0411 in reverse): never read it as part of the TLS session.
+            return Err(ClientError::Protocol(
+                self.remote.clone(),
+                "data received after the STARTTLS reply, before TLS".into(),
+            ));
+        }
+        let Stream::Tcp(tcp) = std::mem::replace(&mut self.stream, Stream::Unix(placeholder()?))
+        else {
+            return Err(ClientError::Protocol(
+                self.remote.clone(),
+                "STARTTLS on a non-TCP stream".into(),
+            ));
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap_or_else(|_| {
+            rustls::pki_types::ServerName::IpAddress(
+                tcp.peer_addr()
+                    .map(|a| a.ip())
+                    .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+                    .into(),
+            )
+        });
+        let connector = tokio_rustls::TlsConnector::from(opportunistic_tls_config());
+        let tls = timeout(COMMAND_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| ClientError::Timeout(self.remote.clone(), "in the TLS handshake"))?
+            .map_err(|e| ClientError::Tls(self.remote.clone(), e.to_string()))?;
+        let (_, session) = tls.get_ref();
+        self.tls = Some(TlsInfo {
+            version: session
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            cipher: session
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+            verified: false,
+        });
+        self.stream = Stream::Tls(Box::new(tls));
+        self.caps = Capabilities::default();
+        Ok(())
+    }
+
+    /// Runs one transaction. Returns one reply per recipient, in order; a recipient whose RCPT
+    /// was accepted gets the reply to the data (or its own, over LMTP).
+    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Reply>, ClientError> {
+        let n = msg.recipients.len();
+        if msg.smtputf8 && !self.caps.smtputf8 {
+            let r = Reply::local(
+                550,
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which this message needs",
+                    self.remote
+                ),
+            );
+            return Ok(vec![r; n]);
+        }
+        if let Some(max) = self.caps.size.filter(|&m| m > 0 && msg.size > m) {
+            let r = Reply::local(
+                552,
+                "5.3.4",
+                format!(
+                    "message size {} exceeds {}'s limit of {max}",
+                    msg.size, self.remote
+                ),
+            );
+            return Ok(vec![r; n]);
+        }
+        if self.transactions > 0 {
+            self.command("RSET").await?;
+            let r = self.read_reply(COMMAND_TIMEOUT, "after RSET").await?;
+            if r.code != 250 {
+                return Err(self.rejected("RSET", r));
+            }
+        }
+        self.transactions += 1;
+
+        let mut mail = format!("MAIL FROM:<{}>", msg.sender);
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", msg.size));
+        }
+        if msg.eight_bit && self.caps.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if msg.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if self.caps.dsn {
+            if let Some(ret) = msg.dsn_ret {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = msg.dsn_envid {
+                mail.push_str(&format!(" ENVID={}", xtext(envid)));
+            }
+        }
+        let chunking = self.caps.chunking;
+        let rcpt_lines: Vec<String> = msg
+            .recipients
+            .iter()
+            .map(|rcpt| {
+                let mut line = format!("RCPT TO:<{}>", rcpt.address);
+                if self.caps.dsn {
+                    if rcpt.notify != 0 {
+                        line.push_str(&format!(" NOTIFY={}", notify_text(rcpt.notify)));
+                    }
+                    if let Some(orcpt) = &rcpt.orcpt {
+                        line.push_str(&format!(" ORCPT=rfc822;{}", xtext(orcpt)));
+                    }
+                }
+                line
+            })
+            .collect();
+        let data_line = if chunking {
+            format!("BDAT {} LAST", msg.body.len())
+        } else {
+            "DATA".to_string()
+        };
+
+        let mut rcpt_replies = Vec::with_capacity(n);
+        self.queue_line(&mail);
+        if self.caps.pipelining {
+            for line in &rcpt_lines {
+                self.queue_line(line);
+            }
+            self.queue_line(&data_line);
+            if chunking {
+                // The body goes in the same burst: BDAT needs no go-ahead.
+                self.flush_with(msg.body).await?;
+            } else {
+                self.flush().await?;
+            }
+            let mail_reply = self.read_reply(COMMAND_TIMEOUT, "after MAIL").await?;
+            for _ in 0..n {
+                rcpt_replies.push(self.read_reply(COMMAND_TIMEOUT, "after RCPT").await?);
+            }
+            if !mail_reply.is_positive() {
+                // DATA/BDAT is refused too; read that answer to stay in step.
+                let _ = self.read_reply(DATA_INIT_TIMEOUT, "after DATA").await?;
+                return Ok(vec![mail_reply; n]);
+            }
+            if !chunking {
+                let go = self.read_reply(DATA_INIT_TIMEOUT, "after DATA").await?;
+                if go.code != 354 {
+                    return Ok(refused_data(rcpt_replies, &go));
+                }
+                self.send_dot_stuffed(msg.body).await?;
+            }
+        } else {
+            self.flush().await?;
+            let mail_reply = self.read_reply(COMMAND_TIMEOUT, "after MAIL").await?;
+            if !mail_reply.is_positive() {
+                return Ok(vec![mail_reply; n]);
+            }
+            for line in &rcpt_lines {
+                self.command(line).await?;
+                rcpt_replies.push(self.read_reply(COMMAND_TIMEOUT, "after RCPT").await?);
+            }
+            if rcpt_replies.iter().all(|r| !r.is_positive()) {
+                return Ok(rcpt_replies);
+            }
+            self.queue_line(&data_line);
+            if chunking {
+                self.flush_with(msg.body).await?;
+            } else {
+                self.flush().await?;
+                let go = self.read_reply(DATA_INIT_TIMEOUT, "after DATA").await?;
+                if go.code != 354 {
+                    return Ok(refused_data(rcpt_replies, &go));
+                }
+                self.send_dot_stuffed(msg.body).await?;
+            }
+        }
+
+        let accepted: Vec<usize> = (0..n).filter(|&i| rcpt_replies[i].is_positive()).collect();
+        let mut results = rcpt_replies;
+        if accepted.is_empty() {
+            // Only reachable with BDAT pipelined after refused recipients: its one refusal.
+            let _ = self.read_reply(DATA_END_TIMEOUT, "after BDAT").await?;
+        } else if self.lmtp {
+            // LMTP: one reply per accepted recipient, in RCPT order (RFC 2033 §4.2).
+            for &i in &accepted {
+                results[i] = self
+                    .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                    .await?;
+            }
+        } else {
+            let end = self
+                .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                .await?;
+            for &i in &accepted {
+                results[i] = end.clone();
+            }
+        }
+        Ok(results)
+    }
+
+    /// Says QUIT and closes, ignoring errors: the work is done either way.
+    pub async fn quit(mut self) {
+        self.queue_line("QUIT");
+        if self.flush().await.is_ok() {
+            let _ = self.read_reply(Duration::from_secs(5), "after QUIT").await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    fn queue_line(&mut self, line: &str) {
+        self.wbuf.extend_from_slice(line.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+    }
+
+    async fn command(&mut self, line: &str) -> Result<(), ClientError> {
+        self.queue_line(line);
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        let data = std::mem::take(&mut self.wbuf);
+        let r = self
+            .write_all(&data, COMMAND_TIMEOUT, "sending a command")
+            .await;
+        self.wbuf = data;
+        self.wbuf.clear();
+        r
+    }
+
+    /// Flushes the queued commands and then `body`, without copying the body.
+    async fn flush_with(&mut self, body: &Bytes) -> Result<(), ClientError> {
+        self.flush().await?;
+        self.write_all(body, DATA_BLOCK_TIMEOUT, "sending data")
+            .await
+    }
+
+    async fn write_all(
+        &mut self,
+        data: &[u8],
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<(), ClientError> {
+        match timeout(limit, async {
+            self.stream.write_all(data).await?;
+            self.stream.flush().await
+        })
+        .await
+        {
+            Err(_) => Err(ClientError::Timeout(self.remote.clone(), what)),
+            Ok(Err(e)) => Err(ClientError::Io(self.remote.clone(), e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Sends the body dot-stuffed, then the terminating `.`.
+    async fn send_dot_stuffed(&mut self, body: &Bytes) -> Result<(), ClientError> {
+        let mut start = 0;
+        let bytes = body.as_ref();
+        let mut out = Vec::with_capacity(bytes.len().min(1 << 20) + 64);
+        let mut at_line_start = true;
+        for (i, &b) in bytes.iter().enumerate() {
+            if at_line_start && b == b'.' {
+                out.extend_from_slice(&bytes[start..i]);
+                out.push(b'.');
+                start = i;
+            }
+            at_line_start = b == b'\n';
+            if out.len() + (i - start) >= 1 << 20 {
+                out.extend_from_slice(&bytes[start..=i]);
+                start = i + 1;
+                self.write_all(&out, DATA_BLOCK_TIMEOUT, "sending data")
+                    .await?;
+                out.clear();
+            }
+        }
+        out.extend_from_slice(&bytes[start..]);
+        if !bytes.is_empty() && !bytes.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        self.write_all(&out, DATA_BLOCK_TIMEOUT, "sending data")
+            .await
+    }
+
+    async fn read_reply(
+        &mut self,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ClientError> {
+        let mut lines: Vec<String> = Vec::new();
+        let mut code = 0u16;
+        loop {
+            while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let raw = self.rbuf.split_to(pos + 1);
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end_matches(['\r', '\n']);
+                let parsed = line.get(..3).and_then(|c| c.parse::<u16>().ok());
+                let Some(c) = parsed.filter(|c| (200..600).contains(c)) else {
+                    return Err(ClientError::Protocol(
+                        self.remote.clone(),
+                        format!("malformed reply line {:?}", truncate(line, 80)),
+                    ));
+                };
+                code = c;
+                lines.push(line.get(4..).unwrap_or("").to_string());
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return Ok(make_reply(code, &lines));
+                }
+            }
+            if self.rbuf.len() > MAX_REPLY_BYTES {
+                return Err(ClientError::Protocol(
+                    self.remote.clone(),
+                    "reply too long".into(),
+                ));
+            }
+            let read = timeout(limit, self.stream.read_buf(&mut self.rbuf)).await;
+            match read {
+                Err(_) => return Err(ClientError::Timeout(self.remote.clone(), what)),
+                Ok(Ok(0)) => {
+                    return Err(ClientError::Io(
+                        self.remote.clone(),
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("connection closed {what}"),
+                        ),
+                    ));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ClientError::Io(self.remote.clone(), e)),
+            }
+        }
+    }
+
+    fn rejected(&self, stage: &str, reply: Reply) -> ClientError {
+        ClientError::Rejected(
+            self.remote.clone(),
+            format!("{stage}: {}", reply.line()),
+            reply,
+        )
+    }
+}
+
+/// Recipients that were accepted take the refusal of DATA as their result.
+fn refused_data(rcpt_replies: Vec<Reply>, refusal: &Reply) -> Vec<Reply> {
+    rcpt_replies
+        .into_iter()
+        .map(|r| if r.is_positive() { refusal.clone() } else { r })
+        .collect()
+}
+
+fn make_reply(code: u16, lines: &[String]) -> Reply {
+    let first = lines.first().map(String::as_str).unwrap_or("");
+    let status = first
+        .split_whitespace()
+        .next()
+        .filter(|t| is_enhanced_code(t, code))
+        .map(str::to_string);
+    let text = lines.join(" ");
+    Reply {
+        code,
+        status: status.unwrap_or_else(|| format!("{}.0.0", code / 100)),
+        text,
+        lines: lines.to_vec(),
+    }
+}
+
+fn is_enhanced_code(token: &str, code: u16) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts[0] == (code / 100).to_string()
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Reads the EHLO keywords from the lines after the first (RFC 5321 §4.1.1.1).
+fn parse_capabilities(lines: &[String]) -> Capabilities {
+    let mut caps = Capabilities {
+        esmtp: true,
+        ..Capabilities::default()
+    };
+    for line in lines.iter().skip(1) {
+        let mut words = line.split_whitespace();
+        let Some(keyword) = words.next() else {
+            continue;
+        };
+        match keyword.to_ascii_uppercase().as_str() {
+            "PIPELINING" => caps.pipelining = true,
+            "8BITMIME" => caps.eight_bit = true,
+            "SMTPUTF8" => caps.smtputf8 = true,
+            "DSN" => caps.dsn = true,
+            "CHUNKING" => caps.chunking = true,
+            "STARTTLS" => caps.starttls = true,
+            "SIZE" => caps.size = Some(words.next().and_then(|v| v.parse().ok()).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    caps
+}
+
+fn notify_text(bits: u8) -> String {
+    if bits & 1 != 0 {
+        return "NEVER".into();
+    }
+    let mut parts = Vec::new();
+    for (bit, name) in [(2, "SUCCESS"), (4, "FAILURE"), (8, "DELAY")] {
+        if bits & bit != 0 {
+            parts.push(name);
+        }
+    }
+    parts.join(",")
+}
+
+/// RFC 3461 §4 xtext encoding.
+fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A connected Unix socket pair end, only to fill the stream slot during the TLS swap.
+fn placeholder() -> Result<UnixStream, ClientError> {
+    UnixStream::pair()
+        .map(|(a, _)| a)
+        .map_err(|e| ClientError::Io("local".into(), e))
+}
+
+/// Opportunistic TLS (RFC 7435): encrypt whatever the certificate. Verification by policy
+/// (`required`, `verify`, MTA-STS, DANE) belongs to the "Secure" issue.
+fn opportunistic_tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map(|b| {
+                    b.dangerous()
+                        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+                        .with_no_client_auth()
+                });
+            match config {
+                Ok(c) => Arc::new(c),
+                Err(_) => unreachable!("ring supports the default protocol versions"),
+            }
+        })
+        .clone()
+}
+
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enhanced_codes_are_taken_from_the_reply_or_derived() {
+        let r = make_reply(550, &["5.1.1 no such user".into()]);
+        assert_eq!(r.status, "5.1.1");
+        let r = make_reply(451, &["try later".into()]);
+        assert_eq!(r.status, "4.0.0");
+        let r = make_reply(550, &["4.1.1 mismatched class".into()]);
+        assert_eq!(r.status, "5.0.0");
+    }
+
+    #[test]
+    fn xtext_and_notify() {
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+        assert_eq!(notify_text(2 | 8), "SUCCESS,DELAY");
+        assert_eq!(notify_text(1), "NEVER");
+    }
+
+    #[test]
+    fn capabilities() {
+        let r = make_reply(
+            250,
+            &[
+                "mx.example Hello".into(),
+                "PIPELINING".into(),
+                "SIZE 1000".into(),
+                "8BITMIME".into(),
+                "CHUNKING".into(),
+            ],
+        );
+        let c = parse_capabilities(&r.lines);
+        assert!(c.pipelining && c.eight_bit && c.chunking && !c.dsn && !c.smtputf8);
+        assert_eq!(c.size, Some(1000));
+    }
+}

@@ -1,0 +1,546 @@
+//! Delivery workers: take jobs from one destination's ready queue, send them over a reused
+//! connection (SMTP to MX hosts or a smarthost, LMTP) or write them into Maildirs, and report
+//! each recipient's reply to the queue manager.
+//!
+//! Owns connections and their reuse. It must not change recipient state or the spool; it only
+//! reports outcomes (see [`crate::qmgr`]).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_spool::{BodyLocation, QueueId, Spool};
+use bytes::Bytes;
+use tokio::sync::{Notify, OnceCell, mpsc};
+
+use crate::client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
+use crate::config::{Config, LmtpTarget, Transport};
+use crate::dns::{Dns, DnsFailure};
+
+/// Where a job goes; each has its own ready queue, workers and connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// A domain delivered through its MX hosts.
+    Mx(String),
+    /// A relay host.
+    Smarthost(String, u16),
+    /// Local mailboxes.
+    Local,
+}
+
+impl Destination {
+    pub fn for_domain(config: &Config, domain: &str) -> Destination {
+        match config.transport_for(domain) {
+            Transport::Mx => Destination::Mx(domain.to_ascii_lowercase()),
+            Transport::Smarthost { host, port } => Destination::Smarthost(host, port),
+            Transport::Local => Destination::Local,
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Mx(d) => write!(f, "{d}"),
+            Destination::Smarthost(h, p) => write!(f, "[{h}]:{p}"),
+            Destination::Local => write!(f, "local"),
+        }
+    }
+}
+
+/// What a job needs of its message; shared by the jobs of one message.
+pub struct JobMessage {
+    pub id: QueueId,
+    pub sender: String,
+    /// Every recipient of the message, by index.
+    pub recipients: Vec<OutRcpt>,
+    pub dsn_ret: Option<&'static str>,
+    pub dsn_envid: Option<String>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub location: BodyLocation,
+    pub body: OnceCell<Bytes>,
+}
+
+impl JobMessage {
+    /// The body, read from the spool the first time if it is not in memory.
+    async fn body(&self, spool: &Spool) -> std::io::Result<Bytes> {
+        self.body
+            .get_or_try_init(|| async {
+                let spool = spool.clone();
+                let (id, location) = (self.id, self.location);
+                tokio::task::spawn_blocking(move || spool.load_body(id, location))
+                    .await
+                    .map_err(std::io::Error::other)?
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// One message to some of its recipients, all for one destination.
+pub struct Job {
+    pub message: Arc<JobMessage>,
+    pub rcpts: Vec<u32>,
+}
+
+/// A recipient's result from one attempt.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub rcpt: u32,
+    pub reply: Reply,
+    /// The host that gave the reply, if any.
+    pub remote: Option<String>,
+    /// The next hop took DSN parameters, so success notices are its business.
+    pub dsn_passed: bool,
+    /// Delivered locally (Maildir or LMTP) rather than relayed.
+    pub local: bool,
+    /// TLS used, e.g. "TLSv1_3 TLS13_AES_256_GCM_SHA384 (not verified)".
+    pub tls: Option<String>,
+}
+
+/// A finished job, for the queue manager.
+pub struct JobReport {
+    pub id: QueueId,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Everything a worker needs.
+pub struct DeliveryContext {
+    pub config: Arc<Config>,
+    pub dns: Dns,
+    pub spool: Spool,
+    pub reports: mpsc::UnboundedSender<JobReport>,
+    pub connections_opened: AtomicU64,
+}
+
+/// One destination's ready queue and its workers.
+pub struct DestQueue {
+    pub key: Destination,
+    state: Mutex<DestState>,
+    notify: Notify,
+    max_workers: usize,
+}
+
+#[derive(Default)]
+struct DestState {
+    jobs: VecDeque<Job>,
+    workers: usize,
+    idle: usize,
+}
+
+impl DestQueue {
+    pub fn new(key: Destination, max_workers: usize) -> Arc<DestQueue> {
+        Arc::new(DestQueue {
+            key,
+            state: Mutex::default(),
+            notify: Notify::new(),
+            max_workers,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DestState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job: an idle worker takes it, or a new one starts if the cap allows.
+    pub fn push(self: &Arc<Self>, job: Job, ctx: &Arc<DeliveryContext>) {
+        let mut state = self.lock();
+        state.jobs.push_back(job);
+        if state.idle > 0 {
+            drop(state);
+            self.notify.notify_one();
+        } else if state.workers < self.max_workers {
+            state.workers += 1;
+            drop(state);
+            tokio::spawn(worker(self.clone(), ctx.clone()));
+        }
+    }
+
+    /// The next job, waiting up to `idle` for one; None when the worker should stop.
+    async fn next_job(&self, idle: Duration) -> Option<Job> {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(job) = state.jobs.pop_front() {
+                    return Some(job);
+                }
+                state.idle += 1;
+            }
+            let woken = tokio::time::timeout(idle, self.notify.notified())
+                .await
+                .is_ok();
+            let mut state = self.lock();
+            state.idle -= 1;
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if !woken {
+                // Decided under the lock, so a push now sees one worker fewer and starts one.
+                state.workers -= 1;
+                return None;
+            }
+        }
+    }
+
+    /// Every waiting job (a destination found unreachable defers them all at once).
+    fn take_all(&self) -> Vec<Job> {
+        self.lock().jobs.drain(..).collect()
+    }
+
+    /// Jobs waiting and workers running, for views.
+    pub fn load(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.jobs.len(), state.workers)
+    }
+}
+
+async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
+    let idle = ctx.config.delivery.idle_timeout;
+    let mut conn: Option<Client> = None;
+    while let Some(job) = dest.next_job(idle).await {
+        if dest.key == Destination::Local && ctx.config.local.lmtp.is_none() {
+            deliver_maildir(&ctx, job).await;
+            continue;
+        }
+        let body = match job.message.body(&ctx.spool).await {
+            Ok(body) => body,
+            Err(e) => {
+                let reply =
+                    Reply::local(451, "4.3.0", format!("cannot read the queued message: {e}"));
+                report_all(&ctx, &job, &reply, None);
+                continue;
+            }
+        };
+        let reuse_limit = ctx.config.delivery.max_messages_per_connection;
+        if conn.as_ref().is_some_and(|c| c.transactions >= reuse_limit)
+            && let Some(old) = conn.take()
+        {
+            old.quit().await;
+        }
+        if conn.is_none() {
+            match connect(&ctx, &dest.key).await {
+                Ok(c) => {
+                    ctx.connections_opened.fetch_add(1, Ordering::Relaxed);
+                    conn = Some(c);
+                }
+                Err(failure) => {
+                    // The destination is unreachable: everything waiting for it waits again.
+                    report_all(&ctx, &job, &failure.reply, failure.remote.as_deref());
+                    for other in dest.take_all() {
+                        report_all(&ctx, &other, &failure.reply, failure.remote.as_deref());
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(client) = conn.as_mut() else {
+            continue;
+        };
+        let recipients: Vec<OutRcpt> = job
+            .rcpts
+            .iter()
+            .filter_map(|&i| job.message.recipients.get(i as usize).cloned())
+            .collect();
+        let outgoing = Outgoing {
+            sender: &job.message.sender,
+            recipients: &recipients,
+            size: body.len() as u64,
+            eight_bit: job.message.eight_bit,
+            smtputf8: job.message.smtputf8,
+            dsn_ret: job.message.dsn_ret,
+            dsn_envid: job.message.dsn_envid.as_deref(),
+            body: &body,
+        };
+        let remote = client.remote.clone();
+        let dsn_passed = client.caps.dsn;
+        let tls = client
+            .tls
+            .as_ref()
+            .map(|t| format!("{} {} (not verified)", t.version, t.cipher));
+        let local = dest.key == Destination::Local;
+        match client.send(&outgoing).await {
+            Ok(replies) => {
+                let outcomes = job
+                    .rcpts
+                    .iter()
+                    .zip(replies)
+                    .map(|(&rcpt, reply)| Outcome {
+                        rcpt,
+                        reply,
+                        remote: Some(remote.clone()),
+                        dsn_passed,
+                        local,
+                        tls: tls.clone(),
+                    })
+                    .collect();
+                let _ = ctx.reports.send(JobReport {
+                    id: job.message.id,
+                    outcomes,
+                });
+            }
+            Err(e) => {
+                // The connection is gone mid-transaction: this job is tried again later.
+                conn = None;
+                let reply = e
+                    .reply()
+                    .cloned()
+                    .unwrap_or_else(|| Reply::local(451, "4.4.2", e.to_string()));
+                report_all(&ctx, &job, &reply, Some(&remote));
+            }
+        }
+    }
+    if let Some(c) = conn {
+        c.quit().await;
+    }
+}
+
+/// Reports the same reply for every recipient of a job.
+fn report_all(ctx: &DeliveryContext, job: &Job, reply: &Reply, remote: Option<&str>) {
+    let outcomes = job
+        .rcpts
+        .iter()
+        .map(|&rcpt| Outcome {
+            rcpt,
+            reply: reply.clone(),
+            remote: remote.map(str::to_string),
+            dsn_passed: false,
+            local: false,
+            tls: None,
+        })
+        .collect();
+    let _ = ctx.reports.send(JobReport {
+        id: job.message.id,
+        outcomes,
+    });
+}
+
+struct ConnectFailure {
+    reply: Reply,
+    remote: Option<String>,
+}
+
+impl ConnectFailure {
+    fn new(code: u16, status: &str, text: String) -> Self {
+        ConnectFailure {
+            reply: Reply::local(code, status, text),
+            remote: None,
+        }
+    }
+}
+
+async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, ConnectFailure> {
+    let config = &ctx.config;
+    let options = ConnectOptions {
+        helo_name: &config.hostname,
+        connect_timeout: config.delivery.connect_timeout,
+        starttls: true,
+    };
+    let (hosts, port, lmtp) = match dest {
+        Destination::Mx(domain) => {
+            let hosts = ctx.dns.mx_hosts(domain).await.map_err(|f| match f {
+                DnsFailure::NullMx => ConnectFailure::new(
+                    550,
+                    "5.1.10",
+                    format!("{domain} accepts no mail (null MX, RFC 7505)"),
+                ),
+                DnsFailure::NotFound(why) => ConnectFailure::new(
+                    550,
+                    "5.1.2",
+                    format!("Host or domain name not found: {why}"),
+                ),
+                DnsFailure::Temporary(why) => {
+                    ConnectFailure::new(451, "4.4.3", format!("DNS lookup failed: {why}"))
+                }
+            })?;
+            (
+                hosts.into_iter().map(|h| h.name).collect::<Vec<_>>(),
+                config.delivery.smtp_port,
+                false,
+            )
+        }
+        Destination::Smarthost(host, port) => (vec![host.clone()], *port, false),
+        Destination::Local => match &config.local.lmtp {
+            Some(LmtpTarget::Unix(path)) => {
+                return Client::connect_unix(path, &options)
+                    .await
+                    .map_err(|e| ConnectFailure::new(451, "4.4.1", e.to_string()));
+            }
+            Some(LmtpTarget::Tcp(addr)) => (vec![addr.ip().to_string()], addr.port(), true),
+            None => {
+                return Err(ConnectFailure::new(
+                    451,
+                    "4.3.5",
+                    "no LMTP target configured".into(),
+                ));
+            }
+        },
+    };
+    let mut last: Option<ConnectFailure> = None;
+    let mut all_not_found = true;
+    for host in &hosts {
+        let addresses = match ctx.dns.addresses(host).await {
+            Ok(a) => a,
+            Err(f) => {
+                if !matches!(f, DnsFailure::NotFound(_)) {
+                    all_not_found = false;
+                }
+                let text = match f {
+                    DnsFailure::NotFound(w) | DnsFailure::Temporary(w) => w,
+                    DnsFailure::NullMx => format!("{host}: null MX"),
+                };
+                last = Some(ConnectFailure::new(451, "4.4.3", text));
+                continue;
+            }
+        };
+        all_not_found = false;
+        for ip in addresses {
+            match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    tracing::debug!(destination = %dest, error = %e, "connection attempt failed");
+                    last = Some(connect_error(e));
+                }
+            }
+        }
+    }
+    if all_not_found && !hosts.is_empty() {
+        return Err(ConnectFailure::new(
+            550,
+            "5.4.4",
+            format!("no address for any mail host of {dest}"),
+        ));
+    }
+    Err(last
+        .unwrap_or_else(|| ConnectFailure::new(451, "4.4.1", format!("no mail host for {dest}"))))
+}
+
+fn connect_error(e: ClientError) -> ConnectFailure {
+    match e {
+        ClientError::Rejected(remote, what, reply) => {
+            // A refusing greeting is tried elsewhere and, if all refuse, later: not final.
+            let text = format!("{remote} refused the connection: {what}");
+            ConnectFailure {
+                reply: Reply::local(451, "4.4.2", text),
+                remote: Some(remote).filter(|_| reply.code != 0),
+            }
+        }
+        other => ConnectFailure::new(451, "4.4.1", other.to_string()),
+    }
+}
+
+// ---------------------------------------------------------------- Maildir
+
+static MAILDIR_SEQ: AtomicU64 = AtomicU64::new(0);
+
+async fn deliver_maildir(ctx: &Arc<DeliveryContext>, job: Job) {
+    let body = match job.message.body(&ctx.spool).await {
+        Ok(b) => b,
+        Err(e) => {
+            let reply = Reply::local(451, "4.3.0", format!("cannot read the queued message: {e}"));
+            report_all(ctx, &job, &reply, None);
+            return;
+        }
+    };
+    let config = ctx.config.clone();
+    let message = job.message.clone();
+    let rcpts = job.rcpts.clone();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        rcpts
+            .iter()
+            .map(|&rcpt| {
+                let address = message
+                    .recipients
+                    .get(rcpt as usize)
+                    .map(|r| r.address.clone())
+                    .unwrap_or_default();
+                let reply = match config.local_mailbox(&address) {
+                    None => {
+                        Reply::local(550, "5.1.1", format!("<{address}>: no such local mailbox"))
+                    }
+                    Some(user) => {
+                        let dir = config.local.maildir_root.join(&user);
+                        match write_maildir(
+                            &dir,
+                            &config.hostname,
+                            &message.sender,
+                            &address,
+                            &body,
+                        ) {
+                            Ok(name) => Reply::local(
+                                250,
+                                "2.0.0",
+                                format!("delivered to maildir as {name}"),
+                            ),
+                            Err(e) => Reply::local(
+                                451,
+                                "4.3.0",
+                                format!("maildir {}: {e}", dir.display()),
+                            ),
+                        }
+                    }
+                };
+                Outcome {
+                    rcpt,
+                    reply,
+                    remote: None,
+                    dsn_passed: false,
+                    local: true,
+                    tls: None,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let _ = ctx.reports.send(JobReport {
+        id: job.message.id,
+        outcomes,
+    });
+}
+
+/// Writes one message into a Maildir: tmp/ then rename into new/, fsynced (the Maildir
+/// protocol). Adds Return-Path and Delivered-To, as local delivery agents do.
+fn write_maildir(
+    dir: &Path,
+    hostname: &str,
+    sender: &str,
+    rcpt: &str,
+    body: &[u8],
+) -> std::io::Result<String> {
+    use std::io::Write;
+    for sub in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seq = MAILDIR_SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = format!(
+        "{}.M{}P{}Q{seq}.{}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        hostname.replace(['/', ':'], "_")
+    );
+    let tmp: PathBuf = dir.join("tmp").join(&name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let written = (|| {
+        file.write_all(format!("Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n").as_bytes())?;
+        file.write_all(body)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dir.join("new").join(&name))?;
+    std::fs::File::open(dir.join("new"))?.sync_all()?;
+    Ok(name)
+}

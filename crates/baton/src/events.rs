@@ -1,0 +1,143 @@
+//! The event log: every reception, delivery, transient failure, bounce and expiration as one
+//! JSON line in `data_dir/events/events.jsonl`.
+//!
+//! Producers call [`Events::emit`], which never blocks; one writer task appends whatever is
+//! waiting in one write and one fdatasync (the same group commit as the spool). Owns that file
+//! only; it must not decide anything about mail.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// One event. Field names are the HTTP API's and webhooks' (issue "Observe").
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Unique across restarts: `<boot time hex>-<sequence>`.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// RFC 3339.
+    pub timestamp: String,
+    pub message_id: String,
+    pub recipient: String,
+    pub sender: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_mta: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Reception,
+    Delivery,
+    TransientFailure,
+    Bounce,
+    Expiration,
+    /// A DSN (bounce, delay or success notice) was queued for the sender.
+    DsnQueued,
+    /// A failure notice was not sent because the failed message was itself a bounce.
+    BounceDropped,
+}
+
+/// Cheap to clone; emitting never blocks.
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::UnboundedSender<Event>,
+    boot: u64,
+    seq: std::sync::Arc<AtomicU64>,
+}
+
+impl Events {
+    /// Starts the writer task. Must be called inside a tokio runtime.
+    pub fn start(data_dir: &Path, fsync: bool) -> anyhow::Result<Events> {
+        let dir = data_dir.join("events");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("events.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("event-log".into())
+            .spawn(move || writer(file, path, rx, fsync))?;
+        Ok(Events {
+            tx,
+            boot: baton_spool::now_ms(),
+            seq: Default::default(),
+        })
+    }
+
+    /// A new event with its id and timestamp; fill in the rest and [`Events::emit`] it.
+    pub fn new_event(
+        &self,
+        kind: EventKind,
+        message_id: &str,
+        recipient: &str,
+        sender: &str,
+    ) -> Event {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Event {
+            id: format!("{:x}-{seq}", self.boot),
+            kind,
+            timestamp: jiff::Timestamp::now().to_string(),
+            message_id: message_id.to_string(),
+            recipient: recipient.to_string(),
+            sender: sender.to_string(),
+            code: None,
+            status: None,
+            response: None,
+            remote_mta: None,
+            attempt: None,
+            next_attempt: None,
+            size: None,
+            tls: None,
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+}
+
+fn writer(
+    mut file: std::fs::File,
+    path: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    fsync: bool,
+) {
+    let mut buf = Vec::with_capacity(64 << 10);
+    while let Some(first) = rx.blocking_recv() {
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(event) = next {
+            if serde_json::to_writer(&mut buf, &event).is_ok() {
+                buf.push(b'\n');
+            }
+            next = rx.try_recv().ok();
+        }
+        let written =
+            file.write_all(&buf)
+                .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the event log");
+        }
+    }
+}

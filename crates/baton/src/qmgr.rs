@@ -1,0 +1,523 @@
+//! The queue manager: every spooled recipient is either in a destination's ready queue, out
+//! with a delivery worker, or waiting in the retry timer heap. It applies each outcome (spool
+//! record, event, next attempt), sends DSNs, and removes a message once every recipient is
+//! final. A restart rebuilds all of this from the spool.
+//!
+//! One task owns this state; sessions submit to it and workers report to it through channels.
+//! No message is polled: deferred recipients sleep in a heap keyed by their next attempt.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_spool::{
+    Attempt, BodyLocation, DsnRet, Envelope, QueueId, RcptState, Recipient, RecipientUpdate, Spool,
+    StoredMessage, now_ms,
+};
+use bytes::Bytes;
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::bounce::{self, Action, ReportedRecipient};
+use crate::client::{OutRcpt, Reply};
+use crate::config::Config;
+use crate::delivery::{DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport};
+use crate::events::{EventKind, Events};
+
+/// Sessions hand accepted messages to the queue through this.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::UnboundedSender<StoredWithBody>,
+}
+
+struct StoredWithBody {
+    message: StoredMessage,
+    body: Option<Bytes>,
+}
+
+impl QueueHandle {
+    /// Queues a message that is already durable in the spool. `body` saves a read back.
+    pub fn submit(&self, message: StoredMessage, body: Option<Bytes>) {
+        let _ = self.tx.send(StoredWithBody { message, body });
+    }
+}
+
+struct Queued {
+    envelope: Envelope,
+    location: BodyLocation,
+    job_message: Arc<JobMessage>,
+    /// Recipients out with a worker.
+    in_flight: Vec<bool>,
+    jobs_out: usize,
+    failures: Vec<ReportedRecipient>,
+    successes: Vec<ReportedRecipient>,
+    delays: Vec<ReportedRecipient>,
+}
+
+pub struct QueueManager {
+    config: Arc<Config>,
+    spool: Spool,
+    events: Events,
+    delivery: Arc<DeliveryContext>,
+    messages: HashMap<QueueId, Queued>,
+    timers: BinaryHeap<Reverse<(u64, QueueId)>>,
+    destinations: HashMap<Destination, Arc<DestQueue>>,
+    submissions: mpsc::UnboundedReceiver<StoredWithBody>,
+    reports: mpsc::UnboundedReceiver<JobReport>,
+}
+
+impl QueueManager {
+    /// Builds the queue from what the spool recovered and starts it.
+    pub fn start(
+        config: Arc<Config>,
+        spool: Spool,
+        events: Events,
+        recovered: Vec<StoredMessage>,
+    ) -> anyhow::Result<QueueHandle> {
+        let (tx, submissions) = mpsc::unbounded_channel();
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let delivery = Arc::new(DeliveryContext {
+            config: config.clone(),
+            dns: crate::dns::Dns::new(&config.dns)?,
+            spool: spool.clone(),
+            reports: report_tx,
+            connections_opened: Default::default(),
+        });
+        let mut qmgr = QueueManager {
+            config,
+            spool,
+            events,
+            delivery,
+            messages: HashMap::new(),
+            timers: BinaryHeap::new(),
+            destinations: HashMap::new(),
+            submissions,
+            reports,
+        };
+        for message in recovered {
+            qmgr.add(message, None);
+        }
+        tokio::spawn(qmgr.run());
+        Ok(QueueHandle { tx })
+    }
+
+    async fn run(mut self) {
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((due, _))| *due);
+            let sleep = next_timer.map(|due| Duration::from_millis(due.saturating_sub(now_ms())));
+            tokio::select! {
+                Some(s) = self.submissions.recv() => self.add(s.message, s.body),
+                Some(report) = self.reports.recv() => self.apply(report).await,
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {
+                    self.fire_timers();
+                }
+                else => break,
+            }
+        }
+    }
+
+    /// A message enters the queue: its due recipients go to their ready queues, the others
+    /// wait for their time.
+    fn add(&mut self, message: StoredMessage, body: Option<Bytes>) {
+        let env = &message.envelope;
+        let job_message = Arc::new(JobMessage {
+            id: env.id,
+            sender: env.sender.clone(),
+            recipients: env
+                .recipients
+                .iter()
+                .map(|r| OutRcpt {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    notify: r.notify,
+                })
+                .collect(),
+            dsn_ret: env.dsn_ret.map(|r| match r {
+                DsnRet::Full => "FULL",
+                DsnRet::Headers => "HDRS",
+            }),
+            dsn_envid: env.dsn_envid.clone(),
+            eight_bit: env.eight_bit,
+            smtputf8: env.smtputf8,
+            location: message.body,
+            body: OnceCell::new_with(body),
+        });
+        let id = env.id;
+        let n = env.recipients.len();
+        self.messages.insert(
+            id,
+            Queued {
+                envelope: message.envelope,
+                location: message.body,
+                job_message,
+                in_flight: vec![false; n],
+                jobs_out: 0,
+                failures: Vec::new(),
+                successes: Vec::new(),
+                delays: Vec::new(),
+            },
+        );
+        self.dispatch(id);
+    }
+
+    /// Sends every recipient of `id` that is due to its destination's ready queue.
+    fn dispatch(&mut self, id: QueueId) {
+        if self.config.delivery.hold {
+            return;
+        }
+        let now = now_ms();
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let mut groups: HashMap<Destination, Vec<u32>> = HashMap::new();
+        let mut next_due: Option<u64> = None;
+        for (i, r) in q.envelope.recipients.iter().enumerate() {
+            if r.state.is_final() || q.in_flight[i] {
+                continue;
+            }
+            if r.next_attempt_ms > now {
+                next_due =
+                    Some(next_due.map_or(r.next_attempt_ms, |d: u64| d.min(r.next_attempt_ms)));
+                continue;
+            }
+            let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            let dest = Destination::for_domain(&self.config, domain);
+            groups.entry(dest).or_default().push(i as u32);
+        }
+        if let Some(due) = next_due {
+            self.timers.push(Reverse((due, id)));
+        }
+        let per_tx = self.config.delivery.max_recipients_per_transaction;
+        let max_workers = self.config.delivery.max_connections_per_destination;
+        for (dest, rcpts) in groups {
+            let queue = self
+                .destinations
+                .entry(dest.clone())
+                .or_insert_with(|| DestQueue::new(dest, max_workers))
+                .clone();
+            for chunk in rcpts.chunks(per_tx) {
+                for &i in chunk {
+                    q.in_flight[i as usize] = true;
+                }
+                q.jobs_out += 1;
+                queue.push(
+                    Job {
+                        message: q.job_message.clone(),
+                        rcpts: chunk.to_vec(),
+                    },
+                    &self.delivery,
+                );
+            }
+        }
+        if q.jobs_out == 0 && next_due.is_none() {
+            // Nothing left to try (all final): the message may have arrived that way.
+            self.finish_if_done(id);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            due.push(id);
+        }
+        due.sort_unstable();
+        due.dedup();
+        for id in due {
+            self.dispatch(id);
+        }
+    }
+
+    /// Applies one job's outcomes.
+    async fn apply(&mut self, report: JobReport) {
+        let id = report.id;
+        let now = now_ms();
+        let mut updates = Vec::new();
+        {
+            let config = self.config.clone();
+            let Some(q) = self.messages.get_mut(&id) else {
+                return;
+            };
+            q.jobs_out = q.jobs_out.saturating_sub(1);
+            for outcome in report.outcomes {
+                let i = outcome.rcpt as usize;
+                let Some(rcpt) = q.envelope.recipients.get(i) else {
+                    continue;
+                };
+                if let Some(flag) = q.in_flight.get_mut(i) {
+                    *flag = false;
+                }
+                let reply = &outcome.reply;
+                let attempt = Attempt {
+                    at_ms: now,
+                    code: reply.code,
+                    status: reply.status.clone(),
+                    diagnostic: reply.line(),
+                    remote_mta: outcome.remote.clone(),
+                };
+                let attempts = rcpt.attempts.len() + 1;
+                let age = Duration::from_millis(now.saturating_sub(q.envelope.arrived_ms));
+                let (state, next, kind) = match reply.code {
+                    200..=299 => (RcptState::Delivered, 0, EventKind::Delivery),
+                    500..=599 => (RcptState::Bounced, 0, EventKind::Bounce),
+                    _ if age >= config.delivery.max_age => {
+                        (RcptState::Expired, 0, EventKind::Expiration)
+                    }
+                    _ => {
+                        let next = next_attempt(&config, q.envelope.arrived_ms, attempts, now);
+                        (RcptState::Deferred, next, EventKind::TransientFailure)
+                    }
+                };
+                let reported = ReportedRecipient {
+                    address: rcpt.address.clone(),
+                    orcpt: rcpt.orcpt.clone(),
+                    action: Action::Failed,
+                    status: reply.status.clone(),
+                    diagnostic: reply.line(),
+                    diagnostic_is_smtp: outcome.remote.is_some() && reply.code != 0,
+                    remote_mta: outcome.remote.as_ref().map(|r| host_part(r)),
+                    last_attempt_ms: now,
+                    will_retry_until_ms: None,
+                };
+                let notify = rcpt.notify;
+                let never = notify & 1 != 0;
+                let mut delay_notified = false;
+                match state {
+                    RcptState::Bounced if !never && (notify == 0 || notify & 4 != 0) => {
+                        q.failures.push(reported);
+                    }
+                    RcptState::Expired if !never && (notify == 0 || notify & 4 != 0) => {
+                        q.failures.push(ReportedRecipient {
+                            status: "4.4.7".into(),
+                            diagnostic: format!(
+                                "message expired after {}; last error: {}",
+                                human(config.delivery.max_age),
+                                reply.line()
+                            ),
+                            ..reported
+                        });
+                    }
+                    RcptState::Delivered if notify & 2 != 0 && !outcome.dsn_passed => {
+                        q.successes.push(ReportedRecipient {
+                            action: if outcome.local {
+                                Action::Delivered
+                            } else {
+                                Action::Relayed
+                            },
+                            ..reported
+                        });
+                    }
+                    RcptState::Deferred
+                        if !never
+                            && (notify == 0 || notify & 8 != 0)
+                            && !rcpt.delay_notified
+                            && age >= config.delivery.delay_warning =>
+                    {
+                        delay_notified = true;
+                        q.delays.push(ReportedRecipient {
+                            action: Action::Delayed,
+                            will_retry_until_ms: Some(
+                                q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64,
+                            ),
+                            ..reported
+                        });
+                    }
+                    _ => {}
+                }
+                let mut event =
+                    self.events
+                        .new_event(kind, &id.to_string(), &rcpt.address, &q.envelope.sender);
+                event.code = Some(reply.code);
+                event.status = Some(reply.status.clone());
+                event.response = Some(reply.text.clone());
+                event.remote_mta = outcome.remote.clone();
+                event.attempt = Some(attempts);
+                event.size = Some(q.envelope.size);
+                event.tls = outcome.tls.clone();
+                if state == RcptState::Deferred {
+                    event.next_attempt = jiff::Timestamp::from_millisecond(next as i64)
+                        .ok()
+                        .map(|t| t.to_string());
+                }
+                self.events.emit(event);
+                let update = RecipientUpdate {
+                    id,
+                    rcpt: i as u32,
+                    state,
+                    attempt: Some(attempt),
+                    next_attempt_ms: next,
+                    delay_notified,
+                };
+                update.apply(&mut q.envelope);
+                updates.push(update);
+            }
+        }
+        if let Err(e) = self.spool.record(&updates, &[]) {
+            tracing::error!(id = %id, error = %e, "cannot record delivery results");
+        }
+        self.after_attempt(id).await;
+    }
+
+    /// Once no job of the message is out: send the DSNs it has gathered, schedule what is
+    /// deferred, and remove it if every recipient is final.
+    async fn after_attempt(&mut self, id: QueueId) {
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if q.jobs_out > 0 {
+            return;
+        }
+        let batches = [
+            std::mem::take(&mut q.failures),
+            std::mem::take(&mut q.delays),
+            std::mem::take(&mut q.successes),
+        ];
+        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+            self.send_dsn(id, batch).await;
+        }
+        self.dispatch(id);
+        self.finish_if_done(id);
+    }
+
+    fn finish_if_done(&mut self, id: QueueId) {
+        let done = self.messages.get(&id).is_some_and(|q| {
+            q.jobs_out == 0 && q.envelope.recipients.iter().all(|r| r.state.is_final())
+        });
+        if done {
+            self.messages.remove(&id);
+            if let Err(e) = self.spool.record(&[], &[id]) {
+                tracing::error!(id = %id, error = %e, "cannot record a finished message");
+            }
+        }
+    }
+
+    /// Queues a DSN to the sender about `recipients`; a bounce is never bounced.
+    async fn send_dsn(&mut self, id: QueueId, recipients: Vec<ReportedRecipient>) {
+        let Some(q) = self.messages.get(&id) else {
+            return;
+        };
+        let original = q.envelope.clone();
+        if original.sender.is_empty() {
+            for r in &recipients {
+                tracing::info!(id = %id, recipient = %r.address, "not returning a failed bounce (null sender)");
+                let e = self.events.new_event(
+                    EventKind::BounceDropped,
+                    &id.to_string(),
+                    &r.address,
+                    "",
+                );
+                self.events.emit(e);
+            }
+            return;
+        }
+        let body = match q.job_message.body.get() {
+            Some(b) => Ok(b.clone()),
+            None => {
+                let spool = self.spool.clone();
+                let location = q.location;
+                tokio::task::spawn_blocking(move || spool.load_body(id, location))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(id = %id, error = %e, "cannot read the message for its DSN");
+                Bytes::new()
+            }
+        };
+        let dsn_id = self.spool.next_id();
+        let bytes = bounce::build(
+            &self.config.hostname,
+            &original,
+            &body,
+            &recipients,
+            &dsn_id.to_string(),
+        );
+        let envelope = Envelope {
+            id: dsn_id,
+            sender: String::new(),
+            recipients: vec![Recipient::new(original.sender.clone(), None, 1)],
+            dsn_ret: None,
+            dsn_envid: None,
+            eight_bit: true,
+            smtputf8: original.smtputf8,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: self.config.hostname.clone(),
+            arrived_ms: now_ms(),
+            size: bytes.len() as u64,
+        };
+        let mut writer = self.spool.body_writer(dsn_id);
+        writer.buf().extend_from_slice(&bytes);
+        let committed = match writer.settle() {
+            Ok(()) => self.spool.commit(&envelope, writer).await,
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok((location, inline)) => {
+                tracing::info!(id = %dsn_id, original = %id, to = %original.sender, recipients = recipients.len(), "DSN queued");
+                for r in &recipients {
+                    let e = self.events.new_event(
+                        EventKind::DsnQueued,
+                        &id.to_string(),
+                        &r.address,
+                        &original.sender,
+                    );
+                    self.events.emit(e);
+                }
+                let body = (!inline.is_empty()).then_some(inline);
+                self.add(
+                    StoredMessage {
+                        envelope,
+                        body: location,
+                    },
+                    body,
+                );
+            }
+            Err(e) => tracing::error!(original = %id, error = %e, "cannot queue a DSN"),
+        }
+    }
+}
+
+/// Exponential backoff from retry_min, doubling, capped at retry_max, never past max_age
+/// (so the last try happens when the message expires).
+fn next_attempt(config: &Config, arrived_ms: u64, attempts: usize, now: u64) -> u64 {
+    let d = &config.delivery;
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1).min(30) as u32)
+        .unwrap_or(u32::MAX);
+    let delay = d.retry_min.saturating_mul(factor).min(d.retry_max);
+    let expiry = arrived_ms + d.max_age.as_millis() as u64;
+    (now + delay.as_millis() as u64).min(expiry.max(now + 1))
+}
+
+/// "mx1.example.net [192.0.2.1]" → "mx1.example.net".
+fn host_part(remote: &str) -> String {
+    remote
+        .split(' ')
+        .next()
+        .unwrap_or(remote)
+        .trim_matches(['[', ']'])
+        .to_string()
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 86400 == 0 && s > 0 {
+        format!("{} days", s / 86400)
+    } else if s % 3600 == 0 && s > 0 {
+        format!("{} hours", s / 3600)
+    } else {
+        format!("{s} seconds")
+    }
+}
+
+#[allow(dead_code)]
+fn reply_line(r: &Reply) -> String {
+    r.line()
+}
