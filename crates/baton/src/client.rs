@@ -71,7 +71,7 @@ pub enum ClientError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     #[error("{0} answered {1}")]
-    Rejected(String, String, Reply),
+    Rejected(String, String, Box<Reply>),
     #[error("{0}: {1}")]
     Protocol(String, String),
     #[error("TLS with {0} failed: {1}")]
@@ -82,7 +82,7 @@ impl ClientError {
     /// The server's reply, when the failure was one.
     pub fn reply(&self) -> Option<&Reply> {
         match self {
-            ClientError::Rejected(_, _, r) => Some(r),
+            ClientError::Rejected(_, _, r) => Some(r.as_ref()),
             _ => None,
         }
     }
@@ -91,7 +91,6 @@ impl ClientError {
 /// What the server offered in its EHLO reply.
 #[derive(Debug, Clone, Default)]
 pub struct Capabilities {
-    pub esmtp: bool,
     pub pipelining: bool,
     pub size: Option<u64>,
     pub eight_bit: bool,
@@ -106,7 +105,19 @@ pub struct Capabilities {
 pub struct TlsInfo {
     pub version: String,
     pub cipher: String,
+    /// Whether the certificate was checked (never, under opportunistic TLS).
     pub verified: bool,
+}
+
+impl std::fmt::Display for TlsInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let check = if self.verified {
+            "verified"
+        } else {
+            "not verified"
+        };
+        write!(f, "{} {} ({check})", self.version, self.cipher)
+    }
 }
 
 /// One message's envelope as the client sends it.
@@ -586,7 +597,6 @@ impl Client {
         what: &'static str,
     ) -> Result<Reply, ClientError> {
         let mut lines: Vec<String> = Vec::new();
-        let mut code = 0u16;
         loop {
             while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
                 let raw = self.rbuf.split_to(pos + 1);
@@ -599,10 +609,9 @@ impl Client {
                         format!("malformed reply line {:?}", truncate(line, 80)),
                     ));
                 };
-                code = c;
                 lines.push(line.get(4..).unwrap_or("").to_string());
                 if line.as_bytes().get(3) != Some(&b'-') {
-                    return Ok(make_reply(code, &lines));
+                    return Ok(make_reply(c, &lines));
                 }
             }
             if self.rbuf.len() > MAX_REPLY_BYTES {
@@ -633,7 +642,7 @@ impl Client {
         ClientError::Rejected(
             self.remote.clone(),
             format!("{stage}: {}", reply.line()),
-            reply,
+            Box::new(reply),
         )
     }
 }
@@ -673,10 +682,7 @@ fn is_enhanced_code(token: &str, code: u16) -> bool {
 
 /// Reads the EHLO keywords from the lines after the first (RFC 5321 §4.1.1.1).
 fn parse_capabilities(lines: &[String]) -> Capabilities {
-    let mut caps = Capabilities {
-        esmtp: true,
-        ..Capabilities::default()
-    };
+    let mut caps = Capabilities::default();
     for line in lines.iter().skip(1) {
         let mut words = line.split_whitespace();
         let Some(keyword) = words.next() else {

@@ -190,12 +190,6 @@ impl DestQueue {
     fn take_all(&self) -> Vec<Job> {
         self.lock().jobs.drain(..).collect()
     }
-
-    /// Jobs waiting and workers running, for views.
-    pub fn load(&self) -> (usize, usize) {
-        let state = self.lock();
-        (state.jobs.len(), state.workers)
-    }
 }
 
 async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
@@ -420,12 +414,12 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
 
 fn connect_error(e: ClientError) -> ConnectFailure {
     match e {
-        ClientError::Rejected(remote, what, reply) => {
+        ClientError::Rejected(remote, what, _) => {
             // A refusing greeting is tried elsewhere and, if all refuse, later: not final.
             let text = format!("{remote} refused the connection: {what}");
             ConnectFailure {
                 reply: Reply::local(451, "4.4.2", text),
-                remote: Some(remote).filter(|_| reply.code != 0),
+                remote: Some(remote),
             }
         }
         other => ConnectFailure::new(451, "4.4.1", other.to_string()),

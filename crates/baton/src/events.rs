@@ -133,9 +133,9 @@ fn writer(
             }
             next = rx.try_recv().ok();
         }
-        let written =
-            file.write_all(&buf)
-                .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+        let written = file
+            .write_all(&buf)
+            .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             tracing::error!(path = %path.display(), error = %e, "cannot write the event log");
         }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::bounce::{self, Action, ReportedRecipient};
-use crate::client::{OutRcpt, Reply};
+use crate::client::OutRcpt;
 use crate::config::Config;
 use crate::delivery::{DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport};
 use crate::events::{EventKind, Events};
@@ -508,16 +508,11 @@ fn host_part(remote: &str) -> String {
 
 fn human(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 86400 == 0 && s > 0 {
+    if s > 0 && s.is_multiple_of(86400) {
         format!("{} days", s / 86400)
-    } else if s % 3600 == 0 && s > 0 {
+    } else if s > 0 && s.is_multiple_of(3600) {
         format!("{} hours", s / 3600)
     } else {
         format!("{s} seconds")
     }
-}
-
-#[allow(dead_code)]
-fn reply_line(r: &Reply) -> String {
-    r.line()
 }

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod mx;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -204,6 +207,37 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
+    }
+
+    /// Every event in the server's event log.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let path = self.data_dir().join("events/events.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (at most `secs`) for an event matching `pred`.
+    pub fn wait_event(
+        &self,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such event within {secs} s; events: {:#?}\nlog:\n{}",
+                self.events(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// Peak resident memory of the server process, in KiB.

@@ -1,0 +1,154 @@
+//! A real DNS server on a loopback UDP port, answering from a zone the test scripts: MX, A,
+//! null MX, NXDOMAIN for unknown names, SERVFAIL on demand. Built on hickory-proto's wire
+//! format; the server under test resolves through it with hickory-resolver.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+#[derive(Default)]
+struct Zone {
+    records: HashMap<(String, RecordType), Vec<RData>>,
+    servfail: HashSet<String>,
+}
+
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+    stop: Arc<AtomicBool>,
+    pub queries: Arc<AtomicUsize>,
+}
+
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl DnsServer {
+    pub fn start() -> DnsServer {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind DNS socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let zone = Arc::new(Mutex::new(Zone::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let queries = Arc::new(AtomicUsize::new(0));
+        let (z, s, q) = (zone.clone(), stop.clone(), queries.clone());
+        std::thread::spawn(move || serve(socket, z, s, q));
+        DnsServer {
+            addr,
+            zone,
+            stop,
+            queries,
+        }
+    }
+
+    /// The `[dns]` section that points the server under test here.
+    pub fn config(&self) -> String {
+        format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n",
+            self.addr
+        )
+    }
+
+    fn add(&self, name: &str, rtype: RecordType, data: RData) {
+        self.zone
+            .lock()
+            .unwrap()
+            .records
+            .entry((key(name), rtype))
+            .or_default()
+            .push(data);
+    }
+
+    pub fn mx(&self, domain: &str, preference: u16, host: &str) {
+        let exchange = Name::from_str(&format!("{}.", key(host))).unwrap();
+        self.add(
+            domain,
+            RecordType::MX,
+            RData::MX(MX::new(preference, exchange)),
+        );
+    }
+
+    /// RFC 7505: a single MX of preference 0 pointing at the root.
+    pub fn null_mx(&self, domain: &str) {
+        self.add(domain, RecordType::MX, RData::MX(MX::new(0, Name::root())));
+    }
+
+    pub fn a(&self, host: &str, ip: &str) {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        self.add(host, RecordType::A, RData::A(A(ip)));
+    }
+
+    pub fn servfail(&self, name: &str) {
+        self.zone.lock().unwrap().servfail.insert(key(name));
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(
+    socket: UdpSocket,
+    zone: Arc<Mutex<Zone>>,
+    stop: Arc<AtomicBool>,
+    queries: Arc<AtomicUsize>,
+) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(request) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        queries.fetch_add(1, Ordering::Relaxed);
+        let response = answer(&request, &zone.lock().unwrap());
+        if let Ok(bytes) = response.to_vec() {
+            let _ = socket.send_to(&bytes, peer);
+        }
+    }
+}
+
+fn answer(request: &Message, zone: &Zone) -> Message {
+    let mut response = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    response.metadata.authoritative = true;
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.recursion_available = true;
+    let Some(query) = request.queries.first() else {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return response;
+    };
+    response.add_query(query.clone());
+    let name = key(&query.name.to_utf8());
+    if zone.servfail.contains(&name) {
+        response.metadata.response_code = ResponseCode::ServFail;
+        return response;
+    }
+    match zone.records.get(&(name.clone(), query.query_type)) {
+        Some(datas) => {
+            for data in datas {
+                response.add_answer(Record::from_rdata(query.name.clone(), 60, data.clone()));
+            }
+        }
+        None => {
+            let exists = zone.records.keys().any(|(n, _)| *n == name);
+            response.metadata.response_code = if exists {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            };
+        }
+    }
+    response
+}
