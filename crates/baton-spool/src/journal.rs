@@ -234,6 +234,10 @@ impl ActiveSegment {
         })
     }
 
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     pub fn rotate(&mut self, fsync: bool) -> io::Result<()> {
         *self = ActiveSegment::create(&self.dir, self.number + 1, fsync)?;
         Ok(())

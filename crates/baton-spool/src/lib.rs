@@ -192,6 +192,7 @@ impl Spool {
             bodies_dir: bodies_dir.clone(),
             live: live_index,
             segment_live,
+            dirty: false,
         };
         committer.remove_dead_segments();
         thread::Builder::new()
@@ -478,12 +479,25 @@ struct Committer {
     live: HashMap<QueueId, (u64, bool)>,
     /// Live messages per segment, every existing segment listed.
     segment_live: BTreeMap<u64, usize>,
+    /// Records written since the last fsync.
+    dirty: bool,
 }
+
+/// Records not followed by a message commit are fsynced after this long at the latest.
+const RECORD_SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Committer {
     fn run(mut self) {
         let mut batch = Vec::new();
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            let first = match self.rx.recv_timeout(RECORD_SYNC_DELAY) {
+                Ok(first) => first,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.sync_if_dirty();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
@@ -492,6 +506,16 @@ impl Committer {
                 }
             }
             self.commit_batch(&mut batch);
+        }
+        self.sync_if_dirty();
+    }
+
+    fn sync_if_dirty(&mut self) {
+        if self.dirty && self.options.fsync {
+            match self.active.sync() {
+                Ok(()) => self.dirty = false,
+                Err(e) => tracing::error!(error = %e, "journal fsync failed"),
+            }
         }
     }
 
@@ -566,6 +590,8 @@ impl Committer {
 
     fn write_batch(&mut self, batch: &[CommitRequest]) -> Result<Vec<BodyLocation>, SpoolError> {
         if self.active.len >= self.options.segment_size {
+            // Records written to the old segment must be durable before it is left behind.
+            self.sync_if_dirty();
             self.active
                 .rotate(self.options.fsync)
                 .map_err(SpoolError::classify)?;
@@ -618,9 +644,18 @@ impl Committer {
                 }
             }
         }
+        // Only new messages wait for their fsync (a 250 hangs on it). Recipient updates and
+        // done records ride along with the next one, or are synced within a second: losing them
+        // to a power cut repeats a delivery, it never loses mail.
+        let has_message = batch
+            .iter()
+            .any(|r| matches!(r, CommitRequest::Message { .. }));
+        let sync = self.options.fsync && has_message;
         self.active
-            .append(&mut slices, self.options.fsync)
+            .append(&mut slices, sync)
             .map_err(SpoolError::classify)?;
+        // A synced append covers earlier unsynced records too (same file: rotation syncs first).
+        self.dirty = !sync;
         Ok(locations)
     }
 }

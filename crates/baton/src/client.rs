@@ -202,6 +202,8 @@ pub struct Client {
     lmtp: bool,
     /// Transactions sent over this connection.
     pub transactions: usize,
+    /// A transaction was left open (recipients refused, data refused): RSET before the next.
+    needs_rset: bool,
 }
 
 /// How a connection should be opened.
@@ -262,6 +264,7 @@ impl Client {
             tls: None,
             lmtp,
             transactions: 0,
+            needs_rset: false,
         }
     }
 
@@ -379,13 +382,16 @@ impl Client {
             );
             return Ok(vec![r; n]);
         }
-        if self.transactions > 0 {
+        if self.needs_rset {
             self.command("RSET").await?;
             let r = self.read_reply(COMMAND_TIMEOUT, "after RSET").await?;
             if r.code != 250 {
                 return Err(self.rejected("RSET", r));
             }
         }
+        // A completed transaction leaves the server ready for the next MAIL (RFC 5321
+        // §4.1.1.4); only an abandoned one needs RSET.
+        self.needs_rset = true;
         self.transactions += 1;
 
         let mut mail = format!("MAIL FROM:<{}>", msg.sender);
@@ -449,6 +455,7 @@ impl Client {
             if !mail_reply.is_positive() {
                 // DATA/BDAT is refused too; read that answer to stay in step.
                 let _ = self.read_reply(DATA_INIT_TIMEOUT, "after DATA").await?;
+                self.needs_rset = false;
                 return Ok(vec![mail_reply; n]);
             }
             if !chunking {
@@ -462,6 +469,7 @@ impl Client {
             self.flush().await?;
             let mail_reply = self.read_reply(COMMAND_TIMEOUT, "after MAIL").await?;
             if !mail_reply.is_positive() {
+                self.needs_rset = false;
                 return Ok(vec![mail_reply; n]);
             }
             for line in &rcpt_lines {
@@ -504,6 +512,7 @@ impl Client {
                 results[i] = end.clone();
             }
         }
+        self.needs_rset = accepted.is_empty();
         Ok(results)
     }
 

@@ -73,6 +73,8 @@ pub struct SpoolConfig {
 pub struct Config {
     pub hostname: String,
     pub data_dir: PathBuf,
+    /// Threads running sessions and deliveries (the spool and event log have their own).
+    pub worker_threads: usize,
     pub listeners: Vec<ListenerConfig>,
     pub relay: RelayConfig,
     pub limits: Limits,
@@ -227,6 +229,7 @@ impl std::error::Error for ConfigErrors {}
 struct RawConfig {
     hostname: Option<Spanned<String>>,
     data_dir: Option<Spanned<String>>,
+    worker_threads: Option<Spanned<u64>>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -462,9 +465,21 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|r| self.route(r))
             .collect();
+        let worker_threads = match raw.worker_threads {
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1024 => self
+                .error(
+                    n.span(),
+                    "worker_threads must be 1-1024".into(),
+                    "1 suits a small machine; about one per core on a large one",
+                )
+                .unwrap_or(1),
+            Some(n) => *n.get_ref() as usize,
+            None => 1,
+        };
         Config {
             hostname,
             data_dir,
+            worker_threads,
             listeners,
             relay,
             limits,

@@ -356,42 +356,52 @@ impl QueueManager {
                 updates.push(update);
             }
         }
-        if let Err(e) = self.spool.record(&updates, &[]) {
-            tracing::error!(id = %id, error = %e, "cannot record delivery results");
-        }
-        self.after_attempt(id).await;
+        self.after_attempt(id, updates).await;
     }
 
     /// Once no job of the message is out: send the DSNs it has gathered, schedule what is
     /// deferred, and remove it if every recipient is final.
-    async fn after_attempt(&mut self, id: QueueId) {
+    ///
+    /// DSNs are committed before the recipient states that caused them are recorded: a crash in
+    /// between repeats a notice rather than losing one.
+    async fn after_attempt(&mut self, id: QueueId, updates: Vec<RecipientUpdate>) {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        if q.jobs_out > 0 {
-            return;
+        if q.jobs_out == 0 {
+            let batches = [
+                std::mem::take(&mut q.failures),
+                std::mem::take(&mut q.delays),
+                std::mem::take(&mut q.successes),
+            ];
+            for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+                self.send_dsn(id, batch).await;
+            }
+            self.dispatch(id);
         }
-        let batches = [
-            std::mem::take(&mut q.failures),
-            std::mem::take(&mut q.delays),
-            std::mem::take(&mut q.successes),
-        ];
-        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
-            self.send_dsn(id, batch).await;
+        let done = self.take_if_done(id);
+        let done: &[QueueId] = if done { &[id] } else { &[] };
+        if let Err(e) = self.spool.record(&updates, done) {
+            tracing::error!(id = %id, error = %e, "cannot record delivery results");
         }
-        self.dispatch(id);
-        self.finish_if_done(id);
     }
 
-    fn finish_if_done(&mut self, id: QueueId) {
+    /// Forgets the message if every recipient is final; true if it did.
+    fn take_if_done(&mut self, id: QueueId) -> bool {
         let done = self.messages.get(&id).is_some_and(|q| {
             q.jobs_out == 0 && q.envelope.recipients.iter().all(|r| r.state.is_final())
         });
         if done {
             self.messages.remove(&id);
-            if let Err(e) = self.spool.record(&[], &[id]) {
-                tracing::error!(id = %id, error = %e, "cannot record a finished message");
-            }
+        }
+        done
+    }
+
+    fn finish_if_done(&mut self, id: QueueId) {
+        if self.take_if_done(id)
+            && let Err(e) = self.spool.record(&[], &[id])
+        {
+            tracing::error!(id = %id, error = %e, "cannot record a finished message");
         }
     }
 

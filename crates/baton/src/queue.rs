@@ -50,6 +50,14 @@ fn message_json(m: &StoredMessage) -> serde_json::Value {
             "state": r.state.as_str(),
             "orcpt": r.orcpt,
             "notify": r.notify,
+            "next_attempt_ms": (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
+            "attempts": r.attempts.iter().map(|a| json!({
+                "at_ms": a.at_ms,
+                "code": a.code,
+                "status": a.status,
+                "diagnostic": a.diagnostic,
+                "remote_mta": a.remote_mta,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -126,7 +134,14 @@ pub fn show(data_dir: &Path, id: &str, as_json: bool, body: bool) -> anyhow::Res
         if let Some(orcpt) = &r.orcpt {
             write!(out, "  orcpt={orcpt}")?;
         }
+        if r.next_attempt_ms > 0 && !r.state.is_final() {
+            write!(out, "  next attempt {}", arrived(r.next_attempt_ms))?;
+        }
         writeln!(out)?;
+        for a in &r.attempts {
+            let host = a.remote_mta.as_deref().unwrap_or("-");
+            writeln!(out, "    {}  {host}  {}", arrived(a.at_ms), a.diagnostic)?;
+        }
     }
     Ok(())
 }
