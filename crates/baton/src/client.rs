@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
+use crate::config::TlsMode;
+
 /// RFC 5321 §4.5.3.2 client timeouts.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(300);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
@@ -76,6 +78,9 @@ pub enum ClientError {
     Protocol(String, String),
     #[error("TLS with {0} failed: {1}")]
     Tls(String, String),
+    /// The route's policy (TLS required, authentication) could not be met; the status says why.
+    #[error("{0}: {2}")]
+    Policy(String, &'static str, String),
 }
 
 impl ClientError {
@@ -98,6 +103,7 @@ pub struct Capabilities {
     pub dsn: bool,
     pub chunking: bool,
     pub starttls: bool,
+    pub auth_plain: bool,
 }
 
 /// What TLS was negotiated, for the delivery record.
@@ -210,8 +216,9 @@ pub struct Client {
 pub struct ConnectOptions<'a> {
     pub helo_name: &'a str,
     pub connect_timeout: Duration,
-    /// Try STARTTLS when offered.
-    pub starttls: bool,
+    pub tls: TlsMode,
+    /// AUTH PLAIN with these credentials (only inside TLS unless TLS is disabled).
+    pub auth: Option<(&'a str, &'a str)>,
 }
 
 impl Client {
@@ -276,9 +283,52 @@ impl Client {
             return Err(self.rejected("greeting", greeting));
         }
         self.hello(options.helo_name).await?;
-        if options.starttls && self.caps.starttls && !self.lmtp {
+        if options.tls != TlsMode::Disabled && self.caps.starttls && !self.lmtp {
             self.starttls(host).await?;
-            self.hello(options.helo_name).await?;
+            if self.tls.is_some() {
+                self.hello(options.helo_name).await?;
+            }
+        }
+        if options.tls == TlsMode::Required && self.tls.is_none() {
+            return Err(ClientError::Policy(
+                self.remote.clone(),
+                "4.7.10",
+                "TLS is required for this route but was not negotiated".into(),
+            ));
+        }
+        if let Some((user, password)) = options.auth {
+            if self.tls.is_none() && options.tls != TlsMode::Disabled {
+                return Err(ClientError::Policy(
+                    self.remote.clone(),
+                    "4.7.10",
+                    "not sending credentials without TLS (set tls = \"disabled\" to allow)".into(),
+                ));
+            }
+            self.authenticate(user, password).await?;
+        }
+        Ok(())
+    }
+
+    /// AUTH PLAIN (RFC 4616) with the initial response.
+    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
+        use base64::Engine;
+        if !self.caps.auth_plain {
+            return Err(ClientError::Policy(
+                self.remote.clone(),
+                "4.7.12",
+                "AUTH PLAIN is not offered".into(),
+            ));
+        }
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.command(&format!("AUTH PLAIN {token}")).await?;
+        let reply = self.read_reply(COMMAND_TIMEOUT, "after AUTH").await?;
+        if reply.code != 235 {
+            return Err(ClientError::Policy(
+                self.remote.clone(),
+                "4.7.8",
+                format!("authentication failed: {}", reply.line()),
+            ));
         }
         Ok(())
     }
@@ -704,6 +754,7 @@ fn parse_capabilities(lines: &[String]) -> Capabilities {
             "DSN" => caps.dsn = true,
             "CHUNKING" => caps.chunking = true,
             "STARTTLS" => caps.starttls = true,
+            "AUTH" => caps.auth_plain = words.any(|w| w.eq_ignore_ascii_case("PLAIN")),
             "SIZE" => caps.size = Some(words.next().and_then(|v| v.parse().ok()).unwrap_or(0)),
             _ => {}
         }

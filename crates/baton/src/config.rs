@@ -132,9 +132,30 @@ pub enum Transport {
     /// Look up the domain's MX hosts (A/AAAA fallback).
     Mx,
     /// Relay everything through one host.
-    Smarthost { host: String, port: u16 },
+    Smarthost(Smarthost),
     /// Deliver to local mailboxes (Maildir or LMTP).
     Local,
+}
+
+/// A relay host and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Smarthost {
+    pub host: String,
+    pub port: u16,
+    /// AUTH PLAIN credentials (user, password).
+    pub auth: Option<(String, String)>,
+    pub tls: TlsMode,
+}
+
+/// Outbound TLS for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// STARTTLS when offered, plaintext otherwise (RFC 7435).
+    Opportunistic,
+    /// No delivery without TLS: the message waits (4.7.10).
+    Required,
+    /// Never STARTTLS.
+    Disabled,
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +306,9 @@ struct RawRoute {
     domain: Spanned<String>,
     smarthost: Option<Spanned<String>>,
     transport: Option<Spanned<String>>,
+    auth_user: Option<Spanned<String>>,
+    auth_password: Option<Spanned<String>>,
+    tls: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -631,7 +655,7 @@ impl Validator<'_> {
             );
         }
         let transport = match (&raw.smarthost, &raw.transport) {
-            (Some(host), None) => self.smarthost(host)?,
+            (Some(host), None) => self.smarthost(host, &raw)?,
             (None, Some(t)) => match t.get_ref().as_str() {
                 "mx" => Transport::Mx,
                 "local" => Transport::Local,
@@ -658,10 +682,46 @@ impl Validator<'_> {
                 );
             }
         };
+        if !matches!(transport, Transport::Smarthost(_)) {
+            for key in [&raw.auth_user, &raw.auth_password, &raw.tls]
+                .into_iter()
+                .flatten()
+            {
+                self.error::<()>(
+                    key.span(),
+                    "auth_user, auth_password and tls apply to smarthost routes only".into(),
+                    "remove it, or route through a smarthost",
+                );
+            }
+        }
         Some(Route { domain, transport })
     }
 
-    fn smarthost(&mut self, host: &Spanned<String>) -> Option<Transport> {
+    fn smarthost(&mut self, host: &Spanned<String>, raw: &RawRoute) -> Option<Transport> {
+        let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
+            None | Some("opportunistic") => TlsMode::Opportunistic,
+            Some("required") => TlsMode::Required,
+            Some("disabled") => TlsMode::Disabled,
+            Some(other) => {
+                let span = raw.tls.as_ref().map(|t| t.span()).unwrap_or(0..0);
+                return self.error(
+                    span,
+                    format!("unknown tls mode {other:?}"),
+                    "tls is \"opportunistic\" (default), \"required\" or \"disabled\"",
+                );
+            }
+        };
+        let auth = match (&raw.auth_user, &raw.auth_password) {
+            (Some(u), Some(p)) => Some((u.get_ref().clone(), p.get_ref().clone())),
+            (None, None) => None,
+            (Some(k), None) | (None, Some(k)) => {
+                return self.error(
+                    k.span(),
+                    "auth_user and auth_password go together".into(),
+                    "give both, or neither",
+                );
+            }
+        };
         let text = host.get_ref().trim();
         let parsed = text
             .parse::<SocketAddr>()
@@ -675,7 +735,12 @@ impl Validator<'_> {
                 Some((h.to_string(), port))
             });
         match parsed {
-            Some((host, port)) if port != 0 => Some(Transport::Smarthost { host, port }),
+            Some((host, port)) if port != 0 => Some(Transport::Smarthost(Smarthost {
+                host,
+                port,
+                auth,
+                tls,
+            })),
             _ => self.error(
                 host.span(),
                 format!("smarthost {text:?} is not host:port"),

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, OnceCell, mpsc};
 
 use crate::client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
-use crate::config::{Config, LmtpTarget, Transport};
+use crate::config::{Config, LmtpTarget, Smarthost, TlsMode, Transport};
 use crate::dns::{Dns, DnsFailure};
 
 /// Where a job goes; each has its own ready queue, workers and connections.
@@ -26,7 +26,7 @@ pub enum Destination {
     /// A domain delivered through its MX hosts.
     Mx(String),
     /// A relay host.
-    Smarthost(String, u16),
+    Smarthost(Smarthost),
     /// Local mailboxes.
     Local,
 }
@@ -35,7 +35,7 @@ impl Destination {
     pub fn for_domain(config: &Config, domain: &str) -> Destination {
         match config.transport_for(domain) {
             Transport::Mx => Destination::Mx(domain.to_ascii_lowercase()),
-            Transport::Smarthost { host, port } => Destination::Smarthost(host, port),
+            Transport::Smarthost(relay) => Destination::Smarthost(relay),
             Transport::Local => Destination::Local,
         }
     }
@@ -45,7 +45,7 @@ impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Destination::Mx(d) => write!(f, "{d}"),
-            Destination::Smarthost(h, p) => write!(f, "[{h}]:{p}"),
+            Destination::Smarthost(relay) => write!(f, "[{}]:{}", relay.host, relay.port),
             Destination::Local => write!(f, "local"),
         }
     }
@@ -328,10 +328,15 @@ impl ConnectFailure {
 
 async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, ConnectFailure> {
     let config = &ctx.config;
+    let (tls, auth) = match dest {
+        Destination::Smarthost(relay) => (relay.tls, relay.auth.as_ref()),
+        _ => (TlsMode::Opportunistic, None),
+    };
     let options = ConnectOptions {
         helo_name: &config.hostname,
         connect_timeout: config.delivery.connect_timeout,
-        starttls: true,
+        tls,
+        auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),
     };
     let (hosts, port, lmtp) = match dest {
         Destination::Mx(domain) => {
@@ -356,7 +361,7 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
                 false,
             )
         }
-        Destination::Smarthost(host, port) => (vec![host.clone()], *port, false),
+        Destination::Smarthost(relay) => (vec![relay.host.clone()], relay.port, false),
         Destination::Local => match &config.local.lmtp {
             Some(LmtpTarget::Unix(path)) => {
                 return Client::connect_unix(path, &options)
@@ -414,6 +419,10 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
 
 fn connect_error(e: ClientError) -> ConnectFailure {
     match e {
+        ClientError::Policy(remote, status, why) => ConnectFailure {
+            reply: Reply::local(451, status, format!("{remote}: {why}")),
+            remote: Some(remote),
+        },
         ClientError::Rejected(remote, what, _) => {
             // A refusing greeting is tried elsewhere and, if all refuse, later: not final.
             let text = format!("{remote} refused the connection: {what}");

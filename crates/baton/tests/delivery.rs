@@ -698,3 +698,68 @@ fn sigkill_during_delivery_loses_nothing() {
         "duplicates only for the transactions in flight (2 connections)"
     );
 }
+
+#[test]
+fn starttls_is_used_when_offered() {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("secure.test", 10, "mx.secure.test");
+    w.dns.a("mx.secure.test", "127.0.0.2");
+    let mx = w.mx(
+        "127.0.0.2",
+        Script {
+            tls: Some(common::mx::tls_config("mx.secure.test")),
+            ..Script::default()
+        },
+    );
+    let server = w.server("", "");
+    let body = b"Subject: over TLS\r\n\r\nsecret\r\n".to_vec();
+    send(&server, &["o@secure.test"], &body);
+    let got = mx.wait_for(1, 20);
+    assert_eq!(got.len(), 1, "log:\n{}", server.log());
+    assert!(got[0].tls, "the transaction must run inside TLS");
+    assert_eq!(strip_received(&got[0].body), body.as_slice());
+    let e = server.wait_event(20, event_for("delivery", "o@secure.test"));
+    let tls = e["tls"].as_str().unwrap_or_default();
+    assert!(tls.starts_with("TLSv1_"), "{e}");
+}
+
+#[test]
+fn smarthost_with_required_tls_and_auth() {
+    let w = World::new(&["127.0.0.6", "127.0.0.7"]);
+    let relay = w.mx(
+        "127.0.0.6",
+        Script {
+            tls: Some(common::mx::tls_config("relay.test")),
+            auth: Some(("baton".into(), "s3cret pass".into())),
+            ..Script::default()
+        },
+    );
+    // A second relay that offers no TLS: with tls = "required" nothing goes there.
+    let plain = w.mx("127.0.0.7", Script::default());
+    let server = w.server(
+        "",
+        &format!(
+            "[[route]]\ndomain = \"*\"\nsmarthost = \"127.0.0.6:{port}\"\ntls = \"required\"\nauth_user = \"baton\"\nauth_password = \"s3cret pass\"\n\
+             [[route]]\ndomain = \"strict.test\"\nsmarthost = \"127.0.0.7:{port}\"\ntls = \"required\"\n",
+            port = w.port
+        ),
+    );
+    send(
+        &server,
+        &["p@anywhere.test"],
+        b"Subject: relayed\r\n\r\nhi\r\n",
+    );
+    let got = relay.wait_for(1, 20);
+    assert_eq!(got.len(), 1, "log:\n{}", server.log());
+    assert!(got[0].tls);
+    assert_eq!(got[0].auth_user.as_deref(), Some("baton"));
+
+    send(
+        &server,
+        &["q@strict.test"],
+        b"Subject: needs tls\r\n\r\nhi\r\n",
+    );
+    let e = server.wait_event(20, event_for("transient_failure", "q@strict.test"));
+    assert_eq!(e["status"], "4.7.10", "{e}");
+    assert!(plain.messages().is_empty(), "nothing sent without TLS");
+}

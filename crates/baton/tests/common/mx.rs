@@ -1,7 +1,7 @@
 //! Fake receiving servers on 127.0.0.x: real SMTP (or LMTP) over TCP with scripted replies.
 //! They record every transaction and count connections, including how many were open at once.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,10 @@ pub struct Received {
     /// Body as received, after dot-unstuffing (DATA) or as sent (BDAT).
     pub body: Vec<u8>,
     pub via_bdat: bool,
+    /// The transaction ran inside TLS (after STARTTLS).
+    pub tls: bool,
+    /// The user authenticated on this connection, if any.
+    pub auth_user: Option<String>,
 }
 
 type RcptScript = dyn Fn(&str, usize) -> String + Send + Sync;
@@ -34,6 +38,10 @@ pub struct Script {
     /// Hold the final reply this long (to keep connections busy).
     pub data_delay: Duration,
     pub lmtp: bool,
+    /// Offer STARTTLS with this server configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Offer AUTH PLAIN (inside TLS when TLS is offered) and accept these credentials.
+    pub auth: Option<(String, String)>,
 }
 
 impl Default for Script {
@@ -54,6 +62,8 @@ impl Default for Script {
             data_reply: "250 2.0.0 ok: queued".into(),
             data_delay: Duration::ZERO,
             lmtp: false,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -153,37 +163,137 @@ fn session(stream: TcpStream, stats: Arc<Mutex<Stats>>, script: Arc<Script>) {
     stats.lock().unwrap().active -= 1;
 }
 
+/// The fake server's side of a connection, before or after STARTTLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+struct Conn {
+    io: Io,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 8192];
+        let n = match &mut self.io {
+            Io::Plain(s) => s.read(&mut chunk)?,
+            Io::Tls(s) => s.read(&mut chunk)?,
+        };
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn read_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                return Ok(Some(self.buf.drain(..=i).collect()));
+            }
+            if self.fill()? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn read_exact(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "eof in BDAT",
+                ));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    fn say(&mut self, text: &str) -> std::io::Result<()> {
+        let bytes = format!("{text}\r\n");
+        match &mut self.io {
+            Io::Plain(s) => s.write_all(bytes.as_bytes()),
+            Io::Tls(s) => s.write_all(bytes.as_bytes()).and_then(|()| s.flush()),
+        }
+    }
+
+    fn start_tls(self, config: Arc<rustls::ServerConfig>) -> std::io::Result<Conn> {
+        let Io::Plain(tcp) = self.io else {
+            return Err(std::io::Error::other("TLS already on"));
+        };
+        let session = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+        // Whatever the client sent before the handshake is dropped (CVE-2011-0411).
+        Ok(Conn {
+            io: Io::Tls(Box::new(rustls::StreamOwned::new(session, tcp))),
+            buf: Vec::new(),
+        })
+    }
+}
+
 fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let say = |out: &mut TcpStream, text: &str| out.write_all(format!("{text}\r\n").as_bytes());
-    say(&mut out, &script.greeting)?;
+    let mut conn = Conn {
+        io: Io::Plain(stream),
+        buf: Vec::new(),
+    };
+    conn.say(&script.greeting)?;
     if !script.greeting.starts_with("220") {
         // A refusing server still answers QUIT, then closes.
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = say(&mut out, "221 bye");
+        let _ = conn.read_line();
+        let _ = conn.say("221 bye");
         return Ok(());
     }
     let mut tx: Option<Received> = None;
+    let mut auth_user: Option<String> = None;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
+        let Some(line) = conn.read_line()? else {
             return Ok(());
-        }
-        let cmd = line.trim_end().to_string();
+        };
+        let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
+        let tls_on = matches!(conn.io, Io::Tls(_));
         if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
             let mut lines = vec!["fake.test".to_string()];
             lines.extend(script.capabilities.iter().cloned());
+            if script.tls.is_some() && !tls_on {
+                lines.push("STARTTLS".into());
+            }
+            if script.auth.is_some() && (tls_on || script.tls.is_none()) {
+                lines.push("AUTH PLAIN LOGIN".into());
+            }
             let n = lines.len();
             for (i, l) in lines.iter().enumerate() {
                 let sep = if i + 1 == n { ' ' } else { '-' };
-                out.write_all(format!("250{sep}{l}\r\n").as_bytes())?;
+                conn.say(&format!("250{sep}{l}"))?;
+            }
+        } else if upper == "STARTTLS" && !tls_on {
+            let Some(config) = script.tls.clone() else {
+                conn.say("502 5.5.1 no TLS here")?;
+                continue;
+            };
+            conn.say("220 2.0.0 ready to start TLS")?;
+            conn = conn.start_tls(config)?;
+            tx = None;
+        } else if upper.starts_with("AUTH PLAIN ") {
+            use base64::Engine;
+            let token = cmd[11..].trim();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(token)
+                .unwrap_or_default();
+            let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+            let ok = match (&script.auth, parts.as_slice()) {
+                (Some((u, p)), [_, user, pass]) => user == &u.as_bytes() && pass == &p.as_bytes(),
+                _ => false,
+            };
+            if ok {
+                auth_user = parts
+                    .get(1)
+                    .map(|u| String::from_utf8_lossy(u).into_owned());
+                conn.say("235 2.7.0 authenticated")?;
+            } else {
+                conn.say("535 5.7.8 authentication failed")?;
             }
         } else if upper.starts_with("HELO") {
-            say(&mut out, "250 fake.test")?;
+            conn.say("250 fake.test")?;
         } else if upper.starts_with("MAIL FROM:") {
             let from = between(&cmd, '<', '>');
             tx = Some(Received {
@@ -193,8 +303,10 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 rcpt_lines: vec![],
                 body: vec![],
                 via_bdat: false,
+                tls: tls_on,
+                auth_user: auth_user.clone(),
             });
-            say(&mut out, "250 2.1.0 ok")?;
+            conn.say("250 2.1.0 ok")?;
         } else if upper.starts_with("RCPT TO:") {
             let addr = between(&cmd, '<', '>');
             let seen = {
@@ -210,20 +322,19 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 t.rcpts.push(addr);
                 t.rcpt_lines.push(cmd.clone());
             }
-            say(&mut out, &reply)?;
+            conn.say(&reply)?;
         } else if upper == "DATA" {
             if tx.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
-                say(&mut out, "554 5.5.1 no valid recipients")?;
+                conn.say("554 5.5.1 no valid recipients")?;
                 continue;
             }
-            say(&mut out, "354 go ahead")?;
-            let body = read_data(&mut reader)?;
-            finish(&mut out, stats, script, tx.take(), body, false)?;
+            conn.say("354 go ahead")?;
+            let body = read_data(&mut conn)?;
+            finish(&mut conn, stats, script, tx.take(), body, false)?;
         } else if upper.starts_with("BDAT") {
             let parts: Vec<&str> = cmd.split_whitespace().collect();
             let size: usize = parts.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let mut chunk = vec![0; size];
-            reader.read_exact(&mut chunk)?;
+            let chunk = conn.read_exact(size)?;
             let last = parts.get(2).is_some_and(|p| p.eq_ignore_ascii_case("LAST"));
             match tx.as_mut() {
                 Some(t) if !t.rcpts.is_empty() => {
@@ -231,29 +342,29 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                     if last {
                         let t = tx.take();
                         let body = t.as_ref().map(|t| t.body.clone()).unwrap_or_default();
-                        finish(&mut out, stats, script, t, body, true)?;
+                        finish(&mut conn, stats, script, t, body, true)?;
                     } else {
-                        say(&mut out, "250 2.0.0 chunk ok")?;
+                        conn.say("250 2.0.0 chunk ok")?;
                     }
                 }
-                _ => say(&mut out, "554 5.5.1 no valid recipients")?,
+                _ => conn.say("554 5.5.1 no valid recipients")?,
             }
         } else if upper == "RSET" {
             tx = None;
-            say(&mut out, "250 2.0.0 ok")?;
+            conn.say("250 2.0.0 ok")?;
         } else if upper == "QUIT" {
-            say(&mut out, "221 2.0.0 bye")?;
+            conn.say("221 2.0.0 bye")?;
             return Ok(());
         } else if upper == "NOOP" {
-            say(&mut out, "250 2.0.0 ok")?;
+            conn.say("250 2.0.0 ok")?;
         } else {
-            say(&mut out, "502 5.5.2 not implemented")?;
+            conn.say("502 5.5.2 not implemented")?;
         }
     }
 }
 
 fn finish(
-    out: &mut TcpStream,
+    conn: &mut Conn,
     stats: &Mutex<Stats>,
     script: &Script,
     tx: Option<Received>,
@@ -262,33 +373,29 @@ fn finish(
 ) -> std::io::Result<()> {
     std::thread::sleep(script.data_delay);
     let Some(mut t) = tx else {
-        return out.write_all(b"503 5.5.1 no transaction\r\n");
+        return conn.say("503 5.5.1 no transaction");
     };
     t.body = body;
     t.via_bdat = via_bdat;
     let n = t.rcpts.len();
     stats.lock().unwrap().messages.push(t);
-    if script.lmtp {
-        for _ in 0..n {
-            out.write_all(format!("{}\r\n", script.data_reply).as_bytes())?;
-        }
-        Ok(())
-    } else {
-        out.write_all(format!("{}\r\n", script.data_reply).as_bytes())
+    let replies = if script.lmtp { n } else { 1 };
+    for _ in 0..replies {
+        conn.say(&script.data_reply)?;
     }
+    Ok(())
 }
 
 /// Reads DATA up to CRLF.CRLF, undoing dot-stuffing.
-fn read_data(reader: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
+fn read_data(conn: &mut Conn) -> std::io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
-        let mut line = Vec::new();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        let Some(line) = conn.read_line()? else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "eof in DATA",
             ));
-        }
+        };
         if line == b".\r\n" {
             return Ok(body);
         }
@@ -298,6 +405,24 @@ fn read_data(reader: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
             body.extend_from_slice(&line);
         }
     }
+}
+
+/// A TLS server configuration with a self-signed certificate for `name`, made now (rcgen).
+pub fn tls_config(name: &str) -> Arc<rustls::ServerConfig> {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap(),
+    )
 }
 
 fn between(s: &str, open: char, close: char) -> String {
