@@ -204,6 +204,13 @@ fn servfail_defers_and_keeps_the_message() {
     assert!(e["next_attempt"].is_string());
     let m = server.message_json(&id);
     assert_eq!(m["recipients"][0]["state"], "deferred");
+    let attempts = m["recipients"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["status"], "4.4.3", "{m}");
+    let shown = String::from_utf8(server.cli(&["queue", "show", &id]).stdout).unwrap();
+    assert!(
+        shown.contains("deferred") && shown.contains("DNS lookup failed"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -762,4 +769,87 @@ fn smarthost_with_required_tls_and_auth() {
     let e = server.wait_event(20, event_for("transient_failure", "q@strict.test"));
     assert_eq!(e["status"], "4.7.10", "{e}");
     assert!(plain.messages().is_empty(), "nothing sent without TLS");
+}
+
+#[test]
+fn equal_preferences_share_the_load_and_dns_answers_are_cached() {
+    let w = World::new(&["127.0.0.2", "127.0.0.3"]);
+    w.dns.mx("twins.test", 10, "a.twins.test");
+    w.dns.mx("twins.test", 10, "b.twins.test");
+    w.dns.a("a.twins.test", "127.0.0.2");
+    w.dns.a("b.twins.test", "127.0.0.3");
+    let a = w.mx("127.0.0.2", Script::default());
+    let b = w.mx("127.0.0.3", Script::default());
+    // One message per connection, so each message picks a host afresh.
+    let server = w.server(
+        "max_messages_per_connection = 1\nmax_connections_per_destination = 1",
+        "",
+    );
+    for i in 0..20 {
+        send(
+            &server,
+            &["r@twins.test"],
+            format!("Subject: {i}\r\n\r\nhi\r\n").as_bytes(),
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while a.messages().len() + b.messages().len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (na, nb) = (a.messages().len(), b.messages().len());
+    assert!(
+        na > 0 && nb > 0,
+        "equal preferences must both be used: {na} and {nb}"
+    );
+    // 20 connections, 3 names to resolve, answers with a 60 s TTL: a handful of queries.
+    let queries = w.dns.queries.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        queries <= 8,
+        "{queries} DNS queries: the cache is not used: {:?}",
+        w.dns.log.lock().unwrap()
+    );
+}
+
+#[test]
+fn helo_fallback_and_size_limit() {
+    let w = World::new(&["127.0.0.2", "127.0.0.3"]);
+    w.dns.mx("old.test", 10, "mx.old.test");
+    w.dns.a("mx.old.test", "127.0.0.2");
+    let old = w.mx(
+        "127.0.0.2",
+        Script {
+            no_ehlo: true,
+            ..Script::default()
+        },
+    );
+    w.dns.mx("small.test", 10, "mx.small.test");
+    w.dns.a("mx.small.test", "127.0.0.3");
+    let mut script = Script::default();
+    script.capabilities.retain(|c| !c.starts_with("SIZE"));
+    script.capabilities.push("SIZE 500".into());
+    let small = w.mx("127.0.0.3", script);
+    let sender_mx = w.sender_mx();
+    let server = w.server("", "");
+    send(
+        &server,
+        &["s@old.test"],
+        b"Subject: plain SMTP\r\n\r\nhi\r\n",
+    );
+    let got = old.wait_for(1, 20);
+    assert_eq!(got.len(), 1, "HELO fallback; log:\n{}", server.log());
+    assert!(
+        !got[0].mail_line.contains("SIZE="),
+        "no ESMTP parameters after HELO"
+    );
+    let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(900));
+    send(&server, &["t@small.test"], big.as_bytes());
+    let e = server.wait_event(20, event_for("bounce", "t@small.test"));
+    assert_eq!(e["status"], "5.3.4");
+    assert!(small.messages().is_empty());
+    assert_eq!(sender_mx.wait_for(1, 20).len(), 1);
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
@@ -24,6 +24,7 @@ pub struct DnsServer {
     zone: Arc<Mutex<Zone>>,
     stop: Arc<AtomicBool>,
     pub queries: Arc<AtomicUsize>,
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 fn key(name: &str) -> String {
@@ -40,13 +41,15 @@ impl DnsServer {
         let zone = Arc::new(Mutex::new(Zone::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(AtomicUsize::new(0));
-        let (z, s, q) = (zone.clone(), stop.clone(), queries.clone());
-        std::thread::spawn(move || serve(socket, z, s, q));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (z, s, q, l) = (zone.clone(), stop.clone(), queries.clone(), log.clone());
+        std::thread::spawn(move || serve(socket, z, s, q, l));
         DnsServer {
             addr,
             zone,
             stop,
             queries,
+            log,
         }
     }
 
@@ -103,6 +106,7 @@ fn serve(
     zone: Arc<Mutex<Zone>>,
     stop: Arc<AtomicBool>,
     queries: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
@@ -113,6 +117,11 @@ fn serve(
             continue;
         };
         queries.fetch_add(1, Ordering::Relaxed);
+        if let Some(q) = request.queries.first() {
+            log.lock()
+                .unwrap()
+                .push(format!("{} {}", q.name, q.query_type));
+        }
         let response = answer(&request, &zone.lock().unwrap());
         if let Ok(bytes) = response.to_vec() {
             let _ = socket.send_to(&bytes, peer);
@@ -148,6 +157,18 @@ fn answer(request: &Message, zone: &Zone) -> Message {
             } else {
                 ResponseCode::NXDomain
             };
+            // An SOA in the authority section makes the negative answer cacheable (RFC 2308).
+            let zone_name = Name::from_str("test.").unwrap();
+            let soa = SOA::new(
+                Name::from_str("ns.test.").unwrap(),
+                Name::from_str("hostmaster.test.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                60,
+            );
+            response.add_authority(Record::from_rdata(zone_name, 60, RData::SOA(soa)));
         }
     }
     response

@@ -42,6 +42,8 @@ pub struct Script {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Offer AUTH PLAIN (inside TLS when TLS is offered) and accept these credentials.
     pub auth: Option<(String, String)>,
+    /// Answer EHLO with 500, as an SMTP-only (RFC 821) server does.
+    pub no_ehlo: bool,
 }
 
 impl Default for Script {
@@ -64,6 +66,7 @@ impl Default for Script {
             lmtp: false,
             tls: None,
             auth: None,
+            no_ehlo: false,
         }
     }
 }
@@ -251,7 +254,9 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
         let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let tls_on = matches!(conn.io, Io::Tls(_));
-        if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
+        if upper.starts_with("EHLO") && script.no_ehlo {
+            conn.say("500 5.5.1 command unrecognized")?;
+        } else if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
             let mut lines = vec!["fake.test".to_string()];
             lines.extend(script.capabilities.iter().cloned());
             if script.tls.is_some() && !tls_on {
