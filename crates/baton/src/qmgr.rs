@@ -377,6 +377,11 @@ impl QueueManager {
             for batch in batches.into_iter().filter(|b| !b.is_empty()) {
                 self.send_dsn(id, batch).await;
             }
+            if let Some(q) = self.messages.get_mut(&id) {
+                // Whatever waits for a retry waits without its body in memory: the next
+                // attempt reads it from the spool.
+                q.job_message = Arc::new(q.job_message.without_body());
+            }
             self.dispatch(id);
         }
         let done = self.take_if_done(id);
