@@ -559,37 +559,23 @@ impl Validator<'_> {
             Some(p) => *p.get_ref() as u16,
             None => 25,
         };
-        let mut dur = |q: Option<Spanned<Quantity>>, default: u64| {
-            q.and_then(|q| self.duration(q))
-                .unwrap_or(Duration::from_secs(default))
-        };
-        let retry_min = dur(raw.retry_min, 300);
-        let retry_max = dur(raw.retry_max, 4000);
-        let max_age = dur(raw.max_age, 5 * 86400);
-        let delay_warning = dur(raw.delay_warning, 4 * 3600);
-        let connect_timeout = dur(raw.connect_timeout, 30);
-        let idle_timeout = dur(raw.idle_timeout, 5);
-        let mut count = |n: Option<Spanned<u64>>, default: u64| match n {
-            Some(n) if *n.get_ref() == 0 => self
-                .error(
-                    n.span(),
-                    "this limit must be at least 1".into(),
-                    "remove the key to get the default",
-                )
-                .unwrap_or(default),
-            Some(n) => *n.get_ref(),
-            None => default,
-        };
+        let retry_min = self.duration_or(raw.retry_min, 300);
+        let retry_max = self.duration_or(raw.retry_max, 4000);
+        let max_age = self.duration_or(raw.max_age, 5 * 86400);
+        let delay_warning = self.duration_or(raw.delay_warning, 4 * 3600);
+        let connect_timeout = self.duration_or(raw.connect_timeout, 30);
+        let idle_timeout = self.duration_or(raw.idle_timeout, 5);
         DeliveryConfig {
             smtp_port: port,
             retry_min,
             retry_max: retry_max.max(retry_min),
             max_age,
             delay_warning,
-            max_connections_per_destination: count(raw.max_connections_per_destination, 20)
+            max_connections_per_destination: self.count(raw.max_connections_per_destination, 20)
                 as usize,
-            max_messages_per_connection: count(raw.max_messages_per_connection, 1000) as usize,
-            max_recipients_per_transaction: count(raw.max_recipients_per_transaction, 100) as usize,
+            max_messages_per_connection: self.count(raw.max_messages_per_connection, 1000) as usize,
+            max_recipients_per_transaction: self.count(raw.max_recipients_per_transaction, 100)
+                as usize,
             connect_timeout,
             idle_timeout,
             hold: raw.hold.unwrap_or(false),
@@ -839,22 +825,7 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: RawLimits) -> Limits {
-        let secs = |v: &mut Self, q: Option<Spanned<Quantity>>, default: u64| {
-            q.and_then(|q| v.duration(q))
-                .unwrap_or(Duration::from_secs(default))
-        };
-        let count = |v: &mut Self, n: Option<Spanned<u64>>, default: u64| match n {
-            Some(n) if *n.get_ref() == 0 => v
-                .error(
-                    n.span(),
-                    "this limit must be at least 1".into(),
-                    "remove the key to get the default",
-                )
-                .unwrap_or(default),
-            Some(n) => *n.get_ref(),
-            None => default,
-        };
-        let max_line_length = count(self, raw.max_line_length, 2048);
+        let max_line_length = self.count(raw.max_line_length, 2048);
         if max_line_length < 512 {
             self.errors.push(ConfigError {
                 line: 0,
@@ -868,15 +839,35 @@ impl Validator<'_> {
                 .max_message_size
                 .and_then(|s| self.size(s))
                 .unwrap_or(50 << 20),
-            max_recipients: count(self, raw.max_recipients, 100) as usize,
+            max_recipients: self.count(raw.max_recipients, 100) as usize,
             max_line_length: max_line_length as usize,
-            max_errors: count(self, raw.max_errors, 10) as u32,
-            idle_timeout: secs(self, raw.idle_timeout, 300),
-            command_timeout: secs(self, raw.command_timeout, 60),
-            data_timeout: secs(self, raw.data_timeout, 180),
-            max_connections: count(self, raw.max_connections, 1000) as usize,
-            max_connections_per_ip: count(self, raw.max_connections_per_ip, 50) as usize,
+            max_errors: self.count(raw.max_errors, 10) as u32,
+            idle_timeout: self.duration_or(raw.idle_timeout, 300),
+            command_timeout: self.duration_or(raw.command_timeout, 60),
+            data_timeout: self.duration_or(raw.data_timeout, 180),
+            max_connections: self.count(raw.max_connections, 1000) as usize,
+            max_connections_per_ip: self.count(raw.max_connections_per_ip, 50) as usize,
         }
+    }
+
+    /// A limit of at least 1, or `default` when not given.
+    fn count(&mut self, n: Option<Spanned<u64>>, default: u64) -> u64 {
+        match n {
+            Some(n) if *n.get_ref() == 0 => self
+                .error(
+                    n.span(),
+                    "this limit must be at least 1".into(),
+                    "remove the key to get the default",
+                )
+                .unwrap_or(default),
+            Some(n) => *n.get_ref(),
+            None => default,
+        }
+    }
+
+    fn duration_or(&mut self, q: Option<Spanned<Quantity>>, default_secs: u64) -> Duration {
+        q.and_then(|q| self.duration(q))
+            .unwrap_or(Duration::from_secs(default_secs))
     }
 
     fn duration(&mut self, q: Spanned<Quantity>) -> Option<Duration> {
