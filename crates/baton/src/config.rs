@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+
+use crate::shaping::{Matcher, Rate, ShapingRule};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -83,6 +85,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub local: LocalConfig,
     pub routes: Vec<Route>,
+    pub shaping: Vec<ShapingRule>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +270,21 @@ struct RawConfig {
     local: RawLocal,
     #[serde(default)]
     route: Vec<RawRoute>,
+    #[serde(default)]
+    shaping: Vec<RawShaping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShaping {
+    domain: Option<Spanned<String>>,
+    site: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u64>>,
+    max_messages_per_connection: Option<Spanned<u64>>,
+    max_recipients_per_transaction: Option<Spanned<u64>>,
+    max_message_rate: Option<Spanned<String>>,
+    max_connection_rate: Option<Spanned<String>>,
+    retry_interval: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -500,10 +518,16 @@ impl Validator<'_> {
             Some(n) => *n.get_ref() as usize,
             None => 1,
         };
+        let shaping = raw
+            .shaping
+            .into_iter()
+            .filter_map(|r| self.shaping(r))
+            .collect();
         Config {
             hostname,
             data_dir,
             worker_threads,
+            shaping,
             listeners,
             relay,
             limits,
@@ -681,6 +705,74 @@ impl Validator<'_> {
             }
         }
         Some(Route { domain, transport })
+    }
+
+    fn shaping(&mut self, raw: RawShaping) -> Option<ShapingRule> {
+        let matcher = match (&raw.domain, &raw.site) {
+            (Some(d), None) => {
+                let name = d.get_ref().trim().to_ascii_lowercase();
+                if name != "*" && baton_smtp::address::validate_domain(&name).is_err() {
+                    return self.error(
+                        d.span(),
+                        format!("shaping domain {:?} is not a domain or \"*\"", d.get_ref()),
+                        "write a recipient domain such as \"gmail.com\", or \"*\" for the defaults",
+                    );
+                }
+                Matcher::Domain(name)
+            }
+            (None, Some(site)) => {
+                let name = site
+                    .get_ref()
+                    .trim()
+                    .trim_start_matches("*.")
+                    .to_ascii_lowercase();
+                if baton_smtp::address::validate_domain(&name).is_err() {
+                    return self.error(
+                        site.span(),
+                        format!("site {:?} is not a host name suffix", site.get_ref()),
+                        "a site names where MX hosts live, e.g. \"google.com\" for aspmx.l.google.com",
+                    );
+                }
+                Matcher::Site(name)
+            }
+            (Some(d), Some(_)) => {
+                return self.error(
+                    d.span(),
+                    "a shaping rule has either domain or site, not both".into(),
+                    "split it into two [[shaping]] tables",
+                );
+            }
+            (None, None) => {
+                return self.error(
+                    0..0,
+                    "a [[shaping]] table without domain or site".into(),
+                    "add domain = \"example.com\" (or \"*\") or site = \"google.com\"",
+                );
+            }
+        };
+        let mut rate = |r: &Option<Spanned<String>>| -> Option<Rate> {
+            let r = r.as_ref()?;
+            Rate::parse(r.get_ref()).or_else(|| {
+                self.error(
+                    r.span(),
+                    format!("rate {:?} is not N/unit", r.get_ref()),
+                    "write \"10/s\", \"300/m\", \"5000/h\" or \"100000/d\"",
+                )
+            })
+        };
+        let max_message_rate = rate(&raw.max_message_rate);
+        let max_connection_rate = rate(&raw.max_connection_rate);
+        let opt_count =
+            |v: &mut Self, n: Option<Spanned<u64>>| n.map(|n| v.count(Some(n), 1) as usize);
+        Some(ShapingRule {
+            matcher,
+            max_connections: opt_count(self, raw.max_connections),
+            max_messages_per_connection: opt_count(self, raw.max_messages_per_connection),
+            max_recipients: opt_count(self, raw.max_recipients_per_transaction),
+            max_message_rate,
+            max_connection_rate,
+            retry_interval: raw.retry_interval.and_then(|q| self.duration(q)),
+        })
     }
 
     fn smarthost(&mut self, host: &Spanned<String>, raw: &RawRoute) -> Option<Transport> {

@@ -19,6 +19,15 @@ use tokio::sync::{Notify, OnceCell, mpsc};
 use crate::client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
 use crate::config::{Config, LmtpTarget, Smarthost, TlsMode, Transport};
 use crate::dns::{Dns, DnsFailure};
+use crate::shaping::{Limits, Shaper};
+
+/// An open connection with the shaping state it counts against.
+struct Connection {
+    client: Client,
+    limits: Option<Arc<Limits>>,
+    /// This connection's place under the rule's connection cap; released on drop.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 /// Where a job goes; each has its own ready queue, workers and connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -127,6 +136,7 @@ pub struct JobReport {
 pub struct DeliveryContext {
     pub config: Arc<Config>,
     pub dns: Dns,
+    pub shaper: Shaper,
     pub spool: Spool,
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,
@@ -209,7 +219,7 @@ impl DestQueue {
 
 async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
     let idle = ctx.config.delivery.idle_timeout;
-    let mut conn: Option<Client> = None;
+    let mut conn: Option<Connection> = None;
     while let Some(job) = dest.next_job(idle).await {
         if dest.key == Destination::Local && ctx.config.local.lmtp.is_none() {
             deliver_maildir(&ctx, job).await;
@@ -224,11 +234,17 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                 continue;
             }
         };
-        let reuse_limit = ctx.config.delivery.max_messages_per_connection;
-        if conn.as_ref().is_some_and(|c| c.transactions >= reuse_limit)
-            && let Some(old) = conn.take()
-        {
-            old.quit().await;
+        let global_reuse = ctx.config.delivery.max_messages_per_connection;
+        let used_up = conn.as_ref().is_some_and(|c| {
+            let limit = c
+                .limits
+                .as_ref()
+                .and_then(|l| l.rule.max_messages_per_connection)
+                .unwrap_or(global_reuse);
+            c.client.transactions >= limit
+        });
+        if used_up && let Some(old) = conn.take() {
+            old.client.quit().await;
         }
         if conn.is_none() {
             match connect(&ctx, &dest.key).await {
@@ -246,9 +262,13 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                 }
             }
         }
-        let Some(client) = conn.as_mut() else {
+        let Some(connection) = conn.as_mut() else {
             continue;
         };
+        if let Some(limits) = &connection.limits {
+            limits.message().await;
+        }
+        let client = &mut connection.client;
         let recipients: Vec<OutRcpt> = job
             .rcpts
             .iter()
@@ -303,7 +323,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         }
     }
     if let Some(c) = conn {
-        c.quit().await;
+        c.client.quit().await;
     }
 }
 
@@ -341,7 +361,7 @@ impl ConnectFailure {
     }
 }
 
-async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, ConnectFailure> {
+async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Connection, ConnectFailure> {
     let config = &ctx.config;
     let (tls, auth) = match dest {
         Destination::Smarthost(relay) => (relay.tls, relay.auth.as_ref()),
@@ -379,9 +399,14 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
         Destination::Smarthost(relay) => (vec![relay.host.clone()], relay.port, false),
         Destination::Local => match &config.local.lmtp {
             Some(LmtpTarget::Unix(path)) => {
-                return Client::connect_unix(path, &options)
+                let client = Client::connect_unix(path, &options)
                     .await
-                    .map_err(|e| ConnectFailure::new(451, "4.4.1", e.to_string()));
+                    .map_err(|e| ConnectFailure::new(451, "4.4.1", e.to_string()))?;
+                return Ok(Connection {
+                    client,
+                    limits: None,
+                    _slot: None,
+                });
             }
             Some(LmtpTarget::Tcp(addr)) => (vec![addr.ip().to_string()], addr.port(), true),
             None => {
@@ -392,6 +417,17 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
                 ));
             }
         },
+    };
+    // Shaping: the rule is known once the MX hosts are (site rules match on them); wait for a
+    // connection slot under it before dialling.
+    let limits = match dest {
+        Destination::Mx(domain) => Some(ctx.shaper.limits_for(domain, &hosts)),
+        Destination::Smarthost(relay) => Some(ctx.shaper.limits_for(&relay.host, &hosts)),
+        Destination::Local => None,
+    };
+    let slot = match &limits {
+        Some(l) => l.connection().await,
+        None => None,
     };
     let mut last: Option<ConnectFailure> = None;
     let mut all_not_found = true;
@@ -413,7 +449,13 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Client, Co
         all_not_found = false;
         for ip in addresses {
             match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {
-                Ok(client) => return Ok(client),
+                Ok(client) => {
+                    return Ok(Connection {
+                        client,
+                        limits,
+                        _slot: slot,
+                    });
+                }
                 Err(e) => {
                     tracing::debug!(destination = %dest, error = %e, "connection attempt failed");
                     last = Some(connect_error(e));

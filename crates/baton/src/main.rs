@@ -10,6 +10,7 @@ mod qmgr;
 mod queue;
 mod server;
 mod session;
+mod shaping;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -79,6 +79,7 @@ impl QueueManager {
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dns: crate::dns::Dns::new(&config.dns)?,
+            shaper: crate::shaping::Shaper::new(config.shaping.clone()),
             spool: spool.clone(),
             reports: report_tx,
             connections_opened: Default::default(),
@@ -187,9 +188,13 @@ impl QueueManager {
         if let Some(due) = next_due {
             self.timers.push(Reverse((due, id)));
         }
-        let per_tx = self.config.delivery.max_recipients_per_transaction;
         let max_workers = self.config.delivery.max_connections_per_destination;
         for (dest, rcpts) in groups {
+            let per_tx = match &dest {
+                Destination::Mx(domain) => self.delivery.shaper.domain_rule(domain).max_recipients,
+                _ => None,
+            }
+            .unwrap_or(self.config.delivery.max_recipients_per_transaction);
             let queue = self
                 .destinations
                 .entry(dest.clone())
@@ -268,7 +273,10 @@ impl QueueManager {
                         (RcptState::Expired, 0, EventKind::Expiration)
                     }
                     _ => {
-                        let next = next_attempt(&config, q.envelope.arrived_ms, attempts, now);
+                        let domain = rcpt.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                        let base = self.delivery.shaper.domain_rule(domain).retry_interval;
+                        let next =
+                            next_attempt(&config, base, q.envelope.arrived_ms, attempts, now);
                         (RcptState::Deferred, next, EventKind::TransientFailure)
                     }
                 };
@@ -499,14 +507,21 @@ impl QueueManager {
     }
 }
 
-/// Exponential backoff from retry_min, doubling, capped at retry_max, never past max_age
-/// (so the last try happens when the message expires).
-fn next_attempt(config: &Config, arrived_ms: u64, attempts: usize, now: u64) -> u64 {
+/// Exponential backoff from `retry_min` (or a shaping rule's `retry_interval`), doubling, capped
+/// at `retry_max`, never past `max_age` (so the last try happens when the message expires).
+fn next_attempt(
+    config: &Config,
+    base: Option<Duration>,
+    arrived_ms: u64,
+    attempts: usize,
+    now: u64,
+) -> u64 {
     let d = &config.delivery;
     let factor = 1u32
         .checked_shl(attempts.saturating_sub(1).min(30) as u32)
         .unwrap_or(u32::MAX);
-    let delay = d.retry_min.saturating_mul(factor).min(d.retry_max);
+    let base = base.unwrap_or(d.retry_min);
+    let delay = base.saturating_mul(factor).min(d.retry_max.max(base));
     let expiry = arrived_ms + d.max_age.as_millis() as u64;
     (now + delay.as_millis() as u64).min(expiry.max(now + 1))
 }

@@ -22,6 +22,8 @@ pub struct Received {
     pub tls: bool,
     /// The user authenticated on this connection, if any.
     pub auth_user: Option<String>,
+    /// When the data was complete.
+    pub at: Instant,
 }
 
 type RcptScript = dyn Fn(&str, usize) -> String + Send + Sync;
@@ -310,6 +312,7 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 via_bdat: false,
                 tls: tls_on,
                 auth_user: auth_user.clone(),
+                at: Instant::now(),
             });
             conn.say("250 2.1.0 ok")?;
         } else if upper.starts_with("RCPT TO:") {
@@ -382,6 +385,7 @@ fn finish(
     };
     t.body = body;
     t.via_bdat = via_bdat;
+    t.at = Instant::now();
     let n = t.rcpts.len();
     stats.lock().unwrap().messages.push(t);
     let replies = if script.lmtp { n } else { 1 };

@@ -1,0 +1,307 @@
+//! Traffic shaping: per-destination limits from `[[shaping]]` rules, matched by domain or by MX
+//! site (domains whose MX hosts share a name suffix, e.g. every Google-hosted domain, rolled up
+//! as PowerMTA's mx-rollup does), with a `*` default.
+//!
+//! A rule's state is shared by everything it matches: a connection cap (a semaphore whose
+//! permit a connection holds for its life), a connection rate and a message rate (token
+//! buckets). Delivery workers ask here before connecting and before each transaction; they
+//! wait, never fail, when a limit is reached. Owns no connections and no recipient state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// "10/s", "500/h": `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Option<Rate> {
+        let (count, unit) = text.trim().split_once('/')?;
+        let count: u32 = count.trim().parse().ok().filter(|&c| c > 0)?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            _ => return None,
+        };
+        Some(Rate { count, per })
+    }
+
+    /// Time between two events at this rate.
+    fn interval(self) -> Duration {
+        self.per / self.count
+    }
+}
+
+/// What a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Matcher {
+    /// A recipient domain, lower case; "*" is the default rule.
+    Domain(String),
+    /// An MX site: a host name suffix such as "google.com" (matches "aspmx.l.google.com").
+    Site(String),
+}
+
+/// One `[[shaping]]` table. Unset limits fall back to the `*` rule, then to `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapingRule {
+    pub matcher: Matcher,
+    pub max_connections: Option<usize>,
+    pub max_messages_per_connection: Option<usize>,
+    pub max_recipients: Option<usize>,
+    pub max_message_rate: Option<Rate>,
+    pub max_connection_rate: Option<Rate>,
+    pub retry_interval: Option<Duration>,
+}
+
+impl ShapingRule {
+    /// `self` with every unset limit taken from `fallback`.
+    fn or(&self, fallback: &ShapingRule) -> ShapingRule {
+        ShapingRule {
+            matcher: self.matcher.clone(),
+            max_connections: self.max_connections.or(fallback.max_connections),
+            max_messages_per_connection: self
+                .max_messages_per_connection
+                .or(fallback.max_messages_per_connection),
+            max_recipients: self.max_recipients.or(fallback.max_recipients),
+            max_message_rate: self.max_message_rate.or(fallback.max_message_rate),
+            max_connection_rate: self.max_connection_rate.or(fallback.max_connection_rate),
+            retry_interval: self.retry_interval.or(fallback.retry_interval),
+        }
+    }
+}
+
+/// A token bucket holding at most one token: events are spaced evenly, `interval` apart
+/// (a "10/s" rule sends one message every 100 ms, not ten at once).
+#[derive(Debug)]
+struct Pacer {
+    interval: Duration,
+    next: Option<Instant>,
+}
+
+impl Pacer {
+    /// Reserves the next slot and returns when it is.
+    fn reserve(&mut self, now: Instant) -> Instant {
+        let at = match self.next {
+            Some(next) if next > now => next,
+            _ => now,
+        };
+        self.next = Some(at + self.interval);
+        at
+    }
+}
+
+/// The live state of one rule (or of one domain under the default rule).
+pub struct Limits {
+    pub rule: ShapingRule,
+    connections: Option<Arc<Semaphore>>,
+    message_pacer: Option<Mutex<Pacer>>,
+    connection_pacer: Option<Mutex<Pacer>>,
+}
+
+impl Limits {
+    fn new(rule: ShapingRule) -> Limits {
+        let pacer = |r: Option<Rate>| {
+            r.map(|r| {
+                Mutex::new(Pacer {
+                    interval: r.interval(),
+                    next: None,
+                })
+            })
+        };
+        Limits {
+            connections: rule.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            message_pacer: pacer(rule.max_message_rate),
+            connection_pacer: pacer(rule.max_connection_rate),
+            rule,
+        }
+    }
+
+    /// Waits for a connection slot (cap and rate); the permit is held while connected.
+    pub async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = match &self.connections {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        wait_turn(self.connection_pacer.as_ref()).await;
+        permit
+    }
+
+    /// Waits until the message rate allows one more message.
+    pub async fn message(&self) {
+        wait_turn(self.message_pacer.as_ref()).await;
+    }
+}
+
+async fn wait_turn(pacer: Option<&Mutex<Pacer>>) {
+    let Some(pacer) = pacer else { return };
+    let at = pacer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reserve(Instant::now());
+    tokio::time::sleep_until(at).await;
+}
+
+/// All rules and their live states.
+pub struct Shaper {
+    rules: Vec<ShapingRule>,
+    default: ShapingRule,
+    states: Mutex<HashMap<Matcher, Arc<Limits>>>,
+}
+
+impl Shaper {
+    pub fn new(rules: Vec<ShapingRule>) -> Shaper {
+        let star = Matcher::Domain("*".into());
+        let default = rules
+            .iter()
+            .find(|r| r.matcher == star)
+            .cloned()
+            .unwrap_or(ShapingRule {
+                matcher: star,
+                max_connections: None,
+                max_messages_per_connection: None,
+                max_recipients: None,
+                max_message_rate: None,
+                max_connection_rate: None,
+                retry_interval: None,
+            });
+        Shaper {
+            rules,
+            default,
+            states: Mutex::default(),
+        }
+    }
+
+    /// The rule for a domain known by name alone (before its MX hosts are known).
+    pub fn domain_rule(&self, domain: &str) -> ShapingRule {
+        let domain = domain.to_ascii_lowercase();
+        self.rules
+            .iter()
+            .find(|r| r.matcher == Matcher::Domain(domain.clone()))
+            .map(|r| r.or(&self.default))
+            .unwrap_or_else(|| self.default.clone())
+    }
+
+    /// The live limits for `domain` delivered through `mx_hosts`: an exact domain rule, else the
+    /// first site rule that one of the MX hosts falls under, else the default (per domain).
+    pub fn limits_for(&self, domain: &str, mx_hosts: &[String]) -> Arc<Limits> {
+        let domain = domain.to_ascii_lowercase();
+        let exact = Matcher::Domain(domain.clone());
+        let rule = self.rules.iter().find(|r| r.matcher == exact).or_else(|| {
+            self.rules.iter().find(|r| match &r.matcher {
+                Matcher::Site(site) => mx_hosts.iter().any(|h| under(h, site)),
+                Matcher::Domain(_) => false,
+            })
+        });
+        // The default rule's limits apply to each domain on its own.
+        let (key, rule) = match rule {
+            Some(r) => (r.matcher.clone(), r.or(&self.default)),
+            None => (
+                exact,
+                ShapingRule {
+                    matcher: Matcher::Domain(domain),
+                    ..self.default.clone()
+                },
+            ),
+        };
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(Limits::new(rule)))
+            .clone()
+    }
+}
+
+/// True if `host` is `site` or a name under it.
+fn under(host: &str, site: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let site = site
+        .trim_start_matches("*.")
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    host == site || host.ends_with(&format!(".{site}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(matcher: Matcher) -> ShapingRule {
+        ShapingRule {
+            matcher,
+            max_connections: None,
+            max_messages_per_connection: None,
+            max_recipients: None,
+            max_message_rate: None,
+            max_connection_rate: None,
+            retry_interval: None,
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            Rate::parse("10/s"),
+            Some(Rate {
+                count: 10,
+                per: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            Rate::parse("500/h").map(|r| r.interval()),
+            Some(Duration::from_millis(7200))
+        );
+        assert!(Rate::parse("0/s").is_none());
+        assert!(Rate::parse("10 per second").is_none());
+    }
+
+    #[test]
+    fn pacer_spaces_events() {
+        let mut p = Pacer {
+            interval: Duration::from_millis(100),
+            next: None,
+        };
+        let t0 = Instant::now();
+        assert_eq!(p.reserve(t0), t0);
+        assert_eq!(p.reserve(t0), t0 + Duration::from_millis(100));
+        assert_eq!(p.reserve(t0), t0 + Duration::from_millis(200));
+        // After a pause the next event may go at once, but no burst builds up.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(p.reserve(later), later);
+        assert_eq!(p.reserve(later), later + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn domain_then_site_then_default() {
+        let mut google = rule(Matcher::Site("google.com".into()));
+        google.max_connections = Some(3);
+        let mut example = rule(Matcher::Domain("example.com".into()));
+        example.max_message_rate = Rate::parse("1/s");
+        let mut star = rule(Matcher::Domain("*".into()));
+        star.max_connections = Some(10);
+        let shaper = Shaper::new(vec![google, example, star]);
+
+        let g1 = shaper.limits_for("gmail.com", &["gmail-smtp-in.l.google.com".into()]);
+        let g2 = shaper.limits_for("corp.example", &["aspmx.l.google.com".into()]);
+        assert!(Arc::ptr_eq(&g1, &g2), "one site, one state");
+        assert_eq!(g1.rule.max_connections, Some(3));
+
+        let e = shaper.limits_for("example.com", &["aspmx.l.google.com".into()]);
+        assert_eq!(e.rule.matcher, Matcher::Domain("example.com".into()));
+        assert_eq!(e.rule.max_connections, Some(10), "unset limits come from *");
+
+        let a = shaper.limits_for("a.test", &["mx.a.test".into()]);
+        let b = shaper.limits_for("b.test", &["mx.b.test".into()]);
+        assert!(!Arc::ptr_eq(&a, &b), "the default applies per domain");
+        assert!(!under("notgoogle.com", "google.com"));
+    }
+}

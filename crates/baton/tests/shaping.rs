@@ -1,0 +1,125 @@
+//! Traffic shaping against fake MX hosts that count what they see: message rates, connection
+//! caps shared by an MX site, messages per connection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Server;
+use common::dns::DnsServer;
+use common::mx::{FakeMx, Script, common_port};
+
+fn server(dns: &DnsServer, port: u16, extra: &str) -> Server {
+    Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n{extra}\n",
+        dns.config()
+    ))
+}
+
+/// Sends `n` messages to `to` over `threads` client connections at once.
+fn blast(addr: std::net::SocketAddr, to: &'static str, n: usize, threads: usize) {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                c.hello();
+                for i in 0..n / threads {
+                    let r = c.send_mail(
+                        "a@sender.test",
+                        &[to],
+                        format!("Subject: {t}-{i}\r\n\r\nhi\r\n").as_bytes(),
+                    );
+                    assert_eq!(r.code, 250);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn message_rate_of_10_per_second_holds_over_several_windows() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("rate.test", 10, "mx.rate.test");
+    dns.a("mx.rate.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let server = server(
+        &dns,
+        port,
+        "[[shaping]]\ndomain = \"rate.test\"\nmax_message_rate = \"10/s\"\n",
+    );
+    let n = 45;
+    blast(server.addr, "r@rate.test", n, 5);
+    let got = mx.wait_for(n, 30);
+    assert_eq!(got.len(), n, "log:\n{}", server.log());
+    let mut times: Vec<_> = got.iter().map(|m| m.at).collect();
+    times.sort();
+    let start = times[0];
+    // Whole one-second windows from the first arrival.
+    let mut windows = vec![0usize; 4];
+    for t in &times {
+        let s = t.duration_since(start).as_secs_f64();
+        if let Some(w) = windows.get_mut(s as usize) {
+            *w += 1;
+        }
+    }
+    eprintln!("messages per second: {windows:?}");
+    for (i, w) in windows.iter().enumerate() {
+        assert!(
+            (9..=11).contains(w),
+            "window {i}: {w} messages (want 10 ± 1): {windows:?}"
+        );
+    }
+    let span = times[n - 1].duration_since(start).as_secs_f64();
+    let rate = (n - 1) as f64 / span;
+    assert!((9.0..=11.0).contains(&rate), "overall {rate:.2}/s");
+}
+
+#[test]
+fn a_site_rule_caps_connections_across_its_domains() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    // Two domains hosted at the same provider (MX hosts under bigmail.test).
+    dns.mx("one.test", 10, "mx1.bigmail.test");
+    dns.mx("two.test", 10, "mx2.bigmail.test");
+    dns.a("mx1.bigmail.test", "127.0.0.2");
+    dns.a("mx2.bigmail.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            data_delay: Duration::from_millis(60),
+            ..Script::default()
+        },
+    );
+    let server = server(
+        &dns,
+        port,
+        "[[shaping]]\nsite = \"bigmail.test\"\nmax_connections = 3\nmax_messages_per_connection = 5\n",
+    );
+    let addr = server.addr;
+    let a = std::thread::spawn(move || blast(addr, "x@one.test", 30, 5));
+    blast(addr, "y@two.test", 30, 5);
+    a.join().unwrap();
+    let got = mx.wait_for(60, 60);
+    assert_eq!(got.len(), 60, "log:\n{}", server.log());
+    let (max_active, connections) = (mx.max_active(), mx.connections());
+    eprintln!("60 messages, {connections} connections, at most {max_active} at once");
+    assert!(
+        max_active <= 3,
+        "the site cap of 3 was exceeded: {max_active}"
+    );
+    assert!(
+        max_active >= 2,
+        "expected parallel connections, saw {max_active}"
+    );
+    assert!(
+        connections >= 12,
+        "5 messages per connection means at least 12: {connections}"
+    );
+}
