@@ -112,6 +112,8 @@ pub struct DeliveryConfig {
     pub idle_timeout: Duration,
     /// Accept and queue, but deliver nothing (maintenance; like Postfix's hold queue).
     pub hold: bool,
+    /// Retry delay after a greylisting reply, instead of the exponential schedule.
+    pub greylist_retry: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +310,7 @@ struct RawDelivery {
     connect_timeout: Option<Spanned<Quantity>>,
     idle_timeout: Option<Spanned<Quantity>>,
     hold: Option<bool>,
+    greylist_retry: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -603,6 +606,7 @@ impl Validator<'_> {
             connect_timeout,
             idle_timeout,
             hold: raw.hold.unwrap_or(false),
+            greylist_retry: self.duration_or(raw.greylist_retry, 60),
         }
     }
 

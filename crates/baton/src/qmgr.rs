@@ -272,6 +272,14 @@ impl QueueManager {
                     _ if age >= config.delivery.max_age => {
                         (RcptState::Expired, 0, EventKind::Expiration)
                     }
+                    _ if is_greylisting(reply) => {
+                        // Greylisting wants the same message again soon, not in an hour.
+                        let expiry =
+                            q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64;
+                        let wait = greylist_hint(reply).unwrap_or(config.delivery.greylist_retry);
+                        let next = (now + wait.as_millis() as u64).min(expiry);
+                        (RcptState::Deferred, next, EventKind::TransientFailure)
+                    }
                     _ => {
                         let domain = rcpt.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
                         let base = self.delivery.shaper.domain_rule(domain).retry_interval;
@@ -526,6 +534,44 @@ fn next_attempt(
     (now + delay.as_millis() as u64).min(expiry.max(now + 1))
 }
 
+/// A temporary refusal that says it is greylisting (Postgrey, rspamd, Exchange and others word
+/// it so; some use 4.7.1 with "greylist", some 4.2.0 "Greylisted").
+fn is_greylisting(reply: &crate::client::Reply) -> bool {
+    if !(400..500).contains(&reply.code) {
+        return false;
+    }
+    let text = reply.text.to_ascii_lowercase();
+    [
+        "greylist",
+        "graylist",
+        "grey-list",
+        "gray-list",
+        "grey list",
+        "gray list",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
+
+/// The wait a greylisting reply asks for ("try again in 5 minutes", "retry in 60 seconds"),
+/// plus a second, capped at an hour.
+fn greylist_hint(reply: &crate::client::Reply) -> Option<Duration> {
+    let text = reply.text.to_ascii_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.windows(2).find_map(|w| {
+        let n: u64 = w[0].parse().ok()?;
+        let unit = match w[1] {
+            "s" | "sec" | "secs" | "second" | "seconds" => 1,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60,
+            _ => return None,
+        };
+        Some(Duration::from_secs((n * unit + 1).min(3600)))
+    })
+}
+
 /// "mx1.example.net [192.0.2.1]" → "mx1.example.net".
 fn host_part(remote: &str) -> String {
     remote
@@ -544,5 +590,27 @@ fn human(d: Duration) -> String {
         format!("{} hours", s / 3600)
     } else {
         format!("{s} seconds")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Reply;
+
+    #[test]
+    fn greylisting_is_recognised_with_its_hint() {
+        let r = Reply::local(450, "4.2.0", "Greylisted, please try again in 5 minutes");
+        assert!(is_greylisting(&r));
+        assert_eq!(greylist_hint(&r), Some(Duration::from_secs(301)));
+        let r = Reply::local(451, "4.7.1", "Please try later: greylisting in action");
+        assert!(is_greylisting(&r));
+        assert_eq!(greylist_hint(&r), None);
+        assert!(!is_greylisting(&Reply::local(450, "4.2.1", "mailbox busy")));
+        assert!(!is_greylisting(&Reply::local(
+            550,
+            "5.7.1",
+            "greylisted forever"
+        )));
     }
 }

@@ -123,3 +123,49 @@ fn a_site_rule_caps_connections_across_its_domains() {
         "5 messages per connection means at least 12: {connections}"
     );
 }
+
+#[test]
+fn greylisted_mail_is_retried_soon_not_on_the_long_schedule() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("grey.test", 10, "mx.grey.test");
+    dns.a("mx.grey.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            rcpt: std::sync::Arc::new(|addr, seen| match (addr, seen) {
+                ("hint@grey.test", 0) => {
+                    "450 4.2.0 Greylisted, please try again in 1 seconds".into()
+                }
+                ("plain@grey.test", 0) => "451 4.7.1 greylisting in action, come back later".into(),
+                _ => "250 2.1.5 ok".into(),
+            }),
+            ..Script::default()
+        },
+    );
+    // The ordinary schedule would wait an hour; greylisting waits the hint, or 1 s here.
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1h\"\ngreylist_retry = \"1s\"\nidle_timeout = \"1s\"\n",
+        dns.config()
+    ));
+    let mut c = server.connect();
+    c.hello();
+    let r = c.send_mail(
+        "a@sender.test",
+        &["hint@grey.test"],
+        b"Subject: 1\r\n\r\nhi\r\n",
+    );
+    assert_eq!(r.code, 250);
+    let r = c.send_mail(
+        "a@sender.test",
+        &["plain@grey.test"],
+        b"Subject: 2\r\n\r\nhi\r\n",
+    );
+    assert_eq!(r.code, 250);
+    let got = mx.wait_for(2, 20);
+    assert_eq!(got.len(), 2, "log:\n{}", server.log());
+    for rcpt in ["hint@grey.test", "plain@grey.test"] {
+        let e = server.wait_event(5, |e| e["type"] == "delivery" && e["recipient"] == rcpt);
+        assert_eq!(e["attempt"], 2);
+    }
+}
