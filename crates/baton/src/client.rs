@@ -219,6 +219,8 @@ pub struct ConnectOptions<'a> {
     pub tls: TlsMode,
     /// AUTH PLAIN with these credentials (only inside TLS unless TLS is disabled).
     pub auth: Option<(&'a str, &'a str)>,
+    /// The local address to connect from (an egress source).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Client {
@@ -234,7 +236,21 @@ impl Client {
         } else {
             format!("{host} [{}]", addr.ip())
         };
-        let stream = match timeout(options.connect_timeout, TcpStream::connect(addr)).await {
+        let connecting = async {
+            match options.bind {
+                None => TcpStream::connect(addr).await,
+                Some(source) => {
+                    let socket = if addr.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(SocketAddr::new(source, 0))?;
+                    socket.connect(addr).await
+                }
+            }
+        };
+        let stream = match timeout(options.connect_timeout, connecting).await {
             Err(_) => return Err(ClientError::Timeout(remote, "connecting")),
             Ok(Err(e)) => return Err(ClientError::Connect(remote, e)),
             Ok(Ok(s)) => s,

@@ -86,6 +86,26 @@ pub struct Config {
     pub local: LocalConfig,
     pub routes: Vec<Route>,
     pub shaping: Vec<ShapingRule>,
+    pub sources: Vec<Source>,
+    pub pools: Vec<Pool>,
+}
+
+/// A local address outbound connections bind to, with the name it says EHLO with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub name: String,
+    pub address: std::net::IpAddr,
+    pub ehlo: Option<String>,
+}
+
+/// A weighted set of sources, and the mail it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pool {
+    pub name: String,
+    /// Sources and their weights.
+    pub sources: Vec<(Source, u32)>,
+    /// Sender domains whose mail goes out through this pool.
+    pub sender_domains: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +134,8 @@ pub struct DeliveryConfig {
     pub hold: bool,
     /// Retry delay after a greylisting reply, instead of the exponential schedule.
     pub greylist_retry: Duration,
+    /// The pool for mail no pool claims by sender domain; none = the system's source address.
+    pub default_pool: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +208,21 @@ impl Config {
             .find(|r| r.domain == "*")
             .map(|r| r.transport.clone())
             .unwrap_or(Transport::Mx)
+    }
+
+    /// The pool for a sender: the one naming its domain, else `[delivery] pool`.
+    pub fn pool_for_sender(&self, sender: &str) -> Option<&Pool> {
+        let domain = sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        self.pools
+            .iter()
+            .find(|p| p.sender_domains.contains(&domain))
+            .or_else(|| {
+                let name = self.delivery.default_pool.as_ref()?;
+                self.pools.iter().find(|p| &p.name == name)
+            })
     }
 
     /// Whether `address` (at a local domain) is a known mailbox; the user part when it is.
@@ -274,6 +311,28 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     shaping: Vec<RawShaping>,
+    #[serde(default)]
+    source: Vec<RawSource>,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    ehlo: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    sources: Vec<Spanned<String>>,
+    weights: Option<Vec<Spanned<u64>>>,
+    #[serde(default)]
+    sender_domains: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +370,7 @@ struct RawDelivery {
     idle_timeout: Option<Spanned<Quantity>>,
     hold: Option<bool>,
     greylist_retry: Option<Spanned<Quantity>>,
+    pool: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -526,11 +586,33 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|r| self.shaping(r))
             .collect();
+        let sources: Vec<Source> = raw
+            .source
+            .into_iter()
+            .filter_map(|r| self.source(r))
+            .collect();
+        let pools: Vec<Pool> = raw
+            .pool
+            .into_iter()
+            .filter_map(|r| self.pool(r, &sources))
+            .collect();
+        if let Some(name) = &delivery.default_pool
+            && !pools.iter().any(|p| &p.name == name)
+        {
+            self.errors.push(ConfigError {
+                line: 0,
+                column: 0,
+                message: format!("[delivery] pool {name:?} is not a [[pool]]"),
+                hint: Some("name a pool defined with [[pool]] name = ...".into()),
+            });
+        }
         Config {
             hostname,
             data_dir,
             worker_threads,
             shaping,
+            sources,
+            pools,
             listeners,
             relay,
             limits,
@@ -607,6 +689,7 @@ impl Validator<'_> {
             idle_timeout,
             hold: raw.hold.unwrap_or(false),
             greylist_retry: self.duration_or(raw.greylist_retry, 60),
+            default_pool: raw.pool.map(|p| p.into_inner()),
         }
     }
 
@@ -709,6 +792,75 @@ impl Validator<'_> {
             }
         }
         Some(Route { domain, transport })
+    }
+
+    fn source(&mut self, raw: RawSource) -> Option<Source> {
+        let address = raw
+            .address
+            .get_ref()
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .or_else(|| {
+                self.error(
+                    raw.address.span(),
+                    format!(
+                        "source address {:?} is not an IP address",
+                        raw.address.get_ref()
+                    ),
+                    "write the local address to send from, e.g. \"192.0.2.10\"",
+                )
+            })?;
+        Some(Source {
+            name: raw.name.into_inner(),
+            address,
+            ehlo: raw.ehlo.map(|e| e.into_inner()),
+        })
+    }
+
+    fn pool(&mut self, raw: RawPool, sources: &[Source]) -> Option<Pool> {
+        let weights: Vec<u32> = match &raw.weights {
+            Some(w) if w.len() != raw.sources.len() => {
+                return self.error(
+                    raw.name.span(),
+                    "weights must have one entry per source".into(),
+                    "e.g. sources = [\"a\", \"b\"] with weights = [3, 1]",
+                );
+            }
+            Some(w) => w
+                .iter()
+                .map(|x| (*x.get_ref()).clamp(1, 1_000_000) as u32)
+                .collect(),
+            None => vec![1; raw.sources.len()],
+        };
+        let mut members = Vec::new();
+        for (name, weight) in raw.sources.iter().zip(weights) {
+            match sources.iter().find(|s| &s.name == name.get_ref()) {
+                Some(s) => members.push((s.clone(), weight)),
+                None => {
+                    self.error::<()>(
+                        name.span(),
+                        format!("no [[source]] named {:?}", name.get_ref()),
+                        "define it with [[source]] name = ..., address = ...",
+                    );
+                }
+            }
+        }
+        if members.is_empty() {
+            return self.error(
+                raw.name.span(),
+                "a pool needs at least one source".into(),
+                "list source names in sources = [...]",
+            );
+        }
+        Some(Pool {
+            name: raw.name.into_inner(),
+            sources: members,
+            sender_domains: raw
+                .sender_domains
+                .into_iter()
+                .map(|d| d.into_inner().to_ascii_lowercase())
+                .collect(),
+        })
     }
 
     fn shaping(&mut self, raw: RawShaping) -> Option<ShapingRule> {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, OnceCell, mpsc};
 
 use crate::client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
-use crate::config::{Config, LmtpTarget, Smarthost, TlsMode, Transport};
+use crate::config::{Config, LmtpTarget, Pool, Smarthost, Source, TlsMode, Transport};
 use crate::dns::{Dns, DnsFailure};
 use crate::shaping::{Limits, Shaper};
 
@@ -145,6 +145,8 @@ pub struct DeliveryContext {
 /// One destination's ready queue and its workers.
 pub struct DestQueue {
     pub key: Destination,
+    /// The egress pool whose sources this queue's connections bind to.
+    pub pool: Option<Pool>,
     state: Mutex<DestState>,
     notify: Notify,
     max_workers: usize,
@@ -158,9 +160,10 @@ struct DestState {
 }
 
 impl DestQueue {
-    pub fn new(key: Destination, max_workers: usize) -> Arc<DestQueue> {
+    pub fn new(key: Destination, pool: Option<Pool>, max_workers: usize) -> Arc<DestQueue> {
         Arc::new(DestQueue {
             key,
+            pool,
             state: Mutex::default(),
             notify: Notify::new(),
             max_workers,
@@ -247,7 +250,8 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             old.client.quit().await;
         }
         if conn.is_none() {
-            match connect(&ctx, &dest.key).await {
+            let source = dest.pool.as_ref().map(pick_source);
+            match connect(&ctx, &dest.key, source).await {
                 Ok(c) => {
                     ctx.connections_opened.fetch_add(1, Ordering::Relaxed);
                     conn = Some(c);
@@ -361,17 +365,38 @@ impl ConnectFailure {
     }
 }
 
-async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Connection, ConnectFailure> {
+/// A source from the pool, at random by weight.
+fn pick_source(pool: &Pool) -> &Source {
+    use rand::RngExt;
+    let total: u32 = pool.sources.iter().map(|(_, w)| w).sum();
+    let mut ticket = rand::rng().random_range(0..total.max(1));
+    for (source, weight) in &pool.sources {
+        if ticket < *weight {
+            return source;
+        }
+        ticket -= weight;
+    }
+    &pool.sources[0].0
+}
+
+async fn connect(
+    ctx: &DeliveryContext,
+    dest: &Destination,
+    source: Option<&Source>,
+) -> Result<Connection, ConnectFailure> {
     let config = &ctx.config;
     let (tls, auth) = match dest {
         Destination::Smarthost(relay) => (relay.tls, relay.auth.as_ref()),
         _ => (TlsMode::Opportunistic, None),
     };
     let options = ConnectOptions {
-        helo_name: &config.hostname,
+        helo_name: source
+            .and_then(|s| s.ehlo.as_deref())
+            .unwrap_or(&config.hostname),
         connect_timeout: config.delivery.connect_timeout,
         tls,
         auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),
+        bind: source.map(|s| s.address),
     };
     let (hosts, port, lmtp) = match dest {
         Destination::Mx(domain) => {
@@ -420,9 +445,13 @@ async fn connect(ctx: &DeliveryContext, dest: &Destination) -> Result<Connection
     };
     // Shaping: the rule is known once the MX hosts are (site rules match on them); wait for a
     // connection slot under it before dialling.
+    // Limits apply per source × destination.
+    let source_name = source.map(|s| s.name.as_str());
     let limits = match dest {
-        Destination::Mx(domain) => Some(ctx.shaper.limits_for(domain, &hosts)),
-        Destination::Smarthost(relay) => Some(ctx.shaper.limits_for(&relay.host, &hosts)),
+        Destination::Mx(domain) => Some(ctx.shaper.limits_for(source_name, domain, &hosts)),
+        Destination::Smarthost(relay) => {
+            Some(ctx.shaper.limits_for(source_name, &relay.host, &hosts))
+        }
         Destination::Local => None,
     };
     let slot = match &limits {

@@ -61,7 +61,7 @@ pub struct QueueManager {
     delivery: Arc<DeliveryContext>,
     messages: HashMap<QueueId, Queued>,
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
-    destinations: HashMap<Destination, Arc<DestQueue>>,
+    destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
     submissions: mpsc::UnboundedReceiver<StoredWithBody>,
     reports: mpsc::UnboundedReceiver<JobReport>,
 }
@@ -189,16 +189,20 @@ impl QueueManager {
             self.timers.push(Reverse((due, id)));
         }
         let max_workers = self.config.delivery.max_connections_per_destination;
+        let pool = self.config.pool_for_sender(&q.envelope.sender).cloned();
         for (dest, rcpts) in groups {
+            // Local delivery binds to no source.
+            let pool = pool.clone().filter(|_| dest != Destination::Local);
             let per_tx = match &dest {
                 Destination::Mx(domain) => self.delivery.shaper.domain_rule(domain).max_recipients,
                 _ => None,
             }
             .unwrap_or(self.config.delivery.max_recipients_per_transaction);
+            let key = (dest.clone(), pool.as_ref().map(|p| p.name.clone()));
             let queue = self
                 .destinations
-                .entry(dest.clone())
-                .or_insert_with(|| DestQueue::new(dest, max_workers))
+                .entry(key)
+                .or_insert_with(|| DestQueue::new(dest, pool, max_workers))
                 .clone();
             for chunk in rcpts.chunks(per_tx) {
                 for &i in chunk {

@@ -154,7 +154,7 @@ async fn wait_turn(pacer: Option<&Mutex<Pacer>>) {
 pub struct Shaper {
     rules: Vec<ShapingRule>,
     default: ShapingRule,
-    states: Mutex<HashMap<Matcher, Arc<Limits>>>,
+    states: Mutex<HashMap<(Option<String>, Matcher), Arc<Limits>>>,
 }
 
 impl Shaper {
@@ -190,9 +190,15 @@ impl Shaper {
             .unwrap_or_else(|| self.default.clone())
     }
 
-    /// The live limits for `domain` delivered through `mx_hosts`: an exact domain rule, else the
-    /// first site rule that one of the MX hosts falls under, else the default (per domain).
-    pub fn limits_for(&self, domain: &str, mx_hosts: &[String]) -> Arc<Limits> {
+    /// The live limits for `domain` delivered through `mx_hosts` from egress `source`: an exact
+    /// domain rule, else the first site rule that one of the MX hosts falls under, else the
+    /// default (per domain). Each source has its own state under each rule.
+    pub fn limits_for(
+        &self,
+        source: Option<&str>,
+        domain: &str,
+        mx_hosts: &[String],
+    ) -> Arc<Limits> {
         let domain = domain.to_ascii_lowercase();
         let exact = Matcher::Domain(domain.clone());
         let rule = self.rules.iter().find(|r| r.matcher == exact).or_else(|| {
@@ -215,7 +221,7 @@ impl Shaper {
         self.states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
+            .entry((source.map(str::to_string), key))
             .or_insert_with(|| Arc::new(Limits::new(rule)))
             .clone()
     }
@@ -290,17 +296,19 @@ mod tests {
         star.max_connections = Some(10);
         let shaper = Shaper::new(vec![google, example, star]);
 
-        let g1 = shaper.limits_for("gmail.com", &["gmail-smtp-in.l.google.com".into()]);
-        let g2 = shaper.limits_for("corp.example", &["aspmx.l.google.com".into()]);
+        let g1 = shaper.limits_for(None, "gmail.com", &["gmail-smtp-in.l.google.com".into()]);
+        let g2 = shaper.limits_for(None, "corp.example", &["aspmx.l.google.com".into()]);
+        let g3 = shaper.limits_for(Some("ip2"), "gmail.com", &["aspmx.l.google.com".into()]);
+        assert!(!Arc::ptr_eq(&g1, &g3), "each source has its own state");
         assert!(Arc::ptr_eq(&g1, &g2), "one site, one state");
         assert_eq!(g1.rule.max_connections, Some(3));
 
-        let e = shaper.limits_for("example.com", &["aspmx.l.google.com".into()]);
+        let e = shaper.limits_for(None, "example.com", &["aspmx.l.google.com".into()]);
         assert_eq!(e.rule.matcher, Matcher::Domain("example.com".into()));
         assert_eq!(e.rule.max_connections, Some(10), "unset limits come from *");
 
-        let a = shaper.limits_for("a.test", &["mx.a.test".into()]);
-        let b = shaper.limits_for("b.test", &["mx.b.test".into()]);
+        let a = shaper.limits_for(None, "a.test", &["mx.a.test".into()]);
+        let b = shaper.limits_for(None, "b.test", &["mx.b.test".into()]);
         assert!(!Arc::ptr_eq(&a, &b), "the default applies per domain");
         assert!(!under("notgoogle.com", "google.com"));
     }

@@ -169,3 +169,80 @@ fn greylisted_mail_is_retried_soon_not_on_the_long_schedule() {
         assert_eq!(e["attempt"], 2);
     }
 }
+
+#[test]
+fn pools_bind_their_sources_and_limits_apply_per_source() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("dest.test", 10, "mx.dest.test");
+    dns.a("mx.dest.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            data_delay: Duration::from_millis(80),
+            ..Script::default()
+        },
+    );
+    let server = server(
+        &dns,
+        port,
+        "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\nehlo = \"out10.sender.test\"\n\
+         [[source]]\nname = \"ip11\"\naddress = \"127.0.0.11\"\nehlo = \"out11.sender.test\"\n\
+         [[pool]]\nname = \"news\"\nsources = [\"ip10\", \"ip11\"]\nsender_domains = [\"news.test\"]\n\
+         [[shaping]]\ndomain = \"dest.test\"\nmax_connections = 1\nmax_messages_per_connection = 2\n",
+    );
+    let addr = server.addr;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                c.hello();
+                for i in 0..6 {
+                    let from = if t == 0 {
+                        "a@other.test"
+                    } else {
+                        "a@news.test"
+                    };
+                    let r = c.send_mail(
+                        from,
+                        &["z@dest.test"],
+                        format!("Subject: {t}-{i}\r\n\r\nx\r\n").as_bytes(),
+                    );
+                    assert_eq!(r.code, 250);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let got = mx.wait_for(24, 60);
+    assert_eq!(got.len(), 24, "log:\n{}", server.log());
+    for m in &got {
+        let ip = m.peer.to_string();
+        if m.mail_from == "a@news.test" {
+            assert!(
+                ip == "127.0.0.10" || ip == "127.0.0.11",
+                "news mail from {ip}"
+            );
+            assert_eq!(m.helo, format!("out{}.sender.test", &ip[8..]));
+        } else {
+            assert!(
+                ip != "127.0.0.10" && ip != "127.0.0.11",
+                "other mail from a pool source"
+            );
+            assert_eq!(m.helo, "mx.test.example");
+        }
+    }
+    let used: std::collections::HashSet<_> = got.iter().map(|m| m.peer).collect();
+    assert!(
+        used.len() >= 3,
+        "both pool sources and the default address: {used:?}"
+    );
+    // One connection per source (and one for the default) under the cap of 1 per source.
+    let max_active = mx.max_active();
+    assert!(
+        (2..=3).contains(&max_active),
+        "max {max_active} connections at once"
+    );
+}

@@ -24,6 +24,9 @@ pub struct Received {
     pub auth_user: Option<String>,
     /// When the data was complete.
     pub at: Instant,
+    /// The client's address and EHLO/HELO name.
+    pub peer: std::net::IpAddr,
+    pub helo: String,
 }
 
 type RcptScript = dyn Fn(&str, usize) -> String + Send + Sync;
@@ -236,6 +239,8 @@ impl Conn {
 
 fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let peer = stream.peer_addr()?.ip();
+    let mut helo = String::new();
     let mut conn = Conn {
         io: Io::Plain(stream),
         buf: Vec::new(),
@@ -256,6 +261,9 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
         let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let tls_on = matches!(conn.io, Io::Tls(_));
+        if upper.starts_with("EHLO ") || upper.starts_with("HELO ") || upper.starts_with("LHLO ") {
+            helo = cmd[5..].trim().to_string();
+        }
         if upper.starts_with("EHLO") && script.no_ehlo {
             conn.say("500 5.5.1 command unrecognized")?;
         } else if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
@@ -313,6 +321,8 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 tls: tls_on,
                 auth_user: auth_user.clone(),
                 at: Instant::now(),
+                peer,
+                helo: helo.clone(),
             });
             conn.say("250 2.1.0 ok")?;
         } else if upper.starts_with("RCPT TO:") {
