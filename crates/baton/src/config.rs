@@ -86,7 +86,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub routes: Vec<Route>,
     pub shaping: Vec<ShapingRule>,
-    pub sources: Vec<Source>,
+    /// Egress pools (each holds its sources).
     pub pools: Vec<Pool>,
 }
 
@@ -611,7 +611,6 @@ impl Validator<'_> {
             data_dir,
             worker_threads,
             shaping,
-            sources,
             pools,
             listeners,
             relay,

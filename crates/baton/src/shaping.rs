@@ -150,11 +150,14 @@ async fn wait_turn(pacer: Option<&Mutex<Pacer>>) {
     tokio::time::sleep_until(at).await;
 }
 
+/// (egress source, rule): each source has its own state under each rule.
+type StateKey = (Option<String>, Matcher);
+
 /// All rules and their live states.
 pub struct Shaper {
     rules: Vec<ShapingRule>,
     default: ShapingRule,
-    states: Mutex<HashMap<(Option<String>, Matcher), Arc<Limits>>>,
+    states: Mutex<HashMap<StateKey, Arc<Limits>>>,
 }
 
 impl Shaper {
