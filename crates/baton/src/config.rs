@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::shaping::{Matcher, Rate, ShapingRule};
+use crate::shaping::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -88,6 +88,7 @@ pub struct Config {
     pub shaping: Vec<ShapingRule>,
     /// Egress pools (each holds its sources).
     pub pools: Vec<Pool>,
+    pub backoff: Vec<BackoffRule>,
 }
 
 /// A local address outbound connections bind to, with the name it says EHLO with.
@@ -315,6 +316,19 @@ struct RawConfig {
     source: Vec<RawSource>,
     #[serde(default)]
     pool: Vec<RawPool>,
+    #[serde(default)]
+    backoff: Vec<RawBackoff>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    code: Option<Spanned<u64>>,
+    status: Option<Spanned<String>>,
+    pattern: Option<Spanned<String>>,
+    action: Spanned<String>,
+    factor: Option<Spanned<f64>>,
+    duration: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize)]
@@ -596,6 +610,11 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|r| self.pool(r, &sources))
             .collect();
+        let backoff = raw
+            .backoff
+            .into_iter()
+            .filter_map(|r| self.backoff(r))
+            .collect();
         if let Some(name) = &delivery.default_pool
             && !pools.iter().any(|p| &p.name == name)
         {
@@ -612,6 +631,7 @@ impl Validator<'_> {
             worker_threads,
             shaping,
             pools,
+            backoff,
             listeners,
             relay,
             limits,
@@ -791,6 +811,62 @@ impl Validator<'_> {
             }
         }
         Some(Route { domain, transport })
+    }
+
+    fn backoff(&mut self, raw: RawBackoff) -> Option<BackoffRule> {
+        let pattern = match &raw.pattern {
+            Some(p) => match regex::Regex::new(p.get_ref()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    return self.error(
+                        p.span(),
+                        format!("pattern is not a valid regular expression: {e}"),
+                        "regex syntax; (?i) at the start makes it case-insensitive",
+                    );
+                }
+            },
+            None => None,
+        };
+        let action = match raw.action.get_ref().as_str() {
+            "suspend" => BackoffAction::Suspend,
+            "throttle" => {
+                let factor = raw.factor.as_ref().map(|f| *f.get_ref()).unwrap_or(0.5);
+                if !(factor > 0.0 && factor < 1.0) {
+                    let span = raw
+                        .factor
+                        .as_ref()
+                        .map(|f| f.span())
+                        .unwrap_or(raw.action.span());
+                    return self.error(
+                        span,
+                        format!("factor {factor} is not between 0 and 1"),
+                        "0.5 halves the message rate",
+                    );
+                }
+                BackoffAction::Throttle { factor }
+            }
+            other => {
+                return self.error(
+                    raw.action.span(),
+                    format!("unknown backoff action {other:?}"),
+                    "action is \"suspend\" or \"throttle\"",
+                );
+            }
+        };
+        if raw.code.is_none() && raw.status.is_none() && pattern.is_none() {
+            return self.error(
+                raw.action.span(),
+                "this backoff rule matches every reply".into(),
+                "give at least one of code, status or pattern",
+            );
+        }
+        Some(BackoffRule {
+            code: raw.code.map(|c| *c.get_ref() as u16),
+            status: raw.status.map(|s| s.into_inner()),
+            pattern,
+            action,
+            duration: self.duration_or(raw.duration, 600),
+        })
     }
 
     fn source(&mut self, raw: RawSource) -> Option<Source> {

@@ -124,6 +124,8 @@ pub struct Outcome {
     pub local: bool,
     /// TLS used, e.g. "TLSv1_3 TLS13_AES_256_GCM_SHA384 (not verified)".
     pub tls: Option<String>,
+    /// Not to be tried again before this (ms since the epoch): the destination is suspended.
+    pub not_before: Option<u64>,
 }
 
 /// A finished job, for the queue manager.
@@ -137,6 +139,7 @@ pub struct DeliveryContext {
     pub config: Arc<Config>,
     pub dns: Dns,
     pub shaper: Shaper,
+    pub events: crate::events::Events,
     pub spool: Spool,
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,
@@ -257,10 +260,11 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                     conn = Some(c);
                 }
                 Err(failure) => {
-                    // The destination is unreachable: everything waiting for it waits again.
-                    report_all(&ctx, &job, &failure.reply, failure.remote.as_deref());
-                    for other in dest.take_all() {
-                        report_all(&ctx, &other, &failure.reply, failure.remote.as_deref());
+                    // The destination is unreachable or suspended: everything waiting for it
+                    // waits again.
+                    let remote = failure.remote.as_deref();
+                    for j in std::iter::once(job).chain(dest.take_all()) {
+                        report_all_until(&ctx, &j, &failure.reply, remote, failure.not_before);
                     }
                     continue;
                 }
@@ -269,6 +273,18 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         let Some(connection) = conn.as_mut() else {
             continue;
         };
+        let suspended = connection.limits.as_ref().and_then(|l| l.suspended_until());
+        if let Some(until) = suspended {
+            // Suspended while connected: stop, and everything waiting waits for the end.
+            let failure = ConnectFailure::suspended(&dest.key, until);
+            for j in std::iter::once(job).chain(dest.take_all()) {
+                report_all_until(&ctx, &j, &failure.reply, None, failure.not_before);
+            }
+            if let Some(c) = conn.take() {
+                c.client.quit().await;
+            }
+            continue;
+        }
         if let Some(limits) = &connection.limits {
             limits.message().await;
         }
@@ -297,6 +313,9 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         let local = dest.key == Destination::Local;
         match client.send(&outgoing).await {
             Ok(replies) => {
+                if let Some(limits) = connection.limits.clone() {
+                    adapt(&ctx, &dest.key, &limits, &replies);
+                }
                 let outcomes = job
                     .rcpts
                     .iter()
@@ -308,6 +327,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                         dsn_passed,
                         local,
                         tls: tls.clone(),
+                        not_before: None,
                     })
                     .collect();
                 let _ = ctx.reports.send(JobReport {
@@ -331,8 +351,47 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
     }
 }
 
+/// Feeds a transaction's replies to the adaptive flow: a reply matching a backoff rule pushes
+/// the destination back, a delivery helps it recover. Every change is an event.
+fn adapt(ctx: &DeliveryContext, dest: &Destination, limits: &Limits, replies: &[Reply]) {
+    let pushback = replies.iter().find_map(|r| {
+        ctx.shaper
+            .backoff_for(r.code, &r.status, &r.line())
+            .map(|rule| (rule, r))
+    });
+    let change = match pushback {
+        Some((rule, reply)) => Some(format!(
+            "{}; after: {}",
+            limits.pushback(rule),
+            reply.line()
+        )),
+        None if replies.iter().any(|r| (200..300).contains(&r.code)) => limits.success(),
+        None => None,
+    };
+    if let Some(change) = change {
+        tracing::info!(destination = %dest, "{change}");
+        let mut e = ctx
+            .events
+            .new_event(crate::events::EventKind::Shaping, "", "", "");
+        e.destination = Some(dest.to_string());
+        e.response = Some(change);
+        ctx.events.emit(e);
+    }
+}
+
 /// Reports the same reply for every recipient of a job.
 fn report_all(ctx: &DeliveryContext, job: &Job, reply: &Reply, remote: Option<&str>) {
+    report_all_until(ctx, job, reply, remote, None);
+}
+
+/// [`report_all`], with a time before which the recipients are not to be tried again.
+fn report_all_until(
+    ctx: &DeliveryContext,
+    job: &Job,
+    reply: &Reply,
+    remote: Option<&str>,
+    not_before: Option<u64>,
+) {
     let outcomes = job
         .rcpts
         .iter()
@@ -343,6 +402,7 @@ fn report_all(ctx: &DeliveryContext, job: &Job, reply: &Reply, remote: Option<&s
             dsn_passed: false,
             local: false,
             tls: None,
+            not_before,
         })
         .collect();
     let _ = ctx.reports.send(JobReport {
@@ -354,6 +414,7 @@ fn report_all(ctx: &DeliveryContext, job: &Job, reply: &Reply, remote: Option<&s
 struct ConnectFailure {
     reply: Reply,
     remote: Option<String>,
+    not_before: Option<u64>,
 }
 
 impl ConnectFailure {
@@ -361,6 +422,25 @@ impl ConnectFailure {
         ConnectFailure {
             reply: Reply::local(code, status, text),
             remote: None,
+            not_before: None,
+        }
+    }
+
+    /// The destination is suspended until `until`.
+    fn suspended(dest: &Destination, until: tokio::time::Instant) -> Self {
+        let ms = until.saturating_duration_since(tokio::time::Instant::now());
+        let at = baton_spool::now_ms() + ms.as_millis() as u64;
+        let when = jiff::Timestamp::from_millisecond(at as i64)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        ConnectFailure {
+            reply: Reply::local(
+                451,
+                "4.7.0",
+                format!("{dest} is suspended by a backoff rule until {when}"),
+            ),
+            remote: None,
+            not_before: Some(at),
         }
     }
 }
@@ -454,6 +534,9 @@ async fn connect(
         }
         Destination::Local => None,
     };
+    if let Some(until) = limits.as_ref().and_then(|l| l.suspended_until()) {
+        return Err(ConnectFailure::suspended(dest, until));
+    }
     let slot = match &limits {
         Some(l) => l.connection().await,
         None => None,
@@ -508,6 +591,7 @@ fn connect_error(e: ClientError) -> ConnectFailure {
         ClientError::Policy(remote, status, why) => ConnectFailure {
             reply: Reply::local(451, status, format!("{remote}: {why}")),
             remote: Some(remote),
+            not_before: None,
         },
         ClientError::Rejected(remote, what, _) => {
             // A refusing greeting is tried elsewhere and, if all refuse, later: not final.
@@ -515,6 +599,7 @@ fn connect_error(e: ClientError) -> ConnectFailure {
             ConnectFailure {
                 reply: Reply::local(451, "4.4.2", text),
                 remote: Some(remote),
+                not_before: None,
             }
         }
         other => ConnectFailure::new(451, "4.4.1", other.to_string()),
@@ -579,6 +664,7 @@ async fn deliver_maildir(ctx: &Arc<DeliveryContext>, job: Job) {
                     dsn_passed: false,
                     local: true,
                     tls: None,
+                    not_before: None,
                 }
             })
             .collect::<Vec<_>>()

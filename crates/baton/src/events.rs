@@ -42,6 +42,9 @@ pub struct Event {
     pub size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
+    /// For shaping changes: the destination they apply to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,6 +59,8 @@ pub enum EventKind {
     DsnQueued,
     /// A failure notice was not sent because the failed message was itself a bounce.
     BounceDropped,
+    /// A destination's adaptive shaping state changed (suspended, throttled, recovered).
+    Shaping,
 }
 
 /// Cheap to clone; emitting never blocks.
@@ -111,6 +116,7 @@ impl Events {
             next_attempt: None,
             size: None,
             tls: None,
+            destination: None,
         }
     }
 

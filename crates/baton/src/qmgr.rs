@@ -79,7 +79,8 @@ impl QueueManager {
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dns: crate::dns::Dns::new(&config.dns)?,
-            shaper: crate::shaping::Shaper::new(config.shaping.clone()),
+            shaper: crate::shaping::Shaper::new(config.shaping.clone(), config.backoff.clone()),
+            events: events.clone(),
             spool: spool.clone(),
             reports: report_tx,
             connections_opened: Default::default(),
@@ -291,6 +292,15 @@ impl QueueManager {
                             next_attempt(&config, base, q.envelope.arrived_ms, attempts, now);
                         (RcptState::Deferred, next, EventKind::TransientFailure)
                     }
+                };
+                // A suspended destination says when it may be tried again.
+                let next = match outcome.not_before {
+                    Some(nb) if state == RcptState::Deferred => {
+                        let expiry =
+                            q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64;
+                        next.max(nb).min(expiry.max(now + 1))
+                    }
+                    _ => next,
                 };
                 let reported = ReportedRecipient {
                     address: rcpt.address.clone(),

@@ -5,14 +5,64 @@
 //! A rule's state is shared by everything it matches: a connection cap (a semaphore whose
 //! permit a connection holds for its life), a connection rate and a message rate (token
 //! buckets). Delivery workers ask here before connecting and before each transaction; they
-//! wait, never fail, when a limit is reached. Owns no connections and no recipient state.
+//! wait, never fail, when a limit is reached.
+//!
+//! Adaptive sending flows: `[[backoff]]` rules match a destination's replies (code, enhanced
+//! status, regex on the text) and suspend it for a while or cut its message rate by a factor;
+//! the rate then recovers step by step with each run of successes (PowerMTA's backoff mode,
+//! KumoMTA's shaping automation). Owns no connections and no recipient state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use regex::Regex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+/// What a backoff rule does to a destination that pushes back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackoffAction {
+    /// No delivery attempts for the duration.
+    Suspend,
+    /// Message rate multiplied by `factor` (0 < factor < 1) for the duration, recovering
+    /// stepwise after successes.
+    Throttle { factor: f64 },
+}
+
+/// One `[[backoff]]` rule.
+#[derive(Debug, Clone)]
+pub struct BackoffRule {
+    pub code: Option<u16>,
+    /// Enhanced status code prefix, e.g. "4.7".
+    pub status: Option<String>,
+    pub pattern: Option<Regex>,
+    pub action: BackoffAction,
+    pub duration: Duration,
+}
+
+impl BackoffRule {
+    pub fn matches(&self, code: u16, status: &str, text: &str) -> bool {
+        self.code.is_none_or(|c| c == code)
+            && self.status.as_deref().is_none_or(|s| status.starts_with(s))
+            && self.pattern.as_ref().is_none_or(|p| p.is_match(text))
+    }
+}
+
+/// Successes in a row that undo one halving of a throttled rate.
+const RECOVERY_RUN: u32 = 10;
+/// The rate a throttle cuts when the rule sets none.
+const NOMINAL_RATE: Duration = Duration::from_millis(100);
+
+/// A destination's adaptive state.
+#[derive(Debug, Default)]
+struct Adaptive {
+    suspended_until: Option<Instant>,
+    /// 1.0 = normal; below 1 the message rate is cut.
+    factor: Option<f64>,
+    throttled_until: Option<Instant>,
+    successes: u32,
+}
 
 /// "10/s", "500/h": `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,12 +139,12 @@ struct Pacer {
 
 impl Pacer {
     /// Reserves the next slot and returns when it is.
-    fn reserve(&mut self, now: Instant) -> Instant {
+    fn reserve(&mut self, now: Instant, factor: f64) -> Instant {
         let at = match self.next {
             Some(next) if next > now => next,
             _ => now,
         };
-        self.next = Some(at + self.interval);
+        self.next = Some(at + self.interval.div_f64(factor.clamp(0.001, 1.0)));
         at
     }
 }
@@ -105,6 +155,9 @@ pub struct Limits {
     connections: Option<Arc<Semaphore>>,
     message_pacer: Option<Mutex<Pacer>>,
     connection_pacer: Option<Mutex<Pacer>>,
+    adaptive: Mutex<Adaptive>,
+    /// A pacer used only while throttled without a configured rate.
+    throttle_pacer: Mutex<Pacer>,
 }
 
 impl Limits {
@@ -122,6 +175,74 @@ impl Limits {
             message_pacer: pacer(rule.max_message_rate),
             connection_pacer: pacer(rule.max_connection_rate),
             rule,
+            adaptive: Mutex::default(),
+            throttle_pacer: Mutex::new(Pacer {
+                interval: NOMINAL_RATE,
+                next: None,
+            }),
+        }
+    }
+
+    fn adaptive(&self) -> std::sync::MutexGuard<'_, Adaptive> {
+        self.adaptive.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Until when the destination is suspended, if it is.
+    pub fn suspended_until(&self) -> Option<Instant> {
+        let mut a = self.adaptive();
+        match a.suspended_until {
+            Some(t) if t > Instant::now() => Some(t),
+            _ => {
+                a.suspended_until = None;
+                None
+            }
+        }
+    }
+
+    /// The destination pushed back and `rule` matched: returns what changed, for the log.
+    pub fn pushback(&self, rule: &BackoffRule) -> String {
+        let now = Instant::now();
+        let mut a = self.adaptive();
+        a.successes = 0;
+        match rule.action {
+            BackoffAction::Suspend => {
+                a.suspended_until = Some(now + rule.duration);
+                format!("suspended for {:?}", rule.duration)
+            }
+            BackoffAction::Throttle { factor } => {
+                let f = (a.factor.unwrap_or(1.0) * factor).max(0.001);
+                a.factor = Some(f);
+                a.throttled_until = Some(now + rule.duration);
+                format!(
+                    "message rate cut to {:.0}% for {:?}",
+                    f * 100.0,
+                    rule.duration
+                )
+            }
+        }
+    }
+
+    /// A delivery went through: a throttled rate recovers one step per run of successes, and
+    /// fully once its time is up. Returns what changed, if anything.
+    pub fn success(&self) -> Option<String> {
+        let mut a = self.adaptive();
+        let f = a.factor?;
+        if a.throttled_until.is_some_and(|t| t <= Instant::now()) {
+            *a = Adaptive::default();
+            return Some("throttle expired: normal rate".into());
+        }
+        a.successes += 1;
+        if a.successes < RECOVERY_RUN {
+            return None;
+        }
+        a.successes = 0;
+        let up = f * 2.0;
+        if up >= 1.0 {
+            *a = Adaptive::default();
+            Some("recovered: normal rate".into())
+        } else {
+            a.factor = Some(up);
+            Some(format!("recovering: message rate at {:.0}%", up * 100.0))
         }
     }
 
@@ -131,22 +252,28 @@ impl Limits {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
-        wait_turn(self.connection_pacer.as_ref()).await;
+        wait_turn(self.connection_pacer.as_ref(), 1.0).await;
         permit
     }
 
-    /// Waits until the message rate allows one more message.
+    /// Waits until the message rate (cut while throttled) allows one more message.
     pub async fn message(&self) {
-        wait_turn(self.message_pacer.as_ref()).await;
+        let factor = self.adaptive().factor;
+        match (factor, &self.message_pacer) {
+            (None, pacer) => wait_turn(pacer.as_ref(), 1.0).await,
+            (Some(f), Some(pacer)) => wait_turn(Some(pacer), f).await,
+            (Some(f), None) => wait_turn(Some(&self.throttle_pacer), f).await,
+        }
     }
 }
 
-async fn wait_turn(pacer: Option<&Mutex<Pacer>>) {
+/// Waits for the pacer's next slot; `factor` below 1 stretches the interval.
+async fn wait_turn(pacer: Option<&Mutex<Pacer>>, factor: f64) {
     let Some(pacer) = pacer else { return };
     let at = pacer
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .reserve(Instant::now());
+        .reserve(Instant::now(), factor);
     tokio::time::sleep_until(at).await;
 }
 
@@ -156,12 +283,13 @@ type StateKey = (Option<String>, Matcher);
 /// All rules and their live states.
 pub struct Shaper {
     rules: Vec<ShapingRule>,
+    backoff: Vec<BackoffRule>,
     default: ShapingRule,
     states: Mutex<HashMap<StateKey, Arc<Limits>>>,
 }
 
 impl Shaper {
-    pub fn new(rules: Vec<ShapingRule>) -> Shaper {
+    pub fn new(rules: Vec<ShapingRule>, backoff: Vec<BackoffRule>) -> Shaper {
         let star = Matcher::Domain("*".into());
         let default = rules
             .iter()
@@ -178,9 +306,15 @@ impl Shaper {
             });
         Shaper {
             rules,
+            backoff,
             default,
             states: Mutex::default(),
         }
+    }
+
+    /// The first backoff rule a reply matches.
+    pub fn backoff_for(&self, code: u16, status: &str, text: &str) -> Option<&BackoffRule> {
+        self.backoff.iter().find(|r| r.matches(code, status, text))
     }
 
     /// The rule for a domain known by name alone (before its MX hosts are known).
@@ -280,13 +414,50 @@ mod tests {
             next: None,
         };
         let t0 = Instant::now();
-        assert_eq!(p.reserve(t0), t0);
-        assert_eq!(p.reserve(t0), t0 + Duration::from_millis(100));
-        assert_eq!(p.reserve(t0), t0 + Duration::from_millis(200));
+        assert_eq!(p.reserve(t0, 1.0), t0);
+        assert_eq!(p.reserve(t0, 1.0), t0 + Duration::from_millis(100));
+        assert_eq!(p.reserve(t0, 1.0), t0 + Duration::from_millis(200));
         // After a pause the next event may go at once, but no burst builds up.
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(p.reserve(later), later);
-        assert_eq!(p.reserve(later), later + Duration::from_millis(100));
+        assert_eq!(p.reserve(later, 1.0), later);
+        assert_eq!(p.reserve(later, 0.5), later + Duration::from_millis(100));
+        assert_eq!(
+            p.reserve(later, 0.5),
+            later + Duration::from_millis(300),
+            "halved rate"
+        );
+    }
+
+    #[test]
+    fn throttle_recovers_step_by_step() {
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())));
+        let throttle = BackoffRule {
+            code: Some(421),
+            status: None,
+            pattern: Regex::new("(?i)rate limit").ok(),
+            action: BackoffAction::Throttle { factor: 0.25 },
+            duration: Duration::from_secs(3600),
+        };
+        assert!(throttle.matches(421, "4.7.0", "421 4.7.0 Rate limited, slow down"));
+        assert!(!throttle.matches(450, "4.7.0", "rate limited"));
+        assert!(!throttle.matches(421, "4.7.0", "service shutting down"));
+        limits.pushback(&throttle);
+        let mut changes = Vec::new();
+        for _ in 0..RECOVERY_RUN * 2 {
+            changes.extend(limits.success());
+        }
+        assert_eq!(
+            changes,
+            vec!["recovering: message rate at 50%", "recovered: normal rate"]
+        );
+        assert!(limits.success().is_none());
+        let suspend = BackoffRule {
+            action: BackoffAction::Suspend,
+            duration: Duration::from_secs(60),
+            ..throttle
+        };
+        limits.pushback(&suspend);
+        assert!(limits.suspended_until().is_some());
     }
 
     #[test]
@@ -297,7 +468,7 @@ mod tests {
         example.max_message_rate = Rate::parse("1/s");
         let mut star = rule(Matcher::Domain("*".into()));
         star.max_connections = Some(10);
-        let shaper = Shaper::new(vec![google, example, star]);
+        let shaper = Shaper::new(vec![google, example, star], vec![]);
 
         let g1 = shaper.limits_for(None, "gmail.com", &["gmail-smtp-in.l.google.com".into()]);
         let g2 = shaper.limits_for(None, "corp.example", &["aspmx.l.google.com".into()]);

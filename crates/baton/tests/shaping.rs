@@ -246,3 +246,72 @@ fn pools_bind_their_sources_and_limits_apply_per_source() {
         "max {max_active} connections at once"
     );
 }
+
+#[test]
+fn a_rate_limited_reply_suspends_the_destination_then_it_resumes() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("busy.test", 10, "mx.busy.test");
+    dns.a("mx.busy.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            // The first recipient is refused with a rate-limit reply; everything after is fine.
+            rcpt: std::sync::Arc::new(|addr, seen| {
+                if addr == "first@busy.test" && seen == 0 {
+                    "421 4.7.0 Rate limited, slow down".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    let server = server(
+        &dns,
+        port,
+        "[[backoff]]\ncode = 421\npattern = \"(?i)rate limit\"\naction = \"suspend\"\nduration = \"2s\"\n",
+    );
+    let mut c = server.connect();
+    c.hello();
+    assert_eq!(
+        c.send_mail(
+            "a@sender.test",
+            &["first@busy.test"],
+            b"Subject: 1\r\n\r\nx\r\n"
+        )
+        .code,
+        250
+    );
+    let e = server.wait_event(10, |e| e["type"] == "shaping");
+    assert_eq!(e["destination"], "busy.test");
+    assert!(
+        e["response"].as_str().unwrap().starts_with("suspended"),
+        "{e}"
+    );
+    let suspended_at = std::time::Instant::now();
+    // Mail sent during the suspension waits for its end.
+    for i in 0..3 {
+        let r = c.send_mail(
+            "a@sender.test",
+            &["later@busy.test"],
+            format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
+        );
+        assert_eq!(r.code, 250);
+    }
+    let waiting = server.wait_event(10, |e| {
+        e["type"] == "transient_failure" && e["recipient"] == "later@busy.test"
+    });
+    assert!(
+        waiting["response"].as_str().unwrap().contains("suspended"),
+        "{waiting}"
+    );
+    let got = mx.wait_for(4, 30);
+    assert_eq!(got.len(), 4, "log:\n{}", server.log());
+    // Nothing reached the MX until the suspension was over (~2 s after it began).
+    let first_after = got.iter().map(|m| m.at).min().unwrap();
+    assert!(
+        first_after.duration_since(suspended_at) >= Duration::from_millis(1500),
+        "delivered during the suspension"
+    );
+}
