@@ -62,6 +62,7 @@ fn envelope(spool: &Spool, size: usize) -> Envelope {
         helo: "client.example".into(),
         arrived_ms: 0,
         size: size as u64,
+        meta: Vec::new(),
     }
 }
 

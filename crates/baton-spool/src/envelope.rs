@@ -197,6 +197,18 @@ pub struct Envelope {
     pub arrived_ms: u64,
     /// Body size in bytes as stored (with the Received: header Baton prepended).
     pub size: u64,
+    /// Further facts as (key, value): "window" (a delivery window), "baton-headers" (the body
+    /// carries X-Baton-* headers to strip before delivery), and what later features need.
+    pub meta: Vec<(String, String)>,
+}
+
+impl Envelope {
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::envelope::{Envelope, QueueId, RecipientUpdate};
 
-pub const MAGIC: &[u8; 8] = b"BATONJ2\n";
+pub const MAGIC: &[u8; 8] = b"BATONJ3\n";
 /// A message whose body follows the envelope in the same frame.
 pub const KIND_MESSAGE_INLINE: u8 = 1;
 /// A message whose body is in `bodies/<queue id>`.
@@ -123,7 +123,23 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
-    if reader.read_exact(&mut magic).is_err() || &magic != MAGIC {
+    if reader.read_exact(&mut magic).is_err() {
+        return Ok((Vec::new(), 0, file_len));
+    }
+    if &magic != MAGIC {
+        if magic.starts_with(b"BATONJ") {
+            // Another format version: never take it for a torn file and overwrite it.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is spool format {:?}; this Baton reads {:?} (drain the queue with the \
+                     version that wrote it, or move the spool aside)",
+                    path.display(),
+                    String::from_utf8_lossy(&magic[..7]),
+                    String::from_utf8_lossy(&MAGIC[..7])
+                ),
+            ));
+        }
         return Ok((Vec::new(), 0, file_len));
     }
     let mut offset = MAGIC.len() as u64;

@@ -368,6 +368,18 @@ impl BodyWriter {
         Ok(())
     }
 
+    /// The first `n` bytes of the body (from the file when it has spilled): enough to read the
+    /// header section.
+    pub fn head(&self, n: usize) -> io::Result<Vec<u8>> {
+        if self.spilled == 0 {
+            return Ok(self.buf[..n.min(self.buf.len())].to_vec());
+        }
+        let mut file = File::open(self.path())?;
+        let mut head = vec![0; n.min(self.spilled as usize)];
+        file.read_exact(&mut head)?;
+        Ok(head)
+    }
+
     /// Body bytes so far.
     pub fn len(&self) -> u64 {
         self.spilled + self.buf.len() as u64

@@ -25,6 +25,7 @@ fn envelope(spool: &Spool, size: u64) -> Envelope {
         helo: "client.example".into(),
         arrived_ms: 1,
         size,
+        meta: Vec::new(),
     }
 }
 

@@ -72,6 +72,8 @@ pub struct JobMessage {
     pub smtputf8: bool,
     pub location: BodyLocation,
     pub body: OnceCell<Bytes>,
+    /// Drop X-Baton-* header fields before sending.
+    pub strip_baton_headers: bool,
 }
 
 impl JobMessage {
@@ -87,11 +89,22 @@ impl JobMessage {
             smtputf8: self.smtputf8,
             location: self.location,
             body: OnceCell::new(),
+            strip_baton_headers: self.strip_baton_headers,
         }
     }
 
-    /// The body, read from the spool the first time if it is not in memory.
+    /// The body as it is to be sent: read from the spool the first time if it is not in memory,
+    /// without X-Baton-* header fields.
     async fn body(&self, spool: &Spool) -> std::io::Result<Bytes> {
+        let body = self.stored_body(spool).await?;
+        if self.strip_baton_headers {
+            Ok(Bytes::from(crate::schedule::strip_baton_headers(&body)))
+        } else {
+            Ok(body)
+        }
+    }
+
+    async fn stored_body(&self, spool: &Spool) -> std::io::Result<Bytes> {
         self.body
             .get_or_try_init(|| async {
                 let spool = spool.clone();

@@ -8,6 +8,7 @@ mod dns;
 mod events;
 mod qmgr;
 mod queue;
+mod schedule;
 mod server;
 mod session;
 mod shaping;

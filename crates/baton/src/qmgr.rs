@@ -143,6 +143,7 @@ impl QueueManager {
             smtputf8: env.smtputf8,
             location: message.body,
             body: OnceCell::new_with(body),
+            strip_baton_headers: env.meta("baton-headers").is_some(),
         });
         let id = env.id;
         let n = env.recipients.len();
@@ -173,9 +174,30 @@ impl QueueManager {
         };
         let mut groups: HashMap<Destination, Vec<u32>> = HashMap::new();
         let mut next_due: Option<u64> = None;
-        for (i, r) in q.envelope.recipients.iter().enumerate() {
+        // Outside its delivery window, nothing of the message is due before the window opens.
+        let window_opens = q
+            .envelope
+            .meta("window")
+            .and_then(|w| crate::schedule::Window::parse(w).ok())
+            .map(|w| w.next_open(now))
+            .filter(|&open| open > now);
+        let mut held = Vec::new();
+        for (i, r) in q.envelope.recipients.iter_mut().enumerate() {
             if r.state.is_final() || q.in_flight[i] {
                 continue;
+            }
+            if let Some(open) = window_opens
+                && r.next_attempt_ms < open
+            {
+                r.next_attempt_ms = open;
+                held.push(RecipientUpdate {
+                    id,
+                    rcpt: i as u32,
+                    state: r.state,
+                    attempt: None,
+                    next_attempt_ms: open,
+                    delay_notified: false,
+                });
             }
             if r.next_attempt_ms > now {
                 next_due =
@@ -188,6 +210,11 @@ impl QueueManager {
         }
         if let Some(due) = next_due {
             self.timers.push(Reverse((due, id)));
+        }
+        if !held.is_empty()
+            && let Err(e) = self.spool.record(&held, &[])
+        {
+            tracing::error!(id = %id, error = %e, "cannot record the delivery window");
         }
         let max_workers = self.config.delivery.max_connections_per_destination;
         let pool = self.config.pool_for_sender(&q.envelope.sender).cloned();
@@ -496,6 +523,7 @@ impl QueueManager {
             helo: self.config.hostname.clone(),
             arrived_ms: now_ms(),
             size: bytes.len() as u64,
+            meta: Vec::new(),
         };
         let mut writer = self.spool.body_writer(dsn_id);
         writer.buf().extend_from_slice(&bytes);

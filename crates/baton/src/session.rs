@@ -605,7 +605,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(tx) = self.tx.take() else {
             return Reply::new(503, "5.5.1", "Error: need MAIL command");
         };
-        let envelope = self.envelope(tx, body.len());
+        let mut envelope = self.envelope(tx, body.len());
+        if let Err(reply) = apply_schedule(&mut envelope, &body) {
+            return reply;
+        }
         match self.ctx.spool.commit(&envelope, body).await {
             Ok((location, inline)) => {
                 tracing::info!(
@@ -672,8 +675,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .unwrap_or_default(),
             arrived_ms: baton_spool::now_ms(),
             size,
+            meta: Vec::new(),
         }
     }
+}
+
+/// Reads X-Baton-Send-At / X-Baton-Window into the envelope (see [`crate::schedule`]).
+fn apply_schedule(envelope: &mut Envelope, body: &BodyWriter) -> Result<(), Reply> {
+    let head = body
+        .head(64 << 10)
+        .map_err(|e| spool_reply(&SpoolError::Io(e)))?;
+    let requested = crate::schedule::requested(&head)
+        .map_err(|why| Reply::new(550, "5.6.0", format!("Error: {why}")))?;
+    if let Some(at) = requested.send_at_ms {
+        for r in &mut envelope.recipients {
+            r.next_attempt_ms = at;
+        }
+    }
+    if let Some(window) = requested.window {
+        envelope.meta.push(("window".into(), window));
+    }
+    if requested.has_baton_headers {
+        envelope.meta.push(("baton-headers".into(), "strip".into()));
+    }
+    Ok(())
 }
 
 fn too_large() -> Reply {

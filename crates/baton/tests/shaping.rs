@@ -315,3 +315,94 @@ fn a_rate_limited_reply_suspends_the_destination_then_it_resumes() {
         "delivered during the suspension"
     );
 }
+
+#[test]
+fn send_at_and_delivery_windows_hold_mail_until_their_time() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("later.test", 10, "mx.later.test");
+    dns.a("mx.later.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let server = server(&dns, port, "");
+    let now = jiff::Timestamp::now();
+    let in_2s = now + jiff::SignedDuration::from_secs(2);
+    let utc = now.to_zoned(jiff::tz::TimeZone::UTC);
+    let hhmm = |z: &jiff::Zoned| z.strftime("%H:%M").to_string();
+    let open_window = format!(
+        "{}-{} UTC",
+        hhmm(&(utc.clone() - jiff::SignedDuration::from_hours(1))),
+        hhmm(&(utc.clone() + jiff::SignedDuration::from_hours(1)))
+    );
+    let closed_window = format!(
+        "{}-{} Asia/Tokyo",
+        hhmm(
+            &(utc.with_time_zone(jiff::tz::TimeZone::get("Asia/Tokyo").unwrap())
+                + jiff::SignedDuration::from_hours(3))
+        ),
+        hhmm(
+            &(utc.with_time_zone(jiff::tz::TimeZone::get("Asia/Tokyo").unwrap())
+                + jiff::SignedDuration::from_hours(4))
+        )
+    );
+    let mut c = server.connect();
+    c.hello();
+    let scheduled = format!("X-Baton-Send-At: {in_2s}\r\nSubject: scheduled\r\n\r\nlater\r\n");
+    assert_eq!(
+        c.send_mail("a@sender.test", &["s@later.test"], scheduled.as_bytes())
+            .code,
+        250
+    );
+    let open = format!("X-Baton-Window: {open_window}\r\nSubject: window open\r\n\r\nnow\r\n");
+    assert_eq!(
+        c.send_mail("a@sender.test", &["w@later.test"], open.as_bytes())
+            .code,
+        250
+    );
+    let closed =
+        format!("Subject: window closed\r\nX-Baton-Window: {closed_window}\r\n\r\nnot yet\r\n");
+    let held_id = c
+        .send_mail("a@sender.test", &["h@later.test"], closed.as_bytes())
+        .queue_id();
+    // Bad values are refused at once, not lost later.
+    let r = c.send_mail(
+        "a@sender.test",
+        &["x@later.test"],
+        b"X-Baton-Send-At: soonish\r\n\r\nx\r\n",
+    );
+    assert_eq!((r.code, &r.lines[0][..5]), (550, "5.6.0"));
+
+    let first = mx.wait_for(1, 10);
+    assert_eq!(first.len(), 1, "log:\n{}", server.log());
+    assert_eq!(
+        first[0].rcpts,
+        vec!["w@later.test"],
+        "only the open window goes at once"
+    );
+    let got = mx.wait_for(2, 10);
+    assert_eq!(got.len(), 2);
+    let sched = &got[1];
+    assert_eq!(sched.rcpts, vec!["s@later.test"]);
+    let sent_at = jiff::Timestamp::now();
+    assert!(sent_at >= in_2s, "delivered before its send-at time");
+    for m in &got {
+        let text = String::from_utf8_lossy(&m.body);
+        assert!(
+            !text.to_ascii_lowercase().contains("x-baton-"),
+            "control headers stripped:\n{text}"
+        );
+    }
+    // The closed window holds its message until the window opens, hours from now.
+    let m = server.message_json(&held_id);
+    let next = m["recipients"][0]["next_attempt_ms"]
+        .as_u64()
+        .expect("a next attempt");
+    let hours = (next as i64 - jiff::Timestamp::now().as_millisecond()) as f64 / 3.6e6;
+    assert!(
+        (2.9..=3.1).contains(&hours),
+        "held for {hours:.2} h, want ~3 h"
+    );
+    assert_eq!(mx.messages().len(), 2);
+}
