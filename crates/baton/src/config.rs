@@ -97,6 +97,7 @@ pub struct Source {
     pub name: String,
     pub address: std::net::IpAddr,
     pub ehlo: Option<String>,
+    pub warmup: Option<crate::shaping::WarmupPlan>,
 }
 
 /// A weighted set of sources, and the mail it carries.
@@ -337,6 +338,10 @@ struct RawSource {
     name: Spanned<String>,
     address: Spanned<String>,
     ehlo: Option<Spanned<String>>,
+    /// "builtin" or a list of caps per period.
+    warmup: Option<Spanned<toml::Value>>,
+    warmup_start: Option<Spanned<String>>,
+    warmup_period: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -885,10 +890,87 @@ impl Validator<'_> {
                     "write the local address to send from, e.g. \"192.0.2.10\"",
                 )
             })?;
+        let warmup = match &raw.warmup {
+            None => None,
+            Some(w) => Some(self.warmup(w, &raw)?),
+        };
         Some(Source {
             name: raw.name.into_inner(),
             address,
             ehlo: raw.ehlo.map(|e| e.into_inner()),
+            warmup,
+        })
+    }
+
+    fn warmup(
+        &mut self,
+        plan: &Spanned<toml::Value>,
+        raw: &RawSource,
+    ) -> Option<crate::shaping::WarmupPlan> {
+        let caps = match plan.get_ref() {
+            toml::Value::String(s) if s == "builtin" => {
+                crate::shaping::WarmupPlan::BUILTIN.to_vec()
+            }
+            toml::Value::Array(items) => {
+                let caps: Option<Vec<u64>> = items
+                    .iter()
+                    .map(|v| v.as_integer().and_then(|n| u64::try_from(n).ok()))
+                    .collect();
+                match caps {
+                    Some(c) if !c.is_empty() => c,
+                    _ => {
+                        return self.error(
+                            plan.span(),
+                            "warmup caps must be non-negative whole numbers".into(),
+                            "e.g. warmup = [50, 100, 200]",
+                        );
+                    }
+                }
+            }
+            _ => {
+                return self.error(
+                    plan.span(),
+                    "warmup is \"builtin\" or a list of caps per period".into(),
+                    "e.g. warmup = \"builtin\" or warmup = [50, 100, 200]",
+                );
+            }
+        };
+        let Some(start) = &raw.warmup_start else {
+            return self.error(
+                plan.span(),
+                "a warm-up plan needs warmup_start".into(),
+                "the day the IP started sending, e.g. warmup_start = \"2026-11-28\" (UTC)",
+            );
+        };
+        let start_ms = start
+            .get_ref()
+            .parse::<jiff::civil::Date>()
+            .ok()
+            .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
+            .and_then(|z| u64::try_from(z.timestamp().as_millisecond()).ok());
+        let Some(start_ms) = start_ms else {
+            return self.error(
+                start.span(),
+                format!("warmup_start {:?} is not a date", start.get_ref()),
+                "write YYYY-MM-DD (a UTC day)",
+            );
+        };
+        let period = match raw.warmup_period.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("day") => Duration::from_secs(86400),
+            Some("hour") => Duration::from_secs(3600),
+            Some(other) => {
+                let span = raw.warmup_period.as_ref().map(|p| p.span()).unwrap_or(0..0);
+                return self.error(
+                    span,
+                    format!("warmup_period {other:?} is neither day nor hour"),
+                    "warmup_period = \"day\" (default) or \"hour\"",
+                );
+            }
+        };
+        Some(crate::shaping::WarmupPlan {
+            caps,
+            start_ms,
+            period,
         })
     }
 

@@ -137,8 +137,10 @@ pub struct Outcome {
     pub local: bool,
     /// TLS used, e.g. "TLSv1_3 TLS13_AES_256_GCM_SHA384 (not verified)".
     pub tls: Option<String>,
-    /// Not to be tried again before this (ms since the epoch): the destination is suspended.
+    /// Not to be tried again before this (ms since the epoch).
     pub not_before: Option<u64>,
+    /// Nothing was attempted: Baton's own shaping holds the recipient until `not_before`.
+    pub hold: bool,
 }
 
 /// A finished job, for the queue manager.
@@ -300,6 +302,24 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         }
         if let Some(limits) = &connection.limits {
             limits.message().await;
+            if let Err((next, cap)) = limits.warmup_take(baton_spool::now_ms()) {
+                // Over the warm-up cap: this and everything waiting go when it resets.
+                let until = jiff::Timestamp::from_millisecond(next as i64)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let reply = Reply::local(
+                    451,
+                    "4.7.0",
+                    format!(
+                        "warm-up cap of {cap} for {} reached; next allowance {until}",
+                        dest.key
+                    ),
+                );
+                for j in std::iter::once(job).chain(dest.take_all()) {
+                    report_all_until(&ctx, &j, &reply, None, Some(next));
+                }
+                continue;
+            }
         }
         let client = &mut connection.client;
         let recipients: Vec<OutRcpt> = job
@@ -341,6 +361,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                         local,
                         tls: tls.clone(),
                         not_before: None,
+                        hold: false,
                     })
                     .collect();
                 let _ = ctx.reports.send(JobReport {
@@ -397,7 +418,8 @@ fn report_all(ctx: &DeliveryContext, job: &Job, reply: &Reply, remote: Option<&s
     report_all_until(ctx, job, reply, remote, None);
 }
 
-/// [`report_all`], with a time before which the recipients are not to be tried again.
+/// [`report_all`], with a time before which the recipients are not to be tried again; with
+/// one, nothing was attempted: the recipients are held, not deferred.
 fn report_all_until(
     ctx: &DeliveryContext,
     job: &Job,
@@ -405,6 +427,7 @@ fn report_all_until(
     remote: Option<&str>,
     not_before: Option<u64>,
 ) {
+    let hold = not_before.is_some();
     let outcomes = job
         .rcpts
         .iter()
@@ -416,6 +439,7 @@ fn report_all_until(
             local: false,
             tls: None,
             not_before,
+            hold,
         })
         .collect();
     let _ = ctx.reports.send(JobReport {
@@ -539,12 +563,9 @@ async fn connect(
     // Shaping: the rule is known once the MX hosts are (site rules match on them); wait for a
     // connection slot under it before dialling.
     // Limits apply per source × destination.
-    let source_name = source.map(|s| s.name.as_str());
     let limits = match dest {
-        Destination::Mx(domain) => Some(ctx.shaper.limits_for(source_name, domain, &hosts)),
-        Destination::Smarthost(relay) => {
-            Some(ctx.shaper.limits_for(source_name, &relay.host, &hosts))
-        }
+        Destination::Mx(domain) => Some(ctx.shaper.limits_for(source, domain, &hosts)),
+        Destination::Smarthost(relay) => Some(ctx.shaper.limits_for(source, &relay.host, &hosts)),
         Destination::Local => None,
     };
     if let Some(until) = limits.as_ref().and_then(|l| l.suspended_until()) {
@@ -678,6 +699,7 @@ async fn deliver_maildir(ctx: &Arc<DeliveryContext>, job: Job) {
                     local: true,
                     tls: None,
                     not_before: None,
+                    hold: false,
                 }
             })
             .collect::<Vec<_>>()

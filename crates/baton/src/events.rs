@@ -61,6 +61,9 @@ pub enum EventKind {
     BounceDropped,
     /// A destination's adaptive shaping state changed (suspended, throttled, recovered).
     Shaping,
+    /// A recipient waits because of Baton's own shaping (a suspension, a warm-up cap): no
+    /// attempt was made; `next_attempt` says until when.
+    Held,
 }
 
 /// Cheap to clone; emitting never blocks.

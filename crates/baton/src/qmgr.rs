@@ -289,6 +289,33 @@ impl QueueManager {
                     *flag = false;
                 }
                 let reply = &outcome.reply;
+                if outcome.hold {
+                    // Held by our own shaping (suspension, warm-up cap): not an attempt, never
+                    // a reason to expire or bounce; the recipient waits for the stated time.
+                    let until = outcome.not_before.unwrap_or(now + 1000);
+                    let mut event = self.events.new_event(
+                        EventKind::Held,
+                        &id.to_string(),
+                        &rcpt.address,
+                        &q.envelope.sender,
+                    );
+                    event.response = Some(reply.text.clone());
+                    event.next_attempt = jiff::Timestamp::from_millisecond(until as i64)
+                        .ok()
+                        .map(|t| t.to_string());
+                    self.events.emit(event);
+                    let update = RecipientUpdate {
+                        id,
+                        rcpt: i as u32,
+                        state: rcpt.state,
+                        attempt: None,
+                        next_attempt_ms: until,
+                        delay_notified: false,
+                    };
+                    update.apply(&mut q.envelope);
+                    updates.push(update);
+                    continue;
+                }
                 let attempt = Attempt {
                     at_ms: now,
                     code: reply.code,

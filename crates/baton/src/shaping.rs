@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use regex::Regex;
+
+use crate::config::Source;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -149,6 +151,41 @@ impl Pacer {
     }
 }
 
+/// An IP warm-up plan: how many messages a source may send to one destination in each period
+/// (day or hour) since the plan started; after the table, no cap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WarmupPlan {
+    pub caps: Vec<u64>,
+    pub start_ms: u64,
+    pub period: Duration,
+}
+
+impl WarmupPlan {
+    /// A common ramp for a new IP, per destination per day, doubling roughly every day for two
+    /// weeks.
+    pub const BUILTIN: [u64; 14] = [
+        50, 100, 200, 400, 750, 1500, 3000, 6000, 10000, 20000, 35000, 50000, 75000, 100000,
+    ];
+
+    /// The period `now_ms` falls in, its cap (None past the table) and when the next begins.
+    fn period(&self, now_ms: u64) -> (u64, Option<u64>, u64) {
+        let period_ms = self.period.as_millis().max(1) as u64;
+        let index = now_ms.saturating_sub(self.start_ms) / period_ms;
+        let next = self.start_ms + (index + 1) * period_ms;
+        (
+            index,
+            self.caps.get(index as usize).copied(),
+            next.max(now_ms + 1),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct WarmupCount {
+    period: u64,
+    sent: u64,
+}
+
 /// The live state of one rule (or of one domain under the default rule).
 pub struct Limits {
     pub rule: ShapingRule,
@@ -158,10 +195,12 @@ pub struct Limits {
     adaptive: Mutex<Adaptive>,
     /// A pacer used only while throttled without a configured rate.
     throttle_pacer: Mutex<Pacer>,
+    /// The source's warm-up plan and what it has sent to this destination this period.
+    warmup: Option<(WarmupPlan, Mutex<WarmupCount>)>,
 }
 
 impl Limits {
-    fn new(rule: ShapingRule) -> Limits {
+    fn new(rule: ShapingRule, warmup: Option<WarmupPlan>) -> Limits {
         let pacer = |r: Option<Rate>| {
             r.map(|r| {
                 Mutex::new(Pacer {
@@ -180,7 +219,27 @@ impl Limits {
                 interval: NOMINAL_RATE,
                 next: None,
             }),
+            warmup: warmup.map(|p| (p, Mutex::default())),
         }
+    }
+
+    /// Counts one message against the warm-up cap, or says when the next period starts (ms
+    /// since the epoch) and what the cap was, if this period's cap is reached.
+    pub fn warmup_take(&self, now_ms: u64) -> Result<(), (u64, u64)> {
+        let Some((plan, count)) = &self.warmup else {
+            return Ok(());
+        };
+        let (period, cap, next) = plan.period(now_ms);
+        let Some(cap) = cap else { return Ok(()) };
+        let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+        if count.period != period {
+            *count = WarmupCount { period, sent: 0 };
+        }
+        if count.sent >= cap {
+            return Err((next, cap));
+        }
+        count.sent += 1;
+        Ok(())
     }
 
     fn adaptive(&self) -> std::sync::MutexGuard<'_, Adaptive> {
@@ -332,7 +391,7 @@ impl Shaper {
     /// default (per domain). Each source has its own state under each rule.
     pub fn limits_for(
         &self,
-        source: Option<&str>,
+        source: Option<&Source>,
         domain: &str,
         mx_hosts: &[String],
     ) -> Arc<Limits> {
@@ -358,8 +417,8 @@ impl Shaper {
         self.states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry((source.map(str::to_string), key))
-            .or_insert_with(|| Arc::new(Limits::new(rule)))
+            .entry((source.map(|s| s.name.clone()), key))
+            .or_insert_with(|| Arc::new(Limits::new(rule, source.and_then(|s| s.warmup.clone()))))
             .clone()
     }
 }
@@ -430,7 +489,7 @@ mod tests {
 
     #[test]
     fn throttle_recovers_step_by_step() {
-        let limits = Limits::new(rule(Matcher::Domain("x.test".into())));
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), None);
         let throttle = BackoffRule {
             code: Some(421),
             status: None,
@@ -461,6 +520,26 @@ mod tests {
     }
 
     #[test]
+    fn warmup_caps_each_period() {
+        let day = 86_400_000;
+        let plan = WarmupPlan {
+            caps: vec![2, 3],
+            start_ms: 10 * day,
+            period: Duration::from_millis(day),
+        };
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), Some(plan));
+        let t = 10 * day + 5;
+        assert!(limits.warmup_take(t).is_ok());
+        assert!(limits.warmup_take(t).is_ok());
+        assert_eq!(limits.warmup_take(t), Err((11 * day, 2)));
+        let t = 11 * day + 5;
+        assert!((0..3).all(|_| limits.warmup_take(t).is_ok()));
+        assert!(limits.warmup_take(t).is_err());
+        // Past the table: no cap.
+        assert!((0..100).all(|_| limits.warmup_take(12 * day).is_ok()));
+    }
+
+    #[test]
     fn domain_then_site_then_default() {
         let mut google = rule(Matcher::Site("google.com".into()));
         google.max_connections = Some(3);
@@ -472,7 +551,13 @@ mod tests {
 
         let g1 = shaper.limits_for(None, "gmail.com", &["gmail-smtp-in.l.google.com".into()]);
         let g2 = shaper.limits_for(None, "corp.example", &["aspmx.l.google.com".into()]);
-        let g3 = shaper.limits_for(Some("ip2"), "gmail.com", &["aspmx.l.google.com".into()]);
+        let ip2 = Source {
+            name: "ip2".into(),
+            address: "192.0.2.2".parse().unwrap(),
+            ehlo: None,
+            warmup: None,
+        };
+        let g3 = shaper.limits_for(Some(&ip2), "gmail.com", &["aspmx.l.google.com".into()]);
         assert!(!Arc::ptr_eq(&g1, &g3), "each source has its own state");
         assert!(Arc::ptr_eq(&g1, &g2), "one site, one state");
         assert_eq!(g1.rule.max_connections, Some(3));

@@ -300,7 +300,7 @@ fn a_rate_limited_reply_suspends_the_destination_then_it_resumes() {
         assert_eq!(r.code, 250);
     }
     let waiting = server.wait_event(10, |e| {
-        e["type"] == "transient_failure" && e["recipient"] == "later@busy.test"
+        e["type"] == "held" && e["recipient"] == "later@busy.test"
     });
     assert!(
         waiting["response"].as_str().unwrap().contains("suspended"),
@@ -405,4 +405,81 @@ fn send_at_and_delivery_windows_hold_mail_until_their_time() {
         "held for {hours:.2} h, want ~3 h"
     );
     assert_eq!(mx.messages().len(), 2);
+}
+
+#[test]
+fn a_warmup_cap_lets_exactly_that_many_through_and_holds_the_rest() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("inbox.test", 10, "mx.inbox.test");
+    dns.a("mx.inbox.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let yesterday = today.yesterday().unwrap();
+    // ip10 started today (cap 3); ip11 started yesterday, so it is on day 2 (cap 5).
+    let server = server(
+        &dns,
+        port,
+        &format!(
+            "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\nwarmup = [3, 5]\nwarmup_start = \"{today}\"\n\
+             [[source]]\nname = \"ip11\"\naddress = \"127.0.0.11\"\nwarmup = [3, 5]\nwarmup_start = \"{yesterday}\"\n\
+             [[pool]]\nname = \"new\"\nsources = [\"ip10\"]\nsender_domains = [\"new.test\"]\n\
+             [[pool]]\nname = \"older\"\nsources = [\"ip11\"]\nsender_domains = [\"older.test\"]\n"
+        ),
+    );
+    let mut c = server.connect();
+    c.hello();
+    for i in 0..6 {
+        for from in ["a@new.test", "a@older.test"] {
+            let r = c.send_mail(
+                from,
+                &["u@inbox.test"],
+                format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
+            );
+            assert_eq!(r.code, 250);
+        }
+    }
+    let got = mx.wait_for(8, 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let got_now = mx.messages();
+    assert_eq!(got_now.len(), got.len(), "more arrived after the caps");
+    let from_new = got_now
+        .iter()
+        .filter(|m| m.mail_from == "a@new.test")
+        .count();
+    let from_older = got_now
+        .iter()
+        .filter(|m| m.mail_from == "a@older.test")
+        .count();
+    assert_eq!((from_new, from_older), (3, 5), "log:\n{}", server.log());
+    // The rest waits for tomorrow (UTC midnight), held, not bounced, no attempt spent.
+    let tomorrow = today
+        .tomorrow()
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .unwrap();
+    let tomorrow_ms = tomorrow.timestamp().as_millisecond() as u64;
+    let waiting: Vec<_> = server
+        .queue_json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["recipients"][0].clone())
+        .collect();
+    assert_eq!(waiting.len(), 4);
+    for r in &waiting {
+        assert_eq!(r["next_attempt_ms"], tomorrow_ms, "{r}");
+        assert_eq!(r["attempts"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["state"], "queued");
+    }
+    let held = server.wait_event(5, |e| e["type"] == "held");
+    assert!(
+        held["response"].as_str().unwrap().contains("warm-up cap"),
+        "{held}"
+    );
 }
