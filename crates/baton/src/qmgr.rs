@@ -48,6 +48,9 @@ struct Queued {
     job_message: Arc<JobMessage>,
     /// Recipients out with a worker.
     in_flight: Vec<bool>,
+    /// Attempts made per recipient. The attempt history itself lives in the spool only (for
+    /// `baton queue show`): in memory it would grow with every retry of every recipient.
+    attempts: Vec<u16>,
     jobs_out: usize,
     failures: Vec<ReportedRecipient>,
     successes: Vec<ReportedRecipient>,
@@ -147,13 +150,23 @@ impl QueueManager {
         });
         let id = env.id;
         let n = env.recipients.len();
+        let attempts = env
+            .recipients
+            .iter()
+            .map(|r| r.attempts.len().min(u16::MAX as usize) as u16)
+            .collect();
+        let mut envelope = message.envelope;
+        for r in &mut envelope.recipients {
+            r.attempts = Vec::new();
+        }
         self.messages.insert(
             id,
             Queued {
-                envelope: message.envelope,
+                envelope,
                 location: message.body,
                 job_message,
                 in_flight: vec![false; n],
+                attempts,
                 jobs_out: 0,
                 failures: Vec::new(),
                 successes: Vec::new(),
@@ -323,7 +336,7 @@ impl QueueManager {
                     diagnostic: reply.line(),
                     remote_mta: outcome.remote.clone(),
                 };
-                let attempts = rcpt.attempts.len() + 1;
+                let attempts = q.attempts.get(i).map_or(0, |&a| a as usize) + 1;
                 let age = Duration::from_millis(now.saturating_sub(q.envelope.arrived_ms));
                 let (state, next, kind) = match reply.code {
                     200..=299 => (RcptState::Delivered, 0, EventKind::Delivery),
@@ -437,6 +450,12 @@ impl QueueManager {
                     delay_notified,
                 };
                 update.apply(&mut q.envelope);
+                if let Some(r) = q.envelope.recipients.get_mut(i) {
+                    r.attempts.clear();
+                }
+                if let Some(a) = q.attempts.get_mut(i) {
+                    *a = a.saturating_add(1);
+                }
                 updates.push(update);
             }
         }
