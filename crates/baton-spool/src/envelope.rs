@@ -88,6 +88,8 @@ pub enum RcptState {
     Delivered,
     Bounced,
     Expired,
+    /// Removed by the operator, without a DSN.
+    Deleted,
 }
 
 impl RcptState {
@@ -98,6 +100,7 @@ impl RcptState {
             RcptState::Delivered => "delivered",
             RcptState::Bounced => "bounced",
             RcptState::Expired => "expired",
+            RcptState::Deleted => "deleted",
         }
     }
 
@@ -105,7 +108,7 @@ impl RcptState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            RcptState::Delivered | RcptState::Bounced | RcptState::Expired
+            RcptState::Delivered | RcptState::Bounced | RcptState::Expired | RcptState::Deleted
         )
     }
 }

@@ -1319,6 +1319,11 @@ impl Validator<'_> {
     }
 }
 
+/// "30m", "2h", "90" (seconds): a duration in seconds, for the command line.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    parse_with_unit(text, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)]).filter(|&s| s > 0)
+}
+
 fn parse_with_unit(text: &str, units: &[(&str, u64)]) -> Option<u64> {
     let text = text.trim();
     let split = text

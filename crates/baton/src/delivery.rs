@@ -269,7 +269,8 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         }
         if conn.is_none() {
             let source = dest.pool.as_ref().map(pick_source);
-            match connect(&ctx, &dest.key, source).await {
+            let pool = dest.pool.as_ref().map(|p| p.name.as_str());
+            match connect(&ctx, &dest.key, source, pool).await {
                 Ok(c) => {
                     ctx.connections_opened.fetch_add(1, Ordering::Relaxed);
                     conn = Some(c);
@@ -500,6 +501,7 @@ async fn connect(
     ctx: &DeliveryContext,
     dest: &Destination,
     source: Option<&Source>,
+    pool: Option<&str>,
 ) -> Result<Connection, ConnectFailure> {
     let config = &ctx.config;
     let (tls, auth) = match dest {
@@ -569,6 +571,14 @@ async fn connect(
         Destination::Local => None,
     };
     if let Some(until) = limits.as_ref().and_then(|l| l.suspended_until()) {
+        return Err(ConnectFailure::suspended(dest, until));
+    }
+    let domain = match dest {
+        Destination::Mx(d) => d.as_str(),
+        Destination::Smarthost(relay) => relay.host.as_str(),
+        Destination::Local => "local",
+    };
+    if let Some(until) = ctx.shaper.operator_suspended(domain, pool) {
         return Err(ConnectFailure::suspended(dest, until));
     }
     let slot = match &limits {

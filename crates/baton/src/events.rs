@@ -61,6 +61,8 @@ pub enum EventKind {
     BounceDropped,
     /// A destination's adaptive shaping state changed (suspended, throttled, recovered).
     Shaping,
+    /// An operator removed a recipient without a DSN.
+    Deleted,
     /// A recipient waits because of Baton's own shaping (a suspension, a warm-up cap): no
     /// attempt was made; `next_attempt` says until when.
     Held,

@@ -3,6 +3,7 @@
 mod bounce;
 mod client;
 mod config;
+mod control;
 mod delivery;
 mod dns;
 mod events;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -37,6 +39,21 @@ enum Cmd {
     },
     /// Validate a config file and report every error with its line.
     CheckConfig { file: PathBuf },
+    /// Stop deliveries to a destination domain (or `pool:NAME`) on the running server.
+    Suspend {
+        destination: String,
+        /// How long, e.g. 30m, 2h (default 1 day).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Let deliveries to a suspended destination go again, at once.
+    Resume {
+        destination: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
@@ -62,6 +79,16 @@ enum QueueCmd {
         #[arg(long, conflicts_with = "json")]
         body: bool,
     },
+    /// Why a message's recipients are not being sent right now (asks the running server).
+    Explain {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bounce every queued recipient at a domain, with DSNs to the senders.
+    Bounce { destination: String },
+    /// Delete every queued recipient at a domain, without DSNs.
+    Delete { destination: String },
 }
 
 fn main() -> ExitCode {
@@ -70,11 +97,29 @@ fn main() -> ExitCode {
         Cmd::Serve { config } => load_config(config.as_deref()).and_then(serve),
         Cmd::CheckConfig { file } => return check_config(&file),
         Cmd::Queue { config, command } => {
-            load_config(config.as_deref()).and_then(|c| match command {
-                QueueCmd::List { json } => queue::list(&c.data_dir, json),
-                QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
-            })
+            load_config(config.as_deref()).and_then(|c| queue_command(&c, command))
         }
+        Cmd::Suspend {
+            destination,
+            duration,
+            config,
+        } => load_config(config.as_deref()).and_then(|c| {
+            let seconds = match duration {
+                Some(d) => Some(config::parse_duration(&d).ok_or_else(|| {
+                    anyhow::anyhow!("--for {d:?}: write a duration such as 30m, 2h or 1d")
+                })?),
+                None => None,
+            };
+            ask(
+                &c,
+                json!({"cmd": "suspend", "destination": destination, "seconds": seconds}),
+            )
+        }),
+        Cmd::Resume {
+            destination,
+            config,
+        } => load_config(config.as_deref())
+            .and_then(|c| ask(&c, json!({"cmd": "resume", "destination": destination}))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +128,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
+    match command {
+        QueueCmd::List { json } => queue::list(&c.data_dir, json),
+        QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
+        QueueCmd::Explain { id, json } => {
+            let answer = control::request(&c.data_dir, json!({"cmd": "explain", "id": id}))?;
+            queue::print_explain(&answer, json)
+        }
+        QueueCmd::Bounce { destination } => {
+            ask(c, json!({"cmd": "bounce", "destination": destination}))
+        }
+        QueueCmd::Delete { destination } => {
+            ask(c, json!({"cmd": "delete", "destination": destination}))
+        }
+    }
+}
+
+/// Sends an operator request to the running server and prints its answer.
+fn ask(c: &Config, request: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", control::request(&c.data_dir, request)?);
+    Ok(())
 }
 
 fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {

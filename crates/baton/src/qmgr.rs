@@ -24,10 +24,37 @@ use crate::config::Config;
 use crate::delivery::{DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport};
 use crate::events::{EventKind, Events};
 
-/// Sessions hand accepted messages to the queue through this.
+/// Sessions hand accepted messages to the queue through this; the control socket asks it
+/// questions and gives it orders.
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::UnboundedSender<StoredWithBody>,
+    control: mpsc::UnboundedSender<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+}
+
+/// An operator's request (see `control.rs`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Control {
+    /// Why each recipient of a message is where it is.
+    Explain {
+        id: String,
+    },
+    /// No deliveries to a destination domain (or `pool:NAME`) for `seconds` (default: a day).
+    Suspend {
+        destination: String,
+        seconds: Option<u64>,
+    },
+    Resume {
+        destination: String,
+    },
+    /// Bounce (with DSN) or delete (without) every queued recipient at a domain.
+    Bounce {
+        destination: String,
+    },
+    Delete {
+        destination: String,
+    },
 }
 
 struct StoredWithBody {
@@ -39,6 +66,16 @@ impl QueueHandle {
     /// Queues a message that is already durable in the spool. `body` saves a read back.
     pub fn submit(&self, message: StoredMessage, body: Option<Bytes>) {
         let _ = self.tx.send(StoredWithBody { message, body });
+    }
+
+    /// Runs an operator request in the queue manager and returns its answer.
+    pub async fn control(&self, request: Control) -> serde_json::Value {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.control.send((request, tx)).is_err() {
+            return serde_json::json!({"error": "the queue manager has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| serde_json::json!({"error": "no answer from the queue manager"}))
     }
 }
 
@@ -67,6 +104,7 @@ pub struct QueueManager {
     destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
     submissions: mpsc::UnboundedReceiver<StoredWithBody>,
     reports: mpsc::UnboundedReceiver<JobReport>,
+    control: mpsc::UnboundedReceiver<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
 }
 
 impl QueueManager {
@@ -79,6 +117,7 @@ impl QueueManager {
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
+        let (control_tx, control) = mpsc::unbounded_channel();
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dns: crate::dns::Dns::new(&config.dns)?,
@@ -98,12 +137,16 @@ impl QueueManager {
             destinations: HashMap::new(),
             submissions,
             reports,
+            control,
         };
         for message in recovered {
             qmgr.add(message, None);
         }
         tokio::spawn(qmgr.run());
-        Ok(QueueHandle { tx })
+        Ok(QueueHandle {
+            tx,
+            control: control_tx,
+        })
     }
 
     async fn run(mut self) {
@@ -113,6 +156,10 @@ impl QueueManager {
             tokio::select! {
                 Some(s) = self.submissions.recv() => self.add(s.message, s.body),
                 Some(report) = self.reports.recv() => self.apply(report).await,
+                Some((request, reply)) = self.control.recv() => {
+                    let answer = self.handle_control(request).await;
+                    let _ = reply.send(answer);
+                }
                 _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {
                     self.fire_timers();
                 }
@@ -511,6 +558,230 @@ impl QueueManager {
         {
             tracing::error!(id = %id, error = %e, "cannot record a finished message");
         }
+    }
+
+    async fn handle_control(&mut self, request: Control) -> serde_json::Value {
+        use serde_json::json;
+        match request {
+            Control::Explain { id } => match id.parse::<QueueId>() {
+                Ok(qid) => self.explain(qid),
+                Err(e) => json!({"error": e}),
+            },
+            Control::Suspend {
+                destination,
+                seconds,
+            } => {
+                let secs = seconds.unwrap_or(86400);
+                self.delivery
+                    .shaper
+                    .operator_suspend(&destination, Duration::from_secs(secs));
+                self.shaping_event(
+                    &destination,
+                    format!("suspended by the operator for {secs} s"),
+                );
+                json!({"ok": true, "destination": destination, "seconds": secs})
+            }
+            Control::Resume { destination } => {
+                self.delivery.shaper.operator_resume(&destination);
+                self.shaping_event(&destination, "resumed by the operator".into());
+                // Whatever waits for the destination may go now.
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                for id in &ids {
+                    self.release(*id, &destination);
+                }
+                json!({"ok": true, "destination": destination})
+            }
+            Control::Bounce { destination } => {
+                let n = self.operator_final(&destination, true).await;
+                json!({"ok": true, "destination": destination, "bounced": n})
+            }
+            Control::Delete { destination } => {
+                let n = self.operator_final(&destination, false).await;
+                json!({"ok": true, "destination": destination, "deleted": n})
+            }
+        }
+    }
+
+    fn shaping_event(&self, destination: &str, what: String) {
+        tracing::info!(destination, "{what}");
+        let mut e = self.events.new_event(EventKind::Shaping, "", "", "");
+        e.destination = Some(destination.to_string());
+        e.response = Some(what);
+        self.events.emit(e);
+    }
+
+    /// Recipients at `domain` (not out with a worker) of message `id`.
+    fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
+        let Some(q) = self.messages.get(&id) else {
+            return Vec::new();
+        };
+        q.envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                !r.state.is_final()
+                    && !q.in_flight[*i]
+                    && r.address
+                        .rsplit_once('@')
+                        .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+            })
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// Makes the recipients of `destination` due now (after a resume).
+    fn release(&mut self, id: QueueId, destination: &str) {
+        let rcpts = self.waiting_at(id, destination);
+        if rcpts.is_empty() {
+            return;
+        }
+        if let Some(q) = self.messages.get_mut(&id) {
+            for &i in &rcpts {
+                if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
+                    r.next_attempt_ms = 0;
+                }
+            }
+        }
+        self.dispatch(id);
+    }
+
+    /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.
+    async fn operator_final(&mut self, domain: &str, bounce: bool) -> usize {
+        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+        let mut total = 0;
+        let now = now_ms();
+        for id in ids {
+            let rcpts = self.waiting_at(id, domain);
+            if rcpts.is_empty() {
+                continue;
+            }
+            total += rcpts.len();
+            let (state, status, text, kind) = if bounce {
+                (
+                    RcptState::Bounced,
+                    "5.0.0",
+                    "bounced by the operator",
+                    EventKind::Bounce,
+                )
+            } else {
+                (
+                    RcptState::Deleted,
+                    "5.0.0",
+                    "deleted by the operator",
+                    EventKind::Deleted,
+                )
+            };
+            let mut updates = Vec::new();
+            let mut reported = Vec::new();
+            if let Some(q) = self.messages.get_mut(&id) {
+                for &i in &rcpts {
+                    let Some(r) = q.envelope.recipients.get_mut(i as usize) else {
+                        continue;
+                    };
+                    let update = RecipientUpdate {
+                        id,
+                        rcpt: i,
+                        state,
+                        attempt: Some(Attempt {
+                            at_ms: now,
+                            code: 550,
+                            status: status.into(),
+                            diagnostic: text.into(),
+                            remote_mta: None,
+                        }),
+                        next_attempt_ms: 0,
+                        delay_notified: false,
+                    };
+                    r.state = state;
+                    let mut e = self.events.new_event(
+                        kind,
+                        &id.to_string(),
+                        &r.address,
+                        &q.envelope.sender,
+                    );
+                    e.status = Some(status.into());
+                    e.response = Some(text.into());
+                    self.events.emit(e);
+                    if bounce && r.notify & 1 == 0 {
+                        reported.push(ReportedRecipient {
+                            address: r.address.clone(),
+                            orcpt: r.orcpt.clone(),
+                            action: Action::Failed,
+                            status: status.into(),
+                            diagnostic: format!("the mail system's operator {text}"),
+                            diagnostic_is_smtp: false,
+                            remote_mta: None,
+                            last_attempt_ms: now,
+                            will_retry_until_ms: None,
+                        });
+                    }
+                    updates.push(update);
+                }
+            }
+            if !reported.is_empty() {
+                self.send_dsn(id, reported).await;
+            }
+            let done = self.take_if_done(id);
+            let done: &[QueueId] = if done { &[id] } else { &[] };
+            if let Err(e) = self.spool.record(&updates, done) {
+                tracing::error!(id = %id, error = %e, "cannot record an operator action");
+            }
+        }
+        total
+    }
+
+    /// Why each recipient of `id` is where it is, with the numbers.
+    fn explain(&self, id: QueueId) -> serde_json::Value {
+        use serde_json::json;
+        let Some(q) = self.messages.get(&id) else {
+            return json!({"error": format!("no message {id} in the queue")});
+        };
+        let now = now_ms();
+        let window = q.envelope.meta("window").map(str::to_string);
+        let pool = self
+            .config
+            .pool_for_sender(&q.envelope.sender)
+            .map(|p| p.name.clone());
+        let recipients: Vec<_> = q
+            .envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                let dest = Destination::for_domain(&self.config, domain);
+                let mut reasons = Vec::new();
+                if r.state.is_final() {
+                    reasons.push(format!("final: {}", r.state.as_str()));
+                } else if q.in_flight[i] {
+                    reasons.push("out with a delivery worker now".to_string());
+                } else if self.config.delivery.hold {
+                    reasons.push("the queue is on hold ([delivery] hold = true)".to_string());
+                } else if r.next_attempt_ms > now {
+                    reasons.push(format!(
+                        "waiting for its next attempt in {} s",
+                        (r.next_attempt_ms - now) / 1000
+                    ));
+                }
+                if let Some(w) = &window {
+                    reasons.push(format!("delivery window {w}"));
+                }
+                let shaping = self.delivery.shaper.describe(domain);
+                json!({
+                    "email": r.address,
+                    "state": r.state.as_str(),
+                    "attempts": q.attempts.get(i).copied().unwrap_or(0),
+                    "next_attempt_ms": (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
+                    "in_flight": q.in_flight[i],
+                    "destination": dest.to_string(),
+                    "pool": pool,
+                    "reasons": reasons,
+                    "shaping": shaping,
+                })
+            })
+            .collect();
+        json!({"id": id.to_string(), "sender": q.envelope.sender, "recipients": recipients})
     }
 
     /// Queues a DSN to the sender about `recipients`; a bounce is never bounced.

@@ -145,3 +145,43 @@ pub fn show(data_dir: &Path, id: &str, as_json: bool, body: bool) -> anyhow::Res
     }
     Ok(())
 }
+
+/// Prints the server's answer to `explain`.
+pub fn print_explain(answer: &serde_json::Value, as_json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string_pretty(answer)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{}  from {}",
+        answer["id"].as_str().unwrap_or(""),
+        answer["sender"]
+    )?;
+    for r in answer["recipients"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "  {}  {}  (attempts {}, destination {}{})",
+            r["email"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["attempts"],
+            r["destination"].as_str().unwrap_or(""),
+            r["pool"]
+                .as_str()
+                .map(|p| format!(", pool {p}"))
+                .unwrap_or_default()
+        )?;
+        for reason in r["reasons"].as_array().into_iter().flatten() {
+            writeln!(out, "    - {}", reason.as_str().unwrap_or(""))?;
+        }
+        let shaping = &r["shaping"];
+        if let Some(s) = shaping["operator_suspended_for_s"].as_u64() {
+            writeln!(out, "    - suspended by the operator for {s} s more")?;
+        }
+        for state in shaping["states"].as_array().into_iter().flatten() {
+            writeln!(out, "    - shaping {}", state)?;
+        }
+    }
+    Ok(())
+}

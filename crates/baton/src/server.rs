@@ -124,6 +124,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         events.clone(),
         recovery.messages,
     )?;
+    crate::control::listen(&config.data_dir, queue.clone())?;
     let ctx = Arc::new(Context {
         config,
         spool,

@@ -343,6 +343,10 @@ type StateKey = (Option<String>, Matcher);
 pub struct Shaper {
     rules: Vec<ShapingRule>,
     backoff: Vec<BackoffRule>,
+    /// Operator suspensions: a domain or "pool:NAME", until when.
+    operator: Mutex<HashMap<String, Instant>>,
+    /// Which live states each domain has used (for `explain`).
+    by_domain: Mutex<HashMap<String, Vec<Arc<Limits>>>>,
     default: ShapingRule,
     states: Mutex<HashMap<StateKey, Arc<Limits>>>,
 }
@@ -366,9 +370,88 @@ impl Shaper {
         Shaper {
             rules,
             backoff,
+            operator: Mutex::default(),
+            by_domain: Mutex::default(),
             default,
             states: Mutex::default(),
         }
+    }
+
+    /// Suspends a domain (or "pool:NAME") by the operator's word.
+    pub fn operator_suspend(&self, destination: &str, for_: Duration) {
+        self.operator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(destination.to_ascii_lowercase(), Instant::now() + for_);
+    }
+
+    pub fn operator_resume(&self, destination: &str) {
+        self.operator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&destination.to_ascii_lowercase());
+    }
+
+    /// Until when the operator suspended `domain` or `pool`, if they did.
+    pub fn operator_suspended(&self, domain: &str, pool: Option<&str>) -> Option<Instant> {
+        let now = Instant::now();
+        let map = self.operator.lock().unwrap_or_else(|e| e.into_inner());
+        let by_domain = map.get(&domain.to_ascii_lowercase()).copied();
+        let by_pool = pool.and_then(|p| {
+            map.get(&format!("pool:{}", p.to_ascii_lowercase()))
+                .copied()
+        });
+        [by_domain, by_pool]
+            .into_iter()
+            .flatten()
+            .filter(|&t| t > now)
+            .max()
+    }
+
+    /// What shaping currently does to `domain`, for `baton queue explain`.
+    pub fn describe(&self, domain: &str) -> serde_json::Value {
+        use serde_json::json;
+        let domain = domain.to_ascii_lowercase();
+        let now = Instant::now();
+        let rule = self.domain_rule(&domain);
+        let states: Vec<_> = self
+            .by_domain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&domain)
+            .map(|v| {
+                v.iter()
+                    .map(|l| {
+                        let a = l.adaptive();
+                        let open = match (&l.connections, l.rule.max_connections) {
+                            (Some(s), Some(cap)) => Some(cap - s.available_permits()),
+                            _ => None,
+                        };
+                        json!({
+                            "rule": format!("{:?}", l.rule.matcher),
+                            "max_connections": l.rule.max_connections,
+                            "open_connections": open,
+                            "max_message_rate": l.rule.max_message_rate.map(|r| format!("{}/{}s", r.count, r.per.as_secs())),
+                            "suspended_for_s": a.suspended_until.filter(|&t| t > now).map(|t| (t - now).as_secs()),
+                            "throttle_factor": a.factor,
+                            "warmup": l.warmup.as_ref().map(|(plan, count)| {
+                                let c = count.lock().unwrap_or_else(|e| e.into_inner());
+                                let (_, cap, _) = plan.period(baton_spool::now_ms());
+                                json!({"cap": cap, "sent_this_period": c.sent})
+                            }),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let operator = self
+            .operator_suspended(&domain, None)
+            .map(|t| (t - now).as_secs());
+        json!({
+            "domain_rule": format!("{:?}", rule.matcher),
+            "operator_suspended_for_s": operator,
+            "states": states,
+        })
     }
 
     /// The first backoff rule a reply matches.
@@ -409,17 +492,24 @@ impl Shaper {
             None => (
                 exact,
                 ShapingRule {
-                    matcher: Matcher::Domain(domain),
+                    matcher: Matcher::Domain(domain.clone()),
                     ..self.default.clone()
                 },
             ),
         };
-        self.states
+        let limits = self
+            .states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((source.map(|s| s.name.clone()), key))
             .or_insert_with(|| Arc::new(Limits::new(rule, source.and_then(|s| s.warmup.clone()))))
-            .clone()
+            .clone();
+        let mut by_domain = self.by_domain.lock().unwrap_or_else(|e| e.into_inner());
+        let known = by_domain.entry(domain).or_default();
+        if !known.iter().any(|l| Arc::ptr_eq(l, &limits)) {
+            known.push(limits.clone());
+        }
+        limits
     }
 }
 

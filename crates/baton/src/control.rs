@@ -1,0 +1,71 @@
+//! The control socket: `data_dir/control.sock`, one JSON request per line and one JSON answer
+//! per line, for the operator commands (`baton suspend`, `baton queue explain`, ...).
+//!
+//! Owns the socket and the wire format only; the queue manager does the work. The socket is
+//! created with mode 0600: whoever may use it may bounce mail.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+use crate::qmgr::{Control, QueueHandle};
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.sock")
+}
+
+/// Serves the control socket until the process ends.
+pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
+    let path = socket_path(data_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = match serde_json::from_str::<Control>(&line) {
+                        Ok(request) => queue.control(request).await,
+                        Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
+                    };
+                    let mut out = answer.to_string();
+                    out.push('\n');
+                    if write.write_all(out.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Sends one request to a running server and returns its answer.
+pub fn request(data_dir: &Path, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let path = socket_path(data_dir);
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the server at {} (is `baton serve` running with this config?)",
+            path.display()
+        )
+    })?;
+    let mut line = request.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&answer).context("the server's answer is not JSON")?;
+    if let Some(e) = value.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{e}");
+    }
+    Ok(value)
+}

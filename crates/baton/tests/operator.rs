@@ -1,0 +1,137 @@
+//! Operator controls on a running server, through the CLI and the control socket: suspend and
+//! resume a destination, explain why mail waits, bounce or delete a destination's mail.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Server;
+use common::dns::DnsServer;
+use common::mx::{FakeMx, Script, common_port};
+
+fn cli_ok(server: &Server, args: &[&str]) -> serde_json::Value {
+    let out = server.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn suspend_explain_resume_bounce_delete() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2", "127.0.0.9"]);
+    dns.mx("ops.test", 10, "mx.ops.test");
+    dns.a("mx.ops.test", "127.0.0.2");
+    dns.mx("stuck.test", 10, "mx.ops.test");
+    dns.mx("sender.test", 10, "mx.sender.test");
+    dns.a("mx.sender.test", "127.0.0.9");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            rcpt: Arc::new(|addr, _| {
+                if addr.ends_with("@stuck.test") {
+                    "451 4.3.0 not now".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    let sender_mx = FakeMx::start(
+        format!("127.0.0.9:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1h\"\nidle_timeout = \"1s\"\n",
+        dns.config()
+    ));
+
+    // Suspended: mail waits, and explain says why.
+    let out = cli_ok(&server, &["suspend", "ops.test", "--for", "1h"]);
+    assert_eq!(out["seconds"], 3600);
+    let mut c = server.connect();
+    c.hello();
+    let id = c
+        .send_mail("a@sender.test", &["b@ops.test"], b"Subject: s\r\n\r\nx\r\n")
+        .queue_id();
+    server.wait_event(10, |e| {
+        e["type"] == "held" && e["recipient"] == "b@ops.test"
+    });
+    let explained = cli_ok(&server, &["queue", "explain", &id, "--json"]);
+    let r = &explained["recipients"][0];
+    assert_eq!(r["destination"], "ops.test");
+    assert!(
+        r["shaping"]["operator_suspended_for_s"].as_u64().unwrap() > 3500,
+        "{r}"
+    );
+    assert!(
+        r["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("waiting for its next attempt"),
+        "{r}"
+    );
+    let text = String::from_utf8(server.cli(&["queue", "explain", &id]).stdout).unwrap();
+    assert!(text.contains("suspended by the operator"), "{text}");
+    assert!(mx.messages().is_empty());
+
+    // Resumed: it goes at once.
+    cli_ok(&server, &["resume", "ops.test"]);
+    assert_eq!(mx.wait_for(1, 10).len(), 1, "log:\n{}", server.log());
+
+    // Bounce: deferred mail for stuck.test is returned to its sender now.
+    c.send_mail(
+        "a@sender.test",
+        &["c@stuck.test"],
+        b"Subject: b\r\n\r\nx\r\n",
+    );
+    server.wait_event(10, |e| {
+        e["type"] == "transient_failure" && e["recipient"] == "c@stuck.test"
+    });
+    let out = cli_ok(&server, &["queue", "bounce", "stuck.test"]);
+    assert_eq!(out["bounced"], 1);
+    let dsn = sender_mx.wait_for(1, 10);
+    assert_eq!(dsn.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&dsn[0].body).contains("Final-Recipient: rfc822; c@stuck.test")
+    );
+
+    // Delete: gone without a word to the sender.
+    c.send_mail(
+        "a@sender.test",
+        &["d@stuck.test"],
+        b"Subject: d\r\n\r\nx\r\n",
+    );
+    server.wait_event(10, |e| {
+        e["type"] == "transient_failure" && e["recipient"] == "d@stuck.test"
+    });
+    let out = cli_ok(&server, &["queue", "delete", "stuck.test"]);
+    assert_eq!(out["deleted"], 1);
+    server.wait_event(5, |e| {
+        e["type"] == "deleted" && e["recipient"] == "d@stuck.test"
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sender_mx.messages().len(), 1, "no DSN for a deletion");
+    assert!(server.queued_ids().is_empty(), "{:?}", server.queue_json());
+
+    // Without a running server, the CLI says so.
+    drop(server);
+}
+
+#[test]
+fn control_commands_need_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("data_dir = \"{}\"\n", dir.path().display())).unwrap();
+    let out = std::process::Command::new(common::BATON)
+        .args(["resume", "x.test", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `baton serve` running"));
+}
