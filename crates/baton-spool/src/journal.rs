@@ -23,6 +23,8 @@ pub const KIND_MESSAGE_FILE: u8 = 2;
 pub const KIND_UPDATE: u8 = 3;
 /// Every recipient of a message is final: the message is gone (8-byte queue id).
 pub const KIND_DONE: u8 = 4;
+/// A message's meta entry set or replaced (postcard `(QueueId, key, value)`).
+pub const KIND_META: u8 = 5;
 const FRAME_HEADER: usize = 9;
 
 /// Where a message's body is.
@@ -40,6 +42,7 @@ pub enum Record {
     Message(StoredMessage),
     Update(RecipientUpdate),
     Done(QueueId),
+    Meta(QueueId, String, String),
 }
 
 /// A message as found in the spool.
@@ -112,6 +115,17 @@ pub fn encode_update(update: &RecipientUpdate, out: &mut Vec<u8>) -> Result<(), 
     Ok(())
 }
 
+pub fn encode_meta(
+    id: QueueId,
+    key: &str,
+    value: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), postcard::Error> {
+    let payload = postcard::to_stdvec(&(id, key, value))?;
+    encode_frame(KIND_META, &payload, out);
+    Ok(())
+}
+
 pub fn encode_done(id: QueueId, out: &mut Vec<u8>) {
     encode_frame(KIND_DONE, &id.0.to_le_bytes(), out);
 }
@@ -164,6 +178,9 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u
                 decode_message(&frame, number, offset).map(Record::Message)
             }
             KIND_UPDATE => postcard::from_bytes(&frame[1..]).ok().map(Record::Update),
+            KIND_META => postcard::from_bytes::<(QueueId, String, String)>(&frame[1..])
+                .ok()
+                .map(|(id, k, v)| Record::Meta(id, k, v)),
             KIND_DONE => frame
                 .get(1..9)
                 .and_then(|b| b.try_into().ok())

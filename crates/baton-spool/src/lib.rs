@@ -330,6 +330,19 @@ impl Spool {
             .map_err(|_| SpoolError::Stopped)
     }
 
+    /// Sets a message's meta entry (e.g. its pool after a rebind); written like [`Spool::record`].
+    pub fn record_meta(&self, id: QueueId, key: &str, value: &str) -> Result<(), SpoolError> {
+        let mut frames = Vec::new();
+        journal::encode_meta(id, key, value, &mut frames)?;
+        self.inner
+            .committer
+            .send(CommitRequest::Records {
+                frames,
+                done: Vec::new(),
+            })
+            .map_err(|_| SpoolError::Stopped)
+    }
+
     /// Reads the body of a message in this spool (for delivery of a message not in memory).
     pub fn load_body(&self, id: QueueId, location: BodyLocation) -> io::Result<Bytes> {
         let dir = self.inner.journal_dir.parent().unwrap_or(Path::new("."));
@@ -456,6 +469,12 @@ fn apply_records(
             }
             Record::Done(id) => {
                 live.remove(&id);
+            }
+            Record::Meta(id, key, value) => {
+                if let Some((m, _)) = live.get_mut(&id) {
+                    m.envelope.meta.retain(|(k, _)| *k != key);
+                    m.envelope.meta.push((key, value));
+                }
             }
         }
     }

@@ -108,6 +108,8 @@ pub struct Pool {
     pub sources: Vec<(Source, u32)>,
     /// Sender domains whose mail goes out through this pool.
     pub sender_domains: Vec<String>,
+    /// Tenants (X-Baton-Tenant) whose mail goes out through this pool.
+    pub tenants: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +212,25 @@ impl Config {
             .find(|r| r.domain == "*")
             .map(|r| r.transport.clone())
             .unwrap_or(Transport::Mx)
+    }
+
+    /// The pool for a message: one named for it (`rebind`), else the one naming its tenant,
+    /// else its sender domain, else `[delivery] pool`.
+    pub fn pool_for(&self, envelope: &baton_spool::Envelope) -> Option<&Pool> {
+        if let Some(name) = envelope.meta("pool")
+            && let Some(p) = self.pools.iter().find(|p| p.name == name)
+        {
+            return Some(p);
+        }
+        if let Some(tenant) = envelope.meta("tenant")
+            && let Some(p) = self
+                .pools
+                .iter()
+                .find(|p| p.tenants.iter().any(|t| t == tenant))
+        {
+            return Some(p);
+        }
+        self.pool_for_sender(&envelope.sender)
     }
 
     /// The pool for a sender: the one naming its domain, else `[delivery] pool`.
@@ -352,6 +373,8 @@ struct RawPool {
     weights: Option<Vec<Spanned<u64>>>,
     #[serde(default)]
     sender_domains: Vec<Spanned<String>>,
+    #[serde(default)]
+    tenants: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1016,6 +1039,11 @@ impl Validator<'_> {
                 .sender_domains
                 .into_iter()
                 .map(|d| d.into_inner().to_ascii_lowercase())
+                .collect(),
+            tenants: raw
+                .tenants
+                .into_iter()
+                .map(|t| t.into_inner().to_ascii_lowercase())
                 .collect(),
         })
     }

@@ -74,6 +74,8 @@ pub struct JobMessage {
     pub body: OnceCell<Bytes>,
     /// Drop X-Baton-* header fields before sending.
     pub strip_baton_headers: bool,
+    /// X-Baton-Tenant, lower case.
+    pub tenant: Option<String>,
 }
 
 impl JobMessage {
@@ -90,6 +92,7 @@ impl JobMessage {
             location: self.location,
             body: OnceCell::new(),
             strip_baton_headers: self.strip_baton_headers,
+            tenant: self.tenant.clone(),
         }
     }
 
@@ -285,6 +288,17 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                     continue;
                 }
             }
+        }
+        if let Some(tenant) = &job.message.tenant
+            && let Some(until) = ctx
+                .shaper
+                .operator_suspended_key(&format!("tenant:{tenant}"))
+        {
+            // This tenant's mail waits; other tenants' mail on this connection goes on.
+            let failure = ConnectFailure::suspended(&dest.key, until);
+            let reply = Reply::local(451, "4.7.0", format!("tenant {tenant} is suspended"));
+            report_all_until(&ctx, &job, &reply, None, failure.not_before);
+            continue;
         }
         let Some(connection) = conn.as_mut() else {
             continue;

@@ -89,6 +89,13 @@ enum QueueCmd {
     Bounce { destination: String },
     /// Delete every queued recipient at a domain, without DSNs.
     Delete { destination: String },
+    /// Move queued mail from one pool to another.
+    Rebind {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -144,6 +151,7 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
         QueueCmd::Delete { destination } => {
             ask(c, json!({"cmd": "delete", "destination": destination}))
         }
+        QueueCmd::Rebind { from, to } => ask(c, json!({"cmd": "rebind", "from": from, "to": to})),
     }
 }
 

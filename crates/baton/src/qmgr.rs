@@ -40,7 +40,8 @@ pub enum Control {
     Explain {
         id: String,
     },
-    /// No deliveries to a destination domain (or `pool:NAME`) for `seconds` (default: a day).
+    /// No deliveries to a destination domain (or `pool:NAME`, `tenant:NAME`) for `seconds`
+    /// (default: a day).
     Suspend {
         destination: String,
         seconds: Option<u64>,
@@ -54,6 +55,11 @@ pub enum Control {
     },
     Delete {
         destination: String,
+    },
+    /// Move the queued mail of one pool to another.
+    Rebind {
+        from: String,
+        to: String,
     },
 }
 
@@ -139,6 +145,12 @@ impl QueueManager {
             reports,
             control,
         };
+        // Operator suspensions survive restarts.
+        if let Ok(text) = std::fs::read_to_string(qmgr.operator_file())
+            && let Ok(saved) = serde_json::from_str::<Vec<(String, u64)>>(&text)
+        {
+            qmgr.delivery.shaper.operator_restore(saved);
+        }
         for message in recovered {
             qmgr.add(message, None);
         }
@@ -194,6 +206,7 @@ impl QueueManager {
             location: message.body,
             body: OnceCell::new_with(body),
             strip_baton_headers: env.meta("baton-headers").is_some(),
+            tenant: env.meta("tenant").map(str::to_string),
         });
         let id = env.id;
         let n = env.recipients.len();
@@ -277,7 +290,7 @@ impl QueueManager {
             tracing::error!(id = %id, error = %e, "cannot record the delivery window");
         }
         let max_workers = self.config.delivery.max_connections_per_destination;
-        let pool = self.config.pool_for_sender(&q.envelope.sender).cloned();
+        let pool = self.config.pool_for(&q.envelope).cloned();
         for (dest, rcpts) in groups {
             // Local delivery binds to no source.
             let pool = pool.clone().filter(|_| dest != Destination::Local);
@@ -575,6 +588,7 @@ impl QueueManager {
                 self.delivery
                     .shaper
                     .operator_suspend(&destination, Duration::from_secs(secs));
+                self.save_operator_state();
                 self.shaping_event(
                     &destination,
                     format!("suspended by the operator for {secs} s"),
@@ -583,6 +597,7 @@ impl QueueManager {
             }
             Control::Resume { destination } => {
                 self.delivery.shaper.operator_resume(&destination);
+                self.save_operator_state();
                 self.shaping_event(&destination, "resumed by the operator".into());
                 // Whatever waits for the destination may go now.
                 let ids: Vec<QueueId> = self.messages.keys().copied().collect();
@@ -590,6 +605,40 @@ impl QueueManager {
                     self.release(*id, &destination);
                 }
                 json!({"ok": true, "destination": destination})
+            }
+            Control::Bounce { destination } | Control::Delete { destination }
+                if destination.is_empty() || destination.contains(':') =>
+            {
+                json!({"error": format!("bounce and delete take a domain, not {destination:?}")})
+            }
+            Control::Rebind { from, to } => {
+                if !self.config.pools.iter().any(|p| p.name == to) {
+                    return json!({"error": format!("no [[pool]] named {to:?}")});
+                }
+                let mut moved = 0;
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                for id in ids {
+                    let Some(q) = self.messages.get_mut(&id) else {
+                        continue;
+                    };
+                    if self.config.pool_for(&q.envelope).map(|p| p.name.as_str())
+                        != Some(from.as_str())
+                    {
+                        continue;
+                    }
+                    q.envelope.meta.retain(|(k, _)| k != "pool");
+                    q.envelope.meta.push(("pool".into(), to.clone()));
+                    if let Err(e) = self.spool.record_meta(id, "pool", &to) {
+                        tracing::error!(id = %id, error = %e, "cannot record a rebind");
+                    }
+                    moved += 1;
+                    self.release(id, "pool:");
+                }
+                self.shaping_event(
+                    &format!("pool:{from}"),
+                    format!("{moved} messages rebound to pool {to}"),
+                );
+                json!({"ok": true, "from": from, "to": to, "messages": moved})
             }
             Control::Bounce { destination } => {
                 let n = self.operator_final(&destination, true).await;
@@ -602,6 +651,24 @@ impl QueueManager {
         }
     }
 
+    fn operator_file(&self) -> std::path::PathBuf {
+        self.config.data_dir.join("operator-suspensions.json")
+    }
+
+    /// Saves the operator's suspensions (write a temporary file, then rename over).
+    fn save_operator_state(&self) {
+        let snapshot = self.delivery.shaper.operator_snapshot();
+        let path = self.operator_file();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&snapshot)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot save the operator's suspensions");
+        }
+    }
+
     fn shaping_event(&self, destination: &str, what: String) {
         tracing::info!(destination, "{what}");
         let mut e = self.events.new_event(EventKind::Shaping, "", "", "");
@@ -610,7 +677,7 @@ impl QueueManager {
         self.events.emit(e);
     }
 
-    /// Recipients at `domain` (not out with a worker) of message `id`.
+    /// Recipients at `domain` (every domain when empty), not out with a worker, of message `id`.
     fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
         let Some(q) = self.messages.get(&id) else {
             return Vec::new();
@@ -622,17 +689,23 @@ impl QueueManager {
             .filter(|(i, r)| {
                 !r.state.is_final()
                     && !q.in_flight[*i]
-                    && r.address
-                        .rsplit_once('@')
-                        .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+                    && (domain.is_empty()
+                        || r.address
+                            .rsplit_once('@')
+                            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)))
             })
             .map(|(i, _)| i as u32)
             .collect()
     }
 
-    /// Makes the recipients of `destination` due now (after a resume).
+    /// Makes the recipients of `destination` (a domain, or every recipient for "pool:..." and
+    /// "tenant:...") due now, after a resume.
     fn release(&mut self, id: QueueId, destination: &str) {
-        let rcpts = self.waiting_at(id, destination);
+        let rcpts = if destination.contains(':') {
+            self.waiting_at(id, "")
+        } else {
+            self.waiting_at(id, destination)
+        };
         if rcpts.is_empty() {
             return;
         }
@@ -739,10 +812,8 @@ impl QueueManager {
         };
         let now = now_ms();
         let window = q.envelope.meta("window").map(str::to_string);
-        let pool = self
-            .config
-            .pool_for_sender(&q.envelope.sender)
-            .map(|p| p.name.clone());
+        let pool = self.config.pool_for(&q.envelope).map(|p| p.name.clone());
+        let tenant = q.envelope.meta("tenant").map(str::to_string);
         let recipients: Vec<_> = q
             .envelope
             .recipients
@@ -767,6 +838,24 @@ impl QueueManager {
                 if let Some(w) = &window {
                     reasons.push(format!("delivery window {w}"));
                 }
+                if let Some(t) = &tenant
+                    && self
+                        .delivery
+                        .shaper
+                        .operator_suspended_key(&format!("tenant:{t}"))
+                        .is_some()
+                {
+                    reasons.push(format!("tenant {t} is suspended by the operator"));
+                }
+                if let Some(p) = &pool
+                    && self
+                        .delivery
+                        .shaper
+                        .operator_suspended_key(&format!("pool:{p}"))
+                        .is_some()
+                {
+                    reasons.push(format!("pool {p} is suspended by the operator"));
+                }
                 let shaping = self.delivery.shaper.describe(domain);
                 json!({
                     "email": r.address,
@@ -781,7 +870,12 @@ impl QueueManager {
                 })
             })
             .collect();
-        json!({"id": id.to_string(), "sender": q.envelope.sender, "recipients": recipients})
+        json!({
+            "id": id.to_string(),
+            "sender": q.envelope.sender,
+            "tenant": tenant,
+            "recipients": recipients,
+        })
     }
 
     /// Queues a DSN to the sender about `recipients`; a bounce is never bounced.

@@ -1,6 +1,6 @@
-//! Scheduled sending: a message can say when it may leave (`X-Baton-Send-At`, RFC 3339 or RFC
+//! Per-message controls in X-Baton-* header fields. Scheduled sending: a message can say when it may leave (`X-Baton-Send-At`, RFC 3339 or RFC
 //! 5322 date) and in which daily window (`X-Baton-Window: 09:00-17:00 Europe/Paris`). Both are
-//! read at reception and stripped before delivery. The queue manager holds the recipients in
+//! read at reception and stripped before delivery, as is `X-Baton-Tenant` (whose mail it is). The queue manager holds the recipients in
 //! its timer heap until then; nothing polls.
 //!
 //! Owns the header syntax and the window arithmetic; it must not touch queues or the spool.
@@ -20,6 +20,8 @@ pub struct Requested {
     pub window: Option<String>,
     /// The body has X-Baton-* header fields to strip before delivery.
     pub has_baton_headers: bool,
+    /// `X-Baton-Tenant`: whose mail this is (picks a pool, can be suspended).
+    pub tenant: Option<String>,
 }
 
 /// Reads the X-Baton-* fields of a header section (`head` may run on into the body).
@@ -41,6 +43,18 @@ pub fn requested(head: &[u8]) -> Result<Requested, String> {
         } else if lower == WINDOW {
             Window::parse(value)?;
             out.window = Some(value.to_string());
+        } else if lower == "x-baton-tenant" {
+            let ok = !value.is_empty()
+                && value.len() <= 64
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(format!(
+                    "X-Baton-Tenant {value:?}: use up to 64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+            out.tenant = Some(value.to_ascii_lowercase());
         }
     }
     Ok(out)

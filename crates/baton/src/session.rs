@@ -695,6 +695,9 @@ fn apply_schedule(envelope: &mut Envelope, body: &BodyWriter) -> Result<(), Repl
     if let Some(window) = requested.window {
         envelope.meta.push(("window".into(), window));
     }
+    if let Some(tenant) = requested.tenant {
+        envelope.meta.push(("tenant".into(), tenant));
+    }
     if requested.has_baton_headers {
         envelope.meta.push(("baton-headers".into(), "strip".into()));
     }

@@ -385,11 +385,45 @@ impl Shaper {
             .insert(destination.to_ascii_lowercase(), Instant::now() + for_);
     }
 
+    /// The operator's suspensions as (key, until in ms since the epoch), for saving.
+    pub fn operator_snapshot(&self) -> Vec<(String, u64)> {
+        let now = Instant::now();
+        let now_ms = baton_spool::now_ms();
+        self.operator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| **t > now)
+            .map(|(k, t)| (k.clone(), now_ms + (*t - now).as_millis() as u64))
+            .collect()
+    }
+
+    /// Restores suspensions saved by [`Shaper::operator_snapshot`].
+    pub fn operator_restore(&self, saved: Vec<(String, u64)>) {
+        let now_ms = baton_spool::now_ms();
+        for (key, until) in saved {
+            if until > now_ms {
+                self.operator_suspend(&key, Duration::from_millis(until - now_ms));
+            }
+        }
+    }
+
     pub fn operator_resume(&self, destination: &str) {
         self.operator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&destination.to_ascii_lowercase());
+    }
+
+    /// Until when the operator suspended `key` ("tenant:acme", a domain, "pool:bulk").
+    pub fn operator_suspended_key(&self, key: &str) -> Option<Instant> {
+        let now = Instant::now();
+        self.operator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key.to_ascii_lowercase())
+            .copied()
+            .filter(|&t| t > now)
     }
 
     /// Until when the operator suspended `domain` or `pool`, if they did.

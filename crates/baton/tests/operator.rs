@@ -135,3 +135,69 @@ fn control_commands_need_a_running_server() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `baton serve` running"));
 }
+
+#[test]
+fn tenants_pick_pools_can_be_suspended_and_mail_can_be_rebound() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("dest.test", 10, "mx.dest.test");
+    dns.a("mx.dest.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let mut server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1h\"\nidle_timeout = \"1s\"\n\
+         [[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\n\
+         [[source]]\nname = \"ip11\"\naddress = \"127.0.0.11\"\n\
+         [[pool]]\nname = \"a\"\nsources = [\"ip10\"]\ntenants = [\"acme\"]\n\
+         [[pool]]\nname = \"b\"\nsources = [\"ip11\"]\n",
+        dns.config()
+    ));
+    cli_ok(&server, &["suspend", "tenant:acme", "--for", "1h"]);
+    let mut c = server.connect();
+    c.hello();
+    let acme = c
+        .send_mail(
+            "x@sender.test",
+            &["t@dest.test"],
+            b"X-Baton-Tenant: ACME\r\nSubject: a\r\n\r\nx\r\n",
+        )
+        .queue_id();
+    let other = c.send_mail(
+        "x@sender.test",
+        &["u@dest.test"],
+        b"Subject: o\r\n\r\nx\r\n",
+    );
+    assert_eq!(other.code, 250);
+    server.wait_event(10, |e| {
+        e["type"] == "held" && e["recipient"] == "t@dest.test"
+    });
+    let got = mx.wait_for(1, 10);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].rcpts,
+        vec!["u@dest.test"],
+        "other tenants are not held"
+    );
+    let explained = cli_ok(&server, &["queue", "explain", &acme, "--json"]);
+    assert_eq!(explained["tenant"], "acme");
+    assert_eq!(explained["recipients"][0]["pool"], "a");
+    let reasons = explained["recipients"][0]["reasons"].to_string();
+    assert!(reasons.contains("tenant acme is suspended"), "{reasons}");
+
+    // Rebind pool a to pool b; the choice survives a crash.
+    let out = cli_ok(&server, &["queue", "rebind", "--from", "a", "--to", "b"]);
+    assert_eq!(out["messages"], 1);
+    server.kill9();
+    server.spawn();
+    // The suspension survived the restart too: nothing moves until the operator resumes.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(mx.messages().len(), 1);
+    cli_ok(&server, &["resume", "tenant:acme"]);
+    let got = mx.wait_for(2, 20);
+    assert_eq!(got.len(), 2, "log:\n{}", server.log());
+    let acme_mail = got.iter().find(|m| m.rcpts == vec!["t@dest.test"]).unwrap();
+    assert_eq!(acme_mail.peer.to_string(), "127.0.0.11");
+    assert!(!String::from_utf8_lossy(&acme_mail.body).contains("X-Baton-Tenant"));
+}
