@@ -582,13 +582,19 @@ impl Client {
         Ok(results)
     }
 
-    /// Says QUIT and closes, ignoring errors: the work is done either way.
+    /// Says QUIT and closes, ignoring errors: the work is done either way. Waits (briefly) for
+    /// the server to close too, so that a connection cap holds as the server counts.
     pub async fn quit(mut self) {
         self.queue_line("QUIT");
         if self.flush().await.is_ok() {
             let _ = self.read_reply(Duration::from_secs(5), "after QUIT").await;
         }
         let _ = self.stream.shutdown().await;
+        let mut rest = [0u8; 256];
+        let _ = timeout(Duration::from_secs(2), async {
+            while matches!(self.stream.read(&mut rest).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     fn queue_line(&mut self, line: &str) {

@@ -25,6 +25,8 @@ use crate::shaping::{Limits, Shaper};
 struct Connection {
     client: Client,
     limits: Option<Arc<Limits>>,
+    /// The egress source this connection left from.
+    source: Option<String>,
     /// This connection's place under the rule's connection cap; released on drop.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -144,6 +146,8 @@ pub struct Outcome {
     pub not_before: Option<u64>,
     /// Nothing was attempted: Baton's own shaping holds the recipient until `not_before`.
     pub hold: bool,
+    /// The egress source the attempt left from (a greylisted retry leaves from it again).
+    pub source: Option<String>,
 }
 
 /// A finished job, for the queue manager.
@@ -352,6 +356,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             dsn_envid: job.message.dsn_envid.as_deref(),
             body: &body,
         };
+        let source_name = connection.source.clone();
         let remote = client.remote.clone();
         let dsn_passed = client.caps.dsn;
         let tls = client
@@ -377,6 +382,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                         tls: tls.clone(),
                         not_before: None,
                         hold: false,
+                        source: source_name.clone(),
                     })
                     .collect();
                 let _ = ctx.reports.send(JobReport {
@@ -455,6 +461,7 @@ fn report_all_until(
             tls: None,
             not_before,
             hold,
+            source: None,
         })
         .collect();
     let _ = ctx.reports.send(JobReport {
@@ -563,6 +570,7 @@ async fn connect(
                 return Ok(Connection {
                     client,
                     limits: None,
+                    source: None,
                     _slot: None,
                 });
             }
@@ -623,6 +631,7 @@ async fn connect(
                     return Ok(Connection {
                         client,
                         limits,
+                        source: source.map(|s| s.name.clone()),
                         _slot: slot,
                     });
                 }
@@ -724,6 +733,7 @@ async fn deliver_maildir(ctx: &Arc<DeliveryContext>, job: Job) {
                     tls: None,
                     not_before: None,
                     hold: false,
+                    source: None,
                 }
             })
             .collect::<Vec<_>>()

@@ -79,9 +79,15 @@ enum QueueCmd {
         #[arg(long, conflicts_with = "json")]
         body: bool,
     },
-    /// Why a message's recipients are not being sent right now (asks the running server).
+    /// Why a message's recipients (or a destination's mail) are not being sent right now
+    /// (asks the running server).
     Explain {
-        id: String,
+        /// A queue id.
+        #[arg(required_unless_present = "destination")]
+        id: Option<String>,
+        /// Explain a destination domain instead.
+        #[arg(long, conflicts_with = "id")]
+        destination: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -141,10 +147,25 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
     match command {
         QueueCmd::List { json } => queue::list(&c.data_dir, json),
         QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
-        QueueCmd::Explain { id, json } => {
-            let answer = control::request(&c.data_dir, json!({"cmd": "explain", "id": id}))?;
-            queue::print_explain(&answer, json)
-        }
+        QueueCmd::Explain {
+            id,
+            destination,
+            json,
+        } => match (id, destination) {
+            (_, Some(d)) => {
+                let answer = control::request(
+                    &c.data_dir,
+                    json!({"cmd": "explain_destination", "destination": d}),
+                )?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            (Some(id), None) => {
+                let answer = control::request(&c.data_dir, json!({"cmd": "explain", "id": id}))?;
+                queue::print_explain(&answer, json)
+            }
+            (None, None) => anyhow::bail!("give a queue id or --destination DOMAIN"),
+        },
         QueueCmd::Bounce { destination } => {
             ask(c, json!({"cmd": "bounce", "destination": destination}))
         }

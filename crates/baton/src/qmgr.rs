@@ -40,6 +40,10 @@ pub enum Control {
     Explain {
         id: String,
     },
+    /// What holds a destination domain back, and how much mail waits for it.
+    ExplainDestination {
+        destination: String,
+    },
     /// No deliveries to a destination domain (or `pool:NAME`, `tenant:NAME`) for `seconds`
     /// (default: a day).
     Suspend {
@@ -91,6 +95,8 @@ struct Queued {
     job_message: Arc<JobMessage>,
     /// Recipients out with a worker.
     in_flight: Vec<bool>,
+    /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
+    sticky: Vec<Option<String>>,
     /// Attempts made per recipient. The attempt history itself lives in the spool only (for
     /// `baton queue show`): in memory it would grow with every retry of every recipient.
     attempts: Vec<u16>,
@@ -226,6 +232,7 @@ impl QueueManager {
                 location: message.body,
                 job_message,
                 in_flight: vec![false; n],
+                sticky: vec![None; n],
                 attempts,
                 jobs_out: 0,
                 failures: Vec::new(),
@@ -245,7 +252,7 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        let mut groups: HashMap<Destination, Vec<u32>> = HashMap::new();
+        let mut groups: HashMap<(Destination, Option<String>), Vec<u32>> = HashMap::new();
         let mut next_due: Option<u64> = None;
         // Outside its delivery window, nothing of the message is due before the window opens.
         let window_opens = q
@@ -279,7 +286,10 @@ impl QueueManager {
             }
             let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
             let dest = Destination::for_domain(&self.config, domain);
-            groups.entry(dest).or_default().push(i as u32);
+            groups
+                .entry((dest, q.sticky[i].clone()))
+                .or_default()
+                .push(i as u32);
         }
         if let Some(due) = next_due {
             self.timers.push(Reverse((due, id)));
@@ -291,9 +301,15 @@ impl QueueManager {
         }
         let max_workers = self.config.delivery.max_connections_per_destination;
         let pool = self.config.pool_for(&q.envelope).cloned();
-        for (dest, rcpts) in groups {
-            // Local delivery binds to no source.
-            let pool = pool.clone().filter(|_| dest != Destination::Local);
+        for ((dest, sticky), rcpts) in groups {
+            // Local delivery binds to no source; a greylisted retry binds to its first source.
+            let pool = pool
+                .clone()
+                .filter(|_| dest != Destination::Local)
+                .map(|p| match &sticky {
+                    Some(name) => pinned(&p, name),
+                    None => p,
+                });
             let per_tx = match &dest {
                 Destination::Mx(domain) => self.delivery.shaper.domain_rule(domain).max_recipients,
                 _ => None,
@@ -420,6 +436,15 @@ impl QueueManager {
                         (RcptState::Deferred, next, EventKind::TransientFailure)
                     }
                 };
+                // A greylisted recipient is retried from the same source address.
+                let greylisted = state == RcptState::Deferred && is_greylisting(reply);
+                if let Some(sticky) = q.sticky.get_mut(i) {
+                    *sticky = if greylisted {
+                        outcome.source.clone()
+                    } else {
+                        None
+                    };
+                }
                 // A suspended destination says when it may be tried again.
                 let next = match outcome.not_before {
                     Some(nb) if state == RcptState::Deferred => {
@@ -580,6 +605,7 @@ impl QueueManager {
                 Ok(qid) => self.explain(qid),
                 Err(e) => json!({"error": e}),
             },
+            Control::ExplainDestination { destination } => self.explain_destination(&destination),
             Control::Suspend {
                 destination,
                 seconds,
@@ -804,6 +830,35 @@ impl QueueManager {
         total
     }
 
+    /// The shaping state of a domain and the recipients waiting for it.
+    fn explain_destination(&self, domain: &str) -> serde_json::Value {
+        let now = now_ms();
+        let (mut waiting, mut in_flight, mut next) = (0usize, 0usize, None::<u64>);
+        for q in self.messages.values() {
+            for (i, r) in q.envelope.recipients.iter().enumerate() {
+                let at = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                if r.state.is_final() || !at.eq_ignore_ascii_case(domain) {
+                    continue;
+                }
+                if q.in_flight[i] {
+                    in_flight += 1;
+                } else {
+                    waiting += 1;
+                    let due = r.next_attempt_ms.max(now);
+                    next = Some(next.map_or(due, |n: u64| n.min(due)));
+                }
+            }
+        }
+        serde_json::json!({
+            "destination": domain,
+            "route": Destination::for_domain(&self.config, domain).to_string(),
+            "recipients_waiting": waiting,
+            "recipients_in_flight": in_flight,
+            "next_attempt_ms": next,
+            "shaping": self.delivery.shaper.describe(domain),
+        })
+    }
+
     /// Why each recipient of `id` is where it is, with the numbers.
     fn explain(&self, id: QueueId) -> serde_json::Value {
         use serde_json::json;
@@ -985,6 +1040,19 @@ fn next_attempt(
     let delay = base.saturating_mul(factor).min(d.retry_max.max(base));
     let expiry = arrived_ms + d.max_age.as_millis() as u64;
     (now + delay.as_millis() as u64).min(expiry.max(now + 1))
+}
+
+/// `pool` narrowed to its source `name` (for retries that must leave from the same address).
+fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
+    match pool.sources.iter().find(|(s, _)| s.name == name) {
+        Some(source) => crate::config::Pool {
+            name: format!("{}@{name}", pool.name),
+            sources: vec![source.clone()],
+            sender_domains: Vec::new(),
+            tenants: Vec::new(),
+        },
+        None => pool.clone(),
+    }
 }
 
 /// A temporary refusal that says it is greylisting (Postgrey, rspamd, Exchange and others word

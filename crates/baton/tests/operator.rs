@@ -77,6 +77,15 @@ fn suspend_explain_resume_bounce_delete() {
     );
     let text = String::from_utf8(server.cli(&["queue", "explain", &id]).stdout).unwrap();
     assert!(text.contains("suspended by the operator"), "{text}");
+    let dest = cli_ok(&server, &["queue", "explain", "--destination", "ops.test"]);
+    assert_eq!(dest["recipients_waiting"], 1, "{dest}");
+    assert!(
+        dest["shaping"]["operator_suspended_for_s"]
+            .as_u64()
+            .unwrap()
+            > 3500,
+        "{dest}"
+    );
     assert!(mx.messages().is_empty());
 
     // Resumed: it goes at once.

@@ -483,3 +483,59 @@ fn a_warmup_cap_lets_exactly_that_many_through_and_holds_the_rest() {
         "{held}"
     );
 }
+
+#[test]
+fn a_greylisted_retry_leaves_from_the_same_source() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("grey.test", 10, "mx.grey.test");
+    dns.a("mx.grey.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            rcpt: std::sync::Arc::new(|_, seen| {
+                if seen == 0 {
+                    "451 4.7.1 Greylisted, try again in 1 seconds".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    let server = server(
+        &dns,
+        port,
+        "max_messages_per_connection = 1\n\
+         [[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\n\
+         [[source]]\nname = \"ip11\"\naddress = \"127.0.0.11\"\n\
+         [[pool]]\nname = \"p\"\nsources = [\"ip10\", \"ip11\"]\nsender_domains = [\"sender.test\"]\n",
+    );
+    let mut c = server.connect();
+    c.hello();
+    let n = 12;
+    for i in 0..n {
+        let r = c.send_mail(
+            "a@sender.test",
+            &[&*format!("r{i}@grey.test")],
+            b"Subject: g\r\n\r\nx\r\n",
+        );
+        assert_eq!(r.code, 250);
+    }
+    let got = mx.wait_for(n, 30);
+    assert_eq!(got.len(), n, "log:\n{}", server.log());
+    let log = mx.stats.lock().unwrap().rcpt_log.clone();
+    let mut sources = std::collections::HashSet::new();
+    for m in &got {
+        let rcpt = &m.rcpts[0];
+        let first = log.iter().find(|(a, _, _)| a == rcpt).unwrap();
+        assert!(first.2.starts_with("451"), "{first:?}");
+        assert_eq!(
+            first.1, m.peer,
+            "{rcpt}: greylisted from {} but retried from {}",
+            first.1, m.peer
+        );
+        sources.insert(m.peer);
+    }
+    assert_eq!(sources.len(), 2, "both sources were used: {sources:?}");
+}

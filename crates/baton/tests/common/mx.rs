@@ -83,6 +83,8 @@ pub struct Stats {
     pub active: usize,
     pub max_active: usize,
     pub seen: std::collections::HashMap<String, usize>,
+    /// Every RCPT: (address, client address, reply).
+    pub rcpt_log: Vec<(String, std::net::IpAddr, String)>,
 }
 
 pub struct FakeMx {
@@ -167,8 +169,10 @@ fn session(stream: TcpStream, stats: Arc<Mutex<Stats>>, script: Arc<Script>) {
         s.active += 1;
         s.max_active = s.max_active.max(s.active);
     }
-    let _ = converse(stream, &stats, &script);
-    stats.lock().unwrap().active -= 1;
+    // A session that ends with QUIT stops counting as active when QUIT arrives (see converse).
+    if !matches!(converse(stream, &stats, &script), Ok(true)) {
+        stats.lock().unwrap().active -= 1;
+    }
 }
 
 /// The fake server's side of a connection, before or after STARTTLS.
@@ -237,7 +241,8 @@ impl Conn {
     }
 }
 
-fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io::Result<()> {
+/// Returns true if the client said QUIT (and was counted out then).
+fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io::Result<bool> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let peer = stream.peer_addr()?.ip();
     let mut helo = String::new();
@@ -250,13 +255,13 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
         // A refusing server still answers QUIT, then closes.
         let _ = conn.read_line();
         let _ = conn.say("221 bye");
-        return Ok(());
+        return Ok(false);
     }
     let mut tx: Option<Received> = None;
     let mut auth_user: Option<String> = None;
     loop {
         let Some(line) = conn.read_line()? else {
-            return Ok(());
+            return Ok(false);
         };
         let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
@@ -334,6 +339,11 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 *n - 1
             };
             let reply = (script.rcpt)(&addr, seen);
+            stats
+                .lock()
+                .unwrap()
+                .rcpt_log
+                .push((addr.clone(), peer, reply.clone()));
             if reply.starts_with('2')
                 && let Some(t) = tx.as_mut()
             {
@@ -371,8 +381,9 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
             tx = None;
             conn.say("250 2.0.0 ok")?;
         } else if upper == "QUIT" {
-            conn.say("221 2.0.0 bye")?;
-            return Ok(());
+            stats.lock().unwrap().active -= 1;
+            let _ = conn.say("221 2.0.0 bye");
+            return Ok(true);
         } else if upper == "NOOP" {
             conn.say("250 2.0.0 ok")?;
         } else {
