@@ -140,14 +140,17 @@ struct Pacer {
 }
 
 impl Pacer {
-    /// Reserves the next slot and returns when it is.
-    fn reserve(&mut self, now: Instant, factor: f64) -> Instant {
-        let at = match self.next {
-            Some(next) if next > now => next,
-            _ => now,
-        };
-        self.next = Some(at + self.interval.div_f64(factor.clamp(0.001, 1.0)));
-        at
+    /// Takes the slot if it is due (the next one is then `interval / factor` later), or says
+    /// when to ask again. Slots are taken when due, never booked ahead, so a rate change
+    /// applies to the very next message.
+    fn try_take(&mut self, now: Instant, factor: f64) -> Result<(), Instant> {
+        match self.next {
+            Some(next) if next > now => Err(next),
+            _ => {
+                self.next = Some(now + self.interval.div_f64(factor.clamp(0.001, 1.0)));
+                Ok(())
+            }
+        }
     }
 }
 
@@ -311,29 +314,40 @@ impl Limits {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
-        wait_turn(self.connection_pacer.as_ref(), 1.0).await;
+        if let Some(pacer) = &self.connection_pacer {
+            loop {
+                let taken = pacer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_take(Instant::now(), 1.0);
+                match taken {
+                    Ok(()) => break,
+                    Err(at) => tokio::time::sleep_until(at).await,
+                }
+            }
+        }
         permit
     }
 
     /// Waits until the message rate (cut while throttled) allows one more message.
     pub async fn message(&self) {
-        let factor = self.adaptive().factor;
-        match (factor, &self.message_pacer) {
-            (None, pacer) => wait_turn(pacer.as_ref(), 1.0).await,
-            (Some(f), Some(pacer)) => wait_turn(Some(pacer), f).await,
-            (Some(f), None) => wait_turn(Some(&self.throttle_pacer), f).await,
+        loop {
+            let factor = self.adaptive().factor;
+            let pacer = match (factor, &self.message_pacer) {
+                (None, None) => return,
+                (None, Some(p)) | (Some(_), Some(p)) => p,
+                (Some(_), None) => &self.throttle_pacer,
+            };
+            let taken = pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_take(Instant::now(), factor.unwrap_or(1.0));
+            match taken {
+                Ok(()) => return,
+                Err(at) => tokio::time::sleep_until(at).await,
+            }
         }
     }
-}
-
-/// Waits for the pacer's next slot; `factor` below 1 stretches the interval.
-async fn wait_turn(pacer: Option<&Mutex<Pacer>>, factor: f64) {
-    let Some(pacer) = pacer else { return };
-    let at = pacer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .reserve(Instant::now(), factor);
-    tokio::time::sleep_until(at).await;
 }
 
 /// (egress source, rule): each source has its own state under each rule.

@@ -539,3 +539,92 @@ fn a_greylisted_retry_leaves_from_the_same_source() {
     }
     assert_eq!(sources.len(), 2, "both sources were used: {sources:?}");
 }
+
+#[test]
+fn a_throttled_destination_ramps_back_after_successes() {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("slowdown.test", 10, "mx.slowdown.test");
+    dns.a("mx.slowdown.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            rcpt: std::sync::Arc::new(|addr, seen| {
+                if addr == "first@slowdown.test" && seen == 0 {
+                    "421 4.7.0 Rate limited, slow down".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    // The destination has no rate of its own: a throttle holds it to 10/s × factor, here
+    // 2.5/s, doubling after every 10 deliveries in a row until it is free again.
+    let server = server(
+        &dns,
+        port,
+        "[[backoff]]\npattern = \"(?i)rate limited\"\naction = \"throttle\"\nfactor = 0.25\nduration = \"1h\"\n",
+    );
+    let mut c = server.connect();
+    c.hello();
+    c.send_mail(
+        "a@sender.test",
+        &["first@slowdown.test"],
+        b"Subject: 0\r\n\r\nx\r\n",
+    );
+    let e = server.wait_event(10, |e| e["type"] == "shaping");
+    assert!(
+        e["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("message rate cut to 25%"),
+        "{e}"
+    );
+    for i in 0..30 {
+        let r = c.send_mail(
+            "a@sender.test",
+            &["next@slowdown.test"],
+            format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
+        );
+        assert_eq!(r.code, 250);
+    }
+    let got = mx.wait_for(31, 60);
+    assert_eq!(got.len(), 31, "log:\n{}", server.log());
+    let mut times: Vec<_> = got
+        .iter()
+        .filter(|m| m.rcpts[0] == "next@slowdown.test")
+        .map(|m| m.at)
+        .collect();
+    times.sort();
+    let span = |a: usize, b: usize| times[b].duration_since(times[a]).as_secs_f64();
+    // 25%: 400 ms apart; then 50%: 200 ms; then free.
+    let (slow, medium, free) = (span(0, 9), span(10, 19), span(21, 29));
+    eprintln!("10 at 25%: {slow:.2} s, 10 at 50%: {medium:.2} s, 9 recovered: {free:.2} s");
+    assert!(
+        slow >= 3.2,
+        "throttled to 2.5/s, 9 gaps should take 3.6 s: {slow:.2}"
+    );
+    assert!(
+        medium >= 1.5 && medium < slow,
+        "ramping: {medium:.2} s; log:\n{}",
+        server.log()
+    );
+    assert!(free < medium, "recovered: {free:.2} s");
+    let changes: Vec<String> = server
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "shaping")
+        .map(|e| e["response"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("recovering: message rate at 50%")),
+        "{changes:?}"
+    );
+    assert!(
+        changes.iter().any(|c| c == "recovered: normal rate"),
+        "{changes:?}"
+    );
+}
