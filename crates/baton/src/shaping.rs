@@ -611,16 +611,16 @@ mod tests {
             next: None,
         };
         let t0 = Instant::now();
-        assert_eq!(p.reserve(t0, 1.0), t0);
-        assert_eq!(p.reserve(t0, 1.0), t0 + Duration::from_millis(100));
-        assert_eq!(p.reserve(t0, 1.0), t0 + Duration::from_millis(200));
+        let ms = Duration::from_millis;
+        assert_eq!(p.try_take(t0, 1.0), Ok(()));
+        assert_eq!(p.try_take(t0, 1.0), Err(t0 + ms(100)));
+        assert_eq!(p.try_take(t0 + ms(100), 1.0), Ok(()));
         // After a pause the next event may go at once, but no burst builds up.
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(p.reserve(later, 1.0), later);
-        assert_eq!(p.reserve(later, 0.5), later + Duration::from_millis(100));
+        assert_eq!(p.try_take(later, 0.5), Ok(()));
         assert_eq!(
-            p.reserve(later, 0.5),
-            later + Duration::from_millis(300),
+            p.try_take(later + ms(100), 0.5),
+            Err(later + ms(200)),
             "halved rate"
         );
     }
