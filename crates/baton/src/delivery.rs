@@ -28,7 +28,7 @@ struct Connection {
     /// The egress source this connection left from.
     source: Option<String>,
     /// This connection's place under the rule's connection cap; released on drop.
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Option<crate::shaping::ConnectionSlot>,
 }
 
 /// Where a job goes; each has its own ready queue, workers and connections.
@@ -604,7 +604,7 @@ async fn connect(
         return Err(ConnectFailure::suspended(dest, until));
     }
     let slot = match &limits {
-        Some(l) => l.connection().await,
+        Some(l) => Some(l.connection().await),
         None => None,
     };
     let mut last: Option<ConnectFailure> = None;

@@ -133,7 +133,11 @@ impl QueueManager {
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dns: crate::dns::Dns::new(&config.dns)?,
-            shaper: crate::shaping::Shaper::new(config.shaping.clone(), config.backoff.clone()),
+            shaper: crate::shaping::Shaper::new(
+                config.shaping.clone(),
+                config.backoff.clone(),
+                config.delivery.max_connections_per_destination,
+            ),
             events: events.clone(),
             spool: spool.clone(),
             reports: report_tx,

@@ -189,6 +189,21 @@ struct WarmupCount {
     sent: u64,
 }
 
+/// A connection's place under its limits; given back on drop.
+pub struct ConnectionSlot {
+    _permit: Option<OwnedSemaphorePermit>,
+    limits: Arc<Limits>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.limits.closed.notify_waiters();
+    }
+}
+
 /// The live state of one rule (or of one domain under the default rule).
 pub struct Limits {
     pub rule: ShapingRule,
@@ -200,10 +215,15 @@ pub struct Limits {
     throttle_pacer: Mutex<Pacer>,
     /// The source's warm-up plan and what it has sent to this destination this period.
     warmup: Option<(WarmupPlan, Mutex<WarmupCount>)>,
+    /// Connections open under these limits, and a wake-up for those waiting for one to close.
+    open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+    /// The connection count a throttle cuts when the rule sets no cap.
+    nominal_connections: usize,
 }
 
 impl Limits {
-    fn new(rule: ShapingRule, warmup: Option<WarmupPlan>) -> Limits {
+    fn new(rule: ShapingRule, warmup: Option<WarmupPlan>, nominal_connections: usize) -> Limits {
         let pacer = |r: Option<Rate>| {
             r.map(|r| {
                 Mutex::new(Pacer {
@@ -223,6 +243,9 @@ impl Limits {
                 next: None,
             }),
             warmup: warmup.map(|p| (p, Mutex::default())),
+            open: Default::default(),
+            closed: tokio::sync::Notify::new(),
+            nominal_connections,
         }
     }
 
@@ -276,7 +299,7 @@ impl Limits {
                 a.factor = Some(f);
                 a.throttled_until = Some(now + rule.duration);
                 format!(
-                    "message rate cut to {:.0}% for {:?}",
+                    "message rate and connections cut to {:.0}% for {:?}",
                     f * 100.0,
                     rule.duration
                 )
@@ -304,16 +327,41 @@ impl Limits {
             Some("recovered: normal rate".into())
         } else {
             a.factor = Some(up);
-            Some(format!("recovering: message rate at {:.0}%", up * 100.0))
+            Some(format!(
+                "recovering: message rate and connections at {:.0}%",
+                up * 100.0
+            ))
         }
     }
 
-    /// Waits for a connection slot (cap and rate); the permit is held while connected.
-    pub async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+    /// Waits for a connection slot (cap, throttled cap, rate); the slot is held while
+    /// connected and given back when dropped.
+    pub async fn connection(self: &Arc<Self>) -> ConnectionSlot {
         let permit = match &self.connections {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
+        // While throttled, the connection cap is cut by the same factor.
+        loop {
+            let limit = self.adaptive().factor.map(|f| {
+                ((self
+                    .rule
+                    .max_connections
+                    .unwrap_or(self.nominal_connections) as f64
+                    * f)
+                    .ceil() as usize)
+                    .max(1)
+            });
+            let open = self.open.load(std::sync::atomic::Ordering::Relaxed);
+            match limit {
+                Some(limit) if open >= limit => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), self.closed.notified()).await;
+                }
+                _ => break,
+            }
+        }
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(pacer) = &self.connection_pacer {
             loop {
                 let taken = pacer
@@ -326,7 +374,10 @@ impl Limits {
                 }
             }
         }
-        permit
+        ConnectionSlot {
+            _permit: permit,
+            limits: self.clone(),
+        }
     }
 
     /// Waits until the message rate (cut while throttled) allows one more message.
@@ -356,6 +407,8 @@ type StateKey = (Option<String>, Matcher);
 /// All rules and their live states.
 pub struct Shaper {
     rules: Vec<ShapingRule>,
+    /// `[delivery] max_connections_per_destination`: what a throttle cuts when no rule caps.
+    nominal_connections: usize,
     backoff: Vec<BackoffRule>,
     /// Operator suspensions: a domain or "pool:NAME", until when.
     operator: Mutex<HashMap<String, Instant>>,
@@ -366,7 +419,11 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    pub fn new(rules: Vec<ShapingRule>, backoff: Vec<BackoffRule>) -> Shaper {
+    pub fn new(
+        rules: Vec<ShapingRule>,
+        backoff: Vec<BackoffRule>,
+        nominal_connections: usize,
+    ) -> Shaper {
         let star = Matcher::Domain("*".into());
         let default = rules
             .iter()
@@ -383,6 +440,7 @@ impl Shaper {
             });
         Shaper {
             rules,
+            nominal_connections,
             backoff,
             operator: Mutex::default(),
             by_domain: Mutex::default(),
@@ -550,7 +608,13 @@ impl Shaper {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((source.map(|s| s.name.clone()), key))
-            .or_insert_with(|| Arc::new(Limits::new(rule, source.and_then(|s| s.warmup.clone()))))
+            .or_insert_with(|| {
+                Arc::new(Limits::new(
+                    rule,
+                    source.and_then(|s| s.warmup.clone()),
+                    self.nominal_connections,
+                ))
+            })
             .clone();
         let mut by_domain = self.by_domain.lock().unwrap_or_else(|e| e.into_inner());
         let known = by_domain.entry(domain).or_default();
@@ -627,7 +691,7 @@ mod tests {
 
     #[test]
     fn throttle_recovers_step_by_step() {
-        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), None);
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), None, 20);
         let throttle = BackoffRule {
             code: Some(421),
             status: None,
@@ -645,7 +709,10 @@ mod tests {
         }
         assert_eq!(
             changes,
-            vec!["recovering: message rate at 50%", "recovered: normal rate"]
+            vec![
+                "recovering: message rate and connections at 50%",
+                "recovered: normal rate"
+            ]
         );
         assert!(limits.success().is_none());
         let suspend = BackoffRule {
@@ -657,6 +724,27 @@ mod tests {
         assert!(limits.suspended_until().is_some());
     }
 
+    #[tokio::test]
+    async fn a_throttle_cuts_connections_too() {
+        let limits = Arc::new(Limits::new(rule(Matcher::Domain("x.test".into())), None, 4));
+        limits.pushback(&BackoffRule {
+            code: None,
+            status: None,
+            pattern: None,
+            action: BackoffAction::Throttle { factor: 0.25 },
+            duration: Duration::from_secs(60),
+        });
+        let first = limits.connection().await;
+        let second = tokio::time::timeout(Duration::from_millis(200), limits.connection()).await;
+        assert!(second.is_err(), "4 × 25% = 1 connection while throttled");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_millis(500), limits.connection()).await;
+        assert!(
+            second.is_ok(),
+            "a slot comes back when the connection closes"
+        );
+    }
+
     #[test]
     fn warmup_caps_each_period() {
         let day = 86_400_000;
@@ -665,7 +753,7 @@ mod tests {
             start_ms: 10 * day,
             period: Duration::from_millis(day),
         };
-        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), Some(plan));
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), Some(plan), 20);
         let t = 10 * day + 5;
         assert!(limits.warmup_take(t).is_ok());
         assert!(limits.warmup_take(t).is_ok());
@@ -685,7 +773,7 @@ mod tests {
         example.max_message_rate = Rate::parse("1/s");
         let mut star = rule(Matcher::Domain("*".into()));
         star.max_connections = Some(10);
-        let shaper = Shaper::new(vec![google, example, star], vec![]);
+        let shaper = Shaper::new(vec![google, example, star], vec![], 20);
 
         let g1 = shaper.limits_for(None, "gmail.com", &["gmail-smtp-in.l.google.com".into()]);
         let g2 = shaper.limits_for(None, "corp.example", &["aspmx.l.google.com".into()]);

@@ -578,7 +578,7 @@ fn a_throttled_destination_ramps_back_after_successes() {
         e["response"]
             .as_str()
             .unwrap()
-            .starts_with("message rate cut to 25%"),
+            .starts_with("message rate and connections cut to 25%"),
         "{e}"
     );
     for i in 0..30 {
@@ -620,7 +620,7 @@ fn a_throttled_destination_ramps_back_after_successes() {
     assert!(
         changes
             .iter()
-            .any(|c| c.starts_with("recovering: message rate at 50%")),
+            .any(|c| c.starts_with("recovering: message rate and connections at 50%")),
         "{changes:?}"
     );
     assert!(
