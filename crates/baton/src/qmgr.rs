@@ -96,7 +96,8 @@ struct Queued {
     /// Recipients out with a worker.
     in_flight: Vec<bool>,
     /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
-    sticky: Vec<Option<String>>,
+    /// (Only greylisted recipients are in it: most messages never allocate.)
+    sticky: HashMap<u32, String>,
     /// Attempts made per recipient. The attempt history itself lives in the spool only (for
     /// `baton queue show`): in memory it would grow with every retry of every recipient.
     attempts: Vec<u16>,
@@ -236,7 +237,7 @@ impl QueueManager {
                 location: message.body,
                 job_message,
                 in_flight: vec![false; n],
-                sticky: vec![None; n],
+                sticky: HashMap::new(),
                 attempts,
                 jobs_out: 0,
                 failures: Vec::new(),
@@ -291,7 +292,7 @@ impl QueueManager {
             let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
             let dest = Destination::for_domain(&self.config, domain);
             groups
-                .entry((dest, q.sticky[i].clone()))
+                .entry((dest, q.sticky.get(&(i as u32)).cloned()))
                 .or_default()
                 .push(i as u32);
         }
@@ -442,12 +443,13 @@ impl QueueManager {
                 };
                 // A greylisted recipient is retried from the same source address.
                 let greylisted = state == RcptState::Deferred && is_greylisting(reply);
-                if let Some(sticky) = q.sticky.get_mut(i) {
-                    *sticky = if greylisted {
-                        outcome.source.clone()
-                    } else {
-                        None
-                    };
+                match (greylisted, &outcome.source) {
+                    (true, Some(source)) => {
+                        q.sticky.insert(i as u32, source.clone());
+                    }
+                    _ => {
+                        q.sticky.remove(&(i as u32));
+                    }
                 }
                 // A suspended destination says when it may be tried again.
                 let next = match outcome.not_before {
