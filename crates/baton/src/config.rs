@@ -39,6 +39,8 @@ impl Role {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub role: Role,
+    /// Certificate chain and private key (PEM): STARTTLS, or implicit TLS for `submissions`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -592,6 +594,7 @@ impl Validator<'_> {
             listeners.push(ListenerConfig {
                 address: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()),
                 role: Role::Mx,
+                tls: None,
             });
         }
         let relay = self.relay(raw.relay, &hostname);
@@ -1193,24 +1196,37 @@ impl Validator<'_> {
                 )
             }
         };
-        for key in [&raw.tls_cert, &raw.tls_key].into_iter().flatten() {
-            self.error::<()>(
-                key.span(),
-                "TLS is not available in this version of Baton".into(),
-                "remove tls_cert/tls_key; STARTTLS and implicit TLS arrive with the \"Secure\" issue",
-            );
-        }
+        let tls = match (&raw.tls_cert, &raw.tls_key) {
+            (Some(cert), Some(key)) => {
+                let paths = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
+                match crate::tls::check(&paths.0, &paths.1) {
+                    Ok(()) => Some(paths),
+                    Err(why) => self.error(
+                        cert.span(),
+                        why,
+                        "tls_cert is the PEM chain (server certificate first), tls_key its PEM private key",
+                    ),
+                }
+            }
+            (None, None) => None,
+            (Some(k), None) | (None, Some(k)) => self.error(
+                k.span(),
+                "tls_cert and tls_key go together".into(),
+                "give both PEM files, or neither",
+            ),
+        };
         if role == Some(Role::Submissions) && raw.tls_cert.is_none() {
             let span = raw.role.as_ref().map(|r| r.span()).unwrap_or(0..0);
             self.error::<()>(
                 span,
-                "role \"submissions\" needs implicit TLS, which this version cannot offer".into(),
-                "use role \"submission\" or \"mx\" for now",
+                "role \"submissions\" is implicit TLS: it needs tls_cert and tls_key".into(),
+                "add tls_cert = \"/path/cert.pem\" and tls_key = \"/path/key.pem\"",
             );
         }
         Some(ListenerConfig {
             address: address?,
             role: role?,
+            tls,
         })
     }
 

@@ -13,6 +13,7 @@ mod schedule;
 mod server;
 mod session;
 mod shaping;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -20,6 +20,7 @@ use crate::config::{Config, Role};
 use crate::events::Events;
 use crate::qmgr::{QueueHandle, QueueManager};
 use crate::session::Session;
+use crate::tls::{Conn, TlsStore};
 
 /// What every session shares.
 pub struct Context {
@@ -107,13 +108,23 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     }
 
     let mut listeners = Vec::new();
+    let mut stores = Vec::new();
     for l in &config.listeners {
         let listener = TcpListener::bind(l.address)
             .await
             .with_context(|| format!("cannot listen on {} (in use? permitted?)", l.address))?;
-        tracing::info!(address = %l.address, role = l.role.as_str(), "listening");
-        listeners.push((listener, l.role));
+        let tls = match &l.tls {
+            Some((cert, key)) => {
+                let store = Arc::new(TlsStore::load(cert, key).map_err(anyhow::Error::msg)?);
+                stores.push(store.clone());
+                Some(store)
+            }
+            None => None,
+        };
+        tracing::info!(address = %l.address, role = l.role.as_str(), tls = tls.is_some(), "listening");
+        listeners.push((listener, l.role, tls));
     }
+    reload_certificates_on_sighup(stores);
 
     let config = Arc::new(config);
     let events = Events::start(&config.data_dir, config.spool.fsync)
@@ -135,14 +146,18 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     });
     let mut sessions = JoinSet::new();
     let mut acceptors = JoinSet::new();
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, Role)>(64);
-    for (listener, role) in listeners {
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Accepted>(64);
+    for (listener, role, tls) in listeners {
         let conn_tx = conn_tx.clone();
         acceptors.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
-                        if conn_tx.send((stream, peer, role)).await.is_err() {
+                        if conn_tx
+                            .send((stream, peer, role, tls.clone()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -160,8 +175,8 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     loop {
         tokio::select! {
             conn = conn_rx.recv() => {
-                let Some((stream, peer, role)) = conn else { break };
-                start_session(&ctx, &mut sessions, stream, peer, role);
+                let Some((stream, peer, role, tls)) = conn else { break };
+                start_session(&ctx, &mut sessions, stream, peer, role, tls);
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = stop.wait_for(|s| *s) => break,
@@ -179,12 +194,39 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     Ok(())
 }
 
+/// A connection as accepted: socket, client, listener role and TLS.
+type Accepted = (TcpStream, SocketAddr, Role, Option<Arc<TlsStore>>);
+
+/// SIGHUP reloads every listener's certificate and key; sessions under way keep theirs.
+fn reload_certificates_on_sighup(stores: Vec<Arc<TlsStore>>) {
+    if stores.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            for store in &stores {
+                match store.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS certificate not reloaded; keeping the old one")
+                    }
+                }
+            }
+        }
+    });
+}
+
 fn start_session(
     ctx: &Arc<Context>,
     sessions: &mut JoinSet<()>,
     mut stream: TcpStream,
     peer: SocketAddr,
     role: Role,
+    tls: Option<Arc<TlsStore>>,
 ) {
     let _ = stream.set_nodelay(true);
     let ip = peer.ip().to_canonical();
@@ -192,7 +234,22 @@ fn start_session(
         Ok(slot) => {
             let ctx = ctx.clone();
             sessions.spawn(async move {
-                Session::new(stream, ctx, peer, role).run().await;
+                // Port 465: TLS before anything else (RFC 8314).
+                let conn = match (&tls, role) {
+                    (Some(store), Role::Submissions) => {
+                        let limit = ctx.config.limits.command_timeout;
+                        match tokio::time::timeout(limit, store.acceptor().accept(stream)).await {
+                            Ok(Ok(s)) => Conn::Tls(Box::new(s)),
+                            Ok(Err(e)) => {
+                                tracing::info!(client = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    _ => Conn::Plain(stream),
+                };
+                Session::new(conn, tls, ctx, peer, role).run().await;
                 drop(slot);
             });
         }

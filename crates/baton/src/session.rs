@@ -18,13 +18,14 @@ use baton_smtp::{
 };
 use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError, StoredMessage};
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Role, Transport};
 use crate::events::EventKind;
 use crate::server::Context;
+use crate::tls::{Conn, TlsStore};
 
 /// Why a session ended early; logged, never shown to the client beyond its 421/5xx.
 #[derive(Debug)]
@@ -56,8 +57,10 @@ struct Bdat {
     failure: Option<Reply>,
 }
 
-pub struct Session<S> {
-    stream: S,
+pub struct Session {
+    stream: Conn,
+    /// The listener's TLS, if it has one.
+    tls: Option<Arc<TlsStore>>,
     ctx: Arc<Context>,
     peer: SocketAddr,
     role: Role,
@@ -75,11 +78,18 @@ enum Input {
     TooLong,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(stream: S, ctx: Arc<Context>, peer: SocketAddr, role: Role) -> Self {
+impl Session {
+    pub fn new(
+        stream: Conn,
+        tls: Option<Arc<TlsStore>>,
+        ctx: Arc<Context>,
+        peer: SocketAddr,
+        role: Role,
+    ) -> Self {
         let shutdown = ctx.shutdown.clone();
         Session {
             stream,
+            tls,
             ctx,
             peer,
             role,
@@ -138,6 +148,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             };
             let outcome = match parse_command(&line) {
+                Ok(Command::StartTls) => match self.starttls().await {
+                    Ok(None) => continue,
+                    Ok(Some(reply)) => Ok(reply),
+                    Err(close) => Err(close),
+                },
                 Ok(command) => self.command(command).await,
                 Err(reply) => Ok(reply),
             };
@@ -276,9 +291,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "2.0.0",
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\nSee RFC 5321",
             ),
-            Command::StartTls => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
+            Command::StartTls => Reply::new(503, "5.5.1", "Error: STARTTLS out of sequence"),
             Command::Auth => Reply::new(502, "5.5.1", "Error: AUTH not available"),
         })
+    }
+
+    /// RFC 3207. Whatever the client pipelined after STARTTLS is thrown away before the
+    /// handshake (CVE-2011-0411), and the session starts over inside TLS.
+    /// Returns None once TLS is up (the 220 went out before the handshake).
+    async fn starttls(&mut self) -> Result<Option<Reply>, Close> {
+        let Some(store) = self.tls.clone() else {
+            return Ok(Some(Reply::new(
+                502,
+                "5.5.1",
+                "Error: STARTTLS not available",
+            )));
+        };
+        if self.stream.is_tls() {
+            return Ok(Some(Reply::new(503, "5.5.1", "Error: TLS already active")));
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.flush().await?;
+        self.inbuf.clear();
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.stream, Conn::Gone) else {
+            return Err(Close::Eof);
+        };
+        let limit = self.ctx.config.limits.command_timeout;
+        match timeout(limit, store.acceptor().accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.stream = Conn::Tls(Box::new(tls));
+                self.inbuf.clear();
+                self.helo = None;
+                self.tx = None;
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = %self.peer, error = %e, "TLS handshake failed");
+                Err(Close::Eof)
+            }
+            Err(_) => Err(Close::Timeout),
+        }
     }
 
     fn hello(&mut self, host: String, esmtp: bool) -> Reply {
@@ -290,9 +342,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 250,
                 "",
                 format!(
-                    "{me} Hello {} [{}]\nPIPELINING\nSIZE {max}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nDSN\nCHUNKING",
+                    "{me} Hello {} [{}]\nPIPELINING\nSIZE {max}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nDSN\nCHUNKING{}",
                     printable(&host),
-                    self.peer.ip()
+                    self.peer.ip(),
+                    if self.tls.is_some() && !self.stream.is_tls() {
+                        "\nSTARTTLS"
+                    } else {
+                        ""
+                    }
                 ),
             )
         } else {
@@ -582,18 +639,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .as_ref()
             .map(|(h, e)| (sanitize(h), *e))
             .unwrap_or_else(|| ("unknown".into(), false));
-        let protocol = match (esmtp, tx.mail.smtputf8) {
-            (true, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            (false, _) => "SMTP",
+        // RFC 3848 / RFC 6531 protocol names; S for TLS.
+        let protocol = match (esmtp, tx.mail.smtputf8, self.stream.is_tls()) {
+            (true, true, false) => "UTF8SMTP",
+            (true, true, true) => "UTF8SMTPS",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPS",
+            (false, _, false) => "SMTP",
+            (false, _, true) => "SMTPS",
         };
+        let tls_comment = self
+            .stream
+            .tls_description()
+            .map(|t| format!("\r\n\t(using {t})"))
+            .unwrap_or_default();
         let for_clause = match tx.rcpts.as_slice() {
             [one] => format!("\r\n\tfor <{}>", sanitize(&one.address)),
             _ => String::new(),
         };
         let date = jiff::Zoned::now().strftime("%a, %d %b %Y %H:%M:%S %z");
         format!(
-            "Received: from {helo} (unknown [{}])\r\n\tby {} (Baton) with {protocol} id {}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {helo} (unknown [{}]){tls_comment}\r\n\tby {} (Baton) with {protocol} id {}{for_clause};\r\n\t{date}\r\n",
             self.peer.ip().to_canonical(),
             self.ctx.config.hostname,
             tx.id,
