@@ -69,7 +69,10 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(RcptTo),
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -77,7 +80,19 @@ pub enum Command {
     Expn,
     Help,
     StartTls,
-    Auth,
+    /// AUTH with its mechanism and initial response (empty when none was given).
+    Auth {
+        mechanism: AuthMechanism,
+        initial: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMechanism {
+    Plain,
+    Login,
+    /// Any mechanism Baton does not offer.
+    Other,
 }
 
 /// Parses one command line. `line` must end with LF (a preceding CR is optional).
@@ -105,7 +120,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
         Request::Expn { .. } => Command::Expn,
         Request::Help { .. } => Command::Help,
         Request::StartTls => Command::StartTls,
-        Request::Auth { .. } => Command::Auth,
+        Request::Auth {
+            mechanism,
+            initial_response,
+        } => Command::Auth {
+            mechanism: match mechanism {
+                proto::AUTH_PLAIN => AuthMechanism::Plain,
+                proto::AUTH_LOGIN => AuthMechanism::Login,
+                _ => AuthMechanism::Other,
+            },
+            initial: initial_response.into_owned(),
+        },
         Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
             return Err(Reply::new(502, "5.5.1", "Command not implemented"));
         }

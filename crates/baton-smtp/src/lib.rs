@@ -10,6 +10,6 @@ pub mod command;
 pub mod data;
 pub mod reply;
 
-pub use command::{BodyType, Command, MailFrom, Notify, RcptTo, Ret, parse_command};
+pub use command::{AuthMechanism, BodyType, Command, MailFrom, Notify, RcptTo, Ret, parse_command};
 pub use data::{DataOutcome, DataReader, LineEndingCheck};
 pub use reply::Reply;

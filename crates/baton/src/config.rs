@@ -91,6 +91,28 @@ pub struct Config {
     /// Egress pools (each holds its sources).
     pub pools: Vec<Pool>,
     pub backoff: Vec<BackoffRule>,
+    pub submission: SubmissionConfig,
+}
+
+/// Who may send through the `submission`/`submissions` listeners.
+#[derive(Debug, Clone)]
+pub struct SubmissionConfig {
+    /// `name:argon2-hash` lines, written by `baton user add`.
+    pub users_file: Option<PathBuf>,
+    /// Allow AUTH without TLS for clients on loopback (tests, local webmail).
+    pub plaintext_auth_on_loopback: bool,
+    pub sender_policy: SenderPolicy,
+}
+
+/// What senders an authenticated user may use (envelope and From:).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderPolicy {
+    /// The user's own domain (user names are addresses).
+    Domain,
+    /// Exactly the user's address.
+    Address,
+    /// Anything.
+    Any,
 }
 
 /// A local address outbound connections bind to, with the name it says EHLO with.
@@ -342,6 +364,16 @@ struct RawConfig {
     pool: Vec<RawPool>,
     #[serde(default)]
     backoff: Vec<RawBackoff>,
+    #[serde(default)]
+    submission: RawSubmission,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSubmission {
+    users_file: Option<String>,
+    plaintext_auth_on_loopback: Option<bool>,
+    sender_policy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -646,6 +678,35 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|r| self.backoff(r))
             .collect();
+        let sender_policy = match raw
+            .submission
+            .sender_policy
+            .as_ref()
+            .map(|p| p.get_ref().as_str())
+        {
+            None | Some("domain") => SenderPolicy::Domain,
+            Some("address") => SenderPolicy::Address,
+            Some("any") => SenderPolicy::Any,
+            Some(other) => {
+                let span = raw
+                    .submission
+                    .sender_policy
+                    .as_ref()
+                    .map(|p| p.span())
+                    .unwrap_or(0..0);
+                self.error::<()>(
+                    span,
+                    format!("unknown sender_policy {other:?}"),
+                    "\"domain\" (the user's domain, default), \"address\" (exactly the user) or \"any\"",
+                );
+                SenderPolicy::Domain
+            }
+        };
+        let submission = SubmissionConfig {
+            users_file: raw.submission.users_file.map(PathBuf::from),
+            plaintext_auth_on_loopback: raw.submission.plaintext_auth_on_loopback.unwrap_or(false),
+            sender_policy,
+        };
         if let Some(name) = &delivery.default_pool
             && !pools.iter().any(|p| &p.name == name)
         {
@@ -663,6 +724,7 @@ impl Validator<'_> {
             shaping,
             pools,
             backoff,
+            submission,
             listeners,
             relay,
             limits,

@@ -1,5 +1,6 @@
 //! `baton`: the command line. See docs/ARCHITECTURE.md for how the pieces fit.
 
+mod auth;
 mod bounce;
 mod client;
 mod config;
@@ -55,6 +56,13 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Manage submission users ([submission] users_file).
+    User {
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: UserCmd,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
@@ -62,6 +70,12 @@ enum Cmd {
         #[command(subcommand)]
         command: QueueCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user, or set a new password; the password is read from standard input.
+    Add { name: String },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +143,10 @@ fn main() -> ExitCode {
                 json!({"cmd": "suspend", "destination": destination, "seconds": seconds}),
             )
         }),
+        Cmd::User {
+            config,
+            command: UserCmd::Add { name },
+        } => load_config(config.as_deref()).and_then(|c| add_user(&c, &name)),
         Cmd::Resume {
             destination,
             config,
@@ -175,6 +193,18 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
         }
         QueueCmd::Rebind { from, to } => ask(c, json!({"cmd": "rebind", "from": from, "to": to})),
     }
+}
+
+fn add_user(c: &Config, name: &str) -> anyhow::Result<()> {
+    let Some(path) = &c.submission.users_file else {
+        anyhow::bail!("no [submission] users_file in the config: set one to keep users in");
+    };
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    auth::add_user(path, name, password)?;
+    println!("user {name} saved in {}", path.display());
+    Ok(())
 }
 
 /// Sends an operator request to the running server and prints its answer.

@@ -28,6 +28,9 @@ pub struct Context {
     pub spool: Spool,
     pub queue: QueueHandle,
     pub events: Events,
+    /// Submission users, when `[submission] users_file` is set.
+    pub users: Option<Arc<crate::auth::Users>>,
+    pub auth_failures: crate::auth::FailureLimiter,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -136,9 +139,16 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         recovery.messages,
     )?;
     crate::control::listen(&config.data_dir, queue.clone())?;
+    let users = config
+        .submission
+        .users_file
+        .as_deref()
+        .map(|p| Arc::new(crate::auth::Users::new(p)));
     let ctx = Arc::new(Context {
         config,
         spool,
+        users,
+        auth_failures: Default::default(),
         queue,
         events,
         shutdown: stop.clone(),

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use baton_smtp::address::{domain_of, validate_mailbox};
 use baton_smtp::command::printable;
 use baton_smtp::{
-    BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo, Reply, Ret,
-    parse_command,
+    AuthMechanism, BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo,
+    Reply, Ret, parse_command,
 };
 use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError, StoredMessage};
 use bytes::{Buf, BytesMut};
@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::config::{Role, Transport};
+use crate::config::{Role, SenderPolicy, Transport};
 use crate::events::EventKind;
 use crate::server::Context;
 use crate::tls::{Conn, TlsStore};
@@ -70,6 +70,8 @@ pub struct Session {
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
     errors: u32,
+    /// The user who authenticated (submission listeners).
+    auth_user: Option<String>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -98,6 +100,7 @@ impl Session {
             helo: None,
             tx: None,
             errors: 0,
+            auth_user: None,
             shutdown,
         }
     }
@@ -292,7 +295,7 @@ impl Session {
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\nSee RFC 5321",
             ),
             Command::StartTls => Reply::new(503, "5.5.1", "Error: STARTTLS out of sequence"),
-            Command::Auth => Reply::new(502, "5.5.1", "Error: AUTH not available"),
+            Command::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
         })
     }
 
@@ -345,10 +348,14 @@ impl Session {
                     "{me} Hello {} [{}]\nPIPELINING\nSIZE {max}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nDSN\nCHUNKING{}",
                     printable(&host),
                     self.peer.ip(),
-                    if self.tls.is_some() && !self.stream.is_tls() {
-                        "\nSTARTTLS"
-                    } else {
-                        ""
+                    match (
+                        self.tls.is_some() && !self.stream.is_tls(),
+                        self.is_submission() && self.ctx.users.is_some() && self.auth_allowed(),
+                    ) {
+                        (true, true) => "\nSTARTTLS\nAUTH PLAIN LOGIN",
+                        (true, false) => "\nSTARTTLS",
+                        (false, true) => "\nAUTH PLAIN LOGIN",
+                        (false, false) => "",
                     }
                 ),
             )
@@ -369,6 +376,21 @@ impl Session {
         }
         if self.tx.is_some() {
             return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+        }
+        // Submission is for authenticated users, and for trusted networks (relay.networks).
+        if self.is_submission() && !self.relay_allowed() {
+            return Reply::new(530, "5.7.0", "Authentication required");
+        }
+        if !self.sender_allowed(&mail.address) {
+            return Reply::new(
+                553,
+                "5.7.1",
+                format!(
+                    "<{}>: Sender address rejected: not owned by user {}",
+                    printable(&mail.address),
+                    self.auth_user.as_deref().unwrap_or("")
+                ),
+            );
         }
         let has_params = mail.size.is_some()
             || mail.body != BodyType::Unspecified
@@ -459,7 +481,137 @@ impl Session {
         ))
     }
 
+    fn is_submission(&self) -> bool {
+        matches!(self.role, Role::Submission | Role::Submissions)
+    }
+
+    /// AUTH is offered inside TLS only, or in plaintext from loopback when configured.
+    fn auth_allowed(&self) -> bool {
+        self.stream.is_tls()
+            || (self.ctx.config.submission.plaintext_auth_on_loopback
+                && self.peer.ip().to_canonical().is_loopback())
+    }
+
+    /// RFC 4954 AUTH with PLAIN or LOGIN.
+    async fn auth(&mut self, mechanism: AuthMechanism, initial: String) -> Result<Reply, Close> {
+        let Some(users) = self.ctx.users.clone().filter(|_| self.is_submission()) else {
+            return Ok(Reply::new(502, "5.5.1", "Error: AUTH not available here"));
+        };
+        if self.auth_user.is_some() {
+            return Ok(Reply::new(503, "5.5.1", "Error: already authenticated"));
+        }
+        if self.tx.is_some() {
+            return Ok(Reply::new(
+                503,
+                "5.5.1",
+                "Error: AUTH not allowed in a mail transaction",
+            ));
+        }
+        if !self.auth_allowed() {
+            return Ok(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        let ip = self.peer.ip().to_canonical();
+        if self.ctx.auth_failures.blocked(ip) {
+            return Ok(Reply::new(
+                454,
+                "4.7.0",
+                "Too many failed authentications from your address; try again later",
+            ));
+        }
+        let initial = if initial == "=" {
+            String::new()
+        } else {
+            initial
+        };
+        let credentials = match mechanism {
+            AuthMechanism::Plain => {
+                let response = match initial.is_empty() {
+                    true => match self.challenge("").await? {
+                        Some(r) => r,
+                        None => return Ok(cancelled()),
+                    },
+                    false => initial,
+                };
+                crate::auth::decode_plain(&response)
+            }
+            AuthMechanism::Login => {
+                let user = match initial.is_empty() {
+                    true => match self.challenge("VXNlcm5hbWU6").await? {
+                        Some(r) => r,
+                        None => return Ok(cancelled()),
+                    },
+                    false => initial,
+                };
+                let Some(password) = self.challenge("UGFzc3dvcmQ6").await? else {
+                    return Ok(cancelled());
+                };
+                crate::auth::decode_b64_text(&user).zip(crate::auth::decode_b64_text(&password))
+            }
+            AuthMechanism::Other => {
+                return Ok(Reply::new(504, "5.5.4", "Unrecognized authentication type"));
+            }
+        };
+        let Some((user, password)) = credentials else {
+            return Ok(Reply::new(
+                501,
+                "5.5.2",
+                "Error: cannot decode the response",
+            ));
+        };
+        let check_user = user.clone();
+        let ok = tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
+            .await
+            .unwrap_or(false);
+        if ok {
+            tracing::info!(client = %self.peer, user = %user, "authenticated");
+            self.auth_user = Some(user.to_ascii_lowercase());
+            Ok(Reply::new(235, "2.7.0", "Authentication successful"))
+        } else {
+            self.ctx.auth_failures.failed(ip);
+            tracing::warn!(client = %self.peer, user = %printable(&user), "authentication failed");
+            Ok(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            ))
+        }
+    }
+
+    /// Sends a 334 challenge and returns the client's line, or None if it cancelled ("*").
+    async fn challenge(&mut self, text: &'static str) -> Result<Option<String>, Close> {
+        self.reply(Reply::new(334, "", text));
+        match self.next_line().await? {
+            Input::Line(line) => {
+                let line = String::from_utf8_lossy(&line).trim().to_string();
+                Ok((line != "*").then_some(line))
+            }
+            Input::TooLong => Ok(None),
+        }
+    }
+
+    /// Whether the authenticated user may use `address` as a sender ([submission] sender_policy).
+    fn sender_allowed(&self, address: &str) -> bool {
+        let Some(user) = &self.auth_user else {
+            return true;
+        };
+        match self.ctx.config.submission.sender_policy {
+            SenderPolicy::Any => true,
+            SenderPolicy::Address => address.eq_ignore_ascii_case(user),
+            SenderPolicy::Domain => {
+                let domain = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+                domain(address).is_some() && domain(address) == domain(user)
+            }
+        }
+    }
+
     fn relay_allowed(&self) -> bool {
+        if self.auth_user.is_some() {
+            return true;
+        }
         let ip = self.peer.ip().to_canonical();
         self.ctx
             .config
@@ -648,6 +800,15 @@ impl Session {
             (false, _, false) => "SMTP",
             (false, _, true) => "SMTPS",
         };
+        let protocol = if self.auth_user.is_some() && protocol.starts_with("ESMTP") {
+            if self.stream.is_tls() {
+                "ESMTPSA"
+            } else {
+                "ESMTPA"
+            }
+        } else {
+            protocol
+        };
         let tls_comment = self
             .stream
             .tls_description()
@@ -768,6 +929,10 @@ fn apply_schedule(envelope: &mut Envelope, body: &BodyWriter) -> Result<(), Repl
         envelope.meta.push(("baton-headers".into(), "strip".into()));
     }
     Ok(())
+}
+
+fn cancelled() -> Reply {
+    Reply::new(501, "5.0.0", "Authentication cancelled")
 }
 
 fn too_large() -> Reply {
