@@ -393,6 +393,16 @@ impl BodyWriter {
         Ok(head)
     }
 
+    /// Inserts `bytes` at `at` in a body still held in memory; false (and nothing changed) once
+    /// it has spilled to its file.
+    pub fn insert(&mut self, at: usize, bytes: &[u8]) -> bool {
+        if self.spilled > 0 || at > self.buf.len() {
+            return false;
+        }
+        self.buf.splice(at..at, bytes.iter().copied());
+        true
+    }
+
     /// Body bytes so far.
     pub fn len(&self) -> u64 {
         self.spilled + self.buf.len() as u64

@@ -65,6 +65,8 @@ pub struct Limits {
     pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// More Received: fields than this is a mail loop (Postfix's hopcount_limit).
+    pub max_received_headers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -496,6 +498,7 @@ struct RawLimits {
     data_timeout: Option<Spanned<Quantity>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
+    max_received_headers: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1358,6 +1361,7 @@ impl Validator<'_> {
             data_timeout: self.duration_or(raw.data_timeout, 180),
             max_connections: self.count(raw.max_connections, 1000) as usize,
             max_connections_per_ip: self.count(raw.max_connections_per_ip, 50) as usize,
+            max_received_headers: self.count(raw.max_received_headers, 50) as usize,
         }
     }
 

@@ -775,6 +775,71 @@ impl Session {
         Ok(self.finish(bdat.body).await)
     }
 
+    /// Checks the header section of a complete message: a mail loop (too many Received:
+    /// fields, RFC 5321 §6.3), and on submission the From: domain and the Date: and
+    /// Message-ID: a submission server adds when missing (RFC 6409 §8).
+    fn inspect_headers(&self, body: &mut BodyWriter, id: QueueId) -> Result<(), Reply> {
+        let head = body
+            .head(64 << 10)
+            .map_err(|e| spool_reply(&SpoolError::Io(e)))?;
+        let fields = header_fields(&head);
+        let hops = fields
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("received"))
+            .count();
+        if hops > self.ctx.config.limits.max_received_headers {
+            return Err(Reply::new(
+                554,
+                "5.4.6",
+                format!("Error: too many hops ({hops} Received: fields); mail loop?"),
+            ));
+        }
+        if !self.is_submission() {
+            return Ok(());
+        }
+        let from = fields
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("from"))
+            .map(|(_, v)| v.clone());
+        if let (Some(_), Some(from)) = (&self.auth_user, from) {
+            let address = from
+                .rsplit_once('<')
+                .map(|(_, a)| a.trim_end_matches(['>', ' ']).to_string())
+                .unwrap_or_else(|| from.trim().to_string());
+            if !self.sender_allowed(&address) {
+                return Err(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!(
+                        "Error: From: {} is not an address of user {}",
+                        printable(&address),
+                        self.auth_user.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+        let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let mut added = String::new();
+        if !has("date") {
+            let now = jiff::Zoned::now().strftime("%a, %d %b %Y %H:%M:%S %z");
+            added.push_str(&format!("Date: {now}\r\n"));
+        }
+        if !has("message-id") {
+            added.push_str(&format!(
+                "Message-ID: <{id}@{}>\r\n",
+                self.ctx.config.hostname
+            ));
+        }
+        if !added.is_empty() {
+            // After our Received: header, which starts the body (bodies still in memory).
+            let at = received_len(&head);
+            if !body.insert(at, added.as_bytes()) {
+                tracing::info!(id = %id, "large message without Date or Message-ID left as it is");
+            }
+        }
+        Ok(())
+    }
+
     /// A body writer for the current transaction, primed with our Received: header.
     fn start_body(&mut self) -> Option<BodyWriter> {
         let tx = self.tx.as_ref()?;
@@ -828,11 +893,16 @@ impl Session {
     }
 
     /// Commits the finished message and answers for it.
-    async fn finish(&mut self, body: BodyWriter) -> Reply {
+    async fn finish(&mut self, mut body: BodyWriter) -> Reply {
         let Some(tx) = self.tx.take() else {
             return Reply::new(503, "5.5.1", "Error: need MAIL command");
         };
+        let id = tx.id;
         let mut envelope = self.envelope(tx, body.len());
+        if let Err(reply) = self.inspect_headers(&mut body, id) {
+            return reply;
+        }
+        envelope.size = body.len();
         if let Err(reply) = apply_schedule(&mut envelope, &body) {
             return reply;
         }
@@ -903,6 +973,40 @@ impl Session {
             arrived_ms: baton_spool::now_ms(),
             size,
             meta: Vec::new(),
+        }
+    }
+}
+
+/// (name, unfolded value) of each header field before the first empty line.
+fn header_fields(head: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(head);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            fields.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    fields
+}
+
+/// Length of the first header field (our Received:, with its folded lines).
+fn received_len(head: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        let Some(end) = head[i..].windows(2).position(|w| w == b"\r\n") else {
+            return head.len();
+        };
+        i += end + 2;
+        if !matches!(head.get(i), Some(b' ') | Some(b'\t')) {
+            return i;
         }
     }
 }

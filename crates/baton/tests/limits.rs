@@ -246,3 +246,29 @@ fn large_message_is_streamed_not_held_in_memory() {
         "peak RSS {peak} KiB: a 50 MB message must not be held in memory"
     );
 }
+
+#[test]
+fn a_mail_loop_is_refused_with_5_4_6() {
+    let server = Server::start("");
+    let mut c = server.connect();
+    c.hello();
+    let mut body = String::new();
+    for i in 0..50 {
+        body.push_str(&format!(
+            "Received: from hop{i}.example by hop{}.example; Mon, 1 Jan 2026 00:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    body.push_str("Subject: loop\r\n\r\nround and round\r\n");
+    // 50 hops plus ours is one too many.
+    let r = c.send_mail("a@example.com", &["b@example.net"], body.as_bytes());
+    assert_eq!((r.code, &r.lines[0][..5]), (554, "5.4.6"), "{r:?}");
+    assert!(server.queued_ids().is_empty());
+    // 49 hops plus ours is fine.
+    let fine = body.split_once("\r\n").unwrap().1;
+    assert_eq!(
+        c.send_mail("a@example.com", &["b@example.net"], fine.as_bytes())
+            .code,
+        250
+    );
+}

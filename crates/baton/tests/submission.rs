@@ -70,6 +70,11 @@ if step == "full":
     code, msg = s.mail("mallory@elsewhere.test")
     out["foreign_sender"] = [code, msg.decode()]
     s.rset()
+    try:
+        s.sendmail("alice@example.com", ["bob@remote.test"],
+            b"From: Someone Else <boss@elsewhere.test>\r\nSubject: x\r\n\r\ny\r\n")
+    except smtplib.SMTPDataError as e:
+        out["foreign_from"] = [e.smtp_code, e.smtp_error.decode()]
 print(json.dumps(out))
 s.quit()
 "#;
@@ -129,8 +134,15 @@ fn authenticated_submission_inside_tls() {
     assert_eq!(r["foreign_sender"][0], 553, "{r}");
     let ids = server.queued_ids();
     assert_eq!(ids.len(), 1);
+    assert_eq!(r["foreign_from"][0], 550, "{r}");
     let body = String::from_utf8_lossy(&server.body(&ids[0])).to_string();
     assert!(body.contains("with ESMTPSA id"), "{body}");
+    // The message had neither Date: nor Message-ID:; submission adds both (RFC 6409 §8).
+    assert!(body.contains("\r\nDate: "), "{body}");
+    assert!(
+        body.contains(&format!("\r\nMessage-ID: <{}@mx.test.example>\r\n", ids[0])),
+        "{body}"
+    );
 }
 
 #[test]
