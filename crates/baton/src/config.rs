@@ -94,6 +94,15 @@ pub struct Config {
     pub pools: Vec<Pool>,
     pub backoff: Vec<BackoffRule>,
     pub submission: SubmissionConfig,
+    pub dkim: Vec<DkimConfig>,
+}
+
+/// A DKIM signing key for a domain.
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+    pub key: PathBuf,
 }
 
 /// Who may send through the `submission`/`submissions` listeners.
@@ -368,6 +377,16 @@ struct RawConfig {
     backoff: Vec<RawBackoff>,
     #[serde(default)]
     submission: RawSubmission,
+    #[serde(default)]
+    dkim: Vec<RawDkim>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDkim {
+    domain: Spanned<String>,
+    selector: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -705,6 +724,25 @@ impl Validator<'_> {
                 SenderPolicy::Domain
             }
         };
+        let dkim = raw
+            .dkim
+            .into_iter()
+            .filter_map(|d| {
+                let path = PathBuf::from(d.key.get_ref());
+                match crate::dkim::DkimKey::load(d.domain.get_ref(), d.selector.get_ref(), &path) {
+                    Ok(_) => Some(DkimConfig {
+                        domain: d.domain.get_ref().to_ascii_lowercase(),
+                        selector: d.selector.into_inner(),
+                        key: path,
+                    }),
+                    Err(why) => self.error(
+                        d.key.span(),
+                        why,
+                        "make one with `baton dkim keygen DOMAIN SELECTOR`",
+                    ),
+                }
+            })
+            .collect();
         let submission = SubmissionConfig {
             users_file: raw.submission.users_file.map(PathBuf::from),
             plaintext_auth_on_loopback: raw.submission.plaintext_auth_on_loopback.unwrap_or(false),
@@ -728,6 +766,7 @@ impl Validator<'_> {
             pools,
             backoff,
             submission,
+            dkim,
             listeners,
             relay,
             limits,

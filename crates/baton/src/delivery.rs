@@ -31,6 +31,37 @@ struct Connection {
     _slot: Option<crate::shaping::ConnectionSlot>,
 }
 
+/// The domain of the first From: address in a message's header section.
+fn from_domain(body: &[u8]) -> Option<String> {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len().min(64 << 10));
+    let head = String::from_utf8_lossy(&body[..end]);
+    let mut from: Option<String> = None;
+    for line in head.split("\r\n") {
+        if let Some(f) = from.as_mut() {
+            if line.starts_with([' ', '\t']) {
+                f.push_str(line);
+                continue;
+            }
+            break;
+        }
+        if line.len() > 5 && line[..5].eq_ignore_ascii_case("from:") {
+            from = Some(line[5..].to_string());
+        }
+    }
+    let from = from?;
+    let address = from
+        .rsplit_once('<')
+        .map(|(_, a)| a.split('>').next().unwrap_or(a).to_string())
+        .unwrap_or(from);
+    address
+        .trim()
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim().to_ascii_lowercase())
+}
+
 /// Where a job goes; each has its own ready queue, workers and connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Destination {
@@ -78,6 +109,8 @@ pub struct JobMessage {
     pub strip_baton_headers: bool,
     /// X-Baton-Tenant, lower case.
     pub tenant: Option<String>,
+    /// The body as it leaves: DKIM-signed once, for every job of the message.
+    pub signed: OnceCell<Bytes>,
 }
 
 impl JobMessage {
@@ -95,6 +128,7 @@ impl JobMessage {
             body: OnceCell::new(),
             strip_baton_headers: self.strip_baton_headers,
             tenant: self.tenant.clone(),
+            signed: OnceCell::new(),
         }
     }
 
@@ -107,6 +141,38 @@ impl JobMessage {
         } else {
             Ok(body)
         }
+    }
+
+    /// The body to relay: [`JobMessage::body`] with a DKIM-Signature for its From: domain
+    /// when there is a key for it.
+    async fn outgoing_body(&self, ctx: &DeliveryContext) -> std::io::Result<Bytes> {
+        if ctx.dkim.is_empty() {
+            return self.body(&ctx.spool).await;
+        }
+        self.signed
+            .get_or_try_init(|| async {
+                let body = self.body(&ctx.spool).await?;
+                let domain = from_domain(&body).or_else(|| {
+                    self.sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase())
+                });
+                let Some(key) = domain.and_then(|d| ctx.dkim.get(&d)) else {
+                    return Ok(body);
+                };
+                match key.sign(&body) {
+                    Ok(header) => {
+                        let mut signed = Vec::with_capacity(header.len() + body.len());
+                        signed.extend_from_slice(header.as_bytes());
+                        signed.extend_from_slice(&body);
+                        Ok(Bytes::from(signed))
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %self.id, error = %e, "DKIM signing failed; sending unsigned");
+                        Ok(body)
+                    }
+                }
+            })
+            .await
+            .cloned()
     }
 
     async fn stored_body(&self, spool: &Spool) -> std::io::Result<Bytes> {
@@ -159,6 +225,8 @@ pub struct JobReport {
 /// Everything a worker needs.
 pub struct DeliveryContext {
     pub config: Arc<Config>,
+    /// DKIM keys by signing domain.
+    pub dkim: std::collections::HashMap<String, crate::dkim::DkimKey>,
     pub dns: Dns,
     pub shaper: Shaper,
     pub events: crate::events::Events,
@@ -253,7 +321,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             deliver_maildir(&ctx, job).await;
             continue;
         }
-        let body = match job.message.body(&ctx.spool).await {
+        let body = match job.message.outgoing_body(&ctx).await {
             Ok(body) => body,
             Err(e) => {
                 let reply =

@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod control;
 mod delivery;
+mod dkim;
 mod dns;
 mod events;
 mod qmgr;
@@ -56,6 +57,11 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCmd,
+    },
     /// Manage submission users ([submission] users_file).
     User {
         #[arg(long, value_name = "FILE", global = true)]
@@ -69,6 +75,21 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCmd {
+    /// Make a key for DOMAIN and SELECTOR, write it (mode 0600) and print the DNS TXT record.
+    Keygen {
+        domain: String,
+        selector: String,
+        /// Ed25519 instead of RSA-2048.
+        #[arg(long)]
+        ed25519: bool,
+        /// Where to write the key (default: SELECTOR.DOMAIN.key here).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -143,6 +164,15 @@ fn main() -> ExitCode {
                 json!({"cmd": "suspend", "destination": destination, "seconds": seconds}),
             )
         }),
+        Cmd::Dkim {
+            command:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    ed25519,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, ed25519, out),
         Cmd::User {
             config,
             command: UserCmd::Add { name },
@@ -193,6 +223,33 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
         }
         QueueCmd::Rebind { from, to } => ask(c, json!({"cmd": "rebind", "from": from, "to": to})),
     }
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    ed25519: bool,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (pem, record) = dkim::keygen(domain, selector, ed25519).map_err(anyhow::Error::msg)?;
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.key")));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create {}: {e} (an existing key is never overwritten)",
+                path.display()
+            )
+        })?;
+    f.write_all(pem.as_bytes())?;
+    eprintln!("key written to {}; publish this record:", path.display());
+    println!("{record}");
+    Ok(())
 }
 
 fn add_user(c: &Config, name: &str) -> anyhow::Result<()> {

@@ -131,8 +131,15 @@ impl QueueManager {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
         let (control_tx, control) = mpsc::unbounded_channel();
+        let mut dkim = HashMap::new();
+        for d in &config.dkim {
+            let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
+                .map_err(anyhow::Error::msg)?;
+            dkim.insert(d.domain.clone(), key);
+        }
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
+            dkim,
             dns: crate::dns::Dns::new(&config.dns)?,
             shaper: crate::shaping::Shaper::new(
                 config.shaping.clone(),
@@ -218,6 +225,7 @@ impl QueueManager {
             body: OnceCell::new_with(body),
             strip_baton_headers: env.meta("baton-headers").is_some(),
             tenant: env.meta("tenant").map(str::to_string),
+            signed: OnceCell::new(),
         });
         let id = env.id;
         let n = env.recipients.len();

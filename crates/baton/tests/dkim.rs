@@ -1,0 +1,165 @@
+//! DKIM signing checked by an independent verifier: dkimpy, with the public keys that
+//! `baton dkim keygen` printed supplied as DNS answers.
+
+mod common;
+
+use std::process::Command;
+
+use common::dns::DnsServer;
+use common::mx::{FakeMx, Script, common_port};
+use common::{BATON, Server};
+
+fn keygen(dir: &std::path::Path, domain: &str, selector: &str, ed25519: bool) -> (String, String) {
+    let key = dir.join(format!("{selector}.{domain}.key"));
+    let mut cmd = Command::new(BATON);
+    cmd.args(["dkim", "keygen", domain, selector, "--out"])
+        .arg(&key);
+    if ed25519 {
+        cmd.arg("--ed25519");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        record.starts_with(&format!(
+            "{selector}._domainkey.{domain}. IN TXT \"v=DKIM1;"
+        )),
+        "{record}"
+    );
+    // The TXT content between the quotes.
+    let txt = record.split('"').nth(1).unwrap().to_string();
+    (key.display().to_string(), txt)
+}
+
+const VERIFY: &str = r#"
+import dkim, json, sys
+records = json.loads(sys.argv[1])
+message = sys.stdin.buffer.read()
+def dns(name, timeout=5):
+    return records.get(name.decode().rstrip("."), "").encode()
+print(json.dumps(dkim.verify(message, dnsfunc=dns)))
+"#;
+
+fn dkimpy_verifies(message: &[u8], records: &serde_json::Value) -> bool {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args(["-c", VERIFY, &records.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "dkimpy (pip install dkimpy) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn rsa_and_ed25519_signatures_verify_with_dkimpy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa_key, rsa_txt) = keygen(dir.path(), "rsa.test", "s1", false);
+    let (ed_key, ed_txt) = keygen(dir.path(), "ed.test", "s2", true);
+    assert!(rsa_txt.contains("k=rsa") && ed_txt.contains("k=ed25519"));
+    let records = serde_json::json!({
+        "s1._domainkey.rsa.test": rsa_txt,
+        "s2._domainkey.ed.test": ed_txt,
+    });
+
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("dest.test", 10, "mx.dest.test");
+    dns.a("mx.dest.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\n\
+         [[dkim]]\ndomain = \"rsa.test\"\nselector = \"s1\"\nkey = \"{rsa_key}\"\n\
+         [[dkim]]\ndomain = \"ed.test\"\nselector = \"s2\"\nkey = \"{ed_key}\"\n",
+        dns.config()
+    ));
+    let mut c = server.connect();
+    c.hello();
+    for (from, subject) in [
+        ("a@rsa.test", "rsa"),
+        ("b@ed.test", "ed25519"),
+        ("c@none.test", "unsigned"),
+    ] {
+        let body = format!(
+            "From: Someone <{from}>\r\nTo: x@dest.test\r\nSubject: {subject}\r\nDate: Mon, 1 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{subject}@example>\r\n\r\nBody line one.\r\n.dot line\r\n\r\n\r\n"
+        );
+        let r = c.send_mail(from, &["x@dest.test"], body.as_bytes());
+        assert_eq!(r.code, 250);
+    }
+    let got = mx.wait_for(3, 20);
+    assert_eq!(got.len(), 3, "log:\n{}", server.log());
+    for m in &got {
+        let text = String::from_utf8_lossy(&m.body).to_string();
+        let signed = text.starts_with("DKIM-Signature:");
+        match m.mail_from.as_str() {
+            "a@rsa.test" => {
+                assert!(
+                    signed && text.contains("a=rsa-sha256") && text.contains("d=rsa.test"),
+                    "{text}"
+                );
+                assert!(text.contains("c=relaxed/relaxed"), "{text}");
+                assert!(
+                    dkimpy_verifies(&m.body, &records),
+                    "RSA signature rejected:\n{text}"
+                );
+            }
+            "b@ed.test" => {
+                assert!(signed && text.contains("a=ed25519-sha256"), "{text}");
+                assert!(
+                    dkimpy_verifies(&m.body, &records),
+                    "Ed25519 signature rejected:\n{text}"
+                );
+            }
+            _ => assert!(!signed, "no key for none.test: {text}"),
+        }
+    }
+    // A tampered message no longer verifies (the check is real).
+    let rsa = got.iter().find(|m| m.mail_from == "a@rsa.test").unwrap();
+    let tampered = String::from_utf8_lossy(&rsa.body).replace("Body line one", "Body line 1");
+    assert!(!dkimpy_verifies(tampered.as_bytes(), &records));
+}
+
+#[test]
+fn keygen_never_overwrites_and_check_config_reports_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path(), "x.test", "k", true);
+    let again = Command::new(BATON)
+        .args(["dkim", "keygen", "x.test", "k", "--ed25519", "--out"])
+        .arg(dir.path().join("k.x.test.key"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(dir.path().join("junk.key"), "junk").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[dkim]]\ndomain = \"x.test\"\nselector = \"k\"\nkey = \"{}/junk.key\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BATON)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 4:") && err.contains("junk.key"), "{err}");
+}
