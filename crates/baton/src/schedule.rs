@@ -154,7 +154,7 @@ pub fn strip_baton_headers(body: &[u8]) -> Vec<u8> {
 }
 
 /// (name, unfolded value) of each header field before the first empty line.
-fn header_fields(head: &[u8]) -> Vec<(String, String)> {
+pub fn header_fields(head: &[u8]) -> Vec<(String, String)> {
     let text = String::from_utf8_lossy(head);
     let mut fields: Vec<(String, String)> = Vec::new();
     for line in text.split("\r\n") {

@@ -782,7 +782,7 @@ impl Session {
         let head = body
             .head(64 << 10)
             .map_err(|e| spool_reply(&SpoolError::Io(e)))?;
-        let fields = header_fields(&head);
+        let fields = crate::schedule::header_fields(&head);
         let hops = fields
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("received"))
@@ -975,26 +975,6 @@ impl Session {
             meta: Vec::new(),
         }
     }
-}
-
-/// (name, unfolded value) of each header field before the first empty line.
-fn header_fields(head: &[u8]) -> Vec<(String, String)> {
-    let text = String::from_utf8_lossy(head);
-    let mut fields: Vec<(String, String)> = Vec::new();
-    for line in text.split("\r\n") {
-        if line.is_empty() {
-            break;
-        }
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = fields.last_mut() {
-                last.1.push(' ');
-                last.1.push_str(line.trim());
-            }
-        } else if let Some((name, value)) = line.split_once(':') {
-            fields.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    fields
 }
 
 /// Length of the first header field (our Received:, with its folded lines).
