@@ -1398,7 +1398,7 @@ impl Validator<'_> {
             idle_timeout: self.duration_or(raw.idle_timeout, 300),
             command_timeout: self.duration_or(raw.command_timeout, 60),
             data_timeout: self.duration_or(raw.data_timeout, 180),
-            max_connections: self.count(raw.max_connections, 1000) as usize,
+            max_connections: self.count(raw.max_connections, 5000) as usize,
             max_connections_per_ip: self.count(raw.max_connections_per_ip, 50) as usize,
             max_received_headers: self.count(raw.max_received_headers, 50) as usize,
         }

@@ -307,6 +307,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .init();
     // One thread measured cheapest per message on two cores (no cross-thread wake-ups); more
     // pay off where TLS or many connections need more than a core (docs/BENCHMARKS.md).
+    raise_open_file_limit(config.limits.max_connections);
     let runtime = if config.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -326,6 +327,33 @@ fn serve(config: Config) -> anyhow::Result<()> {
         });
         server::serve(config, stop_rx).await
     })
+}
+
+/// Every connection is a file descriptor: lift the soft limit to the hard one, and say so if
+/// even that cannot hold `max_connections` (with room for the spool, logs and deliveries).
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let wanted = max_connections as u64 * 2 + 256;
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            max_connections,
+            "the open-file limit may not hold max_connections (and their deliveries); raise it (ulimit -n) or lower [limits] max_connections"
+        );
+    }
 }
 
 async fn wait_for_signal() {

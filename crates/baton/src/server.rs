@@ -65,6 +65,14 @@ impl Drop for Slot {
 }
 
 impl Context {
+    /// More than three quarters of the connection slots taken: sessions then wait for a
+    /// command only briefly (Postfix's stress-adaptive behaviour), so idle or slow clients
+    /// cannot hold the server.
+    pub fn under_stress(&self) -> bool {
+        let c = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        c.total * 4 > self.config.limits.max_connections * 3
+    }
+
     /// Takes a connection slot, or says which limit is full.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
         let limits = &self.config.limits;

@@ -41,6 +41,9 @@ enum Close {
     Io(#[allow(dead_code, reason = "shown in logs through Debug")] std::io::Error),
 }
 
+/// The wait for a command when connection slots run short.
+const STRESS_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Transaction {
     id: QueueId,
     mail: MailFrom,
@@ -233,11 +236,14 @@ impl Session {
     /// The next command line (with its line end), or a note that it was too long.
     async fn next_line(&mut self) -> Result<Input, Close> {
         let limits = &self.ctx.config.limits;
-        let (max_len, idle_timeout, command_timeout) = (
+        let (max_len, mut idle_timeout, command_timeout) = (
             limits.max_line_length,
             limits.idle_timeout,
             limits.command_timeout,
         );
+        if self.ctx.under_stress() {
+            idle_timeout = idle_timeout.min(STRESS_IDLE_TIMEOUT);
+        }
         let mut deadline = Instant::now() + idle_timeout;
         let mut started = !self.inbuf.is_empty();
         if started {

@@ -272,3 +272,31 @@ fn a_mail_loop_is_refused_with_5_4_6() {
         250
     );
 }
+
+#[test]
+fn a_thousand_idle_connections_do_not_stop_service_to_others() {
+    // 20 addresses × 50 connections (the per-address default), each idle after the greeting.
+    let server = Server::start("");
+    let mut idle = Vec::new();
+    for a in 0..20u8 {
+        let source = format!("127.0.1.{}", a + 1);
+        for _ in 0..50 {
+            let mut c = Client::connect_from(server.addr, source.parse().unwrap());
+            assert_eq!(c.reply().code, 220);
+            idle.push(c);
+        }
+    }
+    // A 51st from one of those addresses is turned away...
+    let mut extra = Client::connect_from(server.addr, "127.0.1.1".parse().unwrap());
+    assert_eq!(extra.reply().code, 421);
+    // ...while everyone else is served as usual.
+    let mut c = server.connect();
+    c.hello();
+    let r = c.send_mail(
+        "a@example.com",
+        &["b@example.net"],
+        b"Subject: still here\r\n\r\nok\r\n",
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    assert_eq!(idle.len(), 1000);
+}
