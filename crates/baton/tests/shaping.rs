@@ -16,6 +16,16 @@ fn server(dns: &DnsServer, port: u16, extra: &str) -> Server {
     ))
 }
 
+/// A DNS server, a port, and `domain` served by a fake MX on 127.0.0.2 answering per `script`.
+fn destination(domain: &str, script: Script) -> (DnsServer, u16, FakeMx) {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx(domain, 10, &format!("mx.{domain}"));
+    dns.a(&format!("mx.{domain}"), "127.0.0.2");
+    let mx = FakeMx::start(format!("127.0.0.2:{port}").parse().unwrap(), script);
+    (dns, port, mx)
+}
+
 /// Sends `n` messages to `to` over `threads` client connections at once.
 fn blast(addr: std::net::SocketAddr, to: &'static str, n: usize, threads: usize) {
     let handles: Vec<_> = (0..threads)
@@ -41,14 +51,7 @@ fn blast(addr: std::net::SocketAddr, to: &'static str, n: usize, threads: usize)
 
 #[test]
 fn message_rate_of_10_per_second_holds_over_several_windows() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("rate.test", 10, "mx.rate.test");
-    dns.a("mx.rate.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let (dns, port, mx) = destination("rate.test", Script::default());
     let server = server(
         &dns,
         port,
@@ -126,12 +129,8 @@ fn a_site_rule_caps_connections_across_its_domains() {
 
 #[test]
 fn greylisted_mail_is_retried_soon_not_on_the_long_schedule() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("grey.test", 10, "mx.grey.test");
-    dns.a("mx.grey.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let (dns, port, mx) = destination(
+        "grey.test",
         Script {
             rcpt: std::sync::Arc::new(|addr, seen| match (addr, seen) {
                 ("hint@grey.test", 0) => {
@@ -172,12 +171,8 @@ fn greylisted_mail_is_retried_soon_not_on_the_long_schedule() {
 
 #[test]
 fn pools_bind_their_sources_and_limits_apply_per_source() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("dest.test", 10, "mx.dest.test");
-    dns.a("mx.dest.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let (dns, port, mx) = destination(
+        "dest.test",
         Script {
             data_delay: Duration::from_millis(80),
             ..Script::default()
@@ -249,12 +244,8 @@ fn pools_bind_their_sources_and_limits_apply_per_source() {
 
 #[test]
 fn a_rate_limited_reply_suspends_the_destination_then_it_resumes() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("busy.test", 10, "mx.busy.test");
-    dns.a("mx.busy.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let (dns, port, mx) = destination(
+        "busy.test",
         Script {
             // The first recipient is refused with a rate-limit reply; everything after is fine.
             rcpt: std::sync::Arc::new(|addr, seen| {
@@ -318,14 +309,7 @@ fn a_rate_limited_reply_suspends_the_destination_then_it_resumes() {
 
 #[test]
 fn send_at_and_delivery_windows_hold_mail_until_their_time() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("later.test", 10, "mx.later.test");
-    dns.a("mx.later.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let (dns, port, mx) = destination("later.test", Script::default());
     let server = server(&dns, port, "");
     let now = jiff::Timestamp::now();
     let in_2s = now + jiff::SignedDuration::from_secs(2);
@@ -409,14 +393,7 @@ fn send_at_and_delivery_windows_hold_mail_until_their_time() {
 
 #[test]
 fn a_warmup_cap_lets_exactly_that_many_through_and_holds_the_rest() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("inbox.test", 10, "mx.inbox.test");
-    dns.a("mx.inbox.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let (dns, port, mx) = destination("inbox.test", Script::default());
     let today = jiff::Timestamp::now()
         .to_zoned(jiff::tz::TimeZone::UTC)
         .date();
@@ -486,12 +463,8 @@ fn a_warmup_cap_lets_exactly_that_many_through_and_holds_the_rest() {
 
 #[test]
 fn a_greylisted_retry_leaves_from_the_same_source() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("grey.test", 10, "mx.grey.test");
-    dns.a("mx.grey.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let (dns, port, mx) = destination(
+        "grey.test",
         Script {
             rcpt: std::sync::Arc::new(|_, seen| {
                 if seen == 0 {
@@ -542,12 +515,8 @@ fn a_greylisted_retry_leaves_from_the_same_source() {
 
 #[test]
 fn a_throttled_destination_ramps_back_after_successes() {
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("slowdown.test", 10, "mx.slowdown.test");
-    dns.a("mx.slowdown.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let (dns, port, mx) = destination(
+        "slowdown.test",
         Script {
             rcpt: std::sync::Arc::new(|addr, seen| {
                 if addr == "first@slowdown.test" && seen == 0 {
