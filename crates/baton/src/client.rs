@@ -150,6 +150,15 @@ enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Only while the TLS handshake owns the socket.
+    Gone,
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "connection in TLS handshake",
+    )
 }
 
 impl AsyncRead for Stream {
@@ -162,6 +171,7 @@ impl AsyncRead for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
 }
@@ -176,6 +186,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
 
@@ -184,6 +195,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
 
@@ -192,6 +204,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
         }
     }
 }
@@ -385,8 +398,7 @@ impl Client {
                 "data received after the STARTTLS reply, before TLS".into(),
             ));
         }
-        let Stream::Tcp(tcp) = std::mem::replace(&mut self.stream, Stream::Unix(placeholder()?))
-        else {
+        let Stream::Tcp(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return Err(ClientError::Protocol(
                 self.remote.clone(),
                 "STARTTLS on a non-TCP stream".into(),
@@ -815,13 +827,6 @@ fn truncate(s: &str, n: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-/// A connected Unix socket pair end, only to fill the stream slot during the TLS swap.
-fn placeholder() -> Result<UnixStream, ClientError> {
-    UnixStream::pair()
-        .map(|(a, _)| a)
-        .map_err(|e| ClientError::Io("local".into(), e))
 }
 
 /// Opportunistic TLS (RFC 7435): encrypt whatever the certificate. Verification by policy

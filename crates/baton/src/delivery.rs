@@ -33,31 +33,8 @@ struct Connection {
 
 /// The domain of the first From: address in a message's header section.
 fn from_domain(body: &[u8]) -> Option<String> {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(body.len().min(64 << 10));
-    let head = String::from_utf8_lossy(&body[..end]);
-    let mut from: Option<String> = None;
-    for line in head.split("\r\n") {
-        if let Some(f) = from.as_mut() {
-            if line.starts_with([' ', '\t']) {
-                f.push_str(line);
-                continue;
-            }
-            break;
-        }
-        if line.len() > 5 && line[..5].eq_ignore_ascii_case("from:") {
-            from = Some(line[5..].to_string());
-        }
-    }
-    let from = from?;
-    let address = from
-        .rsplit_once('<')
-        .map(|(_, a)| a.split('>').next().unwrap_or(a).to_string())
-        .unwrap_or(from);
-    address
-        .trim()
+    let head = &body[..body.len().min(64 << 10)];
+    crate::schedule::from_address(head)?
         .rsplit_once('@')
         .map(|(_, d)| d.trim().to_ascii_lowercase())
 }

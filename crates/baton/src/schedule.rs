@@ -153,6 +153,18 @@ pub fn strip_baton_headers(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The address in the first From: field of a header section ("Name <a@b>" or "a@b").
+pub fn from_address(head: &[u8]) -> Option<String> {
+    let (_, value) = header_fields(head)
+        .into_iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("from"))?;
+    let address = match value.rsplit_once('<') {
+        Some((_, a)) => a.split('>').next().unwrap_or(a),
+        None => value.as_str(),
+    };
+    Some(address.trim().to_string())
+}
+
 /// (name, unfolded value) of each header field before the first empty line.
 pub fn header_fields(head: &[u8]) -> Vec<(String, String)> {
     let text = String::from_utf8_lossy(head);

@@ -784,11 +784,13 @@ impl Session {
     /// Checks the header section of a complete message: a mail loop (too many Received:
     /// fields, RFC 5321 §6.3), and on submission the From: domain and the Date: and
     /// Message-ID: a submission server adds when missing (RFC 6409 §8).
-    fn inspect_headers(&self, body: &mut BodyWriter, id: QueueId) -> Result<(), Reply> {
-        let head = body
-            .head(64 << 10)
-            .map_err(|e| spool_reply(&SpoolError::Io(e)))?;
-        let fields = crate::schedule::header_fields(&head);
+    fn inspect_headers(
+        &self,
+        head: &[u8],
+        body: &mut BodyWriter,
+        id: QueueId,
+    ) -> Result<(), Reply> {
+        let fields = crate::schedule::header_fields(head);
         let hops = fields
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("received"))
@@ -803,26 +805,19 @@ impl Session {
         if !self.is_submission() {
             return Ok(());
         }
-        let from = fields
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("from"))
-            .map(|(_, v)| v.clone());
-        if let (Some(_), Some(from)) = (&self.auth_user, from) {
-            let address = from
-                .rsplit_once('<')
-                .map(|(_, a)| a.trim_end_matches(['>', ' ']).to_string())
-                .unwrap_or_else(|| from.trim().to_string());
-            if !self.sender_allowed(&address) {
-                return Err(Reply::new(
-                    550,
-                    "5.7.1",
-                    format!(
-                        "Error: From: {} is not an address of user {}",
-                        printable(&address),
-                        self.auth_user.as_deref().unwrap_or("")
-                    ),
-                ));
-            }
+        let from = crate::schedule::from_address(head);
+        if let (Some(_), Some(address)) = (&self.auth_user, from)
+            && !self.sender_allowed(&address)
+        {
+            return Err(Reply::new(
+                550,
+                "5.7.1",
+                format!(
+                    "Error: From: {} is not an address of user {}",
+                    printable(&address),
+                    self.auth_user.as_deref().unwrap_or("")
+                ),
+            ));
         }
         let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut added = String::new();
@@ -838,7 +833,7 @@ impl Session {
         }
         if !added.is_empty() {
             // After our Received: header, which starts the body (bodies still in memory).
-            let at = received_len(&head);
+            let at = received_len(head);
             if !body.insert(at, added.as_bytes()) {
                 tracing::info!(id = %id, "large message without Date or Message-ID left as it is");
             }
@@ -905,11 +900,17 @@ impl Session {
         };
         let id = tx.id;
         let mut envelope = self.envelope(tx, body.len());
-        if let Err(reply) = self.inspect_headers(&mut body, id) {
+        // One look at the header section serves both checks (Date/Message-ID inserted by the
+        // first do not matter to the second).
+        let head = match body.head(64 << 10) {
+            Ok(head) => head,
+            Err(e) => return spool_reply(&SpoolError::Io(e)),
+        };
+        if let Err(reply) = self.inspect_headers(&head, &mut body, id) {
             return reply;
         }
         envelope.size = body.len();
-        if let Err(reply) = apply_schedule(&mut envelope, &body) {
+        if let Err(reply) = apply_schedule(&mut envelope, &head) {
             return reply;
         }
         match self.ctx.spool.commit(&envelope, body).await {
@@ -998,11 +999,8 @@ fn received_len(head: &[u8]) -> usize {
 }
 
 /// Reads X-Baton-Send-At / X-Baton-Window into the envelope (see [`crate::schedule`]).
-fn apply_schedule(envelope: &mut Envelope, body: &BodyWriter) -> Result<(), Reply> {
-    let head = body
-        .head(64 << 10)
-        .map_err(|e| spool_reply(&SpoolError::Io(e)))?;
-    let requested = crate::schedule::requested(&head)
+fn apply_schedule(envelope: &mut Envelope, head: &[u8]) -> Result<(), Reply> {
+    let requested = crate::schedule::requested(head)
         .map_err(|why| Reply::new(550, "5.6.0", format!("Error: {why}")))?;
     if let Some(at) = requested.send_at_ms {
         for r in &mut envelope.recipients {
