@@ -21,6 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
 use crate::config::TlsMode;
+use crate::trust::{Tlsa, Trust};
 
 /// RFC 5321 §4.5.3.2 client timeouts.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(300);
@@ -111,8 +112,10 @@ pub struct Capabilities {
 pub struct TlsInfo {
     pub version: String,
     pub cipher: String,
-    /// Whether the certificate was checked (never, under opportunistic TLS).
+    /// Whether the certificate chain was authenticated (CA-issued for the host, or by DANE).
     pub verified: bool,
+    /// The policy the connection was made under ("opportunistic", "mta-sts", "dane"...).
+    pub policy: String,
 }
 
 impl std::fmt::Display for TlsInfo {
@@ -122,7 +125,11 @@ impl std::fmt::Display for TlsInfo {
         } else {
             "not verified"
         };
-        write!(f, "{} {} ({check})", self.version, self.cipher)
+        write!(
+            f,
+            "{} {} ({check}, {})",
+            self.version, self.cipher, self.policy
+        )
     }
 }
 
@@ -234,6 +241,12 @@ pub struct ConnectOptions<'a> {
     pub auth: Option<(&'a str, &'a str)>,
     /// The local address to connect from (an egress source).
     pub bind: Option<std::net::IpAddr>,
+    /// Trust anchors for checking the server's certificate (reported; enforced under `Verify`).
+    pub trust: Option<&'a Trust>,
+    /// DANE TLSA records for this host: under `Verify` they, not the CAs, authenticate it.
+    pub dane: Option<&'a [Tlsa]>,
+    /// What chose `tls`, for the delivery record ("opportunistic", "mta-sts", "dane", "route").
+    pub policy: &'a str,
 }
 
 impl Client {
@@ -312,17 +325,36 @@ impl Client {
             return Err(self.rejected("greeting", greeting));
         }
         self.hello(options.helo_name).await?;
+        let mut authenticated = Err(String::new());
         if options.tls != TlsMode::Disabled && self.caps.starttls && !self.lmtp {
-            self.starttls(host).await?;
+            authenticated = self.starttls(host, options).await?;
             if self.tls.is_some() {
                 self.hello(options.helo_name).await?;
             }
         }
-        if options.tls == TlsMode::Required && self.tls.is_none() {
+        let must_have_tls = matches!(options.tls, TlsMode::Required | TlsMode::Verify);
+        if must_have_tls && self.tls.is_none() {
+            self.quit_early().await;
             return Err(ClientError::Policy(
                 self.remote.clone(),
                 "4.7.10",
-                "TLS is required for this route but was not negotiated".into(),
+                format!(
+                    "TLS is required ({}) but was not negotiated",
+                    options.policy
+                ),
+            ));
+        }
+        if options.tls == TlsMode::Verify
+            && let Err(why) = authenticated
+        {
+            self.quit_early().await;
+            return Err(ClientError::Policy(
+                self.remote.clone(),
+                "4.7.5",
+                format!(
+                    "certificate not verified for {host} ({}): {why}",
+                    options.policy
+                ),
             ));
         }
         if let Some((user, password)) = options.auth {
@@ -382,13 +414,27 @@ impl Client {
         Ok(())
     }
 
-    async fn starttls(&mut self, host: &str) -> Result<(), ClientError> {
+    /// Says QUIT on a connection being given up for policy reasons (errors ignored).
+    async fn quit_early(&mut self) {
+        if self.command("QUIT").await.is_ok() {
+            let _ = self.read_reply(Duration::from_secs(5), "after QUIT").await;
+        }
+    }
+
+    /// Negotiates TLS. The handshake accepts any certificate (opportunistic TLS must not fail
+    /// on a self-signed one); the chain is then checked against the trust store or the DANE
+    /// records, and the outcome returned for the caller's policy to act on.
+    async fn starttls(
+        &mut self,
+        host: &str,
+        options: &ConnectOptions<'_>,
+    ) -> Result<Result<(), String>, ClientError> {
         self.command("STARTTLS").await?;
         let reply = self.read_reply(COMMAND_TIMEOUT, "after STARTTLS").await?;
         if reply.code != 220 {
             // Offered but refused: carry on in plaintext, as opportunistic TLS allows.
             tracing::info!(remote = %self.remote, reply = %reply.line(), "STARTTLS refused");
-            return Ok(());
+            return Ok(Err("STARTTLS refused".into()));
         }
         if !self.rbuf.is_empty() {
             // Anything the server sent before the handshake could be an injection
@@ -418,6 +464,14 @@ impl Client {
             .map_err(|_| ClientError::Timeout(self.remote.clone(), "in the TLS handshake"))?
             .map_err(|e| ClientError::Tls(self.remote.clone(), e.to_string()))?;
         let (_, session) = tls.get_ref();
+        let chain = session.peer_certificates().unwrap_or(&[]);
+        let authenticated = match (options.dane, options.trust) {
+            (Some(records), Some(trust)) if !records.is_empty() => {
+                crate::trust::dane_verify(records, chain, host, trust.provider())
+            }
+            (_, Some(trust)) => trust.verify(chain, host),
+            (_, None) => Err("no trust store".into()),
+        };
         self.tls = Some(TlsInfo {
             version: session
                 .protocol_version()
@@ -427,11 +481,12 @@ impl Client {
                 .negotiated_cipher_suite()
                 .map(|c| format!("{:?}", c.suite()))
                 .unwrap_or_default(),
-            verified: false,
+            verified: authenticated.is_ok(),
+            policy: options.policy.to_string(),
         });
         self.stream = Stream::Tls(Box::new(tls));
         self.caps = Capabilities::default();
-        Ok(())
+        Ok(authenticated)
     }
 
     /// Runs one transaction. Returns one reply per recipient, in order; a recipient whose RCPT

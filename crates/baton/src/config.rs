@@ -67,6 +67,14 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// More Received: fields than this is a mail loop (Postfix's hopcount_limit).
     pub max_received_headers: usize,
+    /// New connections per client address (relay networks exempt): past it, 421.
+    pub connection_rate_per_ip: Option<Rate>,
+    /// Commands per client address across its sessions (relay networks exempt): past it, 421.
+    pub command_rate_per_ip: Option<Rate>,
+    /// After this many errors in a session every reply is delayed by `error_delay` (tarpit;
+    /// Postfix's smtpd_soft_error_limit); at `max_errors` the session ends.
+    pub error_delay_after: u32,
+    pub error_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +121,10 @@ pub struct SubmissionConfig {
     /// Allow AUTH without TLS for clients on loopback (tests, local webmail).
     pub plaintext_auth_on_loopback: bool,
     pub sender_policy: SenderPolicy,
+    /// Messages (MAIL commands) per authenticated user: past it, 450 4.7.1.
+    pub message_rate: Option<Rate>,
+    /// Recipients per authenticated user: past it, 450 4.7.1.
+    pub recipient_rate: Option<Rate>,
 }
 
 /// What senders an authenticated user may use (envelope and From:).
@@ -175,6 +187,16 @@ pub struct DeliveryConfig {
     pub greylist_retry: Duration,
     /// The pool for mail no pool claims by sender domain; none = the system's source address.
     pub default_pool: Option<String>,
+    /// TLS for MX delivery where no route and no MTA-STS policy says otherwise.
+    pub tls: TlsMode,
+    /// Extra trust anchors (PEM) for verifying servers, beside the system's CA store.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Honour recipient domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The port MTA-STS policies are fetched from (443; tests point it elsewhere).
+    pub mta_sts_port: u16,
+    /// Check MX hosts' TLSA records when the resolver vouches for them (DANE, RFC 7672).
+    pub dane: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +242,8 @@ pub enum TlsMode {
     Opportunistic,
     /// No delivery without TLS: the message waits (4.7.10).
     Required,
+    /// TLS with a certificate that validates for the host name (4.7.5 otherwise).
+    Verify,
     /// Never STARTTLS.
     Disabled,
 }
@@ -229,6 +253,8 @@ pub struct Route {
     /// Lower-case domain, or "*" for every domain no other route names.
     pub domain: String,
     pub transport: Transport,
+    /// TLS for MX delivery on this route (smarthosts carry their own).
+    pub tls: Option<TlsMode>,
 }
 
 impl Config {
@@ -247,6 +273,17 @@ impl Config {
             .find(|r| r.domain == "*")
             .map(|r| r.transport.clone())
             .unwrap_or(Transport::Mx)
+    }
+
+    /// The TLS mode an MX route names for a domain (exact, then `*`); none when no route does.
+    pub fn route_tls(&self, domain: &str) -> Option<TlsMode> {
+        let domain = domain.to_ascii_lowercase();
+        let exact = self.routes.iter().find(|r| r.domain == domain);
+        let route = exact.or_else(|| self.routes.iter().find(|r| r.domain == "*"))?;
+        match route.transport {
+            Transport::Mx => route.tls,
+            _ => None,
+        }
     }
 
     /// The pool for a message: one named for it (`rebind`), else the one naming its tenant,
@@ -395,6 +432,8 @@ struct RawSubmission {
     users_file: Option<String>,
     plaintext_auth_on_loopback: Option<bool>,
     sender_policy: Option<Spanned<String>>,
+    message_rate: Option<Spanned<String>>,
+    recipient_rate: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +507,11 @@ struct RawDelivery {
     hold: Option<bool>,
     greylist_retry: Option<Spanned<Quantity>>,
     pool: Option<Spanned<String>>,
+    tls: Option<Spanned<String>>,
+    tls_ca_file: Option<Spanned<String>>,
+    mta_sts: Option<bool>,
+    mta_sts_port: Option<Spanned<u64>>,
+    dane: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -518,6 +562,10 @@ struct RawLimits {
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
     max_received_headers: Option<Spanned<u64>>,
+    connection_rate_per_ip: Option<Spanned<String>>,
+    command_rate_per_ip: Option<Spanned<String>>,
+    error_delay_after: Option<Spanned<u64>>,
+    error_delay: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -747,6 +795,8 @@ impl Validator<'_> {
             users_file: raw.submission.users_file.map(PathBuf::from),
             plaintext_auth_on_loopback: raw.submission.plaintext_auth_on_loopback.unwrap_or(false),
             sender_policy,
+            message_rate: self.rate(raw.submission.message_rate),
+            recipient_rate: self.rate(raw.submission.recipient_rate),
         };
         if let Some(name) = &delivery.default_pool
             && !pools.iter().any(|p| &p.name == name)
@@ -828,6 +878,31 @@ impl Validator<'_> {
         let delay_warning = self.duration_or(raw.delay_warning, 4 * 3600);
         let connect_timeout = self.duration_or(raw.connect_timeout, 30);
         let idle_timeout = self.duration_or(raw.idle_timeout, 5);
+        let tls = self
+            .tls_mode(raw.tls.as_ref())
+            .unwrap_or(TlsMode::Opportunistic);
+        let tls_ca_file = raw.tls_ca_file.and_then(|f| {
+            let path = PathBuf::from(f.get_ref());
+            match crate::trust::load_roots(&path) {
+                Ok(_) => Some(path),
+                Err(why) => self.error(
+                    f.span(),
+                    why,
+                    "tls_ca_file is a PEM file of CA certificates",
+                ),
+            }
+        });
+        let mta_sts_port = match raw.mta_sts_port {
+            Some(p) if *p.get_ref() == 0 || *p.get_ref() > 65535 => self
+                .error(
+                    p.span(),
+                    "mta_sts_port must be 1-65535".into(),
+                    "leave it out for port 443",
+                )
+                .unwrap_or(443),
+            Some(p) => *p.get_ref() as u16,
+            None => 443,
+        };
         DeliveryConfig {
             smtp_port: port,
             retry_min,
@@ -844,6 +919,11 @@ impl Validator<'_> {
             hold: raw.hold.unwrap_or(false),
             greylist_retry: self.duration_or(raw.greylist_retry, 60),
             default_pool: raw.pool.map(|p| p.into_inner()),
+            tls,
+            tls_ca_file,
+            mta_sts: raw.mta_sts.unwrap_or(true),
+            mta_sts_port,
+            dane: raw.dane.unwrap_or(true),
         }
     }
 
@@ -934,18 +1014,28 @@ impl Validator<'_> {
             }
         };
         if !matches!(transport, Transport::Smarthost(_)) {
-            for key in [&raw.auth_user, &raw.auth_password, &raw.tls]
-                .into_iter()
-                .flatten()
-            {
+            for key in [&raw.auth_user, &raw.auth_password].into_iter().flatten() {
                 self.error::<()>(
                     key.span(),
-                    "auth_user, auth_password and tls apply to smarthost routes only".into(),
+                    "auth_user and auth_password apply to smarthost routes only".into(),
                     "remove it, or route through a smarthost",
                 );
             }
         }
-        Some(Route { domain, transport })
+        let tls = match (&transport, &raw.tls) {
+            (Transport::Mx, Some(t)) => self.tls_mode(Some(t)),
+            (Transport::Local, Some(t)) => self.error(
+                t.span(),
+                "tls does not apply to local delivery".into(),
+                "remove it",
+            ),
+            _ => None,
+        };
+        Some(Route {
+            domain,
+            transport,
+            tls,
+        })
     }
 
     fn backoff(&mut self, raw: RawBackoff) -> Option<BackoffRule> {
@@ -1223,19 +1313,25 @@ impl Validator<'_> {
         })
     }
 
+    fn tls_mode(&mut self, raw: Option<&Spanned<String>>) -> Option<TlsMode> {
+        let raw = raw?;
+        match raw.get_ref().as_str() {
+            "opportunistic" => Some(TlsMode::Opportunistic),
+            "required" => Some(TlsMode::Required),
+            "verify" => Some(TlsMode::Verify),
+            "disabled" => Some(TlsMode::Disabled),
+            other => self.error(
+                raw.span(),
+                format!("unknown tls mode {other:?}"),
+                "tls is \"opportunistic\" (default), \"required\", \"verify\" or \"disabled\"",
+            ),
+        }
+    }
+
     fn smarthost(&mut self, host: &Spanned<String>, raw: &RawRoute) -> Option<Transport> {
-        let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
-            None | Some("opportunistic") => TlsMode::Opportunistic,
-            Some("required") => TlsMode::Required,
-            Some("disabled") => TlsMode::Disabled,
-            Some(other) => {
-                let span = raw.tls.as_ref().map(|t| t.span()).unwrap_or(0..0);
-                return self.error(
-                    span,
-                    format!("unknown tls mode {other:?}"),
-                    "tls is \"opportunistic\" (default), \"required\" or \"disabled\"",
-                );
-            }
+        let tls = match &raw.tls {
+            None => TlsMode::Opportunistic,
+            Some(t) => self.tls_mode(Some(t))?,
         };
         let auth = match (&raw.auth_user, &raw.auth_password) {
             (Some(u), Some(p)) => Some((u.get_ref().clone(), p.get_ref().clone())),
@@ -1401,7 +1497,31 @@ impl Validator<'_> {
             max_connections: self.count(raw.max_connections, 5000) as usize,
             max_connections_per_ip: self.count(raw.max_connections_per_ip, 50) as usize,
             max_received_headers: self.count(raw.max_received_headers, 50) as usize,
+            connection_rate_per_ip: self.rate_or(raw.connection_rate_per_ip, "600/m"),
+            command_rate_per_ip: self.rate_or(raw.command_rate_per_ip, "6000/m"),
+            error_delay_after: self.count(raw.error_delay_after, 5) as u32,
+            error_delay: self.duration_or(raw.error_delay, 1),
         }
+    }
+
+    /// A rate such as "10/s"; `"none"` turns the limit off.
+    fn rate_or(&mut self, raw: Option<Spanned<String>>, default: &str) -> Option<Rate> {
+        match raw {
+            None => Rate::parse(default),
+            Some(r) if r.get_ref() == "none" => None,
+            Some(r) => self.rate(Some(r)),
+        }
+    }
+
+    fn rate(&mut self, raw: Option<Spanned<String>>) -> Option<Rate> {
+        let raw = raw?;
+        Rate::parse(raw.get_ref()).or_else(|| {
+            self.error(
+                raw.span(),
+                format!("rate {:?} is not N/unit", raw.get_ref()),
+                "write \"10/s\", \"300/m\", \"5000/h\" or \"100000/d\"",
+            )
+        })
     }
 
     /// A limit of at least 1, or `default` when not given.

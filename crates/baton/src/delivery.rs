@@ -210,6 +210,107 @@ pub struct DeliveryContext {
     pub spool: Spool,
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,
+    /// CA store for checking servers' certificates.
+    pub trust: crate::trust::Trust,
+    /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
+    pub mta_sts: Option<crate::mta_sts::MtaSts>,
+}
+
+/// The TLS a destination gets and why.
+struct TlsPlan {
+    mode: TlsMode,
+    /// For the delivery record: "route", "mta-sts", "opportunistic"...
+    label: &'static str,
+    /// An MTA-STS policy in `enforce` mode: only its MX hosts may be used.
+    sts: Option<crate::mta_sts::Policy>,
+    /// Look for DANE TLSA records (only where no route overrides, and the MX set validated).
+    dane: bool,
+}
+
+fn mode_label(mode: TlsMode) -> &'static str {
+    match mode {
+        TlsMode::Opportunistic => "opportunistic",
+        TlsMode::Required => "required",
+        TlsMode::Verify => "verify",
+        TlsMode::Disabled => "disabled",
+    }
+}
+
+/// Precedence: a route's `tls`, then DANE (decided per host), then an MTA-STS policy in
+/// `enforce` mode (RFC 8461 §2: DANE wins where both exist), then `[delivery] tls`.
+async fn tls_plan(ctx: &DeliveryContext, dest: &Destination) -> TlsPlan {
+    let fixed = |mode: TlsMode, label: &'static str| TlsPlan {
+        mode,
+        label,
+        sts: None,
+        dane: false,
+    };
+    let domain = match dest {
+        Destination::Smarthost(relay) => return fixed(relay.tls, "route"),
+        Destination::Local => return fixed(TlsMode::Disabled, "local"),
+        Destination::Mx(domain) => domain,
+    };
+    if let Some(mode) = ctx.config.route_tls(domain) {
+        return fixed(mode, "route");
+    }
+    let default = ctx.config.delivery.tls;
+    let dane = ctx.config.delivery.dane && default != TlsMode::Disabled;
+    if let Some(sts) = &ctx.mta_sts
+        && let Some(policy) = sts.policy(&ctx.dns, domain).await
+    {
+        match policy.mode {
+            crate::mta_sts::Mode::Enforce => {
+                return TlsPlan {
+                    mode: TlsMode::Verify,
+                    label: "mta-sts",
+                    sts: Some(policy),
+                    dane,
+                };
+            }
+            crate::mta_sts::Mode::Testing => {
+                return TlsPlan {
+                    mode: default,
+                    label: "mta-sts testing",
+                    sts: Some(policy),
+                    dane,
+                };
+            }
+            crate::mta_sts::Mode::None => {}
+        }
+    }
+    TlsPlan {
+        mode: default,
+        label: mode_label(default),
+        sts: None,
+        dane,
+    }
+}
+
+/// DANE for one MX host (RFC 7672): usable TLSA records validated by the resolver make
+/// verified TLS mandatory, authenticated by those records; TLSA records that are all unusable
+/// still make TLS mandatory. None: DANE does not apply (insecure or no records).
+async fn dane_for(
+    ctx: &DeliveryContext,
+    host: &str,
+    port: u16,
+) -> Result<Option<(TlsMode, Vec<crate::trust::Tlsa>)>, ConnectFailure> {
+    match ctx.dns.tlsa(host, port).await {
+        Ok(answer) if answer.secure && !answer.records.is_empty() => {
+            let usable: Vec<_> = answer.records.into_iter().filter(|r| r.usable()).collect();
+            if usable.is_empty() {
+                Ok(Some((TlsMode::Required, usable)))
+            } else {
+                Ok(Some((TlsMode::Verify, usable)))
+            }
+        }
+        Ok(_) => Ok(None),
+        // A validated MX host whose TLSA lookup fails must not fall back to plaintext.
+        Err(f) => Err(ConnectFailure::new(
+            451,
+            "4.7.5",
+            format!("DANE: TLSA lookup for {host} failed: {f:?}"),
+        )),
+    }
 }
 
 /// One destination's ready queue and its workers.
@@ -404,10 +505,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         let source_name = connection.source.clone();
         let remote = client.remote.clone();
         let dsn_passed = client.caps.dsn;
-        let tls = client
-            .tls
-            .as_ref()
-            .map(|t| format!("{} {} (not verified)", t.version, t.cipher));
+        let tls = client.tls.as_ref().map(|t| t.to_string());
         let local = dest.key == Destination::Local;
         match client.send(&outgoing).await {
             Ok(replies) => {
@@ -570,20 +668,24 @@ async fn connect(
     pool: Option<&str>,
 ) -> Result<Connection, ConnectFailure> {
     let config = &ctx.config;
-    let (tls, auth) = match dest {
-        Destination::Smarthost(relay) => (relay.tls, relay.auth.as_ref()),
-        _ => (TlsMode::Opportunistic, None),
+    let auth = match dest {
+        Destination::Smarthost(relay) => relay.auth.as_ref(),
+        _ => None,
     };
+    let plan = tls_plan(ctx, dest).await;
     let options = ConnectOptions {
         helo_name: source
             .and_then(|s| s.ehlo.as_deref())
             .unwrap_or(&config.hostname),
         connect_timeout: config.delivery.connect_timeout,
-        tls,
+        tls: plan.mode,
         auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),
         bind: source.map(|s| s.address),
+        trust: Some(&ctx.trust),
+        dane: None,
+        policy: plan.label,
     };
-    let (hosts, port, lmtp) = match dest {
+    let (mut hosts, port, lmtp) = match dest {
         Destination::Mx(domain) => {
             let hosts = ctx.dns.mx_hosts(domain).await.map_err(|f| match f {
                 DnsFailure::NullMx => ConnectFailure::new(
@@ -629,6 +731,36 @@ async fn connect(
             }
         },
     };
+    if let Some(policy) = &plan.sts {
+        let (allowed, refused): (Vec<String>, Vec<String>) =
+            hosts.drain(..).partition(|h| policy.allows(h));
+        if policy.mode == crate::mta_sts::Mode::Enforce {
+            hosts = allowed;
+            if hosts.is_empty() {
+                return Err(ConnectFailure::new(
+                    451,
+                    "4.7.5",
+                    format!(
+                        "no MX host of {dest} matches its MTA-STS policy (mx: {})",
+                        policy.mx.join(", ")
+                    ),
+                ));
+            }
+        } else {
+            if !refused.is_empty() {
+                tracing::warn!(destination = %dest, hosts = ?refused, "MX hosts outside the MTA-STS policy (testing mode: used anyway)");
+            }
+            hosts = allowed.into_iter().chain(refused).collect();
+        }
+    }
+    // DANE applies only where the MX set itself validated (RFC 7672 §2.2.1).
+    let dane_hosts = match dest {
+        Destination::Mx(domain) if plan.dane => match ctx.dns.mx_secure(domain).await {
+            Ok(answer) if answer.secure => answer.records,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
     // Shaping: the rule is known once the MX hosts are (site rules match on them); wait for a
     // connection slot under it before dialling.
     // Limits apply per source × destination.
@@ -670,6 +802,26 @@ async fn connect(
             }
         };
         all_not_found = false;
+        let dane = if dane_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            match dane_for(ctx, host, port).await {
+                Ok(d) => d,
+                Err(failure) => {
+                    last = Some(failure);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let options = match &dane {
+            Some((mode, records)) => ConnectOptions {
+                tls: *mode,
+                dane: Some(records),
+                policy: "dane",
+                ..options
+            },
+            None => ConnectOptions { ..options },
+        };
         for ip in addresses {
             match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {
                 Ok(client) => {

@@ -1,21 +1,5 @@
 //! `baton`: the command line. See docs/ARCHITECTURE.md for how the pieces fit.
 
-mod auth;
-mod bounce;
-mod client;
-mod config;
-mod control;
-mod delivery;
-mod dkim;
-mod dns;
-mod events;
-mod qmgr;
-mod queue;
-mod schedule;
-mod server;
-mod session;
-mod shaping;
-mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,7 +8,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use baton::config::Config;
+use baton::{auth, config, control, dkim, queue, server};
 
 #[derive(Parser)]
 #[command(name = "baton", version, about = "Baton, a mail transfer agent")]

@@ -137,6 +137,24 @@ impl QueueManager {
                 .map_err(anyhow::Error::msg)?;
             dkim.insert(d.domain.clone(), key);
         }
+        let trust = crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let mta_sts = if config.delivery.mta_sts {
+            match trust.https_config() {
+                Ok(https) => Some(crate::mta_sts::MtaSts::new(
+                    https,
+                    config.delivery.mta_sts_port,
+                    config.delivery.connect_timeout,
+                    &config.data_dir,
+                )),
+                Err(why) => {
+                    tracing::warn!(%why, "MTA-STS is off: policies cannot be fetched");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dkim,
@@ -150,6 +168,8 @@ impl QueueManager {
             spool: spool.clone(),
             reports: report_tx,
             connections_opened: Default::default(),
+            trust,
+            mta_sts,
         });
         let mut qmgr = QueueManager {
             config,

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, Role};
 use crate::events::Events;
 use crate::qmgr::{QueueHandle, QueueManager};
+use crate::ratelimit::RateLimiter;
 use crate::session::Session;
 use crate::tls::{Conn, TlsStore};
 
@@ -31,6 +32,12 @@ pub struct Context {
     /// Submission users, when `[submission] users_file` is set.
     pub users: Option<Arc<crate::auth::Users>>,
     pub auth_failures: crate::auth::FailureLimiter,
+    /// Per-client-address rates (`[limits]`); relay networks are exempt.
+    pub connection_rate: Option<RateLimiter<IpAddr>>,
+    pub command_rate: Option<RateLimiter<IpAddr>>,
+    /// Per-user submission rates (`[submission]`).
+    pub user_messages: Option<RateLimiter<String>>,
+    pub user_recipients: Option<RateLimiter<String>>,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -73,9 +80,28 @@ impl Context {
         c.total * 4 > self.config.limits.max_connections * 3
     }
 
+    /// Clients in `relay.networks` are trusted: rate limits do not apply to them.
+    pub fn trusted(&self, ip: IpAddr) -> bool {
+        self.config.relay.networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Counts a command against the client's rate; false when it is past the limit.
+    pub fn command_allowed(&self, ip: IpAddr) -> bool {
+        match &self.command_rate {
+            Some(limiter) if !self.trusted(ip) => limiter.take(&ip),
+            _ => true,
+        }
+    }
+
     /// Takes a connection slot, or says which limit is full.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
         let limits = &self.config.limits;
+        if let Some(limiter) = &self.connection_rate
+            && !self.trusted(ip)
+            && !limiter.take(&ip)
+        {
+            return Err("Error: too many connections from your address, slow down");
+        }
         let mut c = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         if c.total >= limits.max_connections {
             return Err("Error: too many connections");
@@ -118,6 +144,19 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
     }
 
+
+    let config = Arc::new(config);
+    let (limits, submission) = (config.limits.clone(), config.submission.clone());
+    let events = Events::start(&config.data_dir, config.spool.fsync)
+        .context("cannot open the event log under data_dir/events")?;
+    let queue = QueueManager::start(
+        config.clone(),
+        spool.clone(),
+        events.clone(),
+        recovery.messages,
+    )?;
+    crate::control::listen(&config.data_dir, queue.clone())?;
+    // Listeners last: once a client can connect, the queue and the control socket are up.
     let mut listeners = Vec::new();
     let mut stores = Vec::new();
     for l in &config.listeners {
@@ -136,17 +175,6 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         listeners.push((listener, l.role, tls));
     }
     reload_certificates_on_sighup(stores);
-
-    let config = Arc::new(config);
-    let events = Events::start(&config.data_dir, config.spool.fsync)
-        .context("cannot open the event log under data_dir/events")?;
-    let queue = QueueManager::start(
-        config.clone(),
-        spool.clone(),
-        events.clone(),
-        recovery.messages,
-    )?;
-    crate::control::listen(&config.data_dir, queue.clone())?;
     let users = config
         .submission
         .users_file
@@ -157,6 +185,10 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         spool,
         users,
         auth_failures: Default::default(),
+        connection_rate: limits.connection_rate_per_ip.map(RateLimiter::new),
+        command_rate: limits.command_rate_per_ip.map(RateLimiter::new),
+        user_messages: submission.message_rate.map(RateLimiter::new),
+        user_recipients: submission.recipient_rate.map(RateLimiter::new),
         queue,
         events,
         shutdown: stop.clone(),

@@ -24,6 +24,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::config::{Role, SenderPolicy, Transport};
 use crate::events::EventKind;
+use crate::ratelimit::RateLimiter;
 use crate::server::Context;
 use crate::tls::{Conn, TlsStore};
 
@@ -34,6 +35,8 @@ enum Close {
     Eof,
     Timeout,
     TooManyErrors,
+    /// Past the client's command rate.
+    RateLimited,
     /// Data far beyond the size limit.
     TooLarge,
     Smuggling,
@@ -147,12 +150,21 @@ impl Session {
                 Input::Line(line) => line,
                 Input::TooLong => {
                     let r = Reply::new(500, "5.5.2", "Error: line too long");
-                    if let Some(close) = self.error_reply(r) {
+                    if let Some(close) = self.error_reply(r).await {
                         return close;
                     }
                     continue;
                 }
             };
+            if !self.ctx.command_allowed(self.peer.ip().to_canonical()) {
+                let host = &self.ctx.config.hostname;
+                self.reply(Reply::new(
+                    421,
+                    "4.7.0",
+                    format!("{host} Error: too many commands from your address, slow down"),
+                ));
+                return Close::RateLimited;
+            }
             let outcome = match parse_command(&line) {
                 Ok(Command::StartTls) => match self.starttls().await {
                     Ok(None) => continue,
@@ -165,7 +177,7 @@ impl Session {
             match outcome {
                 Ok(reply) => {
                     if reply.is_error() {
-                        if let Some(close) = self.error_reply(reply) {
+                        if let Some(close) = self.error_reply(reply).await {
                             return close;
                         }
                     } else {
@@ -177,8 +189,18 @@ impl Session {
         }
     }
 
-    /// Queues an error reply and counts it; past the limit the session ends with 421.
-    fn error_reply(&mut self, reply: Reply) -> Option<Close> {
+    /// Queues an error reply and counts it. Past `error_delay_after` errors each one is held
+    /// back for `error_delay` (a tarpit: a client probing addresses or protocol slows to a
+    /// crawl); past `max_errors` the session ends with 421.
+    async fn error_reply(&mut self, reply: Reply) -> Option<Close> {
+        let limits = &self.ctx.config.limits;
+        if self.errors >= limits.error_delay_after {
+            let delay = limits.error_delay;
+            if let Err(close) = self.flush().await {
+                return Some(close);
+            }
+            tokio::time::sleep(delay).await;
+        }
         self.reply(reply);
         self.errors += 1;
         if self.errors >= self.ctx.config.limits.max_errors {
@@ -398,6 +420,9 @@ impl Session {
                 ),
             );
         }
+        if let Some(reply) = self.user_rate(&self.ctx.user_messages, "message") {
+            return reply;
+        }
         let has_params = mail.size.is_some()
             || mail.body != BodyType::Unspecified
             || mail.smtputf8
@@ -456,6 +481,9 @@ impl Session {
             );
         }
         if let Some(reply) = self.unknown_local_user(&rcpt.address) {
+            return reply;
+        }
+        if let Some(reply) = self.user_rate(&self.ctx.user_recipients, "recipient") {
             return reply;
         }
         let Some(tx) = self.tx.as_mut() else {
@@ -612,6 +640,23 @@ impl Session {
                 domain(address).is_some() && domain(address) == domain(user)
             }
         }
+    }
+
+    /// Counts one message or recipient against the authenticated user's rate (`[submission]`);
+    /// past it, a 450 that the client's queue will retry.
+    fn user_rate(&self, limiter: &Option<RateLimiter<String>>, what: &str) -> Option<Reply> {
+        let (Some(user), Some(limiter)) = (&self.auth_user, limiter) else {
+            return None;
+        };
+        if limiter.take(user) {
+            return None;
+        }
+        tracing::warn!(%user, client = %self.peer, "{what} rate limit reached");
+        Some(Reply::new(
+            450,
+            "4.7.1",
+            format!("Error: {what} rate limit exceeded for {user}, try again later"),
+        ))
     }
 
     fn relay_allowed(&self) -> bool {

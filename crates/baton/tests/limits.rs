@@ -300,3 +300,81 @@ fn a_thousand_idle_connections_do_not_stop_service_to_others() {
     assert_eq!(r.code, 250, "{r:?}");
     assert_eq!(idle.len(), 1000);
 }
+
+const UNTRUSTED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 3);
+const TRUSTED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
+#[test]
+fn connection_rate_per_ip_spares_relay_networks() {
+    let server = Server::start(
+        "[relay]\nnetworks = [\"127.0.0.2/32\"]\n[limits]\nconnection_rate_per_ip = \"3/m\"\n",
+    );
+    for _ in 0..3 {
+        let mut c = Client::connect_from(server.addr, UNTRUSTED);
+        assert_eq!(c.reply().code, 220);
+    }
+    let mut fourth = Client::connect_from(server.addr, UNTRUSTED);
+    let r = fourth.reply();
+    assert_eq!(r.code, 421, "{r:?}");
+    assert!(r.text().starts_with("4.7.0"), "{r:?}");
+    assert!(fourth.is_closed());
+    for _ in 0..6 {
+        let mut c = Client::connect_from(server.addr, TRUSTED);
+        assert_eq!(c.reply().code, 220, "relay networks are exempt");
+    }
+}
+
+#[test]
+fn command_rate_per_ip_closes_a_flooding_client() {
+    let server = Server::start(
+        "[relay]\nnetworks = [\"127.0.0.2/32\"]\n[limits]\ncommand_rate_per_ip = \"20/m\"\n",
+    );
+    let mut c = Client::connect_from(server.addr, UNTRUSTED);
+    c.hello();
+    for i in 0..19 {
+        assert_eq!(c.cmd("NOOP").code, 250, "command {}", i + 2);
+    }
+    let r = c.cmd("NOOP");
+    assert_eq!(r.code, 421, "the 21st command: {r:?}");
+    assert!(r.text().contains("too many commands"), "{r:?}");
+    assert!(c.is_closed());
+    // The bucket is the address's, not the session's.
+    let mut again = Client::connect_from(server.addr, UNTRUSTED);
+    again.reply();
+    assert_eq!(again.cmd("NOOP").code, 421);
+    let mut trusted = Client::connect_from(server.addr, TRUSTED);
+    trusted.hello();
+    for _ in 0..30 {
+        assert_eq!(trusted.cmd("NOOP").code, 250);
+    }
+}
+
+#[test]
+fn repeated_errors_are_tarpitted() {
+    let server =
+        Server::start("[limits]\nerror_delay_after = 2\nerror_delay = \"3s\"\nmax_errors = 5\n");
+    let mut c = server.connect();
+    c.hello();
+    assert_eq!(c.cmd("BOGUS").code, 500);
+    assert_eq!(c.cmd("BOGUS").code, 500);
+    // The third error's reply is held back: nothing arrives for a while.
+    c.send(b"BOGUS\r\n");
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = std::io::Read::read(&mut c.reader, &mut buf);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "the reply came at once: {early:?}"
+    );
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(c.reply().code, 500, "then it comes");
+    assert_eq!(c.cmd("NOOP").code, 250, "good commands still work");
+    assert_eq!(c.cmd("BOGUS").code, 500);
+    assert_eq!(c.cmd("BOGUS").code, 500, "the fifth error");
+    assert_eq!(c.reply().code, 421, "max_errors ends the session");
+    assert!(c.is_closed());
+}

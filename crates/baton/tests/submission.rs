@@ -197,3 +197,154 @@ print("ok")
     );
     assert_eq!(server.queued_ids().len(), 1);
 }
+
+#[test]
+fn per_user_message_and_recipient_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let port = free_port();
+    let server = Server::start(&format!(
+        "[relay]\nnetworks = []\n\
+         [submission]\nusers_file = \"{}\"\nplaintext_auth_on_loopback = true\nmessage_rate = \"2/h\"\nrecipient_rate = \"5/h\"\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\nrole = \"submission\"\n",
+        users.display()
+    ));
+    add_user(&server.config_path, "carol@example.com", "pw");
+    add_user(&server.config_path, "dave@example.com", "pw");
+    let script = r#"
+import json, smtplib, sys
+out = {}
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]))
+s.login("carol@example.com", "pw")
+for i in range(2):
+    s.sendmail("carol@example.com", ["x@remote.test"], b"Subject: x\r\n\r\ny\r\n")
+code, msg = s.mail("carol@example.com")
+out["third_message"] = [code, msg.decode()]
+s.quit()
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]))
+s.login("dave@example.com", "pw")
+rcpts = ["r%d@remote.test" % i for i in range(7)]
+refused = s.sendmail("dave@example.com", rcpts, b"Subject: x\r\n\r\ny\r\n")
+out["refused"] = {k: [v[0], v[1].decode()] for k, v in refused.items()}
+s.quit()
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["third_message"][0], 450, "{r}");
+    assert!(
+        r["third_message"][1]
+            .as_str()
+            .unwrap()
+            .contains("4.7.1 Error: message rate limit exceeded for carol@example.com"),
+        "{r}"
+    );
+    let refused = r["refused"].as_object().unwrap();
+    let mut refused_rcpts: Vec<&String> = refused.keys().collect();
+    refused_rcpts.sort();
+    assert_eq!(refused_rcpts, ["r5@remote.test", "r6@remote.test"], "{r}");
+    assert!(refused.values().all(|v| v[0] == 450));
+    // Carol's two messages and Dave's one (to five recipients) are queued.
+    assert_eq!(server.queued_ids().len(), 3);
+}
+
+const MATRIX: &str = r#"
+import json, smtplib, socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+out = {}
+def reply(f):
+    while True:
+        line = f.readline().decode()
+        if line[3:4] != "-":
+            return line.strip()
+for source in ["127.0.0.1", "127.0.0.3"]:
+    s = smtplib.SMTP("127.0.0.1", port, source_address=(source, 0))
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    row = {}
+    for rcpt in ["a@example.com", "b@remote.test"]:
+        code, _ = s.mail("alice@example.com")
+        row["unauthenticated " + rcpt] = code
+        s.rset()
+    s.login("alice@example.com", "s3cret")
+    for rcpt in ["a@example.com", "b@remote.test"]:
+        s.mail("alice@example.com")
+        code, _ = s.rcpt(rcpt)
+        row["authenticated " + rcpt] = code
+        s.rset()
+    s.quit()
+    out[source] = row
+# Smuggling inside TLS, after AUTH: a bare-LF "end of data" must not end the message.
+raw = socket.create_connection(("127.0.0.1", port))
+f = raw.makefile("rb")
+reply(f)
+raw.sendall(b"EHLO client.test\r\n"); reply(f)
+raw.sendall(b"STARTTLS\r\n"); reply(f)
+t = ctx.wrap_socket(raw); tf = t.makefile("rb")
+t.sendall(b"EHLO client.test\r\n"); reply(tf)
+t.sendall(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAHMzY3JldA==\r\n"); out["auth"] = reply(tf)
+t.sendall(b"MAIL FROM:<alice@example.com>\r\n"); reply(tf)
+t.sendall(b"RCPT TO:<b@remote.test>\r\n"); reply(tf)
+t.sendall(b"DATA\r\n"); reply(tf)
+t.sendall(b"From: alice@example.com\r\n\r\nx\n.\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<evil@remote.test>\r\nDATA\r\nevil\r\n.\r\n")
+out["smuggle"] = reply(tf)
+out["closed"] = tf.readline() == b""
+print(json.dumps(out))
+"#;
+
+#[test]
+fn relay_and_smuggling_matrix_on_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path());
+    let users = dir.path().join("users");
+    let port = free_port();
+    // 127.0.0.1 is a trusted network, 127.0.0.3 is not; on submission both must authenticate
+    // before any mail, and once authenticated both relay.
+    let server = Server::start(&format!(
+        "[relay]\nlocal_domains = [\"example.com\"]\nnetworks = [\"127.0.0.1/32\"]\n[local]\nusers = [\"a\"]\n\
+         [submission]\nusers_file = \"{}\"\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\nrole = \"submission\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n",
+        users.display()
+    ));
+    add_user(&server.config_path, "alice@example.com", "s3cret");
+    let out = Command::new("python3")
+        .args(["-c", MATRIX, &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expect = serde_json::json!({
+        "unauthenticated a@example.com": 250,
+        "unauthenticated b@remote.test": 250,
+        "authenticated a@example.com": 250,
+        "authenticated b@remote.test": 250,
+    });
+    assert_eq!(r["127.0.0.1"], expect, "trusted network: {r}");
+    let expect = serde_json::json!({
+        "unauthenticated a@example.com": 530,
+        "unauthenticated b@remote.test": 530,
+        "authenticated a@example.com": 250,
+        "authenticated b@remote.test": 250,
+    });
+    assert_eq!(r["127.0.0.3"], expect, "untrusted network: {r}");
+    assert!(r["auth"].as_str().unwrap().starts_with("235"), "{r}");
+    assert!(
+        r["smuggle"].as_str().unwrap().starts_with("550 5.5.2"),
+        "{r}"
+    );
+    assert_eq!(r["closed"], true);
+    assert!(server.queued_ids().is_empty(), "nothing was queued");
+}

@@ -10,13 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX, SOA};
+use hickory_proto::rr::rdata::{A, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
 struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     servfail: HashSet<String>,
+    /// Names whose answers carry the AD bit, as a validating resolver's would (DNSSEC).
+    secure: HashSet<String>,
 }
 
 pub struct DnsServer {
@@ -90,6 +92,34 @@ impl DnsServer {
         self.add(host, RecordType::A, RData::A(A(ip)));
     }
 
+    pub fn txt(&self, name: &str, text: &str) {
+        self.add(
+            name,
+            RecordType::TXT,
+            RData::TXT(TXT::new(vec![text.to_string()])),
+        );
+    }
+
+    /// A TLSA record at `_PORT._tcp.HOST`.
+    pub fn tlsa(&self, host: &str, port: u16, usage: u8, selector: u8, matching: u8, data: &[u8]) {
+        let record = TLSA::new(
+            usage.into(),
+            selector.into(),
+            matching.into(),
+            data.to_vec(),
+        );
+        self.add(
+            &format!("_{port}._tcp.{host}"),
+            RecordType::TLSA,
+            RData::TLSA(record),
+        );
+    }
+
+    /// Answers for `name` say they were validated (the AD bit).
+    pub fn secure(&self, name: &str) {
+        self.zone.lock().unwrap().secure.insert(key(name));
+    }
+
     pub fn servfail(&self, name: &str) {
         self.zone.lock().unwrap().servfail.insert(key(name));
     }
@@ -140,6 +170,8 @@ fn answer(request: &Message, zone: &Zone) -> Message {
     };
     response.add_query(query.clone());
     let name = key(&query.name.to_utf8());
+    response.metadata.authentic_data =
+        request.metadata.authentic_data && zone.secure.contains(&name);
     if zone.servfail.contains(&name) {
         response.metadata.response_code = ResponseCode::ServFail;
         return response;

@@ -5,6 +5,8 @@
 
 pub mod dns;
 pub mod mx;
+pub mod pki;
+pub mod world;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,23 @@
+//! Baton, a mail transfer agent. The data flows listener → session → spool → queue manager →
+//! delivery → events; each stage is a module here, and `main.rs` is only the command line.
+//! See docs/ARCHITECTURE.md for how the pieces fit.
+
+pub mod auth;
+pub mod bounce;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod delivery;
+pub mod dkim;
+pub mod dns;
+pub mod events;
+pub mod mta_sts;
+pub mod qmgr;
+pub mod queue;
+pub mod ratelimit;
+pub mod schedule;
+pub mod server;
+pub mod session;
+pub mod shaping;
+pub mod tls;
+pub mod trust;
