@@ -403,6 +403,11 @@ impl BodyWriter {
         true
     }
 
+    /// The whole body while it is still held in memory (it has not spilled to its file).
+    pub fn in_memory(&mut self) -> Option<&mut Vec<u8>> {
+        (self.spilled == 0).then_some(&mut self.buf)
+    }
+
     /// Body bytes so far.
     pub fn len(&self) -> u64 {
         self.spilled + self.buf.len() as u64

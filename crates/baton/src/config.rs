@@ -102,6 +102,8 @@ pub struct Config {
     pub pools: Vec<Pool>,
     pub backoff: Vec<BackoffRule>,
     pub submission: SubmissionConfig,
+    /// SPF, DKIM and DMARC verdicts for mail arriving on mx listeners.
+    pub inbound: InboundConfig,
     pub dkim: Vec<DkimConfig>,
 }
 
@@ -125,6 +127,12 @@ pub struct SubmissionConfig {
     pub message_rate: Option<Rate>,
     /// Recipients per authenticated user: past it, 450 4.7.1.
     pub recipient_rate: Option<Rate>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InboundConfig {
+    /// Check SPF, DKIM and DMARC and add an Authentication-Results header (RFC 8601).
+    pub authentication_results: bool,
 }
 
 /// What senders an authenticated user may use (envelope and From:).
@@ -415,6 +423,8 @@ struct RawConfig {
     #[serde(default)]
     submission: RawSubmission,
     #[serde(default)]
+    inbound: RawInbound,
+    #[serde(default)]
     dkim: Vec<RawDkim>,
 }
 
@@ -434,6 +444,12 @@ struct RawSubmission {
     sender_policy: Option<Spanned<String>>,
     message_rate: Option<Spanned<String>>,
     recipient_rate: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    authentication_results: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -816,6 +832,9 @@ impl Validator<'_> {
             pools,
             backoff,
             submission,
+            inbound: InboundConfig {
+                authentication_results: raw.inbound.authentication_results.unwrap_or(false),
+            },
             dkim,
             listeners,
             relay,

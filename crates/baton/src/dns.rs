@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig,
+    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
@@ -68,37 +68,11 @@ pub struct Secure<T> {
 
 impl Dns {
     pub fn new(config: &DnsConfig) -> anyhow::Result<Dns> {
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if config.nameservers.is_empty() {
-            Resolver::builder(provider)?
-        } else {
-            let servers = config
-                .nameservers
-                .iter()
-                .map(|addr| {
-                    let connections = [ProtocolConfig::Udp, ProtocolConfig::Tcp]
-                        .into_iter()
-                        .map(|protocol| {
-                            let mut c = ConnectionConfig::new(protocol);
-                            c.port = addr.port();
-                            c
-                        })
-                        .collect();
-                    NameServerConfig::new(addr.ip(), true, connections)
-                })
-                .collect();
-            Resolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], servers),
-                provider,
-            )
-        };
-        let options = builder.options_mut();
-        options.timeout = config.timeout;
-        options.attempts = 2;
-        if !config.nameservers.is_empty() {
-            // A resolver given explicitly is the only source of truth (tests rely on it).
-            options.use_hosts_file = ResolveHosts::Never;
-        }
+        let (resolver_config, options) = resolver_parts(config)?;
+        let resolver =
+            Resolver::builder_with_config(resolver_config, TokioRuntimeProvider::default())
+                .with_options(options)
+                .build()?;
         let nameservers = if config.nameservers.is_empty() {
             hickory_resolver::system_conf::read_system_conf()
                 .map(|(c, _)| {
@@ -112,7 +86,7 @@ impl Dns {
             config.nameservers.clone()
         };
         Ok(Dns {
-            resolver: builder.build()?,
+            resolver,
             nameservers,
             timeout: config.timeout,
             secure_cache: Default::default(),
@@ -375,6 +349,37 @@ async fn exchange(server: SocketAddr, wire: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut answer = vec![0u8; len];
     tcp.read_exact(&mut answer).await?;
     Ok(answer)
+}
+
+/// The resolver configuration for `[dns]`: its nameservers, else the system's
+/// (/etc/resolv.conf); with the timeout and attempts Baton uses everywhere.
+pub fn resolver_parts(config: &DnsConfig) -> anyhow::Result<(ResolverConfig, ResolverOpts)> {
+    let (resolver_config, mut options) = if config.nameservers.is_empty() {
+        hickory_resolver::system_conf::read_system_conf()?
+    } else {
+        let servers = config
+            .nameservers
+            .iter()
+            .map(|addr| {
+                let connections = [ProtocolConfig::Udp, ProtocolConfig::Tcp]
+                    .into_iter()
+                    .map(|protocol| {
+                        let mut c = ConnectionConfig::new(protocol);
+                        c.port = addr.port();
+                        c
+                    })
+                    .collect();
+                NameServerConfig::new(addr.ip(), true, connections)
+            })
+            .collect();
+        let mut options = ResolverOpts::default();
+        // A resolver given explicitly is the only source of truth (tests rely on it).
+        options.use_hosts_file = ResolveHosts::Never;
+        (ResolverConfig::from_parts(None, vec![], servers), options)
+    };
+    options.timeout = config.timeout;
+    options.attempts = 2;
+    Ok((resolver_config, options))
 }
 
 enum Lookup {

@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod events;
+pub mod inbound_auth;
 pub mod mta_sts;
 pub mod qmgr;
 pub mod queue;

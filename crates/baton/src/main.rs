@@ -1,6 +1,5 @@
 //! `baton`: the command line. See docs/ARCHITECTURE.md for how the pieces fit.
 
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -38,6 +38,8 @@ pub struct Context {
     /// Per-user submission rates (`[submission]`).
     pub user_messages: Option<RateLimiter<String>>,
     pub user_recipients: Option<RateLimiter<String>>,
+    /// SPF/DKIM/DMARC checks for mx listeners (`[inbound] authentication_results`).
+    pub inbound_auth: Option<crate::inbound_auth::InboundAuth>,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -144,7 +146,6 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
     }
 
-
     let config = Arc::new(config);
     let (limits, submission) = (config.limits.clone(), config.submission.clone());
     let events = Events::start(&config.data_dir, config.spool.fsync)
@@ -180,7 +181,16 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         .users_file
         .as_deref()
         .map(|p| Arc::new(crate::auth::Users::new(p)));
+    let inbound_auth = if config.inbound.authentication_results {
+        Some(
+            crate::inbound_auth::InboundAuth::new(&config.dns, &config.hostname)
+                .context("cannot set up inbound authentication checks")?,
+        )
+    } else {
+        None
+    };
     let ctx = Arc::new(Context {
+        inbound_auth,
         config,
         spool,
         users,

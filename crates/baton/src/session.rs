@@ -886,6 +886,31 @@ impl Session {
         Ok(())
     }
 
+    /// SPF, DKIM and DMARC verdicts in an Authentication-Results field under our Received:,
+    /// after removing any that arrived claiming our name (RFC 8601 §5). Bodies that have spilled
+    /// to disk (over 256 KiB) are left unchecked.
+    async fn authentication_results(&self, body: &mut BodyWriter, sender: &str) {
+        let Some(checker) = &self.ctx.inbound_auth else {
+            return;
+        };
+        let Some(message) = body.in_memory() else {
+            tracing::info!(client = %self.peer, "message too large for inbound authentication checks");
+            return;
+        };
+        let forged = crate::inbound_auth::strip_forged(message, checker.hostname());
+        if forged > 0 {
+            tracing::info!(client = %self.peer, forged, "removed Authentication-Results claiming our name");
+        }
+        let client = crate::inbound_auth::Client {
+            ip: self.peer.ip().to_canonical(),
+            helo: self.helo.as_ref().map(|(h, _)| h.as_str()).unwrap_or(""),
+            mail_from: sender,
+        };
+        let header = checker.header(message, &client).await;
+        let at = received_len(message);
+        message.splice(at..at, header.bytes());
+    }
+
     /// A body writer for the current transaction, primed with our Received: header.
     fn start_body(&mut self) -> Option<BodyWriter> {
         let tx = self.tx.as_ref()?;
@@ -953,6 +978,10 @@ impl Session {
         };
         if let Err(reply) = self.inspect_headers(&head, &mut body, id) {
             return reply;
+        }
+        if self.role == Role::Mx {
+            self.authentication_results(&mut body, &envelope.sender)
+                .await;
         }
         envelope.size = body.len();
         if let Err(reply) = apply_schedule(&mut envelope, &head) {

@@ -163,3 +163,103 @@ fn keygen_never_overwrites_and_check_config_reports_bad_keys() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 4:") && err.contains("junk.key"), "{err}");
 }
+
+const SIGN: &str = r#"
+import dkim, sys
+key = open(sys.argv[1], "rb").read()
+message = sys.stdin.buffer.read()
+sig = dkim.sign(message, b"s1", b"sender.test", key, include_headers=[b"from", b"to", b"subject"])
+sys.stdout.buffer.write(sig + message)
+"#;
+
+fn dkimpy_sign(key: &str, message: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args(["-c", SIGN, key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "dkimpy signing failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn inbound_spf_dkim_dmarc_verdicts_in_authentication_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, txt) = keygen(dir.path(), "sender.test", "s1", false);
+    let dns = DnsServer::start();
+    dns.txt("s1._domainkey.sender.test", &txt);
+    dns.txt("sender.test", "v=spf1 ip4:127.0.0.3 -all");
+    dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject");
+    let server = Server::start(&format!(
+        "{}[inbound]\nauthentication_results = true\n",
+        dns.config()
+    ));
+
+    // Signed by dkimpy, sent from the address SPF allows, carrying a forged verdict.
+    let message = b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: signed\r\n\r\nHello.\r\n";
+    let signed = dkimpy_sign(&key, message);
+    let mut forged =
+        b"Authentication-Results: mx.test.example; dkim=pass header.d=bank.test\r\n".to_vec();
+    forged.extend_from_slice(&signed);
+    let mut good = common::Client::connect_from(server.addr, std::net::Ipv4Addr::new(127, 0, 0, 3));
+    good.hello();
+    let r = good.send_mail("alice@sender.test", &["bob@local.test"], &forged);
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = r.queue_id();
+    // Unsigned, from an address SPF refuses.
+    let mut bad = server.connect();
+    bad.hello();
+    let r = bad.send_mail(
+        "alice@sender.test",
+        &["bob@local.test"],
+        b"From: alice@sender.test\r\nSubject: forged\r\n\r\nx\r\n",
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    let bad_id = r.queue_id();
+
+    let body = String::from_utf8_lossy(&server.body(&id)).to_string();
+    let head = body.split("\r\n\r\n").next().unwrap();
+    assert_eq!(
+        head.matches("Authentication-Results:").count(),
+        1,
+        "the forged field is gone, ours is there: {head}"
+    );
+    assert!(!head.contains("bank.test"), "{head}");
+    let ar = head
+        .split("Authentication-Results: ")
+        .nth(1)
+        .unwrap()
+        .split("\r\nFrom:")
+        .next()
+        .unwrap();
+    assert!(ar.starts_with("mx.test.example;"), "{ar}");
+    for verdict in [
+        "dkim=pass",
+        "header.i=@sender.test",
+        "spf=pass",
+        "dmarc=pass",
+    ] {
+        assert!(
+            ar.contains(verdict),
+            "missing {verdict} in {ar}\nDNS: {:?}",
+            dns.log.lock().unwrap()
+        );
+    }
+    // The signature still verifies after our fields went on top.
+    let records = serde_json::json!({ "s1._domainkey.sender.test": txt });
+    assert!(dkimpy_verifies(body.as_bytes(), &records));
+
+    let body = String::from_utf8_lossy(&server.body(&bad_id)).to_string();
+    for verdict in ["dkim=none", "spf=fail", "dmarc=fail", "policy.dmarc=reject"] {
+        assert!(body.contains(verdict), "missing {verdict} in {body}");
+    }
+}

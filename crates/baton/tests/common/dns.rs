@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -92,12 +92,14 @@ impl DnsServer {
         self.add(host, RecordType::A, RData::A(A(ip)));
     }
 
+    /// A TXT record; long text is split into 255-byte strings, as DNS requires.
     pub fn txt(&self, name: &str, text: &str) {
-        self.add(
-            name,
-            RecordType::TXT,
-            RData::TXT(TXT::new(vec![text.to_string()])),
-        );
+        let parts = text
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8_lossy(c).to_string())
+            .collect();
+        self.add(name, RecordType::TXT, RData::TXT(TXT::new(parts)));
     }
 
     /// A TLSA record at `_PORT._tcp.HOST`.
@@ -153,8 +155,13 @@ fn serve(
                 .push(format!("{} {}", q.name, q.query_type));
         }
         let response = answer(&request, &zone.lock().unwrap());
-        if let Ok(bytes) = response.to_vec() {
-            let _ = socket.send_to(&bytes, peer);
+        match response.to_vec() {
+            Ok(bytes) => {
+                if let Err(e) = socket.send_to(&bytes, peer) {
+                    log.lock().unwrap().push(format!("send error: {e}"));
+                }
+            }
+            Err(e) => log.lock().unwrap().push(format!("encode error: {e}")),
         }
     }
 }
@@ -169,6 +176,12 @@ fn answer(request: &Message, zone: &Zone) -> Message {
         return response;
     };
     response.add_query(query.clone());
+    if request.edns.is_some() {
+        // EDNS (RFC 6891): answers above 512 bytes (DKIM keys) fit in one datagram.
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        response.set_edns(edns);
+    }
     let name = key(&query.name.to_utf8());
     response.metadata.authentic_data =
         request.metadata.authentic_data && zone.secure.contains(&name);
