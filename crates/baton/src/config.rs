@@ -104,6 +104,8 @@ pub struct Config {
     pub submission: SubmissionConfig,
     /// SPF, DKIM and DMARC verdicts for mail arriving on mx listeners.
     pub inbound: InboundConfig,
+    /// The HTTP API and dashboard; none when disabled.
+    pub http: Option<HttpConfig>,
     pub dkim: Vec<DkimConfig>,
 }
 
@@ -127,6 +129,15 @@ pub struct SubmissionConfig {
     pub message_rate: Option<Rate>,
     /// Recipients per authenticated user: past it, 450 4.7.1.
     pub recipient_rate: Option<Rate>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub address: SocketAddr,
+    /// Bearer tokens accepted from clients outside `trusted_networks`.
+    pub tokens: Vec<String>,
+    /// Clients that need no token (loopback by default).
+    pub trusted_networks: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -425,6 +436,8 @@ struct RawConfig {
     #[serde(default)]
     inbound: RawInbound,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     dkim: Vec<RawDkim>,
 }
 
@@ -444,6 +457,15 @@ struct RawSubmission {
     sender_policy: Option<Spanned<String>>,
     message_rate: Option<Spanned<String>>,
     recipient_rate: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    address: Option<Spanned<String>>,
+    enabled: Option<bool>,
+    tokens: Option<Vec<Spanned<String>>>,
+    trusted_networks: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -807,6 +829,7 @@ impl Validator<'_> {
                 }
             })
             .collect();
+        let http = self.http(raw.http);
         let submission = SubmissionConfig {
             users_file: raw.submission.users_file.map(PathBuf::from),
             plaintext_auth_on_loopback: raw.submission.plaintext_auth_on_loopback.unwrap_or(false),
@@ -835,6 +858,7 @@ impl Validator<'_> {
             inbound: InboundConfig {
                 authentication_results: raw.inbound.authentication_results.unwrap_or(false),
             },
+            http,
             dkim,
             listeners,
             relay,
@@ -1329,6 +1353,59 @@ impl Validator<'_> {
             max_message_rate,
             max_connection_rate,
             retry_interval: raw.retry_interval.and_then(|q| self.duration(q)),
+        })
+    }
+
+    fn http(&mut self, raw: RawHttp) -> Option<HttpConfig> {
+        if raw.enabled == Some(false) {
+            return None;
+        }
+        let address = match &raw.address {
+            None => SocketAddr::from(([127, 0, 0, 1], 8025)),
+            Some(a) => match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    return self.error(
+                        a.span(),
+                        format!("http address {:?} is not IP:port", a.get_ref()),
+                        "write it as \"127.0.0.1:8025\"; enabled = false turns the API off",
+                    );
+                }
+            },
+        };
+        let mut tokens = Vec::new();
+        for t in raw.tokens.unwrap_or_default() {
+            if t.get_ref().len() < 16 {
+                self.error::<()>(
+                    t.span(),
+                    "an API token must be at least 16 characters".into(),
+                    "use a long random string, e.g. `openssl rand -hex 32`",
+                );
+            } else {
+                tokens.push(t.into_inner());
+            }
+        }
+        let trusted_networks = match raw.trusted_networks {
+            None => vec![
+                "127.0.0.0/8".parse().expect("valid network"),
+                "::1/128".parse().expect("valid network"),
+            ],
+            Some(list) => list
+                .into_iter()
+                .filter_map(|n| match n.get_ref().parse::<IpNet>() {
+                    Ok(net) => Some(net),
+                    Err(_) => self.error(
+                        n.span(),
+                        format!("{:?} is not a network", n.get_ref()),
+                        "write \"127.0.0.1/32\" or \"10.0.0.0/8\"",
+                    ),
+                })
+                .collect(),
+        };
+        Some(HttpConfig {
+            address,
+            tokens,
+            trusted_networks,
         })
     }
 

@@ -45,6 +45,9 @@ pub struct Event {
     /// For shaping changes: the destination they apply to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// On reception events: the campaign tag the message was injected with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,10 +71,17 @@ pub enum EventKind {
     Held,
 }
 
+/// What the writer thread receives.
+enum Entry {
+    Event(Box<Event>),
+    /// Answer once everything sent before has been written (not necessarily synced).
+    Written(mpsc::Sender<()>),
+}
+
 /// Cheap to clone; emitting never blocks.
 #[derive(Clone)]
 pub struct Events {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Entry>,
     boot: u64,
     seq: std::sync::Arc<AtomicU64>,
 }
@@ -122,11 +132,22 @@ impl Events {
             size: None,
             tls: None,
             destination: None,
+            campaign: None,
         }
     }
 
     pub fn emit(&self, event: Event) {
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(Entry::Event(Box::new(event)));
+    }
+
+    /// Waits (up to two seconds) until every event emitted so far is in the file, so that a
+    /// reader of the log sees them.
+    pub async fn written(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Entry::Written(tx)).is_err() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(2))).await;
     }
 }
 
@@ -136,21 +157,23 @@ const SYNC_DELAY: Duration = Duration::from_secs(1);
 /// everything that arrived meanwhile in one write.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
-fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Event>, fsync: bool) {
+fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Entry>, fsync: bool) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut dirty = false;
     let mut last_sync = Instant::now();
     let mut open = true;
+    let mut waiting = Vec::new();
     while open {
         std::thread::sleep(WRITE_INTERVAL);
         buf.clear();
         loop {
             match rx.try_recv() {
-                Ok(event) => {
+                Ok(Entry::Event(event)) => {
                     if serde_json::to_writer(&mut buf, &event).is_ok() {
                         buf.push(b'\n');
                     }
                 }
+                Ok(Entry::Written(reply)) => waiting.push(reply),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -166,6 +189,9 @@ fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Event>, fsy
                 }
             }
         }
+        for reply in waiting.drain(..) {
+            let _ = reply.send(());
+        }
         if fsync && dirty && (last_sync.elapsed() >= SYNC_DELAY || !open) {
             if let Err(e) = file.sync_data() {
                 tracing::error!(path = %path.display(), error = %e, "cannot sync the event log");
@@ -174,4 +200,130 @@ fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Event>, fsy
             last_sync = Instant::now();
         }
     }
+}
+
+/// What `GET /api/v1/events` asks for.
+pub struct Filter {
+    pub since: Option<jiff::Timestamp>,
+    pub until: Option<jiff::Timestamp>,
+    pub recipient: Option<String>,
+    pub message_id: Option<String>,
+    /// Events of messages whose reception carried this campaign tag.
+    pub campaign: Option<String>,
+    pub kind: Option<String>,
+    /// Only events after the one with this id.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// One page of the event log, oldest first: `{"events": [...], "next": <id or null>}`;
+/// `next` is the id to pass as `after` for the following page.
+pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut campaign_messages = std::collections::HashSet::new();
+    let mut passed_cursor = filter.after.is_none();
+    let mut events = Vec::new();
+    let mut more = false;
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue; // a torn last line after a crash
+        };
+        let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        if let Some(c) = &filter.campaign
+            && field("type") == "reception"
+            && field("campaign") == c
+        {
+            campaign_messages.insert(field("message_id").to_string());
+        }
+        if !passed_cursor {
+            passed_cursor = filter.after.as_deref() == Some(field("id"));
+            continue;
+        }
+        let at = field("timestamp").parse::<jiff::Timestamp>().ok();
+        let keep = filter.since.is_none_or(|s| at.is_some_and(|t| t >= s))
+            && filter.until.is_none_or(|u| at.is_some_and(|t| t < u))
+            && filter
+                .recipient
+                .as_deref()
+                .is_none_or(|r| field("recipient").eq_ignore_ascii_case(r))
+            && filter
+                .message_id
+                .as_deref()
+                .is_none_or(|m| field("message_id") == m)
+            && filter.kind.as_deref().is_none_or(|k| field("type") == k)
+            && (filter.campaign.is_none() || campaign_messages.contains(field("message_id")));
+        if !keep {
+            continue;
+        }
+        if events.len() == filter.limit {
+            more = true;
+            break;
+        }
+        events.push(event);
+    }
+    let next = if more {
+        events
+            .last()
+            .and_then(|e| e.get("id"))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    } else {
+        serde_json::Value::Null
+    };
+    serde_json::json!({"events": events, "next": next})
+}
+
+/// A message's recipients and their last known state, from the event log (for messages no
+/// longer in the queue); none if the log never saw it.
+pub fn history(path: &Path, message_id: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut sender = None;
+    // (email, state, attempts, last response), in order of first appearance.
+    let mut recipients: Vec<(String, &'static str, u64, Option<String>)> = Vec::new();
+    for line in text.lines() {
+        if !line.contains(message_id) {
+            continue;
+        }
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        if field("message_id") != message_id {
+            continue;
+        }
+        sender.get_or_insert_with(|| field("sender").to_string());
+        let state = match field("type") {
+            "reception" | "held" => "queued",
+            "transient_failure" => "deferred",
+            "delivery" => "delivered",
+            "bounce" => "bounced",
+            "expiration" => "expired",
+            "deleted" => "deleted",
+            _ => continue,
+        };
+        let email = field("recipient").to_string();
+        let at = match recipients.iter().position(|r| r.0 == email) {
+            Some(i) => i,
+            None => {
+                recipients.push((email, "queued", 0, None));
+                recipients.len() - 1
+            }
+        };
+        let r = &mut recipients[at];
+        r.1 = state;
+        if let Some(n) = event.get("attempt").and_then(|a| a.as_u64()) {
+            r.2 = r.2.max(n);
+        }
+        if let Some(response) = event.get("response").and_then(|v| v.as_str()) {
+            r.3 = Some(response.to_string());
+        }
+    }
+    let sender = sender?;
+    let recipients: Vec<serde_json::Value> = recipients
+        .into_iter()
+        .map(|(email, state, attempts, response)| {
+            serde_json::json!({"email": email, "state": state, "attempts": attempts, "response": response})
+        })
+        .collect();
+    Some(serde_json::json!({"id": message_id, "sender": sender, "recipients": recipients}))
 }

@@ -2,6 +2,7 @@
 //! delivery → events; each stage is a module here, and `main.rs` is only the command line.
 //! See docs/ARCHITECTURE.md for how the pieces fit.
 
+pub mod api;
 pub mod auth;
 pub mod bounce;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod dkim;
 pub mod dns;
 pub mod events;
 pub mod inbound_auth;
+pub mod intake;
 pub mod mta_sts;
 pub mod qmgr;
 pub mod queue;

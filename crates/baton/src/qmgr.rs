@@ -65,6 +65,13 @@ pub enum Control {
         from: String,
         to: String,
     },
+    /// Try every waiting recipient (at one domain, or all) now (postqueue -f).
+    Flush {
+        #[serde(default)]
+        destination: Option<String>,
+    },
+    /// Counts of waiting recipients by destination, pool and state.
+    Summary,
 }
 
 struct StoredWithBody {
@@ -708,7 +715,82 @@ impl QueueManager {
                 let n = self.operator_final(&destination, false).await;
                 json!({"ok": true, "destination": destination, "deleted": n})
             }
+            Control::Flush { destination } => {
+                let domain = destination.unwrap_or_default().to_ascii_lowercase();
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                let mut flushed = 0;
+                for id in ids {
+                    flushed += self.waiting_at(id, &domain).len();
+                    self.release(id, &domain);
+                }
+                json!({"ok": true, "destination": domain, "flushed": flushed})
+            }
+            Control::Summary => self.summary(),
         }
+    }
+
+    /// Waiting recipients by (destination, pool): how many queued, deferred and out with a
+    /// worker, and the oldest arrival.
+    fn summary(&self) -> serde_json::Value {
+        use serde_json::json;
+        use std::collections::BTreeMap;
+        #[derive(Default, serde::Serialize)]
+        struct Row {
+            queued: usize,
+            deferred: usize,
+            active: usize,
+            oldest_ms: u64,
+        }
+        let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
+        let mut messages = 0;
+        for q in self.messages.values() {
+            messages += 1;
+            let pool = self
+                .config
+                .pool_for(&q.envelope)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            for (i, r) in q.envelope.recipients.iter().enumerate() {
+                if r.state.is_final() {
+                    continue;
+                }
+                let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                let dest = Destination::for_domain(&self.config, domain).to_string();
+                let row = rows.entry((dest, pool.clone())).or_default();
+                if q.in_flight[i] {
+                    row.active += 1;
+                } else if r.state == baton_spool::RcptState::Deferred {
+                    row.deferred += 1;
+                } else {
+                    row.queued += 1;
+                }
+                if row.oldest_ms == 0 || q.envelope.arrived_ms < row.oldest_ms {
+                    row.oldest_ms = q.envelope.arrived_ms;
+                }
+            }
+        }
+        let (mut queued, mut deferred, mut active) = (0, 0, 0);
+        let destinations: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|((destination, pool), row)| {
+                queued += row.queued;
+                deferred += row.deferred;
+                active += row.active;
+                json!({
+                    "destination": destination,
+                    "pool": (!pool.is_empty()).then_some(pool),
+                    "queued": row.queued,
+                    "deferred": row.deferred,
+                    "active": row.active,
+                    "oldest_ms": row.oldest_ms,
+                })
+            })
+            .collect();
+        json!({
+            "messages": messages,
+            "recipients": {"queued": queued, "deferred": deferred, "active": active},
+            "destinations": destinations,
+        })
     }
 
     fn operator_file(&self) -> std::path::PathBuf {

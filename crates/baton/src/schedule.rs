@@ -60,7 +60,8 @@ pub fn requested(head: &[u8]) -> Result<Requested, String> {
     Ok(out)
 }
 
-fn parse_time(value: &str) -> Option<u64> {
+/// An RFC 3339 or RFC 5322 time, as Unix milliseconds.
+pub fn parse_time(value: &str) -> Option<u64> {
     let ts = value
         .parse::<Timestamp>()
         .ok()

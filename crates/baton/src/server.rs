@@ -158,6 +158,10 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     )?;
     crate::control::listen(&config.data_dir, queue.clone())?;
     // Listeners last: once a client can connect, the queue and the control socket are up.
+    let http_listener = match &config.http {
+        Some(http) => Some(crate::api::bind(http).await?),
+        None => None,
+    };
     let mut listeners = Vec::new();
     let mut stores = Vec::new();
     for l in &config.listeners {
@@ -204,6 +208,9 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         shutdown: stop.clone(),
         connections: Mutex::default(),
     });
+    if let Some(listener) = http_listener {
+        crate::api::serve(ctx.clone(), listener, stop.clone());
+    }
     let mut sessions = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Accepted>(64);

@@ -16,14 +16,13 @@ use baton_smtp::{
     AuthMechanism, BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo,
     Reply, Ret, parse_command,
 };
-use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError, StoredMessage};
+use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Role, SenderPolicy, Transport};
-use crate::events::EventKind;
 use crate::ratelimit::RateLimiter;
 use crate::server::Context;
 use crate::tls::{Conn, TlsStore};
@@ -987,43 +986,9 @@ impl Session {
         if let Err(reply) = apply_schedule(&mut envelope, &head) {
             return reply;
         }
-        match self.ctx.spool.commit(&envelope, body).await {
-            Ok((location, inline)) => {
-                tracing::info!(
-                    id = %envelope.id,
-                    from = %envelope.sender,
-                    nrcpt = envelope.recipients.len(),
-                    size = envelope.size,
-                    client = %self.peer.ip(),
-                    listener = self.role.as_str(),
-                    "queued"
-                );
-                let id = envelope.id;
-                let id_text = id.to_string();
-                for r in &envelope.recipients {
-                    let mut e = self.ctx.events.new_event(
-                        EventKind::Reception,
-                        &id_text,
-                        &r.address,
-                        &envelope.sender,
-                    );
-                    e.size = Some(envelope.size);
-                    self.ctx.events.emit(e);
-                }
-                let body = (!inline.is_empty()).then_some(inline);
-                self.ctx.queue.submit(
-                    StoredMessage {
-                        envelope,
-                        body: location,
-                    },
-                    body,
-                );
-                Reply::new(250, "2.0.0", format!("OK queued as {id}"))
-            }
-            Err(e) => {
-                tracing::error!(id = %envelope.id, error = %e, "message not queued");
-                spool_reply(&e)
-            }
+        match crate::intake::queue_message(&self.ctx, envelope, body, self.role.as_str()).await {
+            Ok(id) => Reply::new(250, "2.0.0", format!("OK queued as {id}")),
+            Err(e) => spool_reply(&e),
         }
     }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod http;
 pub mod mx;
 pub mod pki;
 pub mod world;
@@ -29,6 +30,8 @@ pub struct Server {
     pub file_size_limit: Option<u64>,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// The HTTP API (unless the test's own `[http]` section says otherwise).
+    pub http: SocketAddr,
     pub config_path: PathBuf,
 }
 
@@ -61,6 +64,20 @@ impl Server {
         } else {
             format!("{extra}\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n")
         };
+        // Every server gets its own HTTP API port (the default, 8025, would collide).
+        let own_http = extra.split("[http]").nth(1).and_then(|section| {
+            let line = section
+                .lines()
+                .find(|l| l.trim_start().starts_with("address"))?;
+            line.split('"').nth(1)?.parse::<SocketAddr>().ok()
+        });
+        let http =
+            own_http.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let extra = if extra.contains("[http]") {
+            extra
+        } else {
+            format!("{extra}\n[http]\naddress = \"{http}\"\n")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -75,6 +92,7 @@ impl Server {
             file_size_limit,
             dir,
             addr,
+            http,
             config_path,
         };
         server.spawn();

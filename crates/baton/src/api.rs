@@ -1,0 +1,801 @@
+//! The HTTP API on `[http] address` (axum): message injection, message status, the queue
+//! summary and operator actions, the event log, and the OpenAPI description. JSON in and out;
+//! errors are `{"error": "..."}` with a 4xx or 5xx status. Clients off loopback must present
+//! `Authorization: Bearer <token>` (one of `[http] tokens`).
+//!
+//! Owns HTTP only: messages go in through [`crate::intake`] (202 once they are on disk, as SMTP
+//! answers 250), queue questions and actions go to the queue manager, events are read from
+//! the event log.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use baton_spool::{Envelope, QueueId, Recipient};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::config::HttpConfig;
+use crate::qmgr::Control;
+use crate::server::Context;
+
+/// The OpenAPI description of these routes (a test checks it against the router).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// Most recipients one inject call may carry.
+const MAX_RECIPIENTS_PER_CALL: usize = 100_000;
+
+/// An error answer.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn bad_request(text: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, text.into())
+}
+
+/// JSON bodies with a JSON error for malformed ones.
+fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    parsed
+        .map(|Json(v)| v)
+        .map_err(|e| bad_request(format!("bad JSON: {}", e.body_text())))
+}
+
+/// Every route, as documented in docs/openapi.json (a unit test compares the two).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/api/v1/inject"),
+    ("get", "/api/v1/messages/{id}"),
+    ("get", "/api/v1/queue"),
+    ("post", "/api/v1/queue/{action}"),
+    ("get", "/api/v1/events"),
+    ("get", "/api/v1/openapi.json"),
+];
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    let access = Arc::new(
+        ctx.config
+            .http
+            .as_ref()
+            .map(|h| (h.tokens.clone(), h.trusted_networks.clone()))
+            .unwrap_or_default(),
+    );
+    Router::new()
+        .route("/api/v1/inject", post(inject))
+        .route("/api/v1/messages/{id}", get(message))
+        .route("/api/v1/queue", get(queue_summary))
+        .route("/api/v1/queue/{action}", post(queue_action))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/openapi.json", get(openapi))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn_with_state(access, authorize))
+        .with_state(ctx)
+}
+
+/// Binds the API's address (before the SMTP listeners: once mail can come in, so can API
+/// calls).
+pub async fn bind(http: &HttpConfig) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(http.address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} for HTTP: {e}", http.address))?;
+    tracing::info!(address = %http.address, "HTTP API listening");
+    Ok(listener)
+}
+
+/// Serves the API until `stop` turns true.
+pub fn serve(
+    ctx: Arc<Context>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+}
+
+/// Clients in `[http] trusted_networks` (loopback) pass; others need a configured token.
+async fn authorize(
+    State(access): State<Arc<(Vec<String>, Vec<ipnet::IpNet>)>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (tokens, trusted) = &*access;
+    let ip = peer.ip().to_canonical();
+    if trusted.iter().any(|n| n.contains(&ip)) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+    let ok = presented.is_some_and(|p| {
+        let p = digest(p);
+        tokens.iter().any(|t| digest(t).as_ref() == p.as_ref())
+    });
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required from this address (Authorization: Bearer <token>)".into(),
+        )
+        .into_response()
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Injection
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectRequest {
+    envelope_sender: String,
+    content: Content,
+    recipients: Vec<InjectRecipient>,
+    /// Defaults for every recipient's substitutions.
+    #[serde(default)]
+    substitutions: HashMap<String, Value>,
+    campaign: Option<String>,
+    tenant: Option<String>,
+    pool: Option<String>,
+    /// RFC 3339 (or RFC 5322) time before which nothing is sent.
+    send_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    /// A whole RFC 5322 message.
+    Raw(String),
+    Parts(Box<Parts>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Parts {
+    from: String,
+    #[serde(default)]
+    subject: String,
+    text_body: Option<String>,
+    html_body: Option<String>,
+    reply_to: Option<String>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    attachments: Vec<Attachment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attachment {
+    filename: String,
+    content_type: String,
+    /// Base64.
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectRecipient {
+    email: String,
+    #[serde(default)]
+    substitutions: HashMap<String, Value>,
+}
+
+async fn inject(
+    State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Result<Json<InjectRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request = body(request)?;
+    let plan = plan_injection(&ctx, &request)?;
+    let client = peer.ip().to_canonical();
+    let mut tasks = tokio::task::JoinSet::new();
+    let total = plan.len();
+    for (index, (rcpts, text)) in plan.into_iter().enumerate() {
+        let envelope = envelope_for(&ctx, &request, rcpts, client)?;
+        let bytes = message_bytes(&ctx, &request, &envelope, &text, client)?;
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            let mut envelope = envelope;
+            envelope.size = bytes.len() as u64;
+            let mut writer = ctx.spool.body_writer(envelope.id);
+            writer.buf().extend_from_slice(&bytes);
+            if let Err(e) = writer.settle() {
+                return (index, Err(e));
+            }
+            (
+                index,
+                crate::intake::queue_message(&ctx, envelope, writer, "http").await,
+            )
+        });
+    }
+    let mut ids = vec![None; total];
+    let mut failure = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((i, Ok(id))) => ids[i] = Some(id.to_string()),
+            Ok((_, Err(e))) => failure = Some(e.to_string()),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let ids: Vec<String> = ids.into_iter().flatten().collect();
+    match failure {
+        None => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"ids": ids, "recipients": request.recipients.len()})),
+        )),
+        // Some made it to disk: say which, so that a retry does not duplicate them.
+        Some(why) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} of {total} messages queued ({}); not queued: {why}",
+                ids.len(),
+                ids.join(",")
+            ),
+        )),
+    }
+}
+
+/// One message per distinct text: without placeholders every recipient shares one message;
+/// with them each recipient gets their own. Returns (recipient indexes, rendered content).
+fn plan_injection(
+    ctx: &Context,
+    request: &InjectRequest,
+) -> Result<Vec<(Vec<usize>, Rendered)>, ApiError> {
+    if request.recipients.is_empty() {
+        return Err(bad_request("recipients is empty"));
+    }
+    if request.recipients.len() > MAX_RECIPIENTS_PER_CALL {
+        return Err(bad_request(format!(
+            "at most {MAX_RECIPIENTS_PER_CALL} recipients per call"
+        )));
+    }
+    if !request.envelope_sender.is_empty() {
+        baton_smtp::address::validate_mailbox(&request.envelope_sender, false)
+            .map_err(|e| bad_request(format!("envelope_sender: {e}")))?;
+    }
+    for (i, r) in request.recipients.iter().enumerate() {
+        baton_smtp::address::validate_mailbox(&r.email, false)
+            .map_err(|e| bad_request(format!("recipients[{i}].email {:?}: {e}", r.email)))?;
+    }
+    if let Some(pool) = &request.pool
+        && !ctx.config.pools.iter().any(|p| &p.name == pool)
+    {
+        return Err(bad_request(format!("no [[pool]] named {pool:?}")));
+    }
+    let personal = has_placeholders(&request.content);
+    let empty = HashMap::new();
+    if !personal {
+        let text = render(&request.content, &empty, &request.substitutions, "");
+        return Ok(vec![((0..request.recipients.len()).collect(), text)]);
+    }
+    Ok(request
+        .recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let text = render(
+                &request.content,
+                &r.substitutions,
+                &request.substitutions,
+                &r.email,
+            );
+            (vec![i], text)
+        })
+        .collect())
+}
+
+fn has_placeholders(content: &Content) -> bool {
+    match content {
+        Content::Raw(raw) => raw.contains("{{"),
+        Content::Parts(p) => {
+            p.subject.contains("{{")
+                || p.from.contains("{{")
+                || p.text_body.as_deref().is_some_and(|t| t.contains("{{"))
+                || p.html_body.as_deref().is_some_and(|t| t.contains("{{"))
+                || p.headers.iter().any(|(_, v)| v.contains("{{"))
+        }
+    }
+}
+
+/// Content with its placeholders filled in.
+enum Rendered {
+    Raw(String),
+    Parts(Box<Parts>),
+}
+
+fn render(
+    content: &Content,
+    own: &HashMap<String, Value>,
+    defaults: &HashMap<String, Value>,
+    email: &str,
+) -> Rendered {
+    let fill = |text: &str, header: bool| substitute(text, own, defaults, email, header);
+    match content {
+        Content::Raw(raw) => {
+            // Header values must not gain line breaks from a substitution.
+            let (head, rest) = match raw.find("\r\n\r\n").or_else(|| raw.find("\n\n")) {
+                Some(at) => raw.split_at(at),
+                None => (raw.as_str(), ""),
+            };
+            Rendered::Raw(format!("{}{}", fill(head, true), fill(rest, false)))
+        }
+        Content::Parts(p) => Rendered::Parts(Box::new(Parts {
+            from: fill(&p.from, true),
+            subject: fill(&p.subject, true),
+            text_body: p.text_body.as_deref().map(|t| fill(t, false)),
+            html_body: p.html_body.as_deref().map(|t| fill(t, false)),
+            reply_to: p.reply_to.as_deref().map(|t| fill(t, true)),
+            headers: p
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), fill(v, true)))
+                .collect(),
+            attachments: p
+                .attachments
+                .iter()
+                .map(|a| Attachment {
+                    filename: a.filename.clone(),
+                    content_type: a.content_type.clone(),
+                    content: a.content.clone(),
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// Replaces `{{name}}` (spaces inside allowed) with the recipient's value, else the call's
+/// default, else nothing; `{{email}}` is the recipient's address unless given.
+fn substitute(
+    text: &str,
+    own: &HashMap<String, Value>,
+    defaults: &HashMap<String, Value>,
+    email: &str,
+    header: bool,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start + 2..].find("}}") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        let name = rest[start + 2..start + 2 + len].trim();
+        let value = own
+            .get(name)
+            .or_else(|| defaults.get(name))
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| {
+                if name == "email" {
+                    email.to_string()
+                } else {
+                    String::new()
+                }
+            });
+        if header {
+            out.extend(
+                value
+                    .chars()
+                    .map(|c| if c == '\r' || c == '\n' { ' ' } else { c }),
+            );
+        } else {
+            out.push_str(&value);
+        }
+        rest = &rest[start + 2 + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn envelope_for(
+    ctx: &Context,
+    request: &InjectRequest,
+    rcpts: Vec<usize>,
+    client: IpAddr,
+) -> Result<Envelope, ApiError> {
+    let send_at = match &request.send_at {
+        Some(t) => Some(crate::schedule::parse_time(t).ok_or_else(|| {
+            bad_request(format!(
+                "send_at {t:?} is not a time (RFC 3339: 2026-12-01T09:00:00Z)"
+            ))
+        })?),
+        None => None,
+    };
+    let mut meta = Vec::new();
+    for (key, value) in [
+        ("tenant", &request.tenant),
+        ("pool", &request.pool),
+        ("campaign", &request.campaign),
+    ] {
+        if let Some(v) = value {
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(bad_request(format!(
+                    "{key} {v:?}: use up to 64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            meta.push((key.to_string(), v.to_ascii_lowercase()));
+        }
+    }
+    let recipients = rcpts
+        .into_iter()
+        .map(|i| {
+            let mut r = Recipient::new(request.recipients[i].email.clone(), None, 0);
+            r.next_attempt_ms = send_at.unwrap_or(0);
+            r
+        })
+        .collect();
+    Ok(Envelope {
+        id: ctx.spool.next_id(),
+        sender: request.envelope_sender.clone(),
+        recipients,
+        dsn_ret: None,
+        dsn_envid: None,
+        eight_bit: true,
+        smtputf8: false,
+        client_ip: client,
+        helo: "http".into(),
+        arrived_ms: baton_spool::now_ms(),
+        size: 0,
+        meta,
+    })
+}
+
+/// The stored message: our Received: field, then the content with CRLF line ends and a Date:
+/// and Message-ID: if it had none.
+fn message_bytes(
+    ctx: &Context,
+    request: &InjectRequest,
+    envelope: &Envelope,
+    text: &Rendered,
+    client: IpAddr,
+) -> Result<Vec<u8>, ApiError> {
+    let _ = request;
+    let host = &ctx.config.hostname;
+    let id = envelope.id;
+    let date = jiff::Zoned::now()
+        .strftime("%a, %d %b %Y %H:%M:%S %z")
+        .to_string();
+    let mut out = format!(
+        "Received: from api ([{client}])\r\n\tby {host} (Baton) with HTTP id {id};\r\n\t{date}\r\n"
+    )
+    .into_bytes();
+    match text {
+        Rendered::Raw(raw) => {
+            let content = crlf(raw);
+            let head_end = find_blank_line(&content).unwrap_or(content.len());
+            let fields = crate::schedule::header_fields(&content[..head_end]);
+            let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+            if !has("date") {
+                out.extend_from_slice(format!("Date: {date}\r\n").as_bytes());
+            }
+            if !has("message-id") {
+                out.extend_from_slice(format!("Message-ID: <{id}@{host}>\r\n").as_bytes());
+            }
+            out.extend_from_slice(&content);
+            if !out.ends_with(b"\r\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Rendered::Parts(p) => out.extend_from_slice(&build_parts(p, &format!("{id}@{host}"))?),
+    }
+    Ok(out)
+}
+
+fn build_parts(p: &Parts, message_id: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    use mail_builder::MessageBuilder;
+    use mail_builder::headers::address::Address;
+    use mail_builder::headers::raw::Raw;
+    if p.text_body.is_none() && p.html_body.is_none() {
+        return Err(bad_request("content needs text_body or html_body"));
+    }
+    let address = |text: &str| -> Result<Address<'static>, ApiError> {
+        let (name, email) = match text.rsplit_once('<') {
+            Some((name, rest)) => (
+                Some(name.trim().trim_matches('"').to_string()),
+                rest.trim_end_matches('>').trim().to_string(),
+            ),
+            None => (None, text.trim().to_string()),
+        };
+        baton_smtp::address::validate_mailbox(&email, false)
+            .map_err(|e| bad_request(format!("address {text:?}: {e}")))?;
+        Ok(match name.filter(|n| !n.is_empty()) {
+            Some(name) => Address::new_address(Some(name), email),
+            None => Address::new_address(None::<String>, email),
+        })
+    };
+    let mut builder = MessageBuilder::new()
+        .from(address(&p.from)?)
+        .subject(p.subject.clone())
+        .message_id(message_id.to_string());
+    if let Some(r) = &p.reply_to {
+        builder = builder.reply_to(address(r)?);
+    }
+    for (name, value) in &p.headers {
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !valid_name || value.contains(['\r', '\n']) {
+            return Err(bad_request(format!("header {name:?} is not a valid field")));
+        }
+        builder = builder.header(name.clone(), Raw::new(value.clone()));
+    }
+    if let Some(t) = &p.text_body {
+        builder = builder.text_body(t.clone());
+    }
+    if let Some(h) = &p.html_body {
+        builder = builder.html_body(h.clone());
+    }
+    for a in &p.attachments {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(a.content.trim())
+            .map_err(|e| {
+                bad_request(format!(
+                    "attachment {:?}: content is not base64: {e}",
+                    a.filename
+                ))
+            })?;
+        builder = builder.attachment(a.content_type.clone(), a.filename.clone(), bytes);
+    }
+    builder
+        .write_to_vec()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Line ends as CRLF.
+fn crlf(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + text.len() / 32);
+    let bytes = text.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\n' && (i == 0 || bytes[i - 1] != b'\r') {
+            out.push(b'\r');
+        }
+        if b == b'\r' && bytes.get(i + 1) != Some(&b'\n') {
+            out.extend_from_slice(b"\r\n");
+            continue;
+        }
+        out.push(b);
+    }
+    out
+}
+
+fn find_blank_line(message: &[u8]) -> Option<usize> {
+    if message.starts_with(b"\r\n") {
+        return Some(0);
+    }
+    message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 2)
+}
+
+// ---------------------------------------------------------------------------------------
+// Status, queue, events
+
+async fn message(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let qid: QueueId = id
+        .parse()
+        .map_err(|_| bad_request(format!("{id:?} is not a message id")))?;
+    let live = ctx
+        .queue
+        .control(Control::Explain {
+            id: qid.to_string(),
+        })
+        .await;
+    if live.get("error").is_none() {
+        return Ok(Json(live));
+    }
+    // Gone from the queue: every recipient reached a final state; the event log says which.
+    ctx.events.written().await;
+    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let wanted = qid.to_string();
+    let found = tokio::task::spawn_blocking(move || crate::events::history(&path, &wanted))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match found {
+        Some(summary) => Ok(Json(summary)),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no message {qid} in the queue or the event log"),
+        )),
+    }
+}
+
+async fn queue_summary(State(ctx): State<Arc<Context>>) -> Json<Value> {
+    Json(ctx.queue.control(Control::Summary).await)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct QueueAction {
+    destination: Option<String>,
+    seconds: Option<u64>,
+}
+
+async fn queue_action(
+    State(ctx): State<Arc<Context>>,
+    Path(action): Path<String>,
+    request: Result<Json<QueueAction>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request)?;
+    let need = |d: Option<String>| {
+        d.filter(|d| !d.is_empty())
+            .ok_or_else(|| bad_request(format!("{action} needs a destination")))
+    };
+    let control = match action.as_str() {
+        "suspend" => Control::Suspend {
+            destination: need(request.destination)?,
+            seconds: request.seconds,
+        },
+        "resume" => Control::Resume {
+            destination: need(request.destination)?,
+        },
+        "bounce" => Control::Bounce {
+            destination: need(request.destination)?,
+        },
+        "delete" => Control::Delete {
+            destination: need(request.destination)?,
+        },
+        "flush" => Control::Flush {
+            destination: request.destination,
+        },
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no queue action {other:?}: suspend, resume, bounce, delete or flush"),
+            ));
+        }
+    };
+    let answer = ctx.queue.control(control).await;
+    match answer.get("error").and_then(|e| e.as_str()) {
+        Some(e) => Err(bad_request(e)),
+        None => Ok(Json(answer)),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    /// RFC 3339 bounds.
+    since: Option<String>,
+    until: Option<String>,
+    recipient: Option<String>,
+    message_id: Option<String>,
+    campaign: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Events after this one (the `next` of the previous page).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(ctx): State<Arc<Context>>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+    _headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let parse = |t: &Option<String>, name: &str| -> Result<Option<jiff::Timestamp>, ApiError> {
+        t.as_deref()
+            .map(|t| {
+                t.parse::<jiff::Timestamp>()
+                    .map_err(|_| bad_request(format!("{name} {t:?} is not an RFC 3339 time")))
+            })
+            .transpose()
+    };
+    let filter = crate::events::Filter {
+        since: parse(&q.since, "since")?,
+        until: parse(&q.until, "until")?,
+        recipient: q.recipient,
+        message_id: q.message_id,
+        campaign: q.campaign,
+        kind: q.kind,
+        after: q.after,
+        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    ctx.events.written().await;
+    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let page = tokio::task::spawn_blocking(move || crate::events::query(&path, &filter))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutions() {
+        let own: HashMap<String, Value> = [("first_name".to_string(), json!("Ann\r\nBcc: x"))]
+            .into_iter()
+            .collect();
+        let defaults: HashMap<String, Value> = [("n".to_string(), json!(3))].into_iter().collect();
+        assert_eq!(
+            substitute(
+                "Hi {{ first_name }}, {{n}} {{missing}}{{email}}",
+                &own,
+                &defaults,
+                "a@b",
+                true
+            ),
+            "Hi Ann  Bcc: x, 3 a@b"
+        );
+        assert_eq!(
+            substitute("x {{first_name}} {{unclosed", &own, &defaults, "", false),
+            "x Ann\r\nBcc: x {{unclosed"
+        );
+    }
+
+    #[test]
+    fn openapi_documents_exactly_the_routes() {
+        let spec: Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<(String, String)> = spec["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|m| (m.clone(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        documented.sort();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
+
+    #[test]
+    fn line_ends_become_crlf() {
+        assert_eq!(crlf("a\nb\r\nc\rd"), b"a\r\nb\r\nc\r\nd".to_vec());
+    }
+}

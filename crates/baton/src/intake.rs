@@ -1,0 +1,55 @@
+//! The one way into the queue, for SMTP sessions and the HTTP API alike: commit a complete
+//! message to the spool (group commit: this returns once it is on disk), log it, emit its
+//! reception events and hand it to the queue manager. The caller acknowledges its client only
+//! after this returns Ok.
+//!
+//! Owns that hand-over; it must not parse SMTP or HTTP.
+
+use baton_spool::{BodyWriter, Envelope, QueueId, SpoolError, StoredMessage};
+
+use crate::events::EventKind;
+use crate::server::Context;
+
+/// Commits and queues a message; `origin` names where it came from in the log ("mx", "http").
+pub async fn queue_message(
+    ctx: &Context,
+    envelope: Envelope,
+    body: BodyWriter,
+    origin: &str,
+) -> Result<QueueId, SpoolError> {
+    let (location, inline) = match ctx.spool.commit(&envelope, body).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(id = %envelope.id, error = %e, "message not queued");
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        id = %envelope.id,
+        from = %envelope.sender,
+        nrcpt = envelope.recipients.len(),
+        size = envelope.size,
+        client = %envelope.client_ip,
+        listener = origin,
+        "queued"
+    );
+    let id = envelope.id;
+    let id_text = id.to_string();
+    for r in &envelope.recipients {
+        let mut e =
+            ctx.events
+                .new_event(EventKind::Reception, &id_text, &r.address, &envelope.sender);
+        e.size = Some(envelope.size);
+        e.campaign = envelope.meta("campaign").map(str::to_string);
+        ctx.events.emit(e);
+    }
+    let body = (!inline.is_empty()).then_some(inline);
+    ctx.queue.submit(
+        StoredMessage {
+            envelope,
+            body: location,
+        },
+        body,
+    );
+    Ok(id)
+}

@@ -1,0 +1,359 @@
+//! The HTTP API against a running server over real sockets: injection (parts with
+//! substitutions, raw content, 10,000 recipients in one call) delivered to a fake MX, message
+//! status, the queue summary and actions, events with pagination, errors and token checks,
+//! and the OpenAPI description against the live routes.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::Server;
+use common::http::{self, get, post};
+use common::mx::Script;
+use common::world::World;
+use mail_parser::MessageParser;
+use serde_json::json;
+
+fn world_with_mx() -> (World, common::mx::FakeMx) {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("dest.test", 10, "mx.dest.test");
+    w.dns.a("mx.dest.test", "127.0.0.2");
+    let mx = w.mx("127.0.0.2", Script::default());
+    (w, mx)
+}
+
+#[test]
+fn parts_with_substitutions_and_raw_content_are_delivered() {
+    let (w, mx) = world_with_mx();
+    let server = w.server("", "");
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({
+            "envelope_sender": "news@sender.test",
+            "content": {
+                "from": "News <news@sender.test>",
+                "subject": "Hello {{first_name}}",
+                "text_body": "Dear {{ first_name }},\nyour code is {{code}}.\n",
+                "html_body": "<p>Dear {{first_name}}</p>",
+                "headers": [["X-Campaign-Id", "c42"]]
+            },
+            "recipients": [
+                {"email": "ann@dest.test", "substitutions": {"first_name": "Ann", "code": 1}},
+                {"email": "bob@dest.test", "substitutions": {"first_name": "Bob\r\nBcc: eve@evil.test"}}
+            ],
+            "substitutions": {"code": "none"},
+            "campaign": "winter"
+        }),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ids = r.json()["ids"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 2, "one message per personalised recipient");
+
+    let got = mx.wait_for(2, 30);
+    assert_eq!(got.len(), 2, "log:\n{}", server.log());
+    for m in &got {
+        let parsed = MessageParser::default().parse(&m.body).unwrap();
+        let text = parsed.body_text(0).unwrap().to_string();
+        match m.rcpts.as_slice() {
+            [r] if r == "ann@dest.test" => {
+                assert_eq!(parsed.subject(), Some("Hello Ann"));
+                assert!(text.contains("Dear Ann,\r\nyour code is 1."), "{text:?}");
+            }
+            [r] if r == "bob@dest.test" => {
+                // A line break in a header substitution cannot add a header field.
+                assert_eq!(parsed.subject(), Some("Hello Bob  Bcc: eve@evil.test"));
+                assert!(parsed.header("Bcc").is_none());
+                assert!(text.contains("your code is none."), "{text:?}");
+            }
+            other => panic!("unexpected recipients {other:?}"),
+        }
+        assert!(parsed.body_html(0).unwrap().contains("<p>Dear "));
+        assert_eq!(
+            parsed.header("X-Campaign-Id").and_then(|h| h.as_text()),
+            Some("c42")
+        );
+        assert!(parsed.message_id().is_some() && parsed.date().is_some());
+        assert_eq!(m.mail_from, "news@sender.test");
+    }
+
+    // Raw content without placeholders: one message for every recipient.
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({
+            "envelope_sender": "news@sender.test",
+            "content": "From: news@sender.test\nSubject: raw\n\nplain text\n",
+            "recipients": [{"email": "c@dest.test"}, {"email": "d@dest.test"}]
+        }),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ids = r.json()["ids"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 1);
+    let got = mx.wait_for(3, 30);
+    let raw = got
+        .iter()
+        .find(|m| m.rcpts.len() == 2)
+        .expect("one transaction, two rcpts");
+    let body = String::from_utf8_lossy(&raw.body).to_string();
+    assert!(
+        body.contains("\r\nSubject: raw\r\n\r\nplain text\r\n"),
+        "{body}"
+    );
+    assert!(
+        body.starts_with("Received: from api ([127.0.0.1])"),
+        "{body}"
+    );
+
+    // Its status once delivered (from the event log: it has left the queue).
+    let id = ids[0].as_str().unwrap();
+    let status = wait_for(|| {
+        let s = get(server.http, &format!("/api/v1/messages/{id}")).json();
+        let done = s["recipients"]
+            .as_array()
+            .is_some_and(|rs| rs.len() == 2 && rs.iter().all(|r| r["state"] == "delivered"));
+        done.then_some(s)
+    });
+    assert_eq!(status["id"], id);
+    let emails: Vec<&str> = status["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["email"].as_str().unwrap())
+        .collect();
+    assert_eq!(emails, ["c@dest.test", "d@dest.test"]);
+
+    // Events by campaign: both personalised messages' receptions and deliveries.
+    let page = get(server.http, "/api/v1/events?campaign=winter&type=delivery").json();
+    assert_eq!(page["events"].as_array().unwrap().len(), 2, "{page}");
+}
+
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ten_thousand_recipients_in_one_call() {
+    let (w, mx) = world_with_mx();
+    let server = w.server("max_recipients_per_transaction = 1000\n", "");
+    let recipients: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| json!({"email": format!("r{i}@dest.test"), "substitutions": {"n": i}}))
+        .collect();
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({
+            "envelope_sender": "bulk@sender.test",
+            "content": {"from": "bulk@sender.test", "subject": "number {{n}}", "text_body": "You are number {{n}}.\n"},
+            "recipients": recipients,
+        }),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["ids"].as_array().unwrap().len(), 10_000);
+    let got = mx.wait_for(10_000, 300);
+    assert_eq!(got.len(), 10_000, "log:\n{}", server.log());
+    let mut seen = vec![false; 10_000];
+    for m in &got {
+        let rcpt = &m.rcpts[0];
+        let n: usize = rcpt[1..rcpt.find('@').unwrap()].parse().unwrap();
+        let body = String::from_utf8_lossy(&m.body);
+        assert!(
+            body.contains(&format!("You are number {n}.")),
+            "{rcpt}: {body}"
+        );
+        assert!(!seen[n], "{rcpt} twice");
+        seen[n] = true;
+    }
+}
+
+#[test]
+fn queue_summary_actions_and_events_pagination() {
+    let server = Server::start("[relay]\nlocal_domains = [\"local.test\"]\n");
+    for (domain, n) in [("a.test", 3), ("b.test", 2)] {
+        let recipients: Vec<_> = (0..n)
+            .map(|i| json!({"email": format!("u{i}@{domain}")}))
+            .collect();
+        let r = post(
+            server.http,
+            "/api/v1/inject",
+            &json!({"envelope_sender": "s@sender.test", "content": "Subject: x\r\n\r\ny\r\n", "recipients": recipients, "tenant": "acme"}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let summary = get(server.http, "/api/v1/queue").json();
+    assert_eq!(summary["messages"], 2, "{summary}");
+    assert_eq!(summary["recipients"]["queued"], 5, "{summary}");
+    let dests = summary["destinations"].as_array().unwrap();
+    let a = dests.iter().find(|d| d["destination"] == "a.test").unwrap();
+    assert_eq!(a["queued"], 3);
+
+    let r = post(
+        server.http,
+        "/api/v1/queue/suspend",
+        &json!({"destination": "a.test", "seconds": 60}),
+    );
+    assert_eq!(
+        (r.status, r.json()["ok"].clone()),
+        (200, json!(true)),
+        "{}",
+        r.body
+    );
+    let r = post(
+        server.http,
+        "/api/v1/queue/resume",
+        &json!({"destination": "a.test"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(server.http, "/api/v1/queue/flush", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(
+        server.http,
+        "/api/v1/queue/delete",
+        &json!({"destination": "b.test"}),
+    );
+    assert_eq!(r.json()["deleted"], 2, "{}", r.body);
+    let summary = get(server.http, "/api/v1/queue").json();
+    assert_eq!(summary["recipients"]["queued"], 3, "{summary}");
+    // Errors are 4xx with a JSON reason.
+    let r = post(server.http, "/api/v1/queue/explode", &json!({}));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("explode"));
+    let r = post(server.http, "/api/v1/queue/bounce", &json!({}));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs a destination")
+    );
+
+    // Five receptions, two deletions: pages of two, oldest first.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            None => "/api/v1/events?type=reception&limit=2".to_string(),
+            Some(a) => format!("/api/v1/events?type=reception&limit=2&after={a}"),
+        };
+        let page = get(server.http, &path).json();
+        for e in page["events"].as_array().unwrap() {
+            for key in ["id", "type", "message_id", "recipient", "timestamp"] {
+                assert!(e.get(key).is_some(), "{key} missing in {e}");
+            }
+            seen.push(e["recipient"].as_str().unwrap().to_string());
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "u0@a.test",
+            "u1@a.test",
+            "u2@a.test",
+            "u0@b.test",
+            "u1@b.test"
+        ]
+    );
+    let page = get(
+        server.http,
+        "/api/v1/events?type=deleted&recipient=U1@b.test",
+    )
+    .json();
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    let r = get(server.http, "/api/v1/events?since=yesterday");
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let server = Server::start("");
+    let cases: Vec<(&str, &str, &[u8], u16, &str)> = vec![
+        ("POST", "/api/v1/inject", b"{not json", 400, "bad JSON"),
+        ("POST", "/api/v1/inject", br#"{"envelope_sender": "a@b.test", "content": "x", "recipients": []}"#, 400, "recipients is empty"),
+        ("POST", "/api/v1/inject", br#"{"envelope_sender": "a@b.test", "content": "x", "recipients": [{"email": "not an address"}]}"#, 400, "recipients[0].email"),
+        ("POST", "/api/v1/inject", br#"{"envelope_sender": "a@b.test", "content": "x", "recipients": [{"email": "c@d.test"}], "send_at": "soon"}"#, 400, "send_at"),
+        ("POST", "/api/v1/inject", br#"{"envelope_sender": "a@b.test", "content": {"from": "a@b.test"}, "recipients": [{"email": "c@d.test"}]}"#, 400, "text_body or html_body"),
+        ("POST", "/api/v1/inject", br#"{"envelope_sender": "a@b.test", "content": "x", "recipients": [{"email": "c@d.test"}], "pool": "nope"}"#, 400, "no [[pool]]"),
+        ("GET", "/api/v1/messages/zzz", b"", 400, "not a message id"),
+        ("GET", "/api/v1/messages/0000000000000001", b"", 404, "no message"),
+        ("GET", "/api/v1/nothing", b"", 404, "no such route"),
+    ];
+    for (method, path, body, status, text) in cases {
+        let body = (!body.is_empty()).then_some(body);
+        let r = http::request(server.http, None, method, path, &[], body);
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            error.contains(text),
+            "{method} {path}: {error:?} lacks {text:?}"
+        );
+    }
+}
+
+#[test]
+fn clients_outside_trusted_networks_need_a_token() {
+    let token = "0123456789abcdef0123";
+    let server = Server::start(&format!(
+        "[http]\naddress = \"127.0.0.1:{}\"\ntrusted_networks = [\"127.0.0.1/32\"]\ntokens = [\"{token}\"]\n",
+        common::free_port()
+    ));
+    let http_addr = server.http;
+    let other = Some(Ipv4Addr::new(127, 0, 0, 2));
+    let r = http::request(http_addr, other, "GET", "/api/v1/queue", &[], None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("bearer token"));
+    let wrong = [("Authorization", "Bearer not-the-token-at-all")];
+    let r = http::request(http_addr, other, "GET", "/api/v1/queue", &wrong, None);
+    assert_eq!(r.status, 401);
+    let auth = format!("Bearer {token}");
+    let right = [("Authorization", auth.as_str())];
+    let r = http::request(http_addr, other, "GET", "/api/v1/queue", &right, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http::request(http_addr, None, "GET", "/api/v1/queue", &[], None);
+    assert_eq!(r.status, 200, "trusted without a token");
+}
+
+#[test]
+fn every_documented_route_answers() {
+    let server = Server::start("");
+    let spec = get(server.http, "/api/v1/openapi.json").json();
+    let on_disk: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/openapi.json")).unwrap();
+    assert_eq!(spec, on_disk, "the served description is docs/openapi.json");
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let concrete = path
+                .replace("{id}", "0000000000000001")
+                .replace("{action}", "flush");
+            let body = (method == "post").then_some(b"{}".as_slice());
+            let r = http::request(
+                server.http,
+                None,
+                &method.to_uppercase(),
+                &concrete,
+                &[],
+                body,
+            );
+            let text = r.body.clone();
+            assert!(
+                !text.contains("no such route") && r.status != 405,
+                "{method} {path}: {} {text}",
+                r.status
+            );
+            assert!(
+                r.headers.to_ascii_lowercase().contains("application/json"),
+                "{method} {path}"
+            );
+        }
+    }
+}
