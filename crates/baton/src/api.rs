@@ -61,6 +61,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/queue/{action}"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/openapi.json"),
+    ("get", "/api/v1/stats"),
+    ("get", "/metrics"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -78,6 +80,8 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/queue/{action}", post(queue_action))
         .route("/api/v1/events", get(events))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(access, authorize))
         .with_state(ctx)
@@ -148,6 +152,18 @@ async fn authorize(
             "a bearer token is required from this address (Authorization: Bearer <token>)".into(),
         )
         .into_response()
+    }
+}
+
+/// Prometheus text format.
+async fn metrics() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError(StatusCode::SERVICE_UNAVAILABLE, "metrics are off".into()).into_response(),
     }
 }
 
@@ -718,17 +734,9 @@ async fn events(
     _headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
-    let parse = |t: &Option<String>, name: &str| -> Result<Option<jiff::Timestamp>, ApiError> {
-        t.as_deref()
-            .map(|t| {
-                t.parse::<jiff::Timestamp>()
-                    .map_err(|_| bad_request(format!("{name} {t:?} is not an RFC 3339 time")))
-            })
-            .transpose()
-    };
     let filter = crate::events::Filter {
-        since: parse(&q.since, "since")?,
-        until: parse(&q.until, "until")?,
+        since: time_param(&q.since, "since")?,
+        until: time_param(&q.until, "until")?,
         recipient: q.recipient,
         message_id: q.message_id,
         campaign: q.campaign,
@@ -742,6 +750,53 @@ async fn events(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(page))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    since: Option<String>,
+    until: Option<String>,
+    by: Option<String>,
+}
+
+async fn stats(
+    State(ctx): State<Arc<Context>>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let by = q.by.unwrap_or_else(|| "destination".into());
+    if !matches!(
+        by.as_str(),
+        "destination" | "campaign" | "tenant" | "source"
+    ) {
+        return Err(bad_request(format!(
+            "by {by:?}: destination, campaign, tenant or source"
+        )));
+    }
+    let since = time_param(&q.since, "since")?;
+    let until = time_param(&q.until, "until")?;
+    ctx.events.written().await;
+    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let answer =
+        tokio::task::spawn_blocking(move || crate::events::stats(&path, since, until, &by))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(answer))
+}
+
+/// An RFC 3339 time, or a span back from now ("1h", "7d").
+fn time_param(value: &Option<String>, name: &str) -> Result<Option<jiff::Timestamp>, ApiError> {
+    value
+        .as_deref()
+        .map(|text| {
+            crate::events::parse_since(text).ok_or_else(|| {
+                bad_request(format!(
+                    "{name} {text:?} is not an RFC 3339 time or a span like 24h"
+                ))
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]

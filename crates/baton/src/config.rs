@@ -106,6 +106,7 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// The HTTP API and dashboard; none when disabled.
     pub http: Option<HttpConfig>,
+    pub webhooks: Vec<WebhookConfig>,
     pub dkim: Vec<DkimConfig>,
 }
 
@@ -129,6 +130,17 @@ pub struct SubmissionConfig {
     pub message_rate: Option<Rate>,
     /// Recipients per authenticated user: past it, 450 4.7.1.
     pub recipient_rate: Option<Rate>,
+}
+
+/// A receiver of event batches (`[[webhook]]`).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Key of the HMAC-SHA256 signature in `X-Baton-Signature`.
+    pub secret: String,
+    /// Event types sent; empty = all.
+    pub events: Vec<String>,
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -438,6 +450,8 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    webhook: Vec<RawWebhook>,
+    #[serde(default)]
     dkim: Vec<RawDkim>,
 }
 
@@ -457,6 +471,15 @@ struct RawSubmission {
     sender_policy: Option<Spanned<String>>,
     message_rate: Option<Spanned<String>>,
     recipient_rate: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    secret: Spanned<String>,
+    events: Option<Vec<Spanned<String>>>,
+    batch_size: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -830,6 +853,11 @@ impl Validator<'_> {
             })
             .collect();
         let http = self.http(raw.http);
+        let webhooks = raw
+            .webhook
+            .into_iter()
+            .filter_map(|w| self.webhook(w))
+            .collect();
         let submission = SubmissionConfig {
             users_file: raw.submission.users_file.map(PathBuf::from),
             plaintext_auth_on_loopback: raw.submission.plaintext_auth_on_loopback.unwrap_or(false),
@@ -859,6 +887,7 @@ impl Validator<'_> {
                 authentication_results: raw.inbound.authentication_results.unwrap_or(false),
             },
             http,
+            webhooks,
             dkim,
             listeners,
             relay,
@@ -1353,6 +1382,61 @@ impl Validator<'_> {
             max_message_rate,
             max_connection_rate,
             retry_interval: raw.retry_interval.and_then(|q| self.duration(q)),
+        })
+    }
+
+    fn webhook(&mut self, raw: RawWebhook) -> Option<WebhookConfig> {
+        const TYPES: &[&str] = &[
+            "reception",
+            "delivery",
+            "transient_failure",
+            "bounce",
+            "expiration",
+            "dsn_queued",
+            "bounce_dropped",
+            "shaping",
+            "deleted",
+            "held",
+        ];
+        let url = raw.url.get_ref().trim().to_string();
+        let parsed = url.parse::<hyper::Uri>().ok().filter(|u| {
+            matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
+        });
+        if parsed.is_none() {
+            return self.error(
+                raw.url.span(),
+                format!("webhook url {url:?} is not an http(s) URL"),
+                "write \"https://crm.example.com/hooks/baton\"",
+            );
+        }
+        if raw.secret.get_ref().len() < 16 {
+            return self.error(
+                raw.secret.span(),
+                "a webhook secret must be at least 16 characters".into(),
+                "use a long random string, e.g. `openssl rand -hex 32`",
+            );
+        }
+        let mut events = Vec::new();
+        for e in raw.events.unwrap_or_default() {
+            if TYPES.contains(&e.get_ref().as_str()) {
+                events.push(e.into_inner());
+            } else {
+                self.error::<()>(
+                    e.span(),
+                    format!("unknown event type {:?}", e.get_ref()),
+                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held",
+                );
+            }
+        }
+        let batch_size = raw
+            .batch_size
+            .map(|n| self.count(Some(n), 100) as usize)
+            .unwrap_or(100);
+        Some(WebhookConfig {
+            url,
+            secret: raw.secret.into_inner(),
+            events,
+            batch_size,
         })
     }
 

@@ -20,6 +20,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Serves the control socket until the process ends.
 pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
+    let events = data_dir.join("events/events.jsonl");
     let path = socket_path(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
@@ -28,12 +29,15 @@ pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let queue = queue.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let answer = match serde_json::from_str::<Control>(&line) {
                         Ok(request) => queue.control(request).await,
+                        // Statistics come from the event log, not the queue manager.
+                        Err(_) if line.contains("\"stats\"") => stats(&events, &line).await,
                         Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
                     };
                     let mut out = answer.to_string();
@@ -68,4 +72,32 @@ pub fn request(data_dir: &Path, request: serde_json::Value) -> anyhow::Result<se
         anyhow::bail!("{e}");
     }
     Ok(value)
+}
+
+/// `{"cmd": "stats", "since": ..., "until": ..., "by": ...}`.
+async fn stats(events: &Path, line: &str) -> serde_json::Value {
+    let Ok(request) = serde_json::from_str::<serde_json::Value>(line) else {
+        return serde_json::json!({"error": "bad request"});
+    };
+    let time = |name: &str| -> Result<Option<jiff::Timestamp>, String> {
+        match request.get(name).and_then(|v| v.as_str()) {
+            None => Ok(None),
+            Some(text) => crate::events::parse_since(text).map(Some).ok_or_else(|| {
+                format!("{name} {text:?} is not an RFC 3339 time or a span like 24h")
+            }),
+        }
+    };
+    let (since, until) = match (time("since"), time("until")) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => return serde_json::json!({"error": e}),
+    };
+    let by = request
+        .get("by")
+        .and_then(|v| v.as_str())
+        .unwrap_or("destination")
+        .to_string();
+    let path = events.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::events::stats(&path, since, until, &by))
+        .await
+        .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
 }

@@ -29,6 +29,34 @@ struct Connection {
     source: Option<String>,
     /// This connection's place under the rule's connection cap; released on drop.
     _slot: Option<crate::shaping::ConnectionSlot>,
+    _gauge: OpenGauge,
+}
+
+impl Connection {
+    fn new(
+        client: Client,
+        limits: Option<Arc<Limits>>,
+        source: Option<String>,
+        slot: Option<crate::shaping::ConnectionSlot>,
+    ) -> Connection {
+        crate::metrics::connection("outbound", true);
+        Connection {
+            client,
+            limits,
+            source,
+            _slot: slot,
+            _gauge: OpenGauge,
+        }
+    }
+}
+
+/// Counts an open outbound connection in the metrics while it lives.
+struct OpenGauge;
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        crate::metrics::connection("outbound", false);
+    }
 }
 
 /// The domain of the first From: address in a message's header section.
@@ -714,12 +742,7 @@ async fn connect(
                 let client = Client::connect_unix(path, &options)
                     .await
                     .map_err(|e| ConnectFailure::new(451, "4.4.1", e.to_string()))?;
-                return Ok(Connection {
-                    client,
-                    limits: None,
-                    source: None,
-                    _slot: None,
-                });
+                return Ok(Connection::new(client, None, None, None));
             }
             Some(LmtpTarget::Tcp(addr)) => (vec![addr.ip().to_string()], addr.port(), true),
             None => {
@@ -825,12 +848,12 @@ async fn connect(
         for ip in addresses {
             match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {
                 Ok(client) => {
-                    return Ok(Connection {
+                    return Ok(Connection::new(
                         client,
                         limits,
-                        source: source.map(|s| s.name.clone()),
-                        _slot: slot,
-                    });
+                        source.map(|s| s.name.clone()),
+                        slot,
+                    ));
                 }
                 Err(e) => {
                     tracing::debug!(destination = %dest, error = %e, "connection attempt failed");

@@ -48,6 +48,15 @@ pub struct Event {
     /// On reception events: the campaign tag the message was injected with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
+    /// On reception events: whose mail it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// On attempt events: the egress source the connection left from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// On delivery events: milliseconds from reception to delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,6 +91,8 @@ enum Entry {
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::Sender<Entry>,
+    /// Bytes in the log file so far; changes after every write (webhooks wait on it).
+    length: tokio::sync::watch::Receiver<u64>,
     boot: u64,
     seq: std::sync::Arc<AtomicU64>,
 }
@@ -97,11 +108,13 @@ impl Events {
             .append(true)
             .open(&path)?;
         let (tx, rx) = mpsc::channel();
+        let (length_tx, length) = tokio::sync::watch::channel(file.metadata()?.len());
         std::thread::Builder::new()
             .name("event-log".into())
-            .spawn(move || writer(file, path, rx, fsync))?;
+            .spawn(move || writer(file, path, rx, fsync, length_tx))?;
         Ok(Events {
             tx,
+            length,
             boot: baton_spool::now_ms(),
             seq: Default::default(),
         })
@@ -133,11 +146,19 @@ impl Events {
             tls: None,
             destination: None,
             campaign: None,
+            tenant: None,
+            source: None,
+            latency_ms: None,
         }
     }
 
     pub fn emit(&self, event: Event) {
         let _ = self.tx.send(Entry::Event(Box::new(event)));
+    }
+
+    /// The log file's length, updated after every write.
+    pub fn length(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.length.clone()
     }
 
     /// Waits (up to two seconds) until every event emitted so far is in the file, so that a
@@ -157,7 +178,13 @@ const SYNC_DELAY: Duration = Duration::from_secs(1);
 /// everything that arrived meanwhile in one write.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
-fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Entry>, fsync: bool) {
+fn writer(
+    mut file: std::fs::File,
+    path: PathBuf,
+    rx: mpsc::Receiver<Entry>,
+    fsync: bool,
+    length: tokio::sync::watch::Sender<u64>,
+) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut dirty = false;
     let mut last_sync = Instant::now();
@@ -183,7 +210,10 @@ fn writer(mut file: std::fs::File, path: PathBuf, rx: mpsc::Receiver<Entry>, fsy
         }
         if !buf.is_empty() {
             match file.write_all(&buf) {
-                Ok(()) => dirty = true,
+                Ok(()) => {
+                    dirty = true;
+                    length.send_modify(|n| *n += buf.len() as u64);
+                }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "cannot write the event log")
                 }
@@ -326,4 +356,120 @@ pub fn history(path: &Path, message_id: &str) -> Option<serde_json::Value> {
         })
         .collect();
     Some(serde_json::json!({"id": message_id, "sender": sender, "recipients": recipients}))
+}
+
+/// Delivery statistics over `[since, until)` from the event log, grouped by `by`
+/// ("destination", "campaign", "tenant" or "source"): attempts' outcomes and delivery-latency
+/// percentiles (reception to delivery).
+pub fn stats(
+    path: &Path,
+    since: Option<jiff::Timestamp>,
+    until: Option<jiff::Timestamp>,
+    by: &str,
+) -> serde_json::Value {
+    #[derive(Default)]
+    struct Group {
+        delivered: u64,
+        deferred: u64,
+        bounced: u64,
+        expired: u64,
+        latencies: Vec<u64>,
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Message id → (campaign, tenant), from reception events.
+    let mut tags: std::collections::HashMap<String, (String, String)> = Default::default();
+    let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
+    let mut total = Group::default();
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let kind = field("type");
+        if kind == "reception" {
+            tags.insert(
+                field("message_id").to_string(),
+                (field("campaign").to_string(), field("tenant").to_string()),
+            );
+            continue;
+        }
+        if !matches!(
+            kind,
+            "delivery" | "transient_failure" | "bounce" | "expiration"
+        ) {
+            continue;
+        }
+        let at = field("timestamp").parse::<jiff::Timestamp>().ok();
+        let in_range = since.is_none_or(|s| at.is_some_and(|t| t >= s))
+            && until.is_none_or(|u| at.is_some_and(|t| t < u));
+        if !in_range {
+            continue;
+        }
+        let (campaign, tenant) = tags.get(field("message_id")).cloned().unwrap_or_default();
+        let key = match by {
+            "campaign" => campaign,
+            "tenant" => tenant,
+            "source" => field("source").to_string(),
+            _ => field("recipient")
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default(),
+        };
+        let latency = event.get("latency_ms").and_then(|v| v.as_u64());
+        for g in [groups.entry(key).or_default(), &mut total] {
+            match kind {
+                "delivery" => {
+                    g.delivered += 1;
+                    g.latencies.extend(latency);
+                }
+                "transient_failure" => g.deferred += 1,
+                "bounce" => g.bounced += 1,
+                _ => g.expired += 1,
+            }
+        }
+    }
+    let render = |g: &mut Group| {
+        g.latencies.sort_unstable();
+        let pct = |p: f64| -> Option<u64> {
+            let n = g.latencies.len();
+            (n > 0).then(|| g.latencies[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
+        };
+        let finished = g.delivered + g.bounced + g.expired;
+        serde_json::json!({
+            "delivered": g.delivered,
+            "deferred": g.deferred,
+            "bounced": g.bounced,
+            "expired": g.expired,
+            "bounce_rate": if finished > 0 { (g.bounced + g.expired) as f64 / finished as f64 } else { 0.0 },
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+        })
+    };
+    let groups: Vec<serde_json::Value> = groups
+        .iter_mut()
+        .map(|(key, g)| {
+            let mut v = render(g);
+            v["key"] = serde_json::Value::String(key.clone());
+            v
+        })
+        .collect();
+    serde_json::json!({"by": by, "total": render(&mut total), "groups": groups})
+}
+
+/// An RFC 3339 time, or a span back from now ("90s", "30m", "24h", "7d").
+pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Some(t);
+    }
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    let n: i64 = digits.parse().ok()?;
+    jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_secs(n.checked_mul(secs)?))
+        .ok()
 }

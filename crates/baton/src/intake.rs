@@ -33,6 +33,8 @@ pub async fn queue_message(
         listener = origin,
         "queued"
     );
+    let origin_label = if origin == "http" { "http" } else { "smtp" };
+    crate::metrics::received(origin_label, envelope.recipients.len(), envelope.size);
     let id = envelope.id;
     let id_text = id.to_string();
     for r in &envelope.recipients {
@@ -41,6 +43,7 @@ pub async fn queue_message(
                 .new_event(EventKind::Reception, &id_text, &r.address, &envelope.sender);
         e.size = Some(envelope.size);
         e.campaign = envelope.meta("campaign").map(str::to_string);
+        e.tenant = envelope.meta("tenant").map(str::to_string);
         ctx.events.emit(e);
     }
     let body = (!inline.is_empty()).then_some(inline);

@@ -53,6 +53,21 @@ enum Cmd {
         #[command(subcommand)]
         command: UserCmd,
     },
+    /// Delivery statistics from the running server: outcomes and latency percentiles.
+    Stats {
+        /// From when: RFC 3339 or a span back from now (default 24h).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// destination, campaign, tenant or source.
+        #[arg(long, default_value = "destination")]
+        by: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
@@ -111,6 +126,13 @@ enum QueueCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Waiting recipients by destination and pool (asks the running server).
+    Summary {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try waiting recipients now: all, or those at one domain (postqueue -f).
+    Flush { destination: Option<String> },
     /// Bounce every queued recipient at a domain, with DSNs to the senders.
     Bounce { destination: String },
     /// Delete every queued recipient at a domain, without DSNs.
@@ -129,6 +151,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve { config } => load_config(config.as_deref()).and_then(serve),
         Cmd::CheckConfig { file } => return check_config(&file),
+        Cmd::Stats {
+            since,
+            until,
+            by,
+            json,
+            config,
+        } => load_config(config.as_deref()).and_then(|c| {
+            let answer = control::request(
+                &c.data_dir,
+                json!({"cmd": "stats", "since": since, "until": until, "by": by}),
+            )?;
+            queue::print_stats(&answer, json)
+        }),
         Cmd::Queue { config, command } => {
             load_config(config.as_deref()).and_then(|c| queue_command(&c, command))
         }
@@ -206,6 +241,13 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
             ask(c, json!({"cmd": "delete", "destination": destination}))
         }
         QueueCmd::Rebind { from, to } => ask(c, json!({"cmd": "rebind", "from": from, "to": to})),
+        QueueCmd::Summary { json } => {
+            let answer = control::request(&c.data_dir, json!({"cmd": "summary"}))?;
+            queue::print_summary(&answer, json)
+        }
+        QueueCmd::Flush { destination } => {
+            ask(c, json!({"cmd": "flush", "destination": destination}))
+        }
     }
 }
 

@@ -256,6 +256,12 @@ impl QueueManager {
         });
         let id = env.id;
         let n = env.recipients.len();
+        crate::metrics::queue_depth(
+            env.recipients
+                .iter()
+                .filter(|r| !r.state.is_final())
+                .count() as i64,
+        );
         let attempts = env
             .recipients
             .iter()
@@ -476,6 +482,24 @@ impl QueueManager {
                         (RcptState::Deferred, next, EventKind::TransientFailure)
                     }
                 };
+                {
+                    let domain = rcpt.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                    let pool = config
+                        .pool_for(&q.envelope)
+                        .map(|p| p.name.as_str())
+                        .unwrap_or("");
+                    let label = match state {
+                        RcptState::Delivered => "delivered",
+                        RcptState::Bounced => "bounced",
+                        RcptState::Expired => "expired",
+                        _ => "deferred",
+                    };
+                    let latency = (state == RcptState::Delivered).then_some(age.as_secs_f64());
+                    crate::metrics::outcome(label, domain, pool, &reply.status, latency);
+                    if state.is_final() {
+                        crate::metrics::queue_depth(-1);
+                    }
+                }
                 // A greylisted recipient is retried from the same source address.
                 let greylisted = state == RcptState::Deferred && is_greylisting(reply);
                 match (greylisted, &outcome.source) {
@@ -561,6 +585,9 @@ impl QueueManager {
                 event.attempt = Some(attempts);
                 event.size = Some(q.envelope.size);
                 event.tls = outcome.tls.clone();
+                event.source = outcome.source.clone();
+                event.latency_ms = (state == RcptState::Delivered)
+                    .then_some(now.saturating_sub(q.envelope.arrived_ms));
                 if state == RcptState::Deferred {
                     event.next_attempt = jiff::Timestamp::from_millisecond(next as i64)
                         .ok()
@@ -909,6 +936,9 @@ impl QueueManager {
                         delay_notified: false,
                     };
                     r.state = state;
+                    let label = if bounce { "bounced" } else { "deleted" };
+                    crate::metrics::outcome(label, domain, "", status, None);
+                    crate::metrics::queue_depth(-1);
                     let mut e = self.events.new_event(
                         kind,
                         &id.to_string(),

@@ -185,3 +185,85 @@ pub fn print_explain(answer: &serde_json::Value, as_json: bool) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// `baton queue summary`: a table of waiting recipients by destination and pool.
+pub fn print_summary(answer: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+        return Ok(());
+    }
+    let now = baton_spool::now_ms();
+    println!(
+        "{:<40} {:<12} {:>8} {:>8} {:>7} {:>10}",
+        "DESTINATION", "POOL", "QUEUED", "DEFERRED", "ACTIVE", "OLDEST"
+    );
+    let rows = answer["destinations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for d in &rows {
+        let oldest = d["oldest_ms"]
+            .as_u64()
+            .map(|ms| now.saturating_sub(ms) / 1000);
+        println!(
+            "{:<40} {:<12} {:>8} {:>8} {:>7} {:>9}s",
+            d["destination"].as_str().unwrap_or(""),
+            d["pool"].as_str().unwrap_or("-"),
+            d["queued"],
+            d["deferred"],
+            d["active"],
+            oldest.unwrap_or(0)
+        );
+    }
+    let r = &answer["recipients"];
+    println!(
+        "-- {} messages; recipients: {} queued, {} deferred, {} active",
+        answer["messages"], r["queued"], r["deferred"], r["active"]
+    );
+    Ok(())
+}
+
+/// `baton stats`: outcomes and latency percentiles per group.
+pub fn print_stats(answer: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>10} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8}",
+        answer["by"].as_str().unwrap_or("").to_uppercase(),
+        "DELIVERED",
+        "DEFERRED",
+        "BOUNCED",
+        "EXPIRED",
+        "BOUNCE%",
+        "P50 ms",
+        "P90 ms",
+        "P99 ms"
+    );
+    let row = |key: &str, g: &serde_json::Value| {
+        let ms = |p: &str| {
+            g["latency_ms"][p]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>6.1}% {:>8} {:>8} {:>8}",
+            if key.is_empty() { "(none)" } else { key },
+            g["delivered"],
+            g["deferred"],
+            g["bounced"],
+            g["expired"],
+            g["bounce_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            ms("p50"),
+            ms("p90"),
+            ms("p99")
+        );
+    };
+    for g in answer["groups"].as_array().cloned().unwrap_or_default() {
+        row(g["key"].as_str().unwrap_or(""), &g);
+    }
+    row("TOTAL", &answer["total"]);
+    Ok(())
+}

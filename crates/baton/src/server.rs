@@ -64,6 +64,7 @@ impl Drop for Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         c.total = c.total.saturating_sub(1);
+        crate::metrics::connection("inbound", false);
         if let Some(n) = c.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -114,6 +115,7 @@ impl Context {
         }
         *n += 1;
         c.total += 1;
+        crate::metrics::connection("inbound", true);
         Ok(Slot {
             ctx: self.clone(),
             ip,
@@ -150,6 +152,24 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     let (limits, submission) = (config.limits.clone(), config.submission.clone());
     let events = Events::start(&config.data_dir, config.spool.fsync)
         .context("cannot open the event log under data_dir/events")?;
+    // Metrics are recorded from the start (they are read at GET /metrics).
+    let _ = crate::metrics::handle();
+    let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
+        crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
+            .and_then(|t| t.https_config())
+            .map_err(|why| tracing::warn!(%why, "https webhooks cannot verify their receivers"))
+            .ok()
+    } else {
+        None
+    };
+    crate::webhooks::start(
+        &config.webhooks,
+        &config.data_dir,
+        &events,
+        https,
+        stop.clone(),
+    )
+    .context("cannot start the webhook senders")?;
     let queue = QueueManager::start(
         config.clone(),
         spool.clone(),

@@ -350,10 +350,208 @@ fn every_documented_route_answers() {
                 "{method} {path}: {} {text}",
                 r.status
             );
+            let wanted = if path == "/metrics" {
+                "text/plain"
+            } else {
+                "application/json"
+            };
             assert!(
-                r.headers.to_ascii_lowercase().contains("application/json"),
+                r.headers.to_ascii_lowercase().contains(wanted),
                 "{method} {path}"
             );
         }
     }
+}
+
+const PARSE_METRICS: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+
+#[test]
+fn metrics_parse_with_the_prometheus_client_parser() {
+    let (w, mx) = bouncing_world();
+    let _dsn_mx = w.sender_mx();
+    let server = w.server("", "");
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test", "content": "Subject: m\r\n\r\nx\r\n",
+                "recipients": [{"email": "a@dest.test"}, {"email": "b@dest.test"}, {"email": "nobody@dest.test"}]}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    mx.wait_for(1, 30);
+    server.wait_event(30, |e| {
+        e["type"] == "bounce" && e["recipient"] == "nobody@dest.test"
+    });
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "b@dest.test"
+    });
+    // The bounce's DSN reaches the sender's MX: nothing waits any more.
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "s@sender.test"
+    });
+
+    let text = get(server.http, "/metrics").body;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", PARSE_METRICS])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client (pip install prometheus_client) could not parse:\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, serde_json::Value, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    assert_eq!(
+        value("baton_messages_received_total", &[("origin", "http")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("baton_recipients_received_total", &[("origin", "http")]),
+        3.0
+    );
+    let delivered = [
+        ("outcome", "delivered"),
+        ("destination", "dest.test"),
+        ("class", "2.0"),
+    ];
+    assert_eq!(value("baton_recipients_total", &delivered), 2.0, "{text}");
+    let bounced = [
+        ("outcome", "bounced"),
+        ("destination", "dest.test"),
+        ("class", "5.1"),
+    ];
+    assert_eq!(value("baton_recipients_total", &bounced), 1.0, "{text}");
+    assert_eq!(value("baton_queue_recipients", &[]), 0.0, "{text}");
+    assert_eq!(
+        value(
+            "baton_delivery_latency_seconds_count",
+            &[("destination", "dest.test")]
+        ),
+        2.0
+    );
+    assert_eq!(value("baton_message_size_bytes_count", &[]), 1.0);
+    assert!(
+        samples
+            .iter()
+            .any(|(n, l, _)| n == "baton_connections" && l["direction"] == "outbound")
+    );
+}
+
+/// dest.test's MX takes everyone but nobody@ (550 5.1.1).
+fn bouncing_world() -> (World, common::mx::FakeMx) {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("dest.test", 10, "mx.dest.test");
+    w.dns.a("mx.dest.test", "127.0.0.2");
+    let mx = w.mx(
+        "127.0.0.2",
+        Script {
+            rcpt: std::sync::Arc::new(|rcpt: &str, _| {
+                if rcpt.starts_with("nobody") {
+                    "550 5.1.1 no such user".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    (w, mx)
+}
+
+#[test]
+fn stats_by_campaign_through_the_api_and_the_cli() {
+    let (w, _mx) = bouncing_world();
+    let _dsn_mx = w.sender_mx();
+    let server = w.server("", "");
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test", "content": "Subject: m\r\n\r\nx\r\n",
+                "campaign": "winter", "tenant": "acme",
+                "recipients": [{"email": "a@dest.test"}, {"email": "b@dest.test"}, {"email": "nobody@dest.test"}]}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    server.wait_event(30, |e| e["type"] == "bounce");
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "s@sender.test"
+    });
+
+    let stats = get(server.http, "/api/v1/stats?by=campaign&since=1h").json();
+    let winter = stats["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "winter")
+        .unwrap_or_else(|| panic!("no winter group: {stats}"))
+        .clone();
+    assert_eq!(
+        (winter["delivered"].clone(), winter["bounced"].clone()),
+        (json!(2), json!(1)),
+        "{stats}"
+    );
+    assert!((winter["bounce_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9);
+    assert!(winter["latency_ms"]["p50"].as_u64().is_some(), "{winter}");
+    let by_tenant = get(server.http, "/api/v1/stats?by=tenant").json();
+    assert!(
+        by_tenant["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["key"] == "acme" && g["delivered"] == 2)
+    );
+    assert_eq!(get(server.http, "/api/v1/stats?by=colour").status, 400);
+
+    // The CLI asks the running server.
+    let out = server.cli(&["stats", "--by", "campaign", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["groups"], stats["groups"]);
+    let out = server.cli(&["stats", "--by", "campaign"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("winter") && table.contains("TOTAL"),
+        "{table}"
+    );
+    let out = server.cli(&["queue", "summary"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("0 messages"),
+        "{table}"
+    );
+    let out = server.cli(&["queue", "flush"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

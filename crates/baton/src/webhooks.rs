@@ -1,0 +1,238 @@
+//! Webhooks: the event log, in batches, POSTed as a JSON array to each `[[webhook]]` URL with
+//! `X-Baton-Signature: sha256=<hex HMAC-SHA256 of the body>`. The log file is the durable
+//! queue: each webhook remembers the offset up to which its receiver acknowledged (any 2xx)
+//! in `data_dir/webhooks/<key>.offset`, and retries the same batch with backoff (1 s doubling
+//! to 60 s) until it does. A receiver that is down for an hour gets everything when it is back;
+//! delivery is at least once (a crash between the 2xx and saving the offset resends a batch),
+//! and event ids let receivers drop duplicates.
+//!
+//! Owns the senders and their offsets; it must not write the event log.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::watch;
+
+use crate::config::WebhookConfig;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most read from the log per batch.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Starts one sender task per webhook.
+pub fn start(
+    hooks: &[WebhookConfig],
+    data_dir: &Path,
+    events: &crate::events::Events,
+    https: Option<Arc<rustls::ClientConfig>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let dir = data_dir.join("webhooks");
+    std::fs::create_dir_all(&dir)?;
+    let log = data_dir.join("events/events.jsonl");
+    for hook in hooks {
+        let key = hex::encode(
+            &ring::digest::digest(&ring::digest::SHA256, hook.url.as_bytes()).as_ref()[..8],
+        );
+        let sender = Sender {
+            hook: hook.clone(),
+            log: log.clone(),
+            offset_file: dir.join(format!("{key}.offset")),
+            https: https.clone(),
+        };
+        tokio::spawn(sender.run(events.length(), stop.clone()));
+    }
+    Ok(())
+}
+
+struct Sender {
+    hook: WebhookConfig,
+    log: PathBuf,
+    offset_file: PathBuf,
+    https: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Sender {
+    async fn run(self, mut length: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
+        // A webhook seen for the first time starts with the events written from now on.
+        let mut offset = match std::fs::read_to_string(&self.offset_file) {
+            Ok(text) => text.trim().parse().unwrap_or(0),
+            Err(_) => {
+                let now = *length.borrow();
+                self.save(now);
+                now
+            }
+        };
+        let mut backoff = Duration::from_secs(1);
+        while !*stop.borrow() {
+            let (batch, end) = match self.read_batch(offset) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(url = %self.hook.url, error = %e, "cannot read the event log for a webhook");
+                    (Vec::new(), offset)
+                }
+            };
+            if batch.is_empty() {
+                if end > offset {
+                    offset = end; // only filtered-out events
+                    self.save(offset);
+                    continue;
+                }
+                tokio::select! {
+                    _ = length.changed() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+            let body = format!("[{}]", batch.join(","));
+            match self.post(body).await {
+                Ok(()) => {
+                    offset = end;
+                    self.save(offset);
+                    backoff = Duration::from_secs(1);
+                }
+                Err(why) => {
+                    tracing::warn!(url = %self.hook.url, %why, retry_in = ?backoff, events = batch.len(), "webhook delivery failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn save(&self, offset: u64) {
+        let tmp = self.offset_file.with_extension("tmp");
+        let saved = std::fs::write(&tmp, offset.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &self.offset_file));
+        if let Err(e) = saved {
+            tracing::warn!(path = %self.offset_file.display(), error = %e, "cannot save a webhook offset (events may be sent again)");
+        }
+    }
+
+    /// Up to `batch_size` wanted events (raw JSON lines) from `offset`, and the offset just
+    /// past the last line looked at. An unfinished last line is left for later.
+    fn read_batch(&self, offset: u64) -> std::io::Result<(Vec<String>, u64)> {
+        let mut file = std::fs::File::open(&self.log)?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut chunk = Vec::with_capacity(64 << 10);
+        file.take(READ_CHUNK as u64).read_to_end(&mut chunk)?;
+        let mut batch = Vec::new();
+        let mut end = offset;
+        let mut at = 0;
+        while let Some(len) = chunk[at..].iter().position(|&b| b == b'\n') {
+            let line = &chunk[at..at + len];
+            at += len + 1;
+            let wanted = self.hook.events.is_empty()
+                || serde_json::from_slice::<serde_json::Value>(line)
+                    .ok()
+                    .is_some_and(|e| {
+                        e.get("type")
+                            .and_then(|t| t.as_str())
+                            .is_some_and(|t| self.hook.events.iter().any(|w| w == t))
+                    });
+            if wanted && !line.is_empty() {
+                batch.push(String::from_utf8_lossy(line).into_owned());
+            }
+            end = offset + at as u64;
+            if batch.len() >= self.hook.batch_size {
+                break;
+            }
+        }
+        Ok((batch, end))
+    }
+
+    async fn post(&self, body: String) -> Result<(), String> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.hook.secret.as_bytes());
+        let signature = hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref());
+        tokio::time::timeout(REQUEST_TIMEOUT, self.send(body, signature))
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+
+    async fn send(&self, body: String, signature: String) -> Result<(), String> {
+        let uri: hyper::Uri = self.hook.url.parse().map_err(|e| format!("{e}"))?;
+        let host = uri
+            .host()
+            .ok_or("no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let tls = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or(&host)
+            .to_string();
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::USER_AGENT, "baton")
+            .header("X-Baton-Signature", format!("sha256={signature}"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let status = if tls {
+            let config = self
+                .https
+                .clone()
+                .ok_or("no trusted CA certificates for https")?;
+            let name = crate::trust::server_name(&host)?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {host}: {e}"))?;
+            exchange(stream, request).await?
+        } else {
+            exchange(tcp, request).await?
+        };
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the receiver answered {status}"))
+        }
+    }
+}
+
+async fn exchange<S>(
+    stream: S,
+    request: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::StatusCode, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    // Read (and drop) the answer so the exchange completes.
+    let _ = response.into_body().collect().await;
+    Ok(status)
+}

@@ -1,0 +1,182 @@
+//! Webhooks against a real HTTP receiver on loopback that is down, then up, then down across
+//! a kill -9 of Baton: nothing is lost, every batch is signed with HMAC-SHA256.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Server, free_port};
+
+const SECRET: &str = "a-webhook-secret-of-some-length";
+
+/// One POST as received: the signature header and the body.
+struct Post {
+    signature: String,
+    body: String,
+}
+
+/// An HTTP receiver that answers 200 to every POST and keeps them.
+struct Receiver {
+    posts: Arc<Mutex<Vec<Post>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    fn start(port: u16) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
+        listener.set_nonblocking(true).unwrap();
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (posts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                if let Some(post) = read_post(&stream) {
+                    p.lock().unwrap().push(post);
+                    let mut w = &stream;
+                    let _ = w.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        });
+        Receiver { posts, stop }
+    }
+
+    /// Every event received so far.
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| {
+                serde_json::from_str::<Vec<serde_json::Value>>(&p.body).expect("a JSON array")
+            })
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100)); // the listener closes with the thread
+    }
+}
+
+fn read_post(stream: &std::net::TcpStream) -> Option<Post> {
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    let mut signature = String::new();
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    assert!(first.starts_with("POST /hook "), "{first}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':')?;
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().ok()?,
+            "x-baton-signature" => signature = value.trim().to_string(),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(Post {
+        signature,
+        body: String::from_utf8(body).ok()?,
+    })
+}
+
+fn send(server: &Server, n: usize, tag: &str) {
+    let mut c = server.connect();
+    c.hello();
+    for i in 0..n {
+        let r = c.send_mail(
+            "alice@example.com",
+            &[&format!("{tag}{i}@example.net")],
+            b"Subject: hook\r\n\r\nx\r\n",
+        );
+        assert_eq!(r.code, 250);
+    }
+}
+
+fn wait_for_recipients(receiver: &Receiver, wanted: &[String], server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: HashSet<String> = receiver
+            .events()
+            .iter()
+            .map(|e| e["recipient"].as_str().unwrap().to_string())
+            .collect();
+        if wanted.iter().all(|w| got.contains(w)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {:?}\nlog:\n{}",
+            wanted
+                .iter()
+                .filter(|w| !got.contains(*w))
+                .collect::<Vec<_>>(),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_receiver_that_is_down_loses_nothing_and_batches_are_signed() {
+    let port = free_port();
+    let mut server = Server::start(&format!(
+        "[[webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret = \"{SECRET}\"\nevents = [\"reception\"]\nbatch_size = 4\n"
+    ));
+    // Down: nothing listens on the port yet.
+    send(&server, 6, "early");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("webhook delivery failed") {
+        assert!(Instant::now() < deadline, "no failed attempt logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Up: the backlog arrives, in batches of at most four.
+    let receiver = Receiver::start(port);
+    let early: Vec<String> = (0..6).map(|i| format!("early{i}@example.net")).collect();
+    wait_for_recipients(&receiver, &early, &server);
+    drop(receiver);
+
+    // Down again, and Baton killed: the offset on disk says where to resume.
+    send(&server, 3, "late");
+    server.wait_event(10, |e| e["recipient"] == "late2@example.net");
+    server.kill9();
+    server.spawn();
+    let receiver = Receiver::start(port);
+    let late: Vec<String> = (0..3).map(|i| format!("late{i}@example.net")).collect();
+    wait_for_recipients(&receiver, &late, &server);
+
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    for post in receiver.posts.lock().unwrap().iter() {
+        let expected = hex::encode(ring::hmac::sign(&key, post.body.as_bytes()).as_ref());
+        assert_eq!(post.signature, format!("sha256={expected}"));
+        let batch: Vec<serde_json::Value> = serde_json::from_str(&post.body).unwrap();
+        assert!(!batch.is_empty() && batch.len() <= 4);
+        for e in batch {
+            assert_eq!(e["type"], "reception", "only the types asked for");
+            for key in ["id", "type", "message_id", "recipient", "timestamp"] {
+                assert!(e.get(key).is_some(), "{key} missing in {e}");
+            }
+        }
+    }
+}
