@@ -63,6 +63,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/openapi.json"),
     ("get", "/api/v1/stats"),
     ("get", "/metrics"),
+    ("get", "/"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -82,6 +83,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(access, authorize))
         .with_state(ctx)
@@ -130,7 +132,8 @@ async fn authorize(
 ) -> Response {
     let (tokens, trusted) = &*access;
     let ip = peer.ip().to_canonical();
-    if trusted.iter().any(|n| n.contains(&ip)) {
+    // The dashboard page itself holds no data; its API calls carry the token.
+    if request.uri().path() == "/" || trusted.iter().any(|n| n.contains(&ip)) {
         return next.run(request).await;
     }
     let presented = request
@@ -153,6 +156,16 @@ async fn authorize(
         )
         .into_response()
     }
+}
+
+/// The live dashboard: one page, its script and styles inline (no CDN); it asks for a token
+/// (`#token=...`) only when the browser is outside the trusted networks.
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard/index.html"),
+    )
+        .into_response()
 }
 
 /// Prometheus text format.
@@ -726,6 +739,8 @@ struct EventQuery {
     /// Events after this one (the `next` of the previous page).
     after: Option<String>,
     limit: Option<usize>,
+    /// "newest": the latest `limit` events, newest first.
+    order: Option<String>,
 }
 
 async fn events(
@@ -743,6 +758,11 @@ async fn events(
         kind: q.kind,
         after: q.after,
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
+        newest_first: match q.order.as_deref() {
+            None | Some("oldest") => false,
+            Some("newest") => true,
+            Some(other) => return Err(bad_request(format!("order {other:?}: oldest or newest"))),
+        },
     };
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");

@@ -244,6 +244,8 @@ pub struct Filter {
     /// Only events after the one with this id.
     pub after: Option<String>,
     pub limit: usize,
+    /// The newest `limit` matching events, newest first (no pagination).
+    pub newest_first: bool,
 }
 
 /// One page of the event log, oldest first: `{"events": [...], "next": <id or null>}`;
@@ -285,6 +287,13 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
         if !keep {
             continue;
         }
+        if filter.newest_first {
+            events.push(event);
+            if events.len() > filter.limit {
+                events.remove(0);
+            }
+            continue;
+        }
         if events.len() == filter.limit {
             more = true;
             break;
@@ -300,6 +309,9 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
     } else {
         serde_json::Value::Null
     };
+    if filter.newest_first {
+        events.reverse();
+    }
     serde_json::json!({"events": events, "next": next})
 }
 

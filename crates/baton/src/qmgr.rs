@@ -803,7 +803,10 @@ impl QueueManager {
                 queued += row.queued;
                 deferred += row.deferred;
                 active += row.active;
+                let shaping = (!destination.contains(['[', ':', ' ']) && destination != "local")
+                    .then(|| self.delivery.shaper.state_word(&destination));
                 json!({
+                    "shaping": shaping,
                     "destination": destination,
                     "pool": (!pool.is_empty()).then_some(pool),
                     "queued": row.queued,

@@ -560,6 +560,32 @@ impl Shaper {
         })
     }
 
+    /// A destination's shaping state in a few words, for tables: "suspended 120 s",
+    /// "throttled ×0.25", "operator hold 3600 s", or "normal".
+    pub fn state_word(&self, domain: &str) -> String {
+        let d = self.describe(domain);
+        if let Some(s) = d["operator_suspended_for_s"].as_u64() {
+            return format!("operator hold {s} s");
+        }
+        let states = d["states"].as_array().cloned().unwrap_or_default();
+        if let Some(s) = states
+            .iter()
+            .filter_map(|s| s["suspended_for_s"].as_u64())
+            .max()
+        {
+            return format!("suspended {s} s");
+        }
+        if let Some(f) = states
+            .iter()
+            .filter_map(|s| s["throttle_factor"].as_f64())
+            .filter(|&f| f < 1.0)
+            .reduce(f64::min)
+        {
+            return format!("throttled ×{f}");
+        }
+        "normal".into()
+    }
+
     /// The first backoff rule a reply matches.
     pub fn backoff_for(&self, code: u16, status: &str, text: &str) -> Option<&BackoffRule> {
         self.backoff.iter().find(|r| r.matches(code, status, text))

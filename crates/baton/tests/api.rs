@@ -350,10 +350,10 @@ fn every_documented_route_answers() {
                 "{method} {path}: {} {text}",
                 r.status
             );
-            let wanted = if path == "/metrics" {
-                "text/plain"
-            } else {
-                "application/json"
+            let wanted = match path.as_str() {
+                "/metrics" => "text/plain",
+                "/" => "text/html",
+                _ => "application/json",
             };
             assert!(
                 r.headers.to_ascii_lowercase().contains(wanted),

@@ -1,0 +1,110 @@
+//! The live dashboard in headless Chromium (Debian's chromium driven by playwright-core from
+//! tests-browser/) against a server under load: the charts must move, the destinations table
+//! must fill, nothing may be fetched from anywhere but Baton; a screenshot is kept in the
+//! test outputs (target/tmp/dashboard.png).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::http::post;
+use common::mx::Script;
+use common::world::World;
+use serde_json::json;
+
+#[test]
+fn dashboard_charts_move_under_load() {
+    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests-browser");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists()
+            && std::path::Path::new(browser_dir)
+                .join("node_modules/playwright-core")
+                .exists(),
+        "needs Debian's chromium and playwright-core: apt-get install chromium; (cd tests-browser && npm ci) — .ci/run does both"
+    );
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("dest.test", 10, "mx.dest.test");
+    w.dns.a("mx.dest.test", "127.0.0.2");
+    // A slow MX keeps a queue standing while mail flows.
+    let _mx = w.mx(
+        "127.0.0.2",
+        Script {
+            data_delay: Duration::from_millis(600),
+            ..Script::default()
+        },
+    );
+    let server = w.server("max_connections_per_destination = 1\n", "");
+    let running = Arc::new(AtomicBool::new(true));
+    let load = {
+        let (running, http) = (running.clone(), server.http);
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while running.load(Ordering::SeqCst) {
+                let recipients: Vec<_> = (0..20)
+                    .map(|i| json!({"email": format!("u{n}-{i}@dest.test")}))
+                    .collect();
+                let r = post(
+                    http,
+                    "/api/v1/inject",
+                    &json!({"envelope_sender": "load@sender.test", "content": "Subject: load\r\n\r\nx\r\n", "recipients": recipients}),
+                );
+                assert_eq!(r.status, 202, "{}", r.body);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let out = Command::new("node")
+        .current_dir(browser_dir)
+        .args(["dashboard.mjs", &format!("http://{}/", server.http)])
+        .arg(&screenshot)
+        .arg("8")
+        .output()
+        .expect("node");
+    running.store(false, Ordering::SeqCst);
+    load.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let series = |name: &str| -> Vec<f64> {
+        seen["state"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let received = series("received");
+    assert!(
+        received.last() > received.first(),
+        "received rises: {received:?}"
+    );
+    assert!(
+        series("rate").iter().any(|&r| r > 0.0),
+        "throughput chart moves: {seen}"
+    );
+    assert!(
+        series("depth").iter().any(|&d| d > 0.0),
+        "queue depth chart moves: {seen}"
+    );
+    let rows = seen["destinations"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.as_str().unwrap().contains("dest.test")),
+        "{seen}"
+    );
+    assert!(
+        seen["status"].as_str().unwrap().starts_with("live"),
+        "{seen}"
+    );
+    assert_eq!(seen["foreign"], json!([]), "assets are Baton's own");
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);
+}
