@@ -413,6 +413,11 @@ impl DestQueue {
         }
     }
 
+    /// Puts a job back at the head of the queue, for this worker to take again at once.
+    fn retry_first(&self, job: Job) {
+        self.lock().jobs.push_front(job);
+    }
+
     /// Every waiting job (a destination found unreachable defers them all at once).
     fn take_all(&self) -> Vec<Job> {
         self.lock().jobs.drain(..).collect()
@@ -535,6 +540,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         let dsn_passed = client.caps.dsn;
         let tls = client.tls.as_ref().map(|t| t.to_string());
         let local = dest.key == Destination::Local;
+        let reused = client.transactions > 0;
         match client.send(&outgoing).await {
             Ok(replies) => {
                 if let Some(limits) = connection.limits.clone() {
@@ -560,6 +566,15 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                     id: job.message.id,
                     outcomes,
                 });
+            }
+            Err(e) if reused && e.reply().is_none() => {
+                // A cached connection the server had closed meanwhile (idle timeout, restart):
+                // not the message's fault; it goes again at once on a fresh connection, as
+                // Postfix does after a connection-cache miss. A fresh connection failing is
+                // reported below, so this cannot loop.
+                tracing::debug!(destination = %dest.key, error = %e, "reused connection was dead; reconnecting");
+                conn = None;
+                dest.retry_first(job);
             }
             Err(e) => {
                 // The connection is gone mid-transaction: this job is tried again later.

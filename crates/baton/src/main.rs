@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// The event log.
+    Events {
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: EventsCmd,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
@@ -89,6 +96,25 @@ enum DkimCmd {
         /// Where to write the key (default: SELECTOR.DOMAIN.key here).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Print the last events, then follow new ones as they are written (like tail -f).
+    Tail {
+        /// How many past events to print first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Only events of this type (reception, delivery, transient_failure, bounce, ...).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Print the JSON lines as they are.
+        #[arg(long)]
+        json: bool,
+        /// Print and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
     },
 }
 
@@ -163,6 +189,24 @@ fn main() -> ExitCode {
                 json!({"cmd": "stats", "since": since, "until": until, "by": by}),
             )?;
             queue::print_stats(&answer, json)
+        }),
+        Cmd::Events {
+            config,
+            command:
+                EventsCmd::Tail {
+                    lines,
+                    kind,
+                    json,
+                    no_follow,
+                },
+        } => load_config(config.as_deref()).and_then(|c| {
+            queue::tail_events(
+                &c.data_dir.join("events/events.jsonl"),
+                lines,
+                kind.as_deref(),
+                json,
+                !no_follow,
+            )
         }),
         Cmd::Queue { config, command } => {
             load_config(config.as_deref()).and_then(|c| queue_command(&c, command))

@@ -267,3 +267,75 @@ pub fn print_stats(answer: &serde_json::Value, json: bool) -> anyhow::Result<()>
     row("TOTAL", &answer["total"]);
     Ok(())
 }
+
+/// `baton events tail`: the last `lines` events (of `kind`), then new ones as they come.
+pub fn tail_events(
+    path: &Path,
+    lines: usize,
+    kind: Option<&str>,
+    json: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Seek};
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the event log {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let wanted = |line: &str| -> Option<serde_json::Value> {
+        let event: serde_json::Value = serde_json::from_str(line).ok()?;
+        kind.is_none_or(|k| event["type"] == k).then_some(event)
+    };
+    let print = |line: &str, event: &serde_json::Value| {
+        if json {
+            println!("{line}");
+            return;
+        }
+        let field = |name: &str| event[name].as_str().unwrap_or("").to_string();
+        let detail = [field("status"), field("response"), field("destination")]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{} {:<17} {} {} {}",
+            field("timestamp"),
+            field("type"),
+            field("message_id"),
+            field("recipient"),
+            detail
+        );
+    };
+    let mut last: std::collections::VecDeque<(String, serde_json::Value)> = Default::default();
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        if line.ends_with('\n') {
+            if let Some(e) = wanted(line.trim_end()) {
+                last.push_back((line.trim_end().to_string(), e));
+                if last.len() > lines {
+                    last.pop_front();
+                }
+            }
+            line.clear();
+        }
+    }
+    for (text, e) in &last {
+        print(text, e);
+    }
+    if !follow {
+        return Ok(());
+    }
+    // Follow: the writer appends whole lines; a partial one is kept until it is complete.
+    loop {
+        let pos = reader.stream_position()?;
+        if reader.read_line(&mut line)? == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            reader.seek(std::io::SeekFrom::Start(pos))?;
+            continue;
+        }
+        if line.ends_with('\n') {
+            if let Some(e) = wanted(line.trim_end()) {
+                print(line.trim_end(), &e);
+            }
+            line.clear();
+        }
+    }
+}

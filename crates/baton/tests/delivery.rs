@@ -802,3 +802,45 @@ fn helo_fallback_and_size_limit() {
     assert!(small.messages().is_empty());
     assert_eq!(sender_mx.wait_for(1, 20).len(), 1);
 }
+
+#[test]
+fn a_cached_connection_the_server_dropped_is_replaced_without_a_deferral() {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("drops.test", 10, "mx.drops.test");
+    w.dns.a("mx.drops.test", "127.0.0.2");
+    // Each connection takes one message, then the server drops it silently.
+    let mx = w.mx(
+        "127.0.0.2",
+        Script {
+            close_after: Some(1),
+            ..Script::default()
+        },
+    );
+    let server = w.server("max_connections_per_destination = 1\n", "");
+    // Four messages at once: one worker takes them one after the other, each time finding
+    // its cached connection dead.
+    let mut c = server.connect();
+    c.hello();
+    for i in 0..4 {
+        let r = c.send_mail(
+            "alice@sender.test",
+            &[&format!("r{i}@drops.test")],
+            b"Subject: x\r\n\r\ny\r\n",
+        );
+        assert_eq!(r.code, 250);
+    }
+    for i in 0..4 {
+        server.wait_event(20, event_for("delivery", &format!("r{i}@drops.test")));
+    }
+    assert_eq!(mx.messages().len(), 4);
+    assert!(mx.connections() >= 4, "a new connection for each message");
+    let deferred: Vec<_> = server
+        .events()
+        .into_iter()
+        .filter(|e| e["type"] == "transient_failure")
+        .collect();
+    assert!(
+        deferred.is_empty(),
+        "no attempt was spent on a dead connection: {deferred:?}"
+    );
+}

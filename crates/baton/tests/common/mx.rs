@@ -49,6 +49,9 @@ pub struct Script {
     pub auth: Option<(String, String)>,
     /// Answer EHLO with 500, as an SMTP-only (RFC 821) server does.
     pub no_ehlo: bool,
+    /// Drop the connection, without a word, after this many transactions (a server that
+    /// closed an idle connection, or restarted).
+    pub close_after: Option<usize>,
 }
 
 impl Default for Script {
@@ -72,6 +75,7 @@ impl Default for Script {
             tls: None,
             auth: None,
             no_ehlo: false,
+            close_after: None,
         }
     }
 }
@@ -259,7 +263,11 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
     }
     let mut tx: Option<Received> = None;
     let mut auth_user: Option<String> = None;
+    let mut done = 0;
     loop {
+        if script.close_after.is_some_and(|n| done >= n) {
+            return Ok(false);
+        }
         let Some(line) = conn.read_line()? else {
             return Ok(false);
         };
@@ -359,6 +367,7 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
             conn.say("354 go ahead")?;
             let body = read_data(&mut conn)?;
             finish(&mut conn, stats, script, tx.take(), body, false)?;
+            done += 1;
         } else if upper.starts_with("BDAT") {
             let parts: Vec<&str> = cmd.split_whitespace().collect();
             let size: usize = parts.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -371,6 +380,7 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                         let t = tx.take();
                         let body = t.as_ref().map(|t| t.body.clone()).unwrap_or_default();
                         finish(&mut conn, stats, script, t, body, true)?;
+                        done += 1;
                     } else {
                         conn.say("250 2.0.0 chunk ok")?;
                     }
