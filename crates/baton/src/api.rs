@@ -682,6 +682,8 @@ async fn queue_summary(State(ctx): State<Arc<Context>>) -> Json<Value> {
 struct QueueAction {
     destination: Option<String>,
     seconds: Option<u64>,
+    /// For hold and release: a message id or "ALL".
+    id: Option<String>,
 }
 
 async fn queue_action(
@@ -711,10 +713,23 @@ async fn queue_action(
         "flush" => Control::Flush {
             destination: request.destination,
         },
+        "hold" | "release" => {
+            let id = request
+                .id
+                .filter(|i| !i.is_empty())
+                .ok_or_else(|| bad_request(format!("{action} needs an id (or \"ALL\")")))?;
+            if action == "hold" {
+                Control::Hold { id }
+            } else {
+                Control::Release { id }
+            }
+        }
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no queue action {other:?}: suspend, resume, bounce, delete or flush"),
+                format!(
+                    "no queue action {other:?}: suspend, resume, bounce, delete, flush, hold or release"
+                ),
             ));
         }
     };

@@ -159,6 +159,10 @@ enum QueueCmd {
     },
     /// Try waiting recipients now: all, or those at one domain (postqueue -f).
     Flush { destination: Option<String> },
+    /// Keep a message (or ALL) from delivery until released (postsuper -h).
+    Hold { id: String },
+    /// Let a held message (or ALL) go again (postsuper -H).
+    Release { id: String },
     /// Bounce every queued recipient at a domain, with DSNs to the senders.
     Bounce { destination: String },
     /// Delete every queued recipient at a domain, without DSNs.
@@ -292,6 +296,8 @@ fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
         QueueCmd::Flush { destination } => {
             ask(c, json!({"cmd": "flush", "destination": destination}))
         }
+        QueueCmd::Hold { id } => ask(c, json!({"cmd": "hold", "id": id})),
+        QueueCmd::Release { id } => ask(c, json!({"cmd": "release", "id": id})),
     }
 }
 

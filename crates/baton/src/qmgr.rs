@@ -72,6 +72,15 @@ pub enum Control {
     },
     /// Counts of waiting recipients by destination, pool and state.
     Summary,
+    /// Keep a message (or every message: "ALL") from delivery until released (postsuper -h);
+    /// survives restarts.
+    Hold {
+        id: String,
+    },
+    /// Let held messages go again (postsuper -H).
+    Release {
+        id: String,
+    },
 }
 
 struct StoredWithBody {
@@ -298,6 +307,9 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
+        if q.envelope.meta("hold") == Some("1") {
+            return; // released by the operator, not by time
+        }
         let mut groups: HashMap<(Destination, Option<String>), Vec<u32>> = HashMap::new();
         let mut next_due: Option<u64> = None;
         // Outside its delivery window, nothing of the message is due before the window opens.
@@ -753,7 +765,44 @@ impl QueueManager {
                 json!({"ok": true, "destination": domain, "flushed": flushed})
             }
             Control::Summary => self.summary(),
+            Control::Hold { id } => self.set_hold(&id, true),
+            Control::Release { id } => self.set_hold(&id, false),
         }
+    }
+
+    /// Holds or releases one message, or all ("ALL"); the flag is a spool meta record.
+    fn set_hold(&mut self, id: &str, hold: bool) -> serde_json::Value {
+        use serde_json::json;
+        let ids: Vec<QueueId> = if id.eq_ignore_ascii_case("all") {
+            self.messages.keys().copied().collect()
+        } else {
+            match id.parse::<QueueId>() {
+                Ok(qid) if self.messages.contains_key(&qid) => vec![qid],
+                Ok(qid) => return json!({"error": format!("no message {qid} in the queue")}),
+                Err(e) => return json!({"error": e}),
+            }
+        };
+        let value = if hold { "1" } else { "" };
+        let mut changed = 0;
+        for qid in ids {
+            let Some(q) = self.messages.get_mut(&qid) else {
+                continue;
+            };
+            if (q.envelope.meta("hold") == Some("1")) == hold {
+                continue;
+            }
+            q.envelope.meta.retain(|(k, _)| k != "hold");
+            q.envelope.meta.push(("hold".into(), value.into()));
+            if let Err(e) = self.spool.record_meta(qid, "hold", value) {
+                tracing::error!(id = %qid, error = %e, "cannot record a hold");
+            }
+            changed += 1;
+            if !hold {
+                self.release(qid, "");
+            }
+        }
+        let key = if hold { "held" } else { "released" };
+        json!({"ok": true, key: changed})
     }
 
     /// Waiting recipients by (destination, pool): how many queued, deferred and out with a
@@ -766,6 +815,7 @@ impl QueueManager {
             queued: usize,
             deferred: usize,
             active: usize,
+            held: usize,
             oldest_ms: u64,
         }
         let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
@@ -786,6 +836,8 @@ impl QueueManager {
                 let row = rows.entry((dest, pool.clone())).or_default();
                 if q.in_flight[i] {
                     row.active += 1;
+                } else if q.envelope.meta("hold") == Some("1") {
+                    row.held += 1;
                 } else if r.state == baton_spool::RcptState::Deferred {
                     row.deferred += 1;
                 } else {
@@ -796,13 +848,14 @@ impl QueueManager {
                 }
             }
         }
-        let (mut queued, mut deferred, mut active) = (0, 0, 0);
+        let (mut queued, mut deferred, mut active, mut held) = (0, 0, 0, 0);
         let destinations: Vec<serde_json::Value> = rows
             .into_iter()
             .map(|((destination, pool), row)| {
                 queued += row.queued;
                 deferred += row.deferred;
                 active += row.active;
+                held += row.held;
                 let shaping = (!destination.contains(['[', ':', ' ']) && destination != "local")
                     .then(|| self.delivery.shaper.state_word(&destination));
                 json!({
@@ -812,13 +865,14 @@ impl QueueManager {
                     "queued": row.queued,
                     "deferred": row.deferred,
                     "active": row.active,
+                    "held": row.held,
                     "oldest_ms": row.oldest_ms,
                 })
             })
             .collect();
         json!({
             "messages": messages,
-            "recipients": {"queued": queued, "deferred": deferred, "active": active},
+            "recipients": {"queued": queued, "deferred": deferred, "active": active, "held": held},
             "destinations": destinations,
         })
     }

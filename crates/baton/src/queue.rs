@@ -194,8 +194,8 @@ pub fn print_summary(answer: &serde_json::Value, json: bool) -> anyhow::Result<(
     }
     let now = baton_spool::now_ms();
     println!(
-        "{:<40} {:<12} {:>8} {:>8} {:>7} {:>10}",
-        "DESTINATION", "POOL", "QUEUED", "DEFERRED", "ACTIVE", "OLDEST"
+        "{:<40} {:<12} {:>8} {:>8} {:>7} {:>6} {:>10}",
+        "DESTINATION", "POOL", "QUEUED", "DEFERRED", "ACTIVE", "HELD", "OLDEST"
     );
     let rows = answer["destinations"]
         .as_array()
@@ -206,19 +206,20 @@ pub fn print_summary(answer: &serde_json::Value, json: bool) -> anyhow::Result<(
             .as_u64()
             .map(|ms| now.saturating_sub(ms) / 1000);
         println!(
-            "{:<40} {:<12} {:>8} {:>8} {:>7} {:>9}s",
+            "{:<40} {:<12} {:>8} {:>8} {:>7} {:>6} {:>9}s",
             d["destination"].as_str().unwrap_or(""),
             d["pool"].as_str().unwrap_or("-"),
             d["queued"],
             d["deferred"],
             d["active"],
+            d["held"],
             oldest.unwrap_or(0)
         );
     }
     let r = &answer["recipients"];
     println!(
-        "-- {} messages; recipients: {} queued, {} deferred, {} active",
-        answer["messages"], r["queued"], r["deferred"], r["active"]
+        "-- {} messages; recipients: {} queued, {} deferred, {} active, {} held",
+        answer["messages"], r["queued"], r["deferred"], r["active"], r["held"]
     );
     Ok(())
 }

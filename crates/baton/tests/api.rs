@@ -555,3 +555,58 @@ fn stats_by_campaign_through_the_api_and_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn held_messages_wait_for_release_across_a_restart() {
+    let (w, mx) = world_with_mx();
+    let mut server = w.server("", "");
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    let mut ids = Vec::new();
+    for rcpt in ["kept@dest.test", "free@dest.test"] {
+        let r = post(
+            server.http,
+            "/api/v1/inject",
+            &json!({"envelope_sender": "s@sender.test", "content": "Subject: h\r\n\r\nx\r\n",
+                    "recipients": [{"email": rcpt}], "send_at": later}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        ids.push(r.json()["ids"][0].as_str().unwrap().to_string());
+    }
+    let r = post(server.http, "/api/v1/queue/hold", &json!({"id": ids[0]}));
+    assert_eq!(r.json()["held"], 1, "{}", r.body);
+    let r = post(server.http, "/api/v1/queue/hold", &json!({}));
+    assert_eq!(r.status, 400);
+    // A flush sends what waits for its time, not what the operator holds.
+    post(server.http, "/api/v1/queue/flush", &json!({}));
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "free@dest.test"
+    });
+    assert_eq!(
+        get(server.http, "/api/v1/queue").json()["recipients"]["held"],
+        1
+    );
+
+    server.kill9();
+    server.spawn();
+    post(server.http, "/api/v1/queue/flush", &json!({}));
+    let out = server.cli(&["queue", "summary"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("1 held"),
+        "still held after a restart: {table}"
+    );
+    assert_eq!(mx.messages().len(), 1);
+
+    let out = server.cli(&["queue", "release", &ids[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Released, it still waits for its send_at: flush it.
+    post(server.http, "/api/v1/queue/flush", &json!({}));
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "kept@dest.test"
+    });
+    assert_eq!(mx.messages().len(), 2);
+}
