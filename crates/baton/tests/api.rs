@@ -375,28 +375,7 @@ print(json.dumps(out))
 
 #[test]
 fn metrics_parse_with_the_prometheus_client_parser() {
-    let (w, mx) = bouncing_world();
-    let _dsn_mx = w.sender_mx();
-    let server = w.server("", "");
-    let r = post(
-        server.http,
-        "/api/v1/inject",
-        &json!({"envelope_sender": "s@sender.test", "content": "Subject: m\r\n\r\nx\r\n",
-                "recipients": [{"email": "a@dest.test"}, {"email": "b@dest.test"}, {"email": "nobody@dest.test"}]}),
-    );
-    assert_eq!(r.status, 202, "{}", r.body);
-    mx.wait_for(1, 30);
-    server.wait_event(30, |e| {
-        e["type"] == "bounce" && e["recipient"] == "nobody@dest.test"
-    });
-    server.wait_event(30, |e| {
-        e["type"] == "delivery" && e["recipient"] == "b@dest.test"
-    });
-    // The bounce's DSN reaches the sender's MX: nothing waits any more.
-    server.wait_event(30, |e| {
-        e["type"] == "delivery" && e["recipient"] == "s@sender.test"
-    });
-
+    let (_w, _mx, _dsn_mx, server) = settled_campaign();
     let text = get(server.http, "/metrics").body;
     let mut child = std::process::Command::new("python3")
         .args(["-c", PARSE_METRICS])
@@ -463,6 +442,32 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     );
 }
 
+/// One message to three recipients at dest.test, one refused (550 5.1.1), tagged campaign
+/// "winter" and tenant "acme"; returns once every outcome and the DSN to the sender are in.
+fn settled_campaign() -> (World, common::mx::FakeMx, common::mx::FakeMx, Server) {
+    let (w, mx) = bouncing_world();
+    let dsn_mx = w.sender_mx();
+    let server = w.server("", "");
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test", "content": "Subject: m\r\n\r\nx\r\n",
+                "campaign": "winter", "tenant": "acme",
+                "recipients": [{"email": "a@dest.test"}, {"email": "b@dest.test"}, {"email": "nobody@dest.test"}]}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    for (kind, rcpt) in [
+        ("bounce", "nobody@dest.test"),
+        ("delivery", "a@dest.test"),
+        ("delivery", "b@dest.test"),
+        // The bounce's DSN reaches the sender's MX: nothing waits any more.
+        ("delivery", "s@sender.test"),
+    ] {
+        server.wait_event(30, |e| e["type"] == kind && e["recipient"] == rcpt);
+    }
+    (w, mx, dsn_mx, server)
+}
+
 /// dest.test's MX takes everyone but nobody@ (550 5.1.1).
 fn bouncing_world() -> (World, common::mx::FakeMx) {
     let w = World::new(&["127.0.0.2"]);
@@ -486,22 +491,7 @@ fn bouncing_world() -> (World, common::mx::FakeMx) {
 
 #[test]
 fn stats_by_campaign_through_the_api_and_the_cli() {
-    let (w, _mx) = bouncing_world();
-    let _dsn_mx = w.sender_mx();
-    let server = w.server("", "");
-    let r = post(
-        server.http,
-        "/api/v1/inject",
-        &json!({"envelope_sender": "s@sender.test", "content": "Subject: m\r\n\r\nx\r\n",
-                "campaign": "winter", "tenant": "acme",
-                "recipients": [{"email": "a@dest.test"}, {"email": "b@dest.test"}, {"email": "nobody@dest.test"}]}),
-    );
-    assert_eq!(r.status, 202, "{}", r.body);
-    server.wait_event(30, |e| e["type"] == "bounce");
-    server.wait_event(30, |e| {
-        e["type"] == "delivery" && e["recipient"] == "s@sender.test"
-    });
-
+    let (_w, _mx, _dsn_mx, server) = settled_campaign();
     let stats = get(server.http, "/api/v1/stats?by=campaign&since=1h").json();
     let winter = stats["groups"]
         .as_array()

@@ -45,9 +45,15 @@ print(json.dumps(dkim.verify(message, dnsfunc=dns)))
 "#;
 
 fn dkimpy_verifies(message: &[u8], records: &serde_json::Value) -> bool {
+    let out = python_with_input(VERIFY, &records.to_string(), message);
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// Runs a dkimpy script with `message` on standard input; its standard output.
+fn python_with_input(script: &str, arg: &str, message: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut child = Command::new("python3")
-        .args(["-c", VERIFY, &records.to_string()])
+        .args(["-c", script, arg])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -60,7 +66,7 @@ fn dkimpy_verifies(message: &[u8], records: &serde_json::Value) -> bool {
         "dkimpy (pip install dkimpy) failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
 }
 
 #[test]
@@ -173,22 +179,7 @@ sys.stdout.buffer.write(sig + message)
 "#;
 
 fn dkimpy_sign(key: &str, message: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("python3")
-        .args(["-c", SIGN, key])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(message).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "dkimpy signing failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    python_with_input(SIGN, key, message)
 }
 
 #[test]

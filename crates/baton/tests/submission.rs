@@ -80,8 +80,15 @@ s.quit()
 "#;
 
 fn run(port: u16, step: &str) -> serde_json::Value {
+    python(CLIENT, &[&port.to_string(), step])
+}
+
+/// Runs a Python script that prints one JSON value.
+fn python(script: &str, args: &[&str]) -> serde_json::Value {
     let out = Command::new("python3")
-        .args(["-c", CLIENT, &port.to_string(), step])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -229,16 +236,7 @@ out["refused"] = {k: [v[0], v[1].decode()] for k, v in refused.items()}
 s.quit()
 print(json.dumps(out))
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = python(script, &[&port.to_string()]);
     assert_eq!(r["third_message"][0], 450, "{r}");
     assert!(
         r["third_message"][1]
@@ -316,16 +314,7 @@ fn relay_and_smuggling_matrix_on_submission() {
         users.display()
     ));
     add_user(&server.config_path, "alice@example.com", "s3cret");
-    let out = Command::new("python3")
-        .args(["-c", MATRIX, &port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = python(MATRIX, &[&port.to_string()]);
     let expect = serde_json::json!({
         "unauthenticated a@example.com": 250,
         "unauthenticated b@remote.test": 250,
