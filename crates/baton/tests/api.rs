@@ -600,3 +600,34 @@ fn held_messages_wait_for_release_across_a_restart() {
     });
     assert_eq!(mx.messages().len(), 2);
 }
+
+#[test]
+fn a_202_survives_kill_9() {
+    let mut server = Server::start("");
+    let recipients: Vec<_> = (0..500)
+        .map(|i| json!({"email": format!("r{i}@remote.test"), "substitutions": {"n": i}}))
+        .collect();
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test",
+                "content": {"from": "s@sender.test", "subject": "n={{n}}", "text_body": "{{n}}\n"},
+                "recipients": recipients}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mut ids: Vec<String> = r.json()["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    // Killed at once: everything acknowledged is on disk.
+    server.kill9();
+    server.spawn();
+    let mut queued = server.queued_ids();
+    ids.sort();
+    queued.sort();
+    assert_eq!(queued, ids, "every message the 202 named, and no other");
+    let body = String::from_utf8_lossy(&server.body(&ids[0])).to_string();
+    assert!(body.contains("Subject: n="), "{body}");
+}
