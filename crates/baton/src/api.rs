@@ -64,6 +64,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/stats"),
     ("get", "/metrics"),
     ("get", "/"),
+    ("get", "/api/v1/suppressions"),
+    ("post", "/api/v1/suppressions"),
+    ("delete", "/api/v1/suppressions/{email}"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -84,6 +87,11 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/", get(dashboard))
+        .route("/api/v1/suppressions", get(suppressions).post(suppress))
+        .route(
+            "/api/v1/suppressions/{email}",
+            axum::routing::delete(unsuppress),
+        )
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(access, authorize))
         .with_state(ctx)
@@ -248,7 +256,14 @@ async fn inject(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Result<Json<InjectRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let request = body(request)?;
+    let mut request = body(request)?;
+    let suppressed = leave_out_suppressed(&ctx, &mut request);
+    if request.recipients.is_empty() && !suppressed.is_empty() {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"ids": [], "recipients": 0, "suppressed": suppressed})),
+        ));
+    }
     let plan = plan_injection(&ctx, &request)?;
     let client = peer.ip().to_canonical();
     let mut tasks = tokio::task::JoinSet::new();
@@ -284,7 +299,9 @@ async fn inject(
     match failure {
         None => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"ids": ids, "recipients": request.recipients.len()})),
+            Json(
+                json!({"ids": ids, "recipients": request.recipients.len(), "suppressed": suppressed}),
+            ),
         )),
         // Some made it to disk: say which, so that a retry does not duplicate them.
         Some(why) => Err(ApiError(
@@ -296,6 +313,28 @@ async fn inject(
             ),
         )),
     }
+}
+
+/// Takes suppressed addresses out of the call; each is a `suppression` event.
+fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<String> {
+    let mut left_out = Vec::new();
+    request.recipients.retain(|r| {
+        if !ctx.suppressions.contains(&r.email) {
+            return true;
+        }
+        let mut e = ctx.events.new_event(
+            crate::events::EventKind::Suppression,
+            "",
+            &r.email,
+            &request.envelope_sender,
+        );
+        e.response = Some("not sent: the address is on the suppression list".into());
+        e.campaign = request.campaign.clone();
+        ctx.events.emit(e);
+        left_out.push(r.email.clone());
+        false
+    });
+    left_out
 }
 
 /// One message per distinct text: without placeholders every recipient shares one message;
@@ -785,6 +824,65 @@ async fn events(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(page))
+}
+
+async fn suppressions(State(ctx): State<Arc<Context>>) -> Json<Value> {
+    Json(json!({"suppressions": ctx.suppressions.list()}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Suppress {
+    email: String,
+    reason: Option<String>,
+}
+
+async fn suppress(
+    State(ctx): State<Arc<Context>>,
+    request: Result<Json<Suppress>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request = body(request)?;
+    baton_smtp::address::validate_mailbox(&request.email, false)
+        .map_err(|e| bad_request(format!("email {:?}: {e}", request.email)))?;
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "added through the API".into());
+    let added = ctx.suppressions.add(&request.email, &reason);
+    if added {
+        let mut e = ctx.events.new_event(
+            crate::events::EventKind::Suppression,
+            "",
+            &request.email,
+            "",
+        );
+        e.response = Some(format!("added to the suppression list: {reason}"));
+        ctx.events.emit(e);
+    }
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"email": request.email.to_ascii_lowercase(), "added": added})),
+    ))
+}
+
+async fn unsuppress(
+    State(ctx): State<Arc<Context>>,
+    Path(email): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if ctx.suppressions.remove(&email) {
+        Ok(Json(
+            json!({"email": email.to_ascii_lowercase(), "removed": true}),
+        ))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{email} is not on the suppression list"),
+        ))
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -1397,6 +1397,7 @@ impl Validator<'_> {
             "shaping",
             "deleted",
             "held",
+            "suppression",
         ];
         let url = raw.url.get_ref().trim().to_string();
         let parsed = url.parse::<hyper::Uri>().ok().filter(|u| {
@@ -1424,7 +1425,7 @@ impl Validator<'_> {
                 self.error::<()>(
                     e.span(),
                     format!("unknown event type {:?}", e.get_ref()),
-                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held",
+                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held, suppression",
                 );
             }
         }

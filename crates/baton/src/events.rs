@@ -78,6 +78,9 @@ pub enum EventKind {
     /// A recipient waits because of Baton's own shaping (a suspension, a warm-up cap): no
     /// attempt was made; `next_attempt` says until when.
     Held,
+    /// An address joined the suppression list (it bounced as non-existent), or an injected
+    /// recipient was left out because it is on it.
+    Suppression,
 }
 
 /// What the writer thread receives.

@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod server;
 pub mod session;
 pub mod shaping;
+pub mod suppression;
 pub mod tls;
 pub mod trust;
 pub mod webhooks;

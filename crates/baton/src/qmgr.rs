@@ -134,6 +134,7 @@ pub struct QueueManager {
     submissions: mpsc::UnboundedReceiver<StoredWithBody>,
     reports: mpsc::UnboundedReceiver<JobReport>,
     control: mpsc::UnboundedReceiver<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+    suppressions: Arc<crate::suppression::Suppressions>,
 }
 
 impl QueueManager {
@@ -143,6 +144,7 @@ impl QueueManager {
         spool: Spool,
         events: Events,
         recovered: Vec<StoredMessage>,
+        suppressions: Arc<crate::suppression::Suppressions>,
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
@@ -198,6 +200,7 @@ impl QueueManager {
             submissions,
             reports,
             control,
+            suppressions,
         };
         // Operator suspensions survive restarts.
         if let Ok(text) = std::fs::read_to_string(qmgr.operator_file())
@@ -598,6 +601,21 @@ impl QueueManager {
                 event.size = Some(q.envelope.size);
                 event.tls = outcome.tls.clone();
                 event.source = outcome.source.clone();
+                if state == RcptState::Bounced
+                    && outcome.remote.is_some()
+                    && crate::suppression::means_no_such_address(&reply.status)
+                    && self.suppressions.add(&rcpt.address, &reply.line())
+                {
+                    let mut s = self.events.new_event(
+                        EventKind::Suppression,
+                        &id.to_string(),
+                        &rcpt.address,
+                        &q.envelope.sender,
+                    );
+                    s.status = Some(reply.status.clone());
+                    s.response = Some(format!("added to the suppression list: {}", reply.line()));
+                    self.events.emit(s);
+                }
                 event.latency_ms = (state == RcptState::Delivered)
                     .then_some(now.saturating_sub(q.envelope.arrived_ms));
                 if state == RcptState::Deferred {

@@ -40,6 +40,8 @@ pub struct Context {
     pub user_recipients: Option<RateLimiter<String>>,
     /// SPF/DKIM/DMARC checks for mx listeners (`[inbound] authentication_results`).
     pub inbound_auth: Option<crate::inbound_auth::InboundAuth>,
+    /// Addresses the API does not mail (they bounced as non-existent).
+    pub suppressions: Arc<crate::suppression::Suppressions>,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -170,11 +172,16 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         stop.clone(),
     )
     .context("cannot start the webhook senders")?;
+    let suppressions = Arc::new(
+        crate::suppression::Suppressions::open(&config.data_dir)
+            .context("cannot read the suppression list")?,
+    );
     let queue = QueueManager::start(
         config.clone(),
         spool.clone(),
         events.clone(),
         recovery.messages,
+        suppressions.clone(),
     )?;
     crate::control::listen(&config.data_dir, queue.clone())?;
     // Listeners last: once a client can connect, the queue and the control socket are up.
@@ -215,6 +222,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     };
     let ctx = Arc::new(Context {
         inbound_auth,
+        suppressions,
         config,
         spool,
         users,

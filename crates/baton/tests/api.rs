@@ -631,3 +631,94 @@ fn a_202_survives_kill_9() {
     let body = String::from_utf8_lossy(&server.body(&ids[0])).to_string();
     assert!(body.contains("Subject: n="), "{body}");
 }
+
+#[test]
+fn addresses_that_bounce_as_unknown_are_suppressed() {
+    let (w, mx) = bouncing_world();
+    let _dsn_mx = w.sender_mx();
+    let server = w.server("", "");
+    let inject = |rcpts: &[&str]| {
+        let recipients: Vec<_> = rcpts.iter().map(|r| json!({"email": r})).collect();
+        let r = post(
+            server.http,
+            "/api/v1/inject",
+            &json!({"envelope_sender": "s@sender.test", "content": "Subject: s\r\n\r\nx\r\n", "recipients": recipients}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.json()
+    };
+    inject(&["nobody@dest.test"]);
+    server.wait_event(30, |e| {
+        e["type"] == "suppression" && e["recipient"] == "nobody@dest.test"
+    });
+    let list = get(server.http, "/api/v1/suppressions").json();
+    assert_eq!(
+        list["suppressions"][0]["email"], "nobody@dest.test",
+        "{list}"
+    );
+    assert!(
+        list["suppressions"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5.1.1")
+    );
+
+    let answer = inject(&["nobody@dest.test", "a@dest.test"]);
+    assert_eq!(
+        answer["suppressed"],
+        json!(["nobody@dest.test"]),
+        "{answer}"
+    );
+    assert_eq!(answer["recipients"], 1);
+    server.wait_event(30, |e| {
+        e["type"] == "delivery" && e["recipient"] == "a@dest.test"
+    });
+    let tried: usize = mx
+        .stats
+        .lock()
+        .unwrap()
+        .rcpt_log
+        .iter()
+        .filter(|(r, _, _)| r == "nobody@dest.test")
+        .count();
+    assert_eq!(tried, 1, "the suppressed address was not tried again");
+    let answer = inject(&["nobody@dest.test"]);
+    assert_eq!(answer["ids"], json!([]));
+
+    let r = http::request(
+        server.http,
+        None,
+        "DELETE",
+        "/api/v1/suppressions/Nobody@dest.test",
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http::request(
+        server.http,
+        None,
+        "DELETE",
+        "/api/v1/suppressions/nobody@dest.test",
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 404);
+    let r = post(
+        server.http,
+        "/api/v1/suppressions",
+        &json!({"email": "x@dest.test", "reason": "complaint"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = post(
+        server.http,
+        "/api/v1/suppressions",
+        &json!({"email": "x@dest.test"}),
+    );
+    assert_eq!(r.status, 200);
+    let r = post(
+        server.http,
+        "/api/v1/suppressions",
+        &json!({"email": "not an address"}),
+    );
+    assert_eq!(r.status, 400);
+}
