@@ -65,7 +65,9 @@ pub fn request(data_dir: &Path, request: serde_json::Value) -> anyhow::Result<se
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut answer = String::new();
+    let waiting = Waiting::start();
     BufReader::new(stream).read_line(&mut answer)?;
+    drop(waiting);
     let value: serde_json::Value =
         serde_json::from_str(&answer).context("the server's answer is not JSON")?;
     if let Some(e) = value.get("error").and_then(|e| e.as_str()) {
@@ -100,4 +102,48 @@ async fn stats(events: &Path, line: &str) -> serde_json::Value {
     tokio::task::spawn_blocking(move || crate::events::stats(&path, since, until, &by))
         .await
         .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+}
+
+/// While a request runs longer than a second (bouncing a large queue, say), shows how long it
+/// has been running on a terminal's standard error; silent when stderr is not a terminal.
+struct Waiting {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    display: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Waiting {
+    fn start() -> Waiting {
+        use std::io::IsTerminal;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut display = None;
+        if std::io::stderr().is_terminal() {
+            let flag = done.clone();
+            display = Some(std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                let mut shown = false;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    let secs = start.elapsed().as_secs();
+                    if secs >= 1 {
+                        eprint!("\rworking… {secs} s");
+                        shown = true;
+                    }
+                }
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+            }));
+        }
+        Waiting { done, display }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The display clears its line before the answer is printed.
+        if let Some(display) = self.display.take() {
+            let _ = display.join();
+        }
+    }
 }
