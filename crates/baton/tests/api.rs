@@ -544,6 +544,19 @@ fn stats_by_campaign_through_the_api_and_the_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = server.cli(&["events", "tail", "--no-follow", "--type", "bounce"]);
+    let lines = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    assert!(
+        lines.contains(" bounce ") && lines.contains("nobody@dest.test") && lines.contains("5.1.1"),
+        "{lines}"
+    );
+    let out = server.cli(&["events", "tail", "--no-follow", "-n", "2", "--json"]);
+    let lines = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for line in lines.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("JSON lines");
+    }
 }
 
 #[test]

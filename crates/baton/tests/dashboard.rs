@@ -37,6 +37,14 @@ fn dashboard_charts_move_under_load() {
         },
     );
     let server = w.server("max_connections_per_destination = 1\n", "");
+    // A message to look up on the page.
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "look@sender.test", "content": "Subject: find me\r\n\r\nx\r\n",
+                "recipients": [{"email": "findme@dest.test"}]}),
+    );
+    let wanted = r.json()["ids"][0].as_str().unwrap().to_string();
     let running = Arc::new(AtomicBool::new(true));
     let load = {
         let (running, http) = (running.clone(), server.http);
@@ -63,6 +71,7 @@ fn dashboard_charts_move_under_load() {
         .args(["dashboard.mjs", &format!("http://{}/", server.http)])
         .arg(&screenshot)
         .arg("8")
+        .arg(&wanted)
         .output()
         .expect("node");
     running.store(false, Ordering::SeqCst);
@@ -106,5 +115,7 @@ fn dashboard_charts_move_under_load() {
         "{seen}"
     );
     assert_eq!(seen["foreign"], json!([]), "assets are Baton's own");
+    assert_eq!(seen["lookup"]["id"], wanted.as_str(), "{seen}");
+    assert_eq!(seen["lookup"]["recipients"][0]["email"], "findme@dest.test");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);
 }
