@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/suppressions"),
     ("post", "/api/v1/suppressions"),
     ("delete", "/api/v1/suppressions/{email}"),
+    ("get", "/api/v1/history"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -87,6 +88,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/", get(dashboard))
+        .route(
+            "/api/v1/history",
+            get(|| async { Json(crate::metrics::history()) }),
+        )
         .route("/api/v1/suppressions", get(suppressions).post(suppress))
         .route(
             "/api/v1/suppressions/{email}",

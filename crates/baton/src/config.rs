@@ -1398,6 +1398,7 @@ impl Validator<'_> {
             "deleted",
             "held",
             "suppression",
+            "operator",
         ];
         let url = raw.url.get_ref().trim().to_string();
         let parsed = url.parse::<hyper::Uri>().ok().filter(|u| {
@@ -1425,7 +1426,7 @@ impl Validator<'_> {
                 self.error::<()>(
                     e.span(),
                     format!("unknown event type {:?}", e.get_ref()),
-                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held, suppression",
+                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held, suppression, operator",
                 );
             }
         }

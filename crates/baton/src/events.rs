@@ -81,6 +81,9 @@ pub enum EventKind {
     /// An address joined the suppression list (it bounced as non-existent), or an injected
     /// recipient was left out because it is on it.
     Suppression,
+    /// An operator held or released a message (bounce, delete, suspend and resume have their
+    /// own events: bounce, deleted, shaping).
+    Operator,
 }
 
 /// What the writer thread receives.

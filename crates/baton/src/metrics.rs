@@ -14,7 +14,9 @@
 //!
 //! Owns the names and the recorder; it decides nothing.
 
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -45,7 +47,50 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Running totals for the dashboard's history (the Prometheus recorder is write-only).
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+static DELIVERED: AtomicU64 = AtomicU64::new(0);
+static BOUNCED: AtomicU64 = AtomicU64::new(0);
+static DEPTH: AtomicI64 = AtomicI64::new(0);
+
+/// One sample every `SAMPLE_EVERY`, the last hour of them.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const SAMPLES: usize = 720;
+static HISTORY: Mutex<VecDeque<[i64; 5]>> = Mutex::new(VecDeque::new());
+
+/// Records the totals now (called every `SAMPLE_EVERY` by the server).
+pub fn sample() {
+    let row = [
+        jiff::Timestamp::now().as_millisecond(),
+        RECEIVED.load(Ordering::Relaxed) as i64,
+        DELIVERED.load(Ordering::Relaxed) as i64,
+        BOUNCED.load(Ordering::Relaxed) as i64,
+        DEPTH.load(Ordering::Relaxed),
+    ];
+    let mut h = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
+    if h.len() == SAMPLES {
+        h.pop_front();
+    }
+    h.push_back(row);
+}
+
+/// The sampled history: times (Unix ms), cumulative received/delivered/bounced recipients, and
+/// the queue depth, oldest first.
+pub fn history() -> serde_json::Value {
+    let h = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
+    let column = |i: usize| h.iter().map(|row| row[i]).collect::<Vec<_>>();
+    serde_json::json!({
+        "interval_s": SAMPLE_EVERY.as_secs(),
+        "at_ms": column(0),
+        "received": column(1),
+        "delivered": column(2),
+        "bounced": column(3),
+        "depth": column(4),
+    })
+}
+
 pub fn received(origin: &'static str, recipients: usize, size: u64) {
+    RECEIVED.fetch_add(recipients as u64, Ordering::Relaxed);
     metrics::counter!("baton_messages_received_total", "origin" => origin).increment(1);
     metrics::counter!("baton_recipients_received_total", "origin" => origin)
         .increment(recipients as u64);
@@ -60,6 +105,11 @@ pub fn outcome(
     status: &str,
     latency_s: Option<f64>,
 ) {
+    match outcome {
+        "delivered" => DELIVERED.fetch_add(1, Ordering::Relaxed),
+        "bounced" | "expired" => BOUNCED.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
     let class: String = status.split('.').take(2).collect::<Vec<_>>().join(".");
     metrics::counter!(
         "baton_recipients_total",
@@ -77,6 +127,7 @@ pub fn outcome(
 
 /// Recipients entering (+) or leaving (−) the queue.
 pub fn queue_depth(delta: i64) {
+    DEPTH.fetch_add(delta, Ordering::Relaxed);
     let gauge = metrics::gauge!("baton_queue_recipients");
     if delta >= 0 {
         gauge.increment(delta as f64);

@@ -811,6 +811,23 @@ impl QueueManager {
             }
             q.envelope.meta.retain(|(k, _)| k != "hold");
             q.envelope.meta.push(("hold".into(), value.into()));
+            for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
+                let mut e = self.events.new_event(
+                    EventKind::Operator,
+                    &qid.to_string(),
+                    &r.address,
+                    &q.envelope.sender,
+                );
+                e.response = Some(
+                    if hold {
+                        "held by the operator"
+                    } else {
+                        "released by the operator"
+                    }
+                    .into(),
+                );
+                self.events.emit(e);
+            }
             if let Err(e) = self.spool.record_meta(qid, "hold", value) {
                 tracing::error!(id = %qid, error = %e, "cannot record a hold");
             }

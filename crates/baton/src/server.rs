@@ -154,8 +154,16 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     let (limits, submission) = (config.limits.clone(), config.submission.clone());
     let events = Events::start(&config.data_dir, config.spool.fsync)
         .context("cannot open the event log under data_dir/events")?;
-    // Metrics are recorded from the start (they are read at GET /metrics).
+    // Metrics are recorded from the start (they are read at GET /metrics), and sampled for
+    // the dashboard's history.
     let _ = crate::metrics::handle();
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+        loop {
+            tick.tick().await;
+            crate::metrics::sample();
+        }
+    });
     let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
         crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
             .and_then(|t| t.https_config())

@@ -612,6 +612,14 @@ fn held_messages_wait_for_release_across_a_restart() {
         e["type"] == "delivery" && e["recipient"] == "kept@dest.test"
     });
     assert_eq!(mx.messages().len(), 2);
+    let page = get(server.http, "/api/v1/events?type=operator").json();
+    let said: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"].as_str().unwrap())
+        .collect();
+    assert_eq!(said, ["held by the operator", "released by the operator"]);
 }
 
 #[test]
@@ -734,4 +742,32 @@ fn addresses_that_bounce_as_unknown_are_suppressed() {
         &json!({"email": "not an address"}),
     );
     assert_eq!(r.status, 400);
+}
+
+#[test]
+fn history_samples_totals_every_five_seconds() {
+    let server = Server::start("");
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test", "content": "Subject: h\r\n\r\nx\r\n",
+                "recipients": [{"email": "a@remote.test"}, {"email": "b@remote.test"}]}),
+    );
+    assert_eq!(r.status, 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let h = get(server.http, "/api/v1/history").json();
+        assert_eq!(h["interval_s"], 5);
+        let received = h["received"].as_array().unwrap();
+        if received.last().and_then(|v| v.as_i64()) == Some(2) {
+            assert_eq!(h["depth"].as_array().unwrap().last().unwrap(), 2, "{h}");
+            assert_eq!(h["at_ms"].as_array().unwrap().len(), received.len());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sample with the injection: {h}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
