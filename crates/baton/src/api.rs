@@ -233,10 +233,52 @@ struct Parts {
     text_body: Option<String>,
     html_body: Option<String>,
     reply_to: Option<String>,
-    #[serde(default)]
+    /// `{"X-Name": "value"}`, or `[["X-Name", "value"], ...]` when a name repeats.
+    #[serde(default, deserialize_with = "header_list")]
     headers: Vec<(String, String)>,
     #[serde(default)]
     attachments: Vec<Attachment>,
+}
+
+/// Header fields given as an object or as a list of pairs.
+fn header_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Headers {
+        Map(ordered_map::Ordered),
+        Pairs(Vec<(String, String)>),
+    }
+    Ok(match Headers::deserialize(d)? {
+        Headers::Map(map) => map.0,
+        Headers::Pairs(pairs) => pairs,
+    })
+}
+
+/// A JSON object's string members in document order (serde_json's Map sorts them).
+mod ordered_map {
+    use serde::de::{MapAccess, Visitor};
+
+    pub struct Ordered(pub Vec<(String, String)>);
+
+    impl<'de> serde::Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object of header names and string values")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = map.next_entry::<String, String>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Ordered(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -985,6 +1027,26 @@ mod tests {
             .collect();
         routes.sort();
         assert_eq!(documented, routes);
+    }
+
+    #[test]
+    fn headers_as_an_object_or_as_pairs() {
+        let object: Parts =
+            serde_json::from_str(r#"{"from": "a@b.test", "headers": {"X-B": "2", "X-A": "1"}}"#)
+                .unwrap();
+        assert_eq!(
+            object.headers,
+            [
+                ("X-B".to_string(), "2".to_string()),
+                ("X-A".to_string(), "1".to_string())
+            ]
+        );
+        let pairs: Parts = serde_json::from_str(
+            r#"{"from": "a@b.test", "headers": [["Received-By", "x"], ["Received-By", "y"]]}"#,
+        )
+        .unwrap();
+        assert_eq!(pairs.headers.len(), 2);
+        assert!(serde_json::from_str::<Parts>(r#"{"from": "a", "headers": {"X": 1}}"#).is_err());
     }
 
     #[test]

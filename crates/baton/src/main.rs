@@ -163,9 +163,9 @@ enum QueueCmd {
     Hold { id: String },
     /// Let a held message (or ALL) go again (postsuper -H).
     Release { id: String },
-    /// Bounce every queued recipient at a domain, with DSNs to the senders.
+    /// Bounce every waiting recipient at a domain, or of one message (queue id), with DSNs.
     Bounce { destination: String },
-    /// Delete every queued recipient at a domain, without DSNs.
+    /// Delete every waiting recipient at a domain, or of one message (queue id), without DSNs.
     Delete { destination: String },
     /// Move queued mail from one pool to another.
     Rebind {

@@ -981,8 +981,12 @@ impl QueueManager {
     }
 
     /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.
-    async fn operator_final(&mut self, domain: &str, bounce: bool) -> usize {
-        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+    /// `target` is a domain, or a queue id for one message's waiting recipients (postsuper -d).
+    async fn operator_final(&mut self, target: &str, bounce: bool) -> usize {
+        let (ids, domain): (Vec<QueueId>, &str) = match target.parse::<QueueId>() {
+            Ok(id) if self.messages.contains_key(&id) => (vec![id], ""),
+            _ => (self.messages.keys().copied().collect(), target),
+        };
         let mut total = 0;
         let now = now_ms();
         for id in ids {

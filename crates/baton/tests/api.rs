@@ -36,7 +36,7 @@ fn parts_with_substitutions_and_raw_content_are_delivered() {
                 "subject": "Hello {{first_name}}",
                 "text_body": "Dear {{ first_name }},\nyour code is {{code}}.\n",
                 "html_body": "<p>Dear {{first_name}}</p>",
-                "headers": [["X-Campaign-Id", "c42"]]
+                "headers": {"X-Campaign-Id": "c42", "X-Mailer": "tests"}
             },
             "recipients": [
                 {"email": "ann@dest.test", "substitutions": {"first_name": "Ann", "code": 1}},
@@ -72,6 +72,10 @@ fn parts_with_substitutions_and_raw_content_are_delivered() {
         assert_eq!(
             parsed.header("X-Campaign-Id").and_then(|h| h.as_text()),
             Some("c42")
+        );
+        assert_eq!(
+            parsed.header("X-Mailer").and_then(|h| h.as_text()),
+            Some("tests")
         );
         assert!(parsed.message_id().is_some() && parsed.date().is_some());
         assert_eq!(m.mail_from, "news@sender.test");
@@ -219,6 +223,19 @@ fn queue_summary_actions_and_events_pagination() {
         &json!({"destination": "b.test"}),
     );
     assert_eq!(r.json()["deleted"], 2, "{}", r.body);
+    // One message by its queue id (postsuper -d).
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "s@sender.test", "content": "Subject: x\r\n\r\ny\r\n",
+                "recipients": [{"email": "v0@c.test"}, {"email": "v1@c.test"}]}),
+    );
+    let id = r.json()["ids"][0].as_str().unwrap().to_string();
+    let out = server.cli(&["queue", "delete", &id]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{said}");
+    let said: serde_json::Value = serde_json::from_str(said.trim()).expect("JSON");
+    assert_eq!(said["deleted"], 2, "{said}");
     let summary = get(server.http, "/api/v1/queue").json();
     assert_eq!(summary["recipients"]["queued"], 3, "{summary}");
     // Errors are 4xx with a JSON reason.
@@ -234,7 +251,7 @@ fn queue_summary_actions_and_events_pagination() {
             .contains("needs a destination")
     );
 
-    // Five receptions, two deletions: pages of two, oldest first.
+    // Seven receptions: pages of two, oldest first.
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -261,7 +278,9 @@ fn queue_summary_actions_and_events_pagination() {
             "u1@a.test",
             "u2@a.test",
             "u0@b.test",
-            "u1@b.test"
+            "u1@b.test",
+            "v0@c.test",
+            "v1@c.test",
         ]
     );
     let page = get(
