@@ -101,7 +101,7 @@ fn serve_reports_a_busy_port() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = \"{}\"\n[[listener]]\naddress = \"{}\"\n",
+            "data_dir = \"{}\"\n[[listener]]\naddress = \"{}\"\n[http]\nenabled = false\n",
             dir.path().join("d").display(),
             server.addr
         ),
@@ -141,6 +141,10 @@ fn serve_without_config_uses_embedded_defaults() {
         TcpStream::connect("127.0.0.1:2525").is_err(),
         "something else listens on 127.0.0.1:2525; stop it to run this test"
     );
+    assert!(
+        TcpStream::connect("127.0.0.1:8025").is_err(),
+        "something else listens on 127.0.0.1:8025 (the API's default); stop it to run this test"
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BATON)
         .arg("serve")
@@ -157,6 +161,9 @@ fn serve_without_config_uses_embedded_defaults() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The HTTP API is on by default, on loopback.
+    let api = common::http::get("127.0.0.1:8025".parse().unwrap(), "/api/v1/queue");
+    assert_eq!(api.status, 200, "{}", api.body);
     let mut c = Client::connect("127.0.0.1:2525".parse().unwrap());
     c.hello();
     // A remote recipient is accepted from loopback (relay allowed by default); RSET so that
