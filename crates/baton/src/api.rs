@@ -46,11 +46,18 @@ fn bad_request(text: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, text.into())
 }
 
-/// JSON bodies with a JSON error for malformed ones.
+/// The largest request body: room for 100,000 personalised recipients.
+const MAX_BODY: usize = 64 << 20;
+
+/// JSON bodies with a JSON error for malformed ones (413 for one over `MAX_BODY`).
 fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    parsed
-        .map(|Json(v)| v)
-        .map_err(|e| bad_request(format!("bad JSON: {}", e.body_text())))
+    parsed.map(|Json(v)| v).map_err(|e| {
+        let status = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, format!("bad JSON: {}", e.body_text()))
+    })
 }
 
 /// Every route, as documented in docs/openapi.json (a unit test compares the two).
@@ -99,6 +106,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         )
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(access, authorize))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
 }
 
