@@ -230,6 +230,8 @@ pub struct Client {
     pub transactions: usize,
     /// A transaction was left open (recipients refused, data refused): RSET before the next.
     needs_rset: bool,
+    /// Replies read since the current `send` began.
+    replies_this_send: usize,
 }
 
 /// How a connection should be opened.
@@ -314,6 +316,7 @@ impl Client {
             lmtp,
             transactions: 0,
             needs_rset: false,
+            replies_this_send: 0,
         }
     }
 
@@ -414,6 +417,12 @@ impl Client {
         Ok(())
     }
 
+    /// Whether the server answered anything since the current `send` began: a connection that
+    /// failed before any answer took nothing of the message.
+    pub fn answered_this_send(&self) -> bool {
+        self.replies_this_send > 0
+    }
+
     /// Says QUIT on a connection being given up for policy reasons (errors ignored).
     async fn quit_early(&mut self) {
         if self.command("QUIT").await.is_ok() {
@@ -492,6 +501,7 @@ impl Client {
     /// Runs one transaction. Returns one reply per recipient, in order; a recipient whose RCPT
     /// was accepted gets the reply to the data (or its own, over LMTP).
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Reply>, ClientError> {
+        self.replies_this_send = 0;
         let n = msg.recipients.len();
         if msg.smtputf8 && !self.caps.smtputf8 {
             let r = Reply::local(
@@ -759,6 +769,7 @@ impl Client {
                 };
                 lines.push(line.get(4..).unwrap_or("").to_string());
                 if line.as_bytes().get(3) != Some(&b'-') {
+                    self.replies_this_send += 1;
                     return Ok(make_reply(c, &lines));
                 }
             }

@@ -567,11 +567,12 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                     outcomes,
                 });
             }
-            Err(e) if reused && e.reply().is_none() => {
-                // A cached connection the server had closed meanwhile (idle timeout, restart):
-                // not the message's fault; it goes again at once on a fresh connection, as
-                // Postfix does after a connection-cache miss. A fresh connection failing is
-                // reported below, so this cannot loop.
+            Err(e) if reused && e.reply().is_none() && !client.answered_this_send() => {
+                // A cached connection the server had closed meanwhile (idle timeout, restart),
+                // dead before it answered anything of this transaction: not the message's
+                // fault, and nothing of it was taken; it goes again at once on a fresh
+                // connection, as Postfix does after a connection-cache miss. A fresh
+                // connection failing is reported below, so this cannot loop.
                 tracing::debug!(destination = %dest.key, error = %e, "reused connection was dead; reconnecting");
                 conn = None;
                 dest.retry_first(job);
