@@ -235,6 +235,7 @@ pub struct Client {
 }
 
 /// How a connection should be opened.
+#[derive(Clone, Copy)]
 pub struct ConnectOptions<'a> {
     pub helo_name: &'a str,
     pub connect_timeout: Duration,

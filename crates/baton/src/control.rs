@@ -34,10 +34,13 @@ pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let answer = match serde_json::from_str::<Control>(&line) {
-                        Ok(request) => queue.control(request).await,
+                    let answer = match serde_json::from_str::<serde_json::Value>(&line) {
                         // Statistics come from the event log, not the queue manager.
-                        Err(_) if line.contains("\"stats\"") => stats(&events, &line).await,
+                        Ok(request) if request["cmd"] == "stats" => stats(&events, &request).await,
+                        Ok(request) => match serde_json::from_value::<Control>(request) {
+                            Ok(request) => queue.control(request).await,
+                            Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
+                        },
                         Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
                     };
                     let mut out = answer.to_string();
@@ -77,10 +80,7 @@ pub fn request(data_dir: &Path, request: serde_json::Value) -> anyhow::Result<se
 }
 
 /// `{"cmd": "stats", "since": ..., "until": ..., "by": ...}`.
-async fn stats(events: &Path, line: &str) -> serde_json::Value {
-    let Ok(request) = serde_json::from_str::<serde_json::Value>(line) else {
-        return serde_json::json!({"error": "bad request"});
-    };
+async fn stats(events: &Path, request: &serde_json::Value) -> serde_json::Value {
     let time = |name: &str| -> Result<Option<jiff::Timestamp>, String> {
         match request.get(name).and_then(|v| v.as_str()) {
             None => Ok(None),

@@ -239,7 +239,7 @@ pub struct DeliveryContext {
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,
     /// CA store for checking servers' certificates.
-    pub trust: crate::trust::Trust,
+    pub trust: Arc<crate::trust::Trust>,
     /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
     pub mta_sts: Option<crate::mta_sts::MtaSts>,
 }
@@ -859,7 +859,7 @@ async fn connect(
                 policy: "dane",
                 ..options
             },
-            None => ConnectOptions { ..options },
+            None => options,
         };
         for ip in addresses {
             match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {

@@ -145,6 +145,7 @@ impl QueueManager {
         events: Events,
         recovered: Vec<StoredMessage>,
         suppressions: Arc<crate::suppression::Suppressions>,
+        trust: Arc<crate::trust::Trust>,
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
@@ -155,8 +156,6 @@ impl QueueManager {
                 .map_err(anyhow::Error::msg)?;
             dkim.insert(d.domain.clone(), key);
         }
-        let trust = crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
-            .map_err(anyhow::Error::msg)?;
         let mta_sts = if config.delivery.mta_sts {
             match trust.https_config() {
                 Ok(https) => Some(crate::mta_sts::MtaSts::new(

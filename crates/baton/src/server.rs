@@ -90,12 +90,10 @@ impl Context {
         self.config.relay.networks.iter().any(|n| n.contains(&ip))
     }
 
-    /// Counts a command against the client's rate; false when it is past the limit.
+    /// Counts a command against the client's rate; false when it is past the limit. The
+    /// session asks only for clients outside the relay networks.
     pub fn command_allowed(&self, ip: IpAddr) -> bool {
-        match &self.command_rate {
-            Some(limiter) if !self.trusted(ip) => limiter.take(&ip),
-            _ => true,
-        }
+        self.command_rate.as_ref().is_none_or(|l| l.take(&ip))
     }
 
     /// Takes a connection slot, or says which limit is full.
@@ -151,7 +149,6 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     }
 
     let config = Arc::new(config);
-    let (limits, submission) = (config.limits.clone(), config.submission.clone());
     let events = Events::start(&config.data_dir, config.spool.fsync)
         .context("cannot open the event log under data_dir/events")?;
     // Metrics are recorded from the start (they are read at GET /metrics), and sampled for
@@ -164,9 +161,14 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
             crate::metrics::sample();
         }
     });
-    let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
+    // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.
+    let trust = Arc::new(
         crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
-            .and_then(|t| t.https_config())
+            .map_err(anyhow::Error::msg)?,
+    );
+    let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
+        trust
+            .https_config()
             .map_err(|why| tracing::warn!(%why, "https webhooks cannot verify their receivers"))
             .ok()
     } else {
@@ -190,6 +192,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         events.clone(),
         recovery.messages,
         suppressions.clone(),
+        trust,
     )?;
     crate::control::listen(&config.data_dir, queue.clone())?;
     // Listeners last: once a client can connect, the queue and the control socket are up.
@@ -231,18 +234,18 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     let ctx = Arc::new(Context {
         inbound_auth,
         suppressions,
-        config,
         spool,
         users,
         auth_failures: Default::default(),
-        connection_rate: limits.connection_rate_per_ip.map(RateLimiter::new),
-        command_rate: limits.command_rate_per_ip.map(RateLimiter::new),
-        user_messages: submission.message_rate.map(RateLimiter::new),
-        user_recipients: submission.recipient_rate.map(RateLimiter::new),
+        connection_rate: config.limits.connection_rate_per_ip.map(RateLimiter::new),
+        command_rate: config.limits.command_rate_per_ip.map(RateLimiter::new),
+        user_messages: config.submission.message_rate.map(RateLimiter::new),
+        user_recipients: config.submission.recipient_rate.map(RateLimiter::new),
         queue,
         events,
         shutdown: stop.clone(),
         connections: Mutex::default(),
+        config,
     });
     if let Some(listener) = http_listener {
         crate::api::serve(ctx.clone(), listener, stop.clone());

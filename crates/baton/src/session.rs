@@ -77,6 +77,9 @@ pub struct Session {
     errors: u32,
     /// The user who authenticated (submission listeners).
     auth_user: Option<String>,
+    /// Commands count against the client address's rate (decided once: relay networks are
+    /// exempt).
+    command_limited: bool,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -94,6 +97,7 @@ impl Session {
         role: Role,
     ) -> Self {
         let shutdown = ctx.shutdown.clone();
+        let command_limited = ctx.command_rate.is_some() && !ctx.trusted(peer.ip().to_canonical());
         Session {
             stream,
             tls,
@@ -106,6 +110,7 @@ impl Session {
             tx: None,
             errors: 0,
             auth_user: None,
+            command_limited,
             shutdown,
         }
     }
@@ -155,7 +160,7 @@ impl Session {
                     continue;
                 }
             };
-            if !self.ctx.command_allowed(self.peer.ip().to_canonical()) {
+            if self.command_limited && !self.ctx.command_allowed(self.peer.ip().to_canonical()) {
                 let host = &self.ctx.config.hostname;
                 self.reply(Reply::new(
                     421,

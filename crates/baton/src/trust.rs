@@ -195,59 +195,10 @@ pub fn dane_verify(
     Err("no TLSA record matches the server's certificate chain".into())
 }
 
-/// The DER SubjectPublicKeyInfo of a certificate.
+/// The DER SubjectPublicKeyInfo of a certificate (with its outer SEQUENCE).
 fn spki(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
-    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version?, serial, signature,
-    // issuer, validity, subject, subjectPublicKeyInfo, ... }, ... }
-    let (cert_body, _) = der_element(cert.as_ref(), 0x30)?;
-    let (mut tbs, _) = der_element(cert_body, 0x30)?;
-    if tbs.first() == Some(&0xa0) {
-        tbs = der_skip(tbs)?;
-    }
-    for _ in 0..5 {
-        tbs = der_skip(tbs)?; // serial, signature, issuer, validity, subject
-    }
-    let len = der_len(tbs)?;
-    Some(tbs.get(..len)?.to_vec())
-}
-
-/// The content of the element at the start of `input` with tag `tag`, and what follows it.
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    if *input.first()? != tag {
-        return None;
-    }
-    let (header, content) = der_header(input)?;
-    let all = input.get(header..header + content)?;
-    Some((all, &input[header + content..]))
-}
-
-/// What follows the element at the start of `input`.
-fn der_skip(input: &[u8]) -> Option<&[u8]> {
-    let total = der_len(input)?;
-    input.get(total..)
-}
-
-/// The whole length (header and content) of the element at the start of `input`.
-fn der_len(input: &[u8]) -> Option<usize> {
-    let (header, content) = der_header(input)?;
-    Some(header + content)
-}
-
-/// (header length, content length) of the element at the start of `input`.
-fn der_header(input: &[u8]) -> Option<(usize, usize)> {
-    let first = *input.get(1)?;
-    if first < 0x80 {
-        return Some((2, first as usize));
-    }
-    let n = (first & 0x7f) as usize;
-    if n == 0 || n > 4 {
-        return None;
-    }
-    let mut len = 0usize;
-    for b in input.get(2..2 + n)? {
-        len = (len << 8) | *b as usize;
-    }
-    Some((2 + n, len))
+    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+    Some(parsed.subject_public_key_info().as_ref().to_vec())
 }
 
 #[cfg(test)]

@@ -17,11 +17,7 @@ fn check_config_reports_each_error_with_line_and_hint() {
         "hostname = \"mx.example.com\"\n\n[[listener]]\naddress = \"127.0.0.1\"\nrole = \"relay\"\n\n[relay]\nnetworks = [\"10.0.0.300/8\"]\n",
     )
     .unwrap();
-    let out = Command::new(BATON)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::check_config(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:line 4:"), "{err}");
@@ -36,11 +32,7 @@ fn check_config_reports_each_error_with_line_and_hint() {
         "hostname = \"a.example\"\n[relay]\nlocal_domain = [\"x.example\"]\n",
     )
     .unwrap();
-    let out = Command::new(BATON)
-        .arg("check-config")
-        .arg(&typo)
-        .output()
-        .unwrap();
+    let out = common::check_config(&typo);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -54,11 +46,7 @@ fn check_config_reports_each_error_with_line_and_hint() {
         "hostname = \"mx.example.com\"\ndata_dir = \"/tmp/x\"\n[[listener]]\naddress = \"127.0.0.1:2600\"\nrole = \"mx\"\n[[listener]]\naddress = \"127.0.0.1:2601\"\nrole = \"submission\"\n[relay]\nlocal_domains = [\"example.com\"]\nnetworks = [\"127.0.0.0/8\"]\n",
     )
     .unwrap();
-    let out = Command::new(BATON)
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = common::check_config(&good);
     assert!(
         out.status.success(),
         "{}",
@@ -66,11 +54,7 @@ fn check_config_reports_each_error_with_line_and_hint() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK (2 listener(s)"));
 
-    let out = Command::new(BATON)
-        .arg("check-config")
-        .arg(dir.path().join("missing.toml"))
-        .output()
-        .unwrap();
+    let out = common::check_config(&dir.path().join("missing.toml"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the file"));
 }

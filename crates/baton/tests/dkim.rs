@@ -160,11 +160,7 @@ fn keygen_never_overwrites_and_check_config_reports_bad_keys() {
         ),
     )
     .unwrap();
-    let out = Command::new(BATON)
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = common::check_config(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 4:") && err.contains("junk.key"), "{err}");

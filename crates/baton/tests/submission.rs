@@ -83,21 +83,7 @@ fn run(port: u16, step: &str) -> serde_json::Value {
     python(CLIENT, &[&port.to_string(), step])
 }
 
-/// Runs a Python script that prints one JSON value.
-fn python(script: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::python_json as python;
 
 #[test]
 fn authenticated_submission_inside_tls() {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::{Server, free_port};
 
@@ -20,19 +19,8 @@ fn make_cert(dir: &Path, name: &str) -> (String, String) {
 }
 
 fn python(script: &str, args: &[String]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("python prints JSON")
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::python_json(script, &args)
 }
 
 const CLIENT: &str = r#"
@@ -255,11 +243,7 @@ fn check_config_reports_unusable_certificates() {
         ),
     )
     .unwrap();
-    let out = Command::new(common::BATON)
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = common::check_config(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 4:") && err.contains("bad.pem"), "{err}");

@@ -192,6 +192,12 @@ fn mta_sts_policy_served_by_an_untrusted_certificate_is_ignored() {
     server.wait_event(20, event_for("delivery", "a@fake.test"));
     assert_eq!(mx.messages().len(), 1);
     assert_eq!(https.count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // It was tried, and refused for its certificate (not merely never looked up).
+    let log = server.log();
+    assert!(
+        log.contains("MTA-STS policy could not be fetched") && log.contains("mta-sts.fake.test"),
+        "{log}"
+    );
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -288,11 +294,7 @@ fn check_config_reports_bad_tls_policy_settings() {
          [[route]]\ndomain = \"local.test\"\ntransport = \"local\"\ntls = \"required\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(common::BATON)
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = common::check_config(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for expected in [

@@ -422,6 +422,32 @@ impl Client {
     }
 }
 
+/// Runs `baton check-config FILE`.
+pub fn check_config(file: &Path) -> Output {
+    Command::new(BATON)
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .expect("run baton check-config")
+}
+
+/// Runs a Python script with arguments; it must succeed and print one JSON value.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python prints JSON")
+}
+
 /// Dot-stuffs a CRLF body for DATA; the body must end with CRLF.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 16);
