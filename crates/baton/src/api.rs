@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -321,11 +321,20 @@ async fn inject(
     }
     let plan = plan_injection(&ctx, &request)?;
     let client = peer.ip().to_canonical();
+    let shared = Shared::from(&request)?;
+    // Every message is built (and so checked) before any is queued: a 4xx never leaves some
+    // of the call's messages queued behind it.
+    let messages = plan
+        .into_iter()
+        .map(|(rcpts, text)| {
+            let envelope = envelope_for(&ctx, &request, &shared, rcpts, client);
+            let bytes = message_bytes(&ctx, &envelope, &text, client)?;
+            Ok((envelope, bytes))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let mut tasks = tokio::task::JoinSet::new();
-    let total = plan.len();
-    for (index, (rcpts, text)) in plan.into_iter().enumerate() {
-        let envelope = envelope_for(&ctx, &request, rcpts, client)?;
-        let bytes = message_bytes(&ctx, &request, &envelope, &text, client)?;
+    let total = messages.len();
+    for (index, (envelope, bytes)) in messages.into_iter().enumerate() {
         let ctx = ctx.clone();
         tasks.spawn(async move {
             let mut envelope = envelope;
@@ -547,48 +556,61 @@ fn substitute(
     out
 }
 
+/// What every message of one call shares: its tags and its send time, checked once.
+struct Shared {
+    meta: Vec<(String, String)>,
+    send_at_ms: u64,
+}
+
+impl Shared {
+    fn from(request: &InjectRequest) -> Result<Shared, ApiError> {
+        let send_at_ms = match &request.send_at {
+            Some(t) => crate::schedule::parse_time(t).ok_or_else(|| {
+                bad_request(format!(
+                    "send_at {t:?} is not a time (RFC 3339: 2026-12-01T09:00:00Z)"
+                ))
+            })?,
+            None => 0,
+        };
+        let mut meta = Vec::new();
+        for (key, value) in [
+            ("tenant", &request.tenant),
+            ("pool", &request.pool),
+            ("campaign", &request.campaign),
+        ] {
+            if let Some(v) = value {
+                let ok = !v.is_empty()
+                    && v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !ok {
+                    return Err(bad_request(format!(
+                        "{key} {v:?}: use up to 64 letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                meta.push((key.to_string(), v.to_ascii_lowercase()));
+            }
+        }
+        Ok(Shared { meta, send_at_ms })
+    }
+}
+
 fn envelope_for(
     ctx: &Context,
     request: &InjectRequest,
+    shared: &Shared,
     rcpts: Vec<usize>,
     client: IpAddr,
-) -> Result<Envelope, ApiError> {
-    let send_at = match &request.send_at {
-        Some(t) => Some(crate::schedule::parse_time(t).ok_or_else(|| {
-            bad_request(format!(
-                "send_at {t:?} is not a time (RFC 3339: 2026-12-01T09:00:00Z)"
-            ))
-        })?),
-        None => None,
-    };
-    let mut meta = Vec::new();
-    for (key, value) in [
-        ("tenant", &request.tenant),
-        ("pool", &request.pool),
-        ("campaign", &request.campaign),
-    ] {
-        if let Some(v) = value {
-            let ok = !v.is_empty()
-                && v.len() <= 64
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            if !ok {
-                return Err(bad_request(format!(
-                    "{key} {v:?}: use up to 64 letters, digits, '-', '_' or '.'"
-                )));
-            }
-            meta.push((key.to_string(), v.to_ascii_lowercase()));
-        }
-    }
+) -> Envelope {
     let recipients = rcpts
         .into_iter()
         .map(|i| {
             let mut r = Recipient::new(request.recipients[i].email.clone(), None, 0);
-            r.next_attempt_ms = send_at.unwrap_or(0);
+            r.next_attempt_ms = shared.send_at_ms;
             r
         })
         .collect();
-    Ok(Envelope {
+    Envelope {
         id: ctx.spool.next_id(),
         sender: request.envelope_sender.clone(),
         recipients,
@@ -600,20 +622,18 @@ fn envelope_for(
         helo: "http".into(),
         arrived_ms: baton_spool::now_ms(),
         size: 0,
-        meta,
-    })
+        meta: shared.meta.clone(),
+    }
 }
 
 /// The stored message: our Received: field, then the content with CRLF line ends and a Date:
 /// and Message-ID: if it had none.
 fn message_bytes(
     ctx: &Context,
-    request: &InjectRequest,
     envelope: &Envelope,
     text: &Rendered,
     client: IpAddr,
 ) -> Result<Vec<u8>, ApiError> {
-    let _ = request;
     let host = &ctx.config.hostname;
     let id = envelope.id;
     let date = jiff::Zoned::now()
@@ -855,7 +875,6 @@ struct EventQuery {
 async fn events(
     State(ctx): State<Arc<Context>>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
-    _headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
     let filter = crate::events::Filter {

@@ -771,10 +771,8 @@ async fn connect(
         },
     };
     if let Some(policy) = &plan.sts {
-        let (allowed, refused): (Vec<String>, Vec<String>) =
-            hosts.drain(..).partition(|h| policy.allows(h));
         if policy.mode == crate::mta_sts::Mode::Enforce {
-            hosts = allowed;
+            hosts.retain(|h| policy.allows(h));
             if hosts.is_empty() {
                 return Err(ConnectFailure::new(
                     451,
@@ -786,10 +784,11 @@ async fn connect(
                 ));
             }
         } else {
-            if !refused.is_empty() {
-                tracing::warn!(destination = %dest, hosts = ?refused, "MX hosts outside the MTA-STS policy (testing mode: used anyway)");
+            // Testing mode: report, and keep the MX preference order as it is.
+            let outside: Vec<&String> = hosts.iter().filter(|h| !policy.allows(h)).collect();
+            if !outside.is_empty() {
+                tracing::warn!(destination = %dest, hosts = ?outside, "MX hosts outside the MTA-STS policy (testing mode: used anyway)");
             }
-            hosts = allowed.into_iter().chain(refused).collect();
         }
     }
     // DANE applies only where the MX set itself validated (RFC 7672 §2.2.1).

@@ -317,6 +317,28 @@ fn bad_requests_get_clear_errors() {
             "{method} {path}: {error:?} lacks {text:?}"
         );
     }
+    // One bad message among good ones refuses the whole call, and queues none of it.
+    let r = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "a@b.test",
+        "content": {"from": "{{from}}", "text_body": "x"},
+        "recipients": [
+            {"email": "c@d.test", "substitutions": {"from": "ok@b.test"}},
+            {"email": "e@d.test", "substitutions": {"from": "not an address"}}
+        ]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an address")
+    );
+    assert!(
+        server.queued_ids().is_empty(),
+        "nothing queued behind a 400"
+    );
 }
 
 #[test]
