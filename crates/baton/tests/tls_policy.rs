@@ -232,25 +232,26 @@ fn dane_tlsa_records_authenticate_the_mx_when_dnssec_validated() {
             ..Script::default()
         },
     );
+    // A domain whose one MX, `mx.DOMAIN` at `ip`, publishes one TLSA record; `validated`
+    // says whether the resolver vouches (AD bit) for the MX set and the TLSA records.
+    let dane_domain = |domain: &str, ip: &str, tlsa: (u8, u8, u8, &[u8]), validated: bool| {
+        let host = format!("mx.{domain}");
+        w.dns.mx(domain, 10, &host);
+        w.dns.a(&host, ip);
+        let (usage, selector, matching, data) = tlsa;
+        w.dns.tlsa(&host, w.port, usage, selector, matching, data);
+        if validated {
+            w.dns.secure(domain);
+            w.dns.secure(&format!("_{}._tcp.{host}", w.port));
+        }
+    };
+    let ee = sha256(&cert.spki);
     // dane.test: DANE-EE(3) SPKI(1) SHA-256(1) of the server's key, validated.
-    w.dns.mx("dane.test", 10, "mx.dane.test");
-    w.dns.a("mx.dane.test", "127.0.0.2");
-    w.dns
-        .tlsa("mx.dane.test", w.port, 3, 1, 1, &sha256(&cert.spki));
-    w.dns.secure("dane.test");
-    w.dns.secure(&format!("_{}._tcp.mx.dane.test", w.port));
+    dane_domain("dane.test", "127.0.0.2", (3, 1, 1, &ee), true);
     // dane-bad.test: validated records that match another key.
-    w.dns.mx("dane-bad.test", 10, "mx.dane-bad.test");
-    w.dns.a("mx.dane-bad.test", "127.0.0.3");
-    w.dns
-        .tlsa("mx.dane-bad.test", w.port, 3, 1, 1, &sha256(&cert.spki));
-    w.dns.secure("dane-bad.test");
-    w.dns.secure(&format!("_{}._tcp.mx.dane-bad.test", w.port));
+    dane_domain("dane-bad.test", "127.0.0.3", (3, 1, 1, &ee), true);
     // insecure.test: the same mismatching records, but nothing validated: DANE does not apply.
-    w.dns.mx("insecure.test", 10, "mx.insecure.test");
-    w.dns.a("mx.insecure.test", "127.0.0.3");
-    w.dns
-        .tlsa("mx.insecure.test", w.port, 3, 1, 1, &sha256(&cert.spki));
+    dane_domain("insecure.test", "127.0.0.3", (3, 1, 1, &ee), false);
     // ta.test: DANE-TA(2) full certificate (0) exact match (0) of the private CA, validated;
     // the server's chain must then lead to that CA and name the MX host.
     let ta = w.mx(
@@ -260,11 +261,7 @@ fn dane_tlsa_records_authenticate_the_mx_when_dnssec_validated() {
             ..Script::default()
         },
     );
-    w.dns.mx("ta.test", 10, "mx.ta.test");
-    w.dns.a("mx.ta.test", "127.0.0.4");
-    w.dns.tlsa("mx.ta.test", w.port, 2, 0, 0, &ca.der);
-    w.dns.secure("ta.test");
-    w.dns.secure(&format!("_{}._tcp.mx.ta.test", w.port));
+    dane_domain("ta.test", "127.0.0.4", (2, 0, 0, &ca.der), true);
     let server = w.server("", "");
 
     send(&server, &["a@dane.test"], BODY);
