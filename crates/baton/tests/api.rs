@@ -418,7 +418,7 @@ print(json.dumps(out))
 fn metrics_parse_with_the_prometheus_client_parser() {
     let (_w, _mx, _dsn_mx, server) = settled_campaign();
     let text = get(server.http, "/metrics").body;
-    let mut child = std::process::Command::new("python3")
+    let mut child = common::python()
         .args(["-c", PARSE_METRICS])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -429,7 +429,7 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "prometheus_client (pip install prometheus_client) could not parse:\n{}\n{text}",
+        "prometheus_client could not parse (run the tests with scripts/test: it installs prometheus_client in target/peers/venv):\n{}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
     let samples: Vec<(String, serde_json::Value, f64)> =

@@ -23,7 +23,7 @@ fn dashboard_charts_move_under_load() {
             && std::path::Path::new(browser_dir)
                 .join("node_modules/playwright-core")
                 .exists(),
-        "needs Debian's chromium and playwright-core: apt-get install chromium; (cd tests-browser && npm ci) — .ci/run does both"
+        "needs Debian's chromium and playwright-core in tests-browser/node_modules: scripts/test installs both"
     );
     let w = World::new(&["127.0.0.2"]);
     w.dns.mx("dest.test", 10, "mx.dest.test");

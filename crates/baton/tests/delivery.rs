@@ -301,7 +301,7 @@ assert blocks[1]["Status"] == "5.1.1"
 assert parts[2].get_content_type() == "text/rfc822-headers"
 print("ok")
 "#;
-    let mut child = std::process::Command::new("python3")
+    let mut child = common::python()
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

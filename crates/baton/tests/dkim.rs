@@ -52,7 +52,7 @@ fn dkimpy_verifies(message: &[u8], records: &serde_json::Value) -> bool {
 /// Runs a dkimpy script with `message` on standard input; its standard output.
 fn python_with_input(script: &str, arg: &str, message: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut child = Command::new("python3")
+    let mut child = common::python()
         .args(["-c", script, arg])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -63,7 +63,7 @@ fn python_with_input(script: &str, arg: &str, message: &[u8]) -> Vec<u8> {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "dkimpy (pip install dkimpy) failed: {}",
+        "dkimpy failed (run the tests with scripts/test: it installs dkimpy in target/peers/venv): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout

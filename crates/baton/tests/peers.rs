@@ -18,7 +18,7 @@ fn swaks_delivers_a_message_with_pipelining() {
         .args(["--header", "Subject: from swaks"])
         .args(["--body", "Hello from swaks.\n.dotted line\n"])
         .output()
-        .expect("swaks is needed for this test (apt-get install swaks; .ci/run installs it)");
+        .expect("swaks is needed for this test (scripts/test installs it)");
     let transcript = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "swaks failed:\n{transcript}");
     let queued = transcript
@@ -66,12 +66,12 @@ print(json.dumps(out))
 #[test]
 fn python_smtplib_sends_utf8_and_dsn() {
     let server = Server::start("");
-    let out = Command::new("python3")
+    let out = common::python()
         .args(["-c", SMTPLIB_SCRIPT])
         .arg(server.addr.ip().to_string())
         .arg(server.addr.port().to_string())
         .output()
-        .expect("python3");
+        .expect("python3 (scripts/test installs it)");
     assert!(
         out.status.success(),
         "smtplib script failed: {}",

@@ -179,7 +179,7 @@ s.sendmail("carol@example.com", ["dave@remote.test"], b"Subject: x\r\n\r\ny\r\n"
 s.quit()
 print("ok")
 "#;
-    let out = Command::new("python3")
+    let out = common::python()
         .args(["-c", script, &port.to_string()])
         .output()
         .unwrap();

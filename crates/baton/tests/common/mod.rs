@@ -431,14 +431,20 @@ pub fn check_config(file: &Path) -> Output {
         .expect("run baton check-config")
 }
 
+/// The Python the tests drive as a peer: `$BATON_PYTHON` (scripts/test sets it to the venv in
+/// target/peers/venv, which has dkimpy, PyNaCl and prometheus_client), else `python3`.
+pub fn python() -> Command {
+    Command::new(std::env::var_os("BATON_PYTHON").unwrap_or_else(|| "python3".into()))
+}
+
 /// Runs a Python script with arguments; it must succeed and print one JSON value.
 pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
+    let out = python()
         .arg("-c")
         .arg(script)
         .args(args)
         .output()
-        .expect("python3");
+        .expect("python3 (scripts/test installs it)");
     assert!(
         out.status.success(),
         "python failed: {}{}",
