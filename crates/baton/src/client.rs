@@ -29,7 +29,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 const DATA_INIT_TIMEOUT: Duration = Duration::from_secs(120);
 const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(180);
 const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most a server's reply may hold, all its lines together (a line without its end counts
+/// too); past it the attempt is abandoned.
 const MAX_REPLY_BYTES: usize = 64 << 10;
+/// The most lines one reply may have (an EHLO reply has a dozen or two).
+const MAX_REPLY_LINES: usize = 1000;
 
 /// A server reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +229,8 @@ pub struct Client {
     pub remote: String,
     pub caps: Capabilities,
     pub tls: Option<TlsInfo>,
+    /// Why this connection is in plaintext though TLS was tried (for the delivery record).
+    pub tls_fallback: Option<String>,
     lmtp: bool,
     /// Transactions sent over this connection.
     pub transactions: usize,
@@ -314,6 +320,7 @@ impl Client {
             remote,
             caps: Capabilities::default(),
             tls: None,
+            tls_fallback: None,
             lmtp,
             transactions: 0,
             needs_rset: false,
@@ -485,11 +492,13 @@ impl Client {
         self.tls = Some(TlsInfo {
             version: session
                 .protocol_version()
-                .map(|v| format!("{v:?}"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
                 .unwrap_or_default(),
             cipher: session
                 .negotiated_cipher_suite()
-                .map(|c| format!("{:?}", c.suite()))
+                .and_then(|c| c.suite().as_str())
+                .map(str::to_string)
                 .unwrap_or_default(),
             verified: authenticated.is_ok(),
             policy: options.policy.to_string(),
@@ -750,14 +759,28 @@ impl Client {
             .await
     }
 
+    /// Reads one reply, multi-line or not. `limit` bounds the whole reply, not each read, and
+    /// the reply's size and line count are bounded too: a server that trickles or never ends
+    /// its reply costs one timeout and 64 KiB, and the attempt is abandoned.
     async fn read_reply(
         &mut self,
         limit: Duration,
         what: &'static str,
     ) -> Result<Reply, ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
         let mut lines: Vec<String> = Vec::new();
+        let mut size = 0usize;
         loop {
             while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                size = size.saturating_add(pos + 1);
+                if size > MAX_REPLY_BYTES || lines.len() >= MAX_REPLY_LINES {
+                    return Err(ClientError::Protocol(
+                        self.remote.clone(),
+                        format!(
+                            "reply too long (over {MAX_REPLY_BYTES} bytes or {MAX_REPLY_LINES} lines) {what}"
+                        ),
+                    ));
+                }
                 let raw = self.rbuf.split_to(pos + 1);
                 let line = String::from_utf8_lossy(&raw);
                 let line = line.trim_end_matches(['\r', '\n']);
@@ -774,13 +797,14 @@ impl Client {
                     return Ok(make_reply(c, &lines));
                 }
             }
-            if self.rbuf.len() > MAX_REPLY_BYTES {
+            if size.saturating_add(self.rbuf.len()) > MAX_REPLY_BYTES {
                 return Err(ClientError::Protocol(
                     self.remote.clone(),
-                    "reply too long".into(),
+                    format!("reply too long (over {MAX_REPLY_BYTES} bytes) {what}"),
                 ));
             }
-            let read = timeout(limit, self.stream.read_buf(&mut self.rbuf)).await;
+            let read =
+                tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await;
             match read {
                 Err(_) => return Err(ClientError::Timeout(self.remote.clone(), what)),
                 Ok(Ok(0)) => {
@@ -816,13 +840,19 @@ fn refused_data(rcpt_replies: Vec<Reply>, refusal: &Reply) -> Vec<Reply> {
 }
 
 fn make_reply(code: u16, lines: &[String]) -> Reply {
-    let first = lines.first().map(String::as_str).unwrap_or("");
+    // Empty lines ("250-" then "250 2.0.0 ok") add nothing to the text.
+    let words: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let first = words.first().copied().unwrap_or("");
     let status = first
         .split_whitespace()
         .next()
         .filter(|t| is_enhanced_code(t, code))
         .map(str::to_string);
-    let text = lines.join(" ");
+    let text = words.join(" ");
     Reply {
         code,
         status: status.unwrap_or_else(|| format!("{}.0.0", code / 100)),
@@ -978,6 +1008,10 @@ mod tests {
         assert_eq!(r.status, "4.0.0");
         let r = make_reply(550, &["4.1.1 mismatched class".into()]);
         assert_eq!(r.status, "5.0.0");
+        // A multi-line reply whose first line is empty (seen after BDAT).
+        let r = make_reply(250, &["".into(), "2.0.0 Ok: queued as 4f2".into()]);
+        assert_eq!(r.text, "2.0.0 Ok: queued as 4f2");
+        assert_eq!(r.status, "2.0.0");
     }
 
     #[test]

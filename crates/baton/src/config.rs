@@ -1770,6 +1770,23 @@ impl Validator<'_> {
     }
 }
 
+/// A duration in the operator's words: "5 days", "4 hours", "90 seconds", "1 second".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    if s > 0 && s.is_multiple_of(86400) {
+        plural(s / 86400, "day")
+    } else if s > 0 && s.is_multiple_of(3600) {
+        plural(s / 3600, "hour")
+    } else if s > 0 && s.is_multiple_of(60) && s < 3600 {
+        plural(s / 60, "minute")
+    } else if s == 0 && d.subsec_millis() > 0 {
+        format!("{} ms", d.subsec_millis())
+    } else {
+        plural(s, "second")
+    }
+}
+
 /// "30m", "2h", "90" (seconds): a duration in seconds, for the command line.
 pub fn parse_duration(text: &str) -> Option<u64> {
     parse_with_unit(text, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)]).filter(|&s| s > 0)

@@ -336,7 +336,7 @@ async fn dane_for(
         Err(f) => Err(ConnectFailure::new(
             451,
             "4.7.5",
-            format!("DANE: TLSA lookup for {host} failed: {f:?}"),
+            format!("DANE: TLSA lookup for {host} failed: {f}"),
         )),
     }
 }
@@ -538,7 +538,11 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         let source_name = connection.source.clone();
         let remote = client.remote.clone();
         let dsn_passed = client.caps.dsn;
-        let tls = client.tls.as_ref().map(|t| t.to_string());
+        let tls = client
+            .tls
+            .as_ref()
+            .map(|t| t.to_string())
+            .or_else(|| client.tls_fallback.clone());
         let local = dest.key == Destination::Local;
         let reused = client.transactions > 0;
         match client.send(&outgoing).await {
@@ -861,7 +865,7 @@ async fn connect(
             None => options,
         };
         for ip in addresses {
-            match Client::connect_tcp(SocketAddr::new(ip, port), host, &options, lmtp).await {
+            match connect_host(SocketAddr::new(ip, port), host, &options, lmtp).await {
                 Ok(client) => {
                     return Ok(Connection::new(
                         client,
@@ -886,6 +890,38 @@ async fn connect(
     }
     Err(last
         .unwrap_or_else(|| ConnectFailure::new(451, "4.4.1", format!("no mail host for {dest}"))))
+}
+
+/// Connects to one address. Under plain opportunistic TLS (no DANE, MTA-STS, `required` or
+/// `verify` policy, no credentials to protect), a server whose STARTTLS handshake fails gets
+/// the mail in plaintext on a fresh connection at once, as Exim does: encryption was only
+/// ever on offer, and a broken TLS stack must not strand the mail until it expires.
+async fn connect_host(
+    addr: SocketAddr,
+    host: &str,
+    options: &ConnectOptions<'_>,
+    lmtp: bool,
+) -> Result<Client, ClientError> {
+    let failure = match Client::connect_tcp(addr, host, options, lmtp).await {
+        Err(e @ ClientError::Tls(..))
+        | Err(e @ ClientError::Timeout(_, "in the TLS handshake")) => e,
+        other => return other,
+    };
+    let may_fall_back =
+        options.tls == TlsMode::Opportunistic && options.auth.is_none() && options.dane.is_none();
+    if !may_fall_back {
+        return Err(failure);
+    }
+    tracing::info!(remote = %addr, error = %failure, "STARTTLS failed; retrying in plaintext");
+    let plain = ConnectOptions {
+        tls: TlsMode::Disabled,
+        ..*options
+    };
+    let mut client = Client::connect_tcp(addr, host, &plain, lmtp).await?;
+    client.tls_fallback = Some(format!(
+        "none (STARTTLS failed: {failure}; sent in plaintext, opportunistic TLS)"
+    ));
+    Ok(client)
 }
 
 fn connect_error(e: ClientError) -> ConnectFailure {

@@ -41,6 +41,16 @@ pub enum DnsFailure {
     Temporary(String),
 }
 
+impl std::fmt::Display for DnsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DnsFailure::NullMx => f.write_str("null MX (the domain accepts no mail)"),
+            DnsFailure::NotFound(why) => write!(f, "not found: {why}"),
+            DnsFailure::Temporary(why) => write!(f, "temporary failure: {why}"),
+        }
+    }
+}
+
 pub struct Dns {
     resolver: TokioResolver,
     /// Where DNSSEC-aware queries (DANE) go: the configured servers, else the system's.

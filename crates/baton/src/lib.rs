@@ -19,6 +19,7 @@ pub mod mta_sts;
 pub mod qmgr;
 pub mod queue;
 pub mod ratelimit;
+pub mod retry;
 pub mod schedule;
 pub mod server;
 pub mod session;

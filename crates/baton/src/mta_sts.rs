@@ -241,7 +241,7 @@ impl MtaSts {
     async fn fetch(&self, dns: &Dns, domain: &str) -> Result<String, String> {
         let host = format!("mta-sts.{domain}");
         let work = async {
-            let ips = dns.addresses(&host).await.map_err(|f| format!("{f:?}"))?;
+            let ips = dns.addresses(&host).await.map_err(|f| f.to_string())?;
             let mut tcp = None;
             let mut last = String::new();
             for ip in ips {

@@ -19,10 +19,13 @@ use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::bounce::{self, Action, ReportedRecipient};
-use crate::client::OutRcpt;
+use crate::client::{OutRcpt, Reply};
 use crate::config::Config;
-use crate::delivery::{DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport};
+use crate::delivery::{
+    DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport, Outcome,
+};
 use crate::events::{EventKind, Events};
+use crate::retry;
 
 /// Sessions hand accepted messages to the queue through this; the control socket asks it
 /// questions and gives it orders.
@@ -322,8 +325,16 @@ impl QueueManager {
             .map(|w| w.next_open(now))
             .filter(|&open| open > now);
         let mut held = Vec::new();
+        // Every recipient expires at max_age, tried or not: a send-at, a window or a hold by
+        // shaping never keeps one (and its journal segment) past it.
+        let expiry = retry::expiry_ms(&self.config.delivery, q.envelope.arrived_ms);
+        let mut expired = Vec::new();
         for (i, r) in q.envelope.recipients.iter_mut().enumerate() {
             if r.state.is_final() || q.in_flight[i] {
+                continue;
+            }
+            if now >= expiry && r.next_attempt_ms > now {
+                expired.push(i as u32);
                 continue;
             }
             if let Some(open) = window_opens
@@ -340,8 +351,8 @@ impl QueueManager {
                 });
             }
             if r.next_attempt_ms > now {
-                next_due =
-                    Some(next_due.map_or(r.next_attempt_ms, |d: u64| d.min(r.next_attempt_ms)));
+                let due = r.next_attempt_ms.min(expiry);
+                next_due = Some(next_due.map_or(due, |d: u64| d.min(due)));
                 continue;
             }
             let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
@@ -353,6 +364,15 @@ impl QueueManager {
         }
         if let Some(due) = next_due {
             self.timers.push(Reverse((due, id)));
+        }
+        if !expired.is_empty() {
+            // Reported as the outcome of an attempt, so that expiry takes its one path
+            // (event, metrics, DSN, spool record) in `apply`.
+            for &i in &expired {
+                q.in_flight[i as usize] = true;
+            }
+            q.jobs_out += 1;
+            let _ = self.delivery.reports.send(expired_unattempted(id, expired));
         }
         if !held.is_empty()
             && let Err(e) = self.spool.record(&held, &[])
@@ -480,19 +500,16 @@ impl QueueManager {
                     _ if age >= config.delivery.max_age => {
                         (RcptState::Expired, 0, EventKind::Expiration)
                     }
-                    _ if is_greylisting(reply) => {
-                        // Greylisting wants the same message again soon, not in an hour.
-                        let expiry =
-                            q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64;
-                        let wait = greylist_hint(reply).unwrap_or(config.delivery.greylist_retry);
-                        let next = (now + wait.as_millis() as u64).min(expiry);
-                        (RcptState::Deferred, next, EventKind::TransientFailure)
-                    }
                     _ => {
                         let domain = rcpt.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
                         let base = self.delivery.shaper.domain_rule(domain).retry_interval;
-                        let next =
-                            next_attempt(&config, base, q.envelope.arrived_ms, attempts, now);
+                        let (d, arrived) = (&config.delivery, q.envelope.arrived_ms);
+                        // Greylisting wants the same message again soon, not in an hour.
+                        let next = if retry::is_greylisting(reply.code, &reply.text) {
+                            retry::after_greylisting(d, base, arrived, attempts, now, &reply.text)
+                        } else {
+                            retry::backoff(d, base, arrived, attempts, now)
+                        };
                         (RcptState::Deferred, next, EventKind::TransientFailure)
                     }
                 };
@@ -515,7 +532,8 @@ impl QueueManager {
                     }
                 }
                 // A greylisted recipient is retried from the same source address.
-                let greylisted = state == RcptState::Deferred && is_greylisting(reply);
+                let greylisted =
+                    state == RcptState::Deferred && retry::is_greylisting(reply.code, &reply.text);
                 match (greylisted, &outcome.source) {
                     (true, Some(source)) => {
                         q.sticky.insert(i as u32, source.clone());
@@ -527,8 +545,7 @@ impl QueueManager {
                 // A suspended destination says when it may be tried again.
                 let next = match outcome.not_before {
                     Some(nb) if state == RcptState::Deferred => {
-                        let expiry =
-                            q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64;
+                        let expiry = retry::expiry_ms(&config.delivery, q.envelope.arrived_ms);
                         next.max(nb).min(expiry.max(now + 1))
                     }
                     _ => next,
@@ -556,7 +573,7 @@ impl QueueManager {
                             status: "4.4.7".into(),
                             diagnostic: format!(
                                 "message expired after {}; last error: {}",
-                                human(config.delivery.max_age),
+                                crate::config::human_duration(config.delivery.max_age),
                                 reply.line()
                             ),
                             ..reported
@@ -581,9 +598,10 @@ impl QueueManager {
                         delay_notified = true;
                         q.delays.push(ReportedRecipient {
                             action: Action::Delayed,
-                            will_retry_until_ms: Some(
-                                q.envelope.arrived_ms + config.delivery.max_age.as_millis() as u64,
-                            ),
+                            will_retry_until_ms: Some(retry::expiry_ms(
+                                &config.delivery,
+                                q.envelope.arrived_ms,
+                            )),
                             ..reported
                         });
                     }
@@ -707,7 +725,10 @@ impl QueueManager {
                 destination,
                 seconds,
             } => {
-                let secs = seconds.unwrap_or(86400);
+                let secs = match suspension_seconds(seconds) {
+                    Ok(secs) => secs,
+                    Err(why) => return json!({ "error": why }),
+                };
                 self.delivery
                     .shaper
                     .operator_suspend(&destination, Duration::from_secs(secs));
@@ -1264,25 +1285,6 @@ impl QueueManager {
     }
 }
 
-/// Exponential backoff from `retry_min` (or a shaping rule's `retry_interval`), doubling, capped
-/// at `retry_max`, never past `max_age` (so the last try happens when the message expires).
-fn next_attempt(
-    config: &Config,
-    base: Option<Duration>,
-    arrived_ms: u64,
-    attempts: usize,
-    now: u64,
-) -> u64 {
-    let d = &config.delivery;
-    let factor = 1u32
-        .checked_shl(attempts.saturating_sub(1).min(30) as u32)
-        .unwrap_or(u32::MAX);
-    let base = base.unwrap_or(d.retry_min);
-    let delay = base.saturating_mul(factor).min(d.retry_max.max(base));
-    let expiry = arrived_ms + d.max_age.as_millis() as u64;
-    (now + delay.as_millis() as u64).min(expiry.max(now + 1))
-}
-
 /// `pool` narrowed to its source `name` (for retries that must leave from the same address).
 fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
     match pool.sources.iter().find(|(s, _)| s.name == name) {
@@ -1296,42 +1298,44 @@ fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
     }
 }
 
-/// A temporary refusal that says it is greylisting (Postgrey, rspamd, Exchange and others word
-/// it so; some use 4.7.1 with "greylist", some 4.2.0 "Greylisted").
-fn is_greylisting(reply: &crate::client::Reply) -> bool {
-    if !(400..500).contains(&reply.code) {
-        return false;
+/// The longest operator suspension: a year (longer is a typo, or an attack on the timer).
+pub const MAX_SUSPENSION_SECS: u64 = 365 * 86400;
+
+/// An operator's suspension length, checked: 1 s to a year; none means a day.
+pub fn suspension_seconds(seconds: Option<u64>) -> Result<u64, String> {
+    match seconds {
+        None => Ok(86400),
+        Some(s) if (1..=MAX_SUSPENSION_SECS).contains(&s) => Ok(s),
+        Some(s) => Err(format!(
+            "seconds {s}: a suspension lasts from 1 to {MAX_SUSPENSION_SECS} seconds (a year)"
+        )),
     }
-    let text = reply.text.to_ascii_lowercase();
-    [
-        "greylist",
-        "graylist",
-        "grey-list",
-        "gray-list",
-        "grey list",
-        "gray list",
-    ]
-    .iter()
-    .any(|w| text.contains(w))
 }
 
-/// The wait a greylisting reply asks for ("try again in 5 minutes", "retry in 60 seconds"),
-/// plus a second, capped at an hour.
-fn greylist_hint(reply: &crate::client::Reply) -> Option<Duration> {
-    let text = reply.text.to_ascii_lowercase();
-    let words: Vec<&str> = text
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect();
-    words.windows(2).find_map(|w| {
-        let n: u64 = w[0].parse().ok()?;
-        let unit = match w[1] {
-            "s" | "sec" | "secs" | "second" | "seconds" => 1,
-            "m" | "min" | "mins" | "minute" | "minutes" => 60,
-            _ => return None,
-        };
-        Some(Duration::from_secs((n * unit + 1).min(3600)))
-    })
+/// The report for recipients whose message expired while they waited for a later attempt.
+fn expired_unattempted(id: QueueId, rcpts: Vec<u32>) -> JobReport {
+    let reply = Reply::local(
+        451,
+        "4.4.7",
+        "not tried: the message expired before its next attempt was due",
+    );
+    JobReport {
+        id,
+        outcomes: rcpts
+            .into_iter()
+            .map(|rcpt| Outcome {
+                rcpt,
+                reply: reply.clone(),
+                remote: None,
+                dsn_passed: false,
+                local: false,
+                tls: None,
+                not_before: None,
+                hold: false,
+                source: None,
+            })
+            .collect(),
+    }
 }
 
 /// "mx1.example.net [192.0.2.1]" → "mx1.example.net".
@@ -1342,37 +1346,4 @@ fn host_part(remote: &str) -> String {
         .unwrap_or(remote)
         .trim_matches(['[', ']'])
         .to_string()
-}
-
-fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s > 0 && s.is_multiple_of(86400) {
-        format!("{} days", s / 86400)
-    } else if s > 0 && s.is_multiple_of(3600) {
-        format!("{} hours", s / 3600)
-    } else {
-        format!("{s} seconds")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::client::Reply;
-
-    #[test]
-    fn greylisting_is_recognised_with_its_hint() {
-        let r = Reply::local(450, "4.2.0", "Greylisted, please try again in 5 minutes");
-        assert!(is_greylisting(&r));
-        assert_eq!(greylist_hint(&r), Some(Duration::from_secs(301)));
-        let r = Reply::local(451, "4.7.1", "Please try later: greylisting in action");
-        assert!(is_greylisting(&r));
-        assert_eq!(greylist_hint(&r), None);
-        assert!(!is_greylisting(&Reply::local(450, "4.2.1", "mailbox busy")));
-        assert!(!is_greylisting(&Reply::local(
-            550,
-            "5.7.1",
-            "greylisted forever"
-        )));
-    }
 }

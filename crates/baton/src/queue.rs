@@ -42,7 +42,7 @@ fn message_json(m: &StoredMessage) -> serde_json::Value {
         "helo": e.helo,
         "smtputf8": e.smtputf8,
         "eight_bit": e.eight_bit,
-        "dsn_ret": e.dsn_ret.map(|r| format!("{r:?}").to_uppercase()),
+        "dsn_ret": e.dsn_ret.map(ret_word),
         "dsn_envid": e.dsn_envid,
         "body_in_file": m.body == BodyLocation::File,
         "recipients": e.recipients.iter().map(|r| json!({
@@ -126,7 +126,7 @@ pub fn show(data_dir: &Path, id: &str, as_json: bool, body: bool) -> anyhow::Res
         writeln!(out, "envid:     {envid}")?;
     }
     if let Some(ret) = e.dsn_ret {
-        writeln!(out, "ret:       {ret:?}")?;
+        writeln!(out, "ret:       {}", ret_word(ret))?;
     }
     writeln!(out, "recipients:")?;
     for r in &e.recipients {
@@ -338,5 +338,13 @@ pub fn tail_events(
             }
             line.clear();
         }
+    }
+}
+
+/// What RET= asked for (RFC 3461 §4.3): the full message or its headers.
+fn ret_word(ret: baton_spool::DsnRet) -> &'static str {
+    match ret {
+        baton_spool::DsnRet::Full => "FULL",
+        baton_spool::DsnRet::Headers => "HEADERS",
     }
 }

@@ -102,6 +102,17 @@ pub enum Matcher {
     Site(String),
 }
 
+impl std::fmt::Display for Matcher {
+    /// The operator's words: "domain example.com", "site google.com", "default (*)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Matcher::Domain(d) if d == "*" => f.write_str("default (*)"),
+            Matcher::Domain(d) => write!(f, "domain {d}"),
+            Matcher::Site(s) => write!(f, "site {s}"),
+        }
+    }
+}
+
 /// One `[[shaping]]` table. Unset limits fall back to the `*` rule, then to `[delivery]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapingRule {
@@ -286,22 +297,24 @@ impl Limits {
 
     /// The destination pushed back and `rule` matched: returns what changed, for the log.
     pub fn pushback(&self, rule: &BackoffRule) -> String {
-        let now = Instant::now();
         let mut a = self.adaptive();
         a.successes = 0;
         match rule.action {
             BackoffAction::Suspend => {
-                a.suspended_until = Some(now + rule.duration);
-                format!("suspended for {:?}", rule.duration)
+                a.suspended_until = Some(later(rule.duration));
+                format!(
+                    "suspended for {}",
+                    crate::config::human_duration(rule.duration)
+                )
             }
             BackoffAction::Throttle { factor } => {
                 let f = (a.factor.unwrap_or(1.0) * factor).max(0.001);
                 a.factor = Some(f);
-                a.throttled_until = Some(now + rule.duration);
+                a.throttled_until = Some(later(rule.duration));
                 format!(
-                    "message rate and connections cut to {:.0}% for {:?}",
+                    "message rate and connections cut to {:.0}% for {}",
                     f * 100.0,
-                    rule.duration
+                    crate::config::human_duration(rule.duration)
                 )
             }
         }
@@ -454,7 +467,7 @@ impl Shaper {
         self.operator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(destination.to_ascii_lowercase(), Instant::now() + for_);
+            .insert(destination.to_ascii_lowercase(), later(for_));
     }
 
     /// The operator's suspensions as (key, until in ms since the epoch), for saving.
@@ -466,7 +479,10 @@ impl Shaper {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, t)| **t > now)
-            .map(|(k, t)| (k.clone(), now_ms + (*t - now).as_millis() as u64))
+            .map(|(k, t)| {
+                let left = u64::try_from((*t - now).as_millis()).unwrap_or(u64::MAX);
+                (k.clone(), now_ms.saturating_add(left))
+            })
             .collect()
     }
 
@@ -534,7 +550,7 @@ impl Shaper {
                             _ => None,
                         };
                         json!({
-                            "rule": format!("{:?}", l.rule.matcher),
+                            "rule": l.rule.matcher.to_string(),
                             "max_connections": l.rule.max_connections,
                             "open_connections": open,
                             "max_message_rate": l.rule.max_message_rate.map(|r| format!("{}/{}s", r.count, r.per.as_secs())),
@@ -554,7 +570,7 @@ impl Shaper {
             .operator_suspended(&domain, None)
             .map(|t| (t - now).as_secs());
         json!({
-            "domain_rule": format!("{:?}", rule.matcher),
+            "domain_rule": rule.matcher.to_string(),
             "operator_suspended_for_s": operator,
             "states": states,
         })
@@ -649,6 +665,14 @@ impl Shaper {
         }
         limits
     }
+}
+
+/// `for_` from now; a span past what the clock can hold is a century (never a panic).
+fn later(for_: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(for_)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86400)))
+        .unwrap_or(now)
 }
 
 /// True if `host` is `site` or a name under it.
