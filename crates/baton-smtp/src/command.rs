@@ -212,13 +212,18 @@ fn mail_from(from: proto::MailFrom<Cow<'_, str>>) -> Result<MailFrom, Reply> {
     } else {
         None
     };
+    let envid = from.env_id.map(Cow::into_owned);
+    if envid.as_deref().is_some_and(has_control) {
+        // xtext can encode any octet; a decoded CR LF would end up in a DSN's header lines.
+        return Err(Reply::new(501, "5.5.4", "Invalid ENVID parameter"));
+    }
     Ok(MailFrom {
         address,
         size: (from.size != 0).then_some(from.size as u64),
         body,
         smtputf8,
         ret,
-        envid: from.env_id.map(Cow::into_owned),
+        envid,
     })
 }
 
@@ -250,11 +255,19 @@ fn rcpt_to(to: proto::RcptTo<Cow<'_, str>>, line: &[u8]) -> Result<RcptTo, Reply
             notify |= bit;
         }
     }
+    let orcpt = to.orcpt.map(Cow::into_owned);
+    if orcpt.as_deref().is_some_and(has_control) {
+        return Err(Reply::new(501, "5.5.4", "Invalid ORCPT parameter"));
+    }
     Ok(RcptTo {
         address,
         notify: Notify(notify),
-        orcpt: to.orcpt.map(Cow::into_owned),
+        orcpt,
     })
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
 }
 
 fn address_reply(err: AddressError, status: &'static str, role: &str) -> Reply {
@@ -323,6 +336,11 @@ mod tests {
         };
         assert!(r.notify.contains(Notify::SUCCESS) && r.notify.contains(Notify::FAILURE));
         assert_eq!(r.orcpt.as_deref(), Some("x@y.example"));
+        // xtext that decodes to a line break would forge DSN fields.
+        let forged = parse("RCPT TO:<x@y.example> ORCPT=rfc822;x+0D+0AAction:+20delivered\r\n");
+        assert_eq!(forged.unwrap_err().code, 501);
+        let forged = parse("MAIL FROM:<a@b.example> ENVID=x+0D+0ABcc:+20c@d\r\n");
+        assert_eq!(forged.unwrap_err().code, 501);
     }
 
     #[test]

@@ -312,6 +312,7 @@ async fn inject(
     request: Result<Json<InjectRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut request = body(request)?;
+    normalise_addresses(&mut request)?;
     let suppressed = leave_out_suppressed(&ctx, &mut request);
     if request.recipients.is_empty() && !suppressed.is_empty() {
         return Ok((
@@ -379,6 +380,25 @@ async fn inject(
     }
 }
 
+/// Reads every envelope address as RFC 5321 writes it (a control character or a stray `<`
+/// could otherwise become a command on the next hop's wire) and keeps its stored form.
+fn normalise_addresses(request: &mut InjectRequest) -> Result<(), ApiError> {
+    use baton_smtp::address::parse_mailbox;
+    if !request.envelope_sender.is_empty() {
+        request.envelope_sender = parse_mailbox(&request.envelope_sender, false).map_err(|e| {
+            bad_request(format!(
+                "envelope_sender {:?}: {e}",
+                request.envelope_sender
+            ))
+        })?;
+    }
+    for (i, r) in request.recipients.iter_mut().enumerate() {
+        r.email = parse_mailbox(&r.email, false)
+            .map_err(|e| bad_request(format!("recipients[{i}].email {:?}: {e}", r.email)))?;
+    }
+    Ok(())
+}
+
 /// Takes suppressed addresses out of the call; each is a `suppression` event.
 fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<String> {
     let mut left_out = Vec::new();
@@ -414,14 +434,6 @@ fn plan_injection(
         return Err(bad_request(format!(
             "at most {MAX_RECIPIENTS_PER_CALL} recipients per call"
         )));
-    }
-    if !request.envelope_sender.is_empty() {
-        baton_smtp::address::validate_mailbox(&request.envelope_sender, false)
-            .map_err(|e| bad_request(format!("envelope_sender: {e}")))?;
-    }
-    for (i, r) in request.recipients.iter().enumerate() {
-        baton_smtp::address::validate_mailbox(&r.email, false)
-            .map_err(|e| bad_request(format!("recipients[{i}].email {:?}: {e}", r.email)))?;
     }
     if let Some(pool) = &request.pool
         && !ctx.config.pools.iter().any(|p| &p.name == pool)

@@ -97,10 +97,14 @@ pub fn build(
          \r\n\
          {intro}\r\n\
          \r\n",
-        original.sender
+        one_line(&original.sender)
     ));
     for r in recipients {
-        out.push_str(&format!("<{}>: {}\r\n", r.address, one_line(&r.diagnostic)));
+        out.push_str(&format!(
+            "<{}>: {}\r\n",
+            one_line(&r.address),
+            one_line(&r.diagnostic)
+        ));
     }
     out.push_str(&format!(
         "\r\n--{boundary}\r\n\
@@ -120,12 +124,18 @@ pub fn build(
     ));
     for r in recipients {
         out.push_str("\r\n");
-        out.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.address));
+        out.push_str(&format!(
+            "Final-Recipient: rfc822; {}\r\n",
+            one_line(&r.address)
+        ));
         if let Some(orcpt) = &r.orcpt {
-            out.push_str(&format!("Original-Recipient: rfc822; {orcpt}\r\n"));
+            out.push_str(&format!(
+                "Original-Recipient: rfc822; {}\r\n",
+                one_line(orcpt)
+            ));
         }
         out.push_str(&format!("Action: {}\r\n", r.action.as_str()));
-        out.push_str(&format!("Status: {}\r\n", r.status));
+        out.push_str(&format!("Status: {}\r\n", one_line(&r.status)));
         if let Some(mta) = &r.remote_mta {
             out.push_str(&format!("Remote-MTA: dns; {}\r\n", one_line(mta)));
         }
@@ -190,9 +200,11 @@ fn header_section(body: &[u8]) -> &[u8] {
     }
 }
 
+/// Every value written into the report is one line: a control character (CR, LF, NUL...) from
+/// a peer's reply or a client's ORCPT becomes a space, so no text can add a field.
 fn one_line(s: &str) -> String {
     s.chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
 
@@ -204,4 +216,53 @@ pub fn rfc5322_date(ms: u64) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_spool::{QueueId, Recipient};
+
+    #[test]
+    fn no_value_can_add_a_field() {
+        let original = Envelope {
+            id: QueueId(7),
+            sender: "a@example.com".into(),
+            recipients: vec![Recipient::new("b@example.net".into(), None, 0)],
+            dsn_ret: None,
+            dsn_envid: Some("e\r\nBcc: x@y".into()),
+            eight_bit: false,
+            smtputf8: false,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: "c".into(),
+            arrived_ms: 1,
+            size: 0,
+            meta: Vec::new(),
+        };
+        let forged = ReportedRecipient {
+            address: "b@example.net".into(),
+            orcpt: Some("x\r\nAction: delivered".into()),
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            diagnostic: "550 5.1.1 no\r\nStatus: 2.0.0".into(),
+            diagnostic_is_smtp: true,
+            remote_mta: Some("mx\nRemote-MTA: evil".into()),
+            last_attempt_ms: 1,
+            will_retry_until_ms: None,
+        };
+        let dsn = build(
+            "mx.test",
+            &original,
+            b"Subject: x\r\n\r\nhi\r\n",
+            &[forged],
+            "9",
+        );
+        let text = String::from_utf8(dsn).unwrap();
+        let fields = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(fields("Action:"), 1, "{text}");
+        assert_eq!(fields("Status:"), 1, "{text}");
+        assert_eq!(fields("Remote-MTA:"), 1, "{text}");
+        assert_eq!(fields("Bcc:"), 0, "{text}");
+        assert!(text.contains("Original-Recipient: rfc822; x  Action: delivered\r\n"));
+    }
 }

@@ -138,6 +138,7 @@ impl std::fmt::Display for TlsInfo {
 }
 
 /// One message's envelope as the client sends it.
+#[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
     pub sender: &'a str,
     pub recipients: &'a [OutRcpt],
@@ -510,7 +511,47 @@ impl Client {
 
     /// Runs one transaction. Returns one reply per recipient, in order; a recipient whose RCPT
     /// was accepted gets the reply to the data (or its own, over LMTP).
+    ///
+    /// An address that cannot go on the wire (a control character, which intake refuses but an
+    /// old spool may hold) is refused here, never written: it could end the command line.
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Reply>, ClientError> {
+        let n = msg.recipients.len();
+        if baton_smtp::address::smtp_path(msg.sender).is_none() {
+            let r = Reply::local(
+                553,
+                "5.1.7",
+                "sender address has a control character; not sent",
+            );
+            return Ok(vec![r; n]);
+        }
+        let sendable: Vec<usize> = (0..n)
+            .filter(|&i| baton_smtp::address::smtp_path(&msg.recipients[i].address).is_some())
+            .collect();
+        if sendable.len() == n {
+            return self.send_checked(msg).await;
+        }
+        let refused = Reply::local(553, "5.1.3", "address has a control character; not sent");
+        let mut replies = vec![refused; n];
+        if sendable.is_empty() {
+            return Ok(replies);
+        }
+        let recipients: Vec<OutRcpt> = sendable
+            .iter()
+            .map(|&i| msg.recipients[i].clone())
+            .collect();
+        let sent = self
+            .send_checked(&Outgoing {
+                recipients: &recipients,
+                ..*msg
+            })
+            .await?;
+        for (&i, reply) in sendable.iter().zip(sent) {
+            replies[i] = reply;
+        }
+        Ok(replies)
+    }
+
+    async fn send_checked(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Reply>, ClientError> {
         self.replies_this_send = 0;
         let n = msg.recipients.len();
         if msg.smtputf8 && !self.caps.smtputf8 {
@@ -547,7 +588,8 @@ impl Client {
         self.needs_rset = true;
         self.transactions += 1;
 
-        let mut mail = format!("MAIL FROM:<{}>", msg.sender);
+        let path = |a: &str| baton_smtp::address::smtp_path(a).unwrap_or_default();
+        let mut mail = format!("MAIL FROM:<{}>", path(msg.sender));
         if self.caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", msg.size));
         }
@@ -570,7 +612,7 @@ impl Client {
             .recipients
             .iter()
             .map(|rcpt| {
-                let mut line = format!("RCPT TO:<{}>", rcpt.address);
+                let mut line = format!("RCPT TO:<{}>", path(&rcpt.address));
                 if self.caps.dsn {
                     if rcpt.notify != 0 {
                         line.push_str(&format!(" NOTIFY={}", notify_text(rcpt.notify)));
