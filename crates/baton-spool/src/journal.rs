@@ -223,17 +223,36 @@ pub struct ActiveSegment {
 
 impl ActiveSegment {
     /// Creates segment `number` (with its magic) and makes its directory entry durable.
+    ///
+    /// A failure (ENOSPC, EIO) removes the file again, and a file left by an earlier failed
+    /// attempt or a crash (its header at most: no record) is replaced: otherwise every later
+    /// batch would fail on it, and all mail be refused until a restart.
     pub fn create(dir: &Path, number: u64, fsync: bool) -> io::Result<Self> {
         let path = segment_path(dir, number);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .append(true)
-            .open(&path)?;
-        file.write_all(MAGIC)?;
-        if fsync {
-            file.sync_data()?;
-            sync_dir(dir)?;
+        let open = || {
+            OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .append(true)
+                .open(&path)
+        };
+        let mut file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && holds_no_record(&path) => {
+                fs::remove_file(&path)?;
+                open()?
+            }
+            other => other?,
+        };
+        let started = file.write_all(MAGIC).and_then(|()| {
+            if fsync {
+                file.sync_data()?;
+                sync_dir(dir)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = started {
+            let _ = fs::remove_file(&path);
+            return Err(e);
         }
         Ok(ActiveSegment {
             dir: dir.to_path_buf(),
@@ -307,6 +326,20 @@ fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Re
         }
     }
     Ok(())
+}
+
+/// A segment file that holds nothing but (part of) its header.
+fn holds_no_record(path: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() > MAGIC.len() as u64 {
+        return false;
+    }
+    let mut head = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(MAGIC.len() as u64).read_to_end(&mut head))
+        .is_ok_and(|_| MAGIC.starts_with(&head))
 }
 
 /// fsyncs a directory so that entries created in it survive a crash.

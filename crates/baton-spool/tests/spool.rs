@@ -176,6 +176,53 @@ async fn concurrent_commits_rotate_segments_and_all_survive() {
     }
 }
 
+/// A rotation that failed half-way (ENOSPC or EIO while writing the new segment's header, or a
+/// crash then) leaves a file with no record in it; the next rotation must get past it, not
+/// refuse every later message on EEXIST.
+#[tokio::test]
+async fn a_half_made_segment_does_not_block_rotation() {
+    for leftover in [&b""[..], &b"BATO"[..], &baton_spool_magic()[..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpoolOptions {
+            segment_size: 1,
+            ..SpoolOptions::default()
+        };
+        let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+        let first = store(&spool, b"first\r\n").await;
+        // The segment a rotation would create next, as a failed one left it.
+        let journal = dir.path().join("journal");
+        let last = std::fs::read_dir(&journal)
+            .unwrap()
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".log")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap();
+        std::fs::write(journal.join(format!("{:010}.log", last + 1)), leftover).unwrap();
+        let env = envelope(&spool, 8);
+        let mut w = spool.body_writer(env.id);
+        w.buf().extend_from_slice(b"second\r\n");
+        spool
+            .commit(&env, w)
+            .await
+            .unwrap_or_else(|e| panic!("leftover {leftover:?}: {e}"));
+        drop(spool);
+        let (_, rec) = Spool::open(dir.path(), options).unwrap();
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.envelope.id).collect();
+        assert_eq!(ids, [first.id, env.id], "leftover {leftover:?}");
+    }
+}
+
+/// The segment header as the journal writes it.
+fn baton_spool_magic() -> Vec<u8> {
+    b"BATONJ3\n".to_vec()
+}
+
 #[tokio::test]
 async fn updates_and_done_records_survive_and_finished_segments_go() {
     let dir = tempfile::tempdir().unwrap();

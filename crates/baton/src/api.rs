@@ -323,13 +323,23 @@ async fn inject(
     let plan = plan_injection(&ctx, &request)?;
     let client = peer.ip().to_canonical();
     let shared = Shared::from(&request)?;
+    crate::schedule::check_send_at(
+        shared.send_at_ms,
+        baton_spool::now_ms(),
+        &ctx.config.delivery,
+    )
+    .map_err(|why| bad_request(format!("send_at: {why}")))?;
     // Every message is built (and so checked) before any is queued: a 4xx never leaves some
-    // of the call's messages queued behind it.
+    // of the call's messages queued behind it. What they may take is bounded.
+    let limits = CallLimits::of(&ctx);
+    let mut built = 0u64;
     let messages = plan
         .into_iter()
         .map(|(rcpts, text)| {
             let envelope = envelope_for(&ctx, &request, &shared, rcpts, client);
             let bytes = message_bytes(&ctx, &envelope, &text, client)?;
+            built = built.saturating_add(bytes.len() as u64);
+            limits.check(bytes.len() as u64, built)?;
             Ok((envelope, bytes))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -377,6 +387,48 @@ async fn inject(
                 ids.join(",")
             ),
         )),
+    }
+}
+
+/// The size limits of one inject call: each message as SMTP's (`[limits] max_message_size`),
+/// and all of them together (`[http] max_inject_bytes`).
+struct CallLimits {
+    message: u64,
+    call: u64,
+}
+
+impl CallLimits {
+    fn of(ctx: &Context) -> CallLimits {
+        CallLimits {
+            message: ctx.config.limits.max_message_size,
+            call: ctx
+                .config
+                .http
+                .as_ref()
+                .map_or(256 << 20, |h| h.max_inject_bytes),
+        }
+    }
+
+    fn check(&self, size: u64, built: u64) -> Result<(), ApiError> {
+        if size > self.message {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "a message of {size} bytes exceeds [limits] max_message_size ({} bytes)",
+                    self.message
+                ),
+            ));
+        }
+        if built > self.call {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the call's messages exceed [http] max_inject_bytes ({} bytes); split it into smaller calls",
+                    self.call
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

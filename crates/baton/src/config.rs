@@ -19,7 +19,8 @@ use toml::Spanned;
 pub enum Role {
     /// Port 25 style: mail for local domains from anyone, relay for trusted networks.
     Mx,
-    /// Port 587: message submission (AUTH arrives with the "Secure" issue).
+    /// Port 587: message submission; AUTH before MAIL (RFC 6409), unless the listener trusts
+    /// `relay.networks`.
     Submission,
     /// Port 465: submission over implicit TLS.
     Submissions,
@@ -41,6 +42,10 @@ pub struct ListenerConfig {
     pub role: Role,
     /// Certificate chain and private key (PEM): STARTTLS, or implicit TLS for `submissions`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Submission listeners only: clients in `relay.networks` may send without AUTH (an
+    /// explicit opt-in; by default an MSA requires AUTH from everyone, as Postfix's
+    /// submission service is set up).
+    pub trust_networks: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +60,9 @@ pub struct RelayConfig {
 pub struct Limits {
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// RCPTs past `max_recipients` that get 452 without counting as errors (Postfix's
+    /// smtpd_recipient_overshoot_limit); past them each counts.
+    pub recipient_overshoot: usize,
     pub max_line_length: usize,
     pub max_errors: u32,
     /// Longest wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
@@ -150,6 +158,9 @@ pub struct HttpConfig {
     pub tokens: Vec<String>,
     /// Clients that need no token (loopback by default).
     pub trusted_networks: Vec<IpNet>,
+    /// The most message bytes one inject call may build (they are all built, and checked,
+    /// before any is queued): past it, 413.
+    pub max_inject_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -489,6 +500,7 @@ struct RawHttp {
     enabled: Option<bool>,
     tokens: Option<Vec<Spanned<String>>>,
     trusted_networks: Option<Vec<Spanned<String>>>,
+    max_inject_bytes: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -601,6 +613,7 @@ struct RawListener {
     role: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
+    trust_networks: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -615,6 +628,7 @@ struct RawRelay {
 struct RawLimits {
     max_message_size: Option<Spanned<Quantity>>,
     max_recipients: Option<Spanned<u64>>,
+    recipient_overshoot: Option<Spanned<u64>>,
     max_line_length: Option<Spanned<u64>>,
     max_errors: Option<Spanned<u64>>,
     idle_timeout: Option<Spanned<Quantity>>,
@@ -758,6 +772,7 @@ impl Validator<'_> {
                 address: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()),
                 role: Role::Mx,
                 tls: None,
+                trust_networks: false,
             });
         }
         let relay = self.relay(raw.relay, &hostname);
@@ -1488,10 +1503,15 @@ impl Validator<'_> {
                 })
                 .collect(),
         };
+        let max_inject_bytes = raw
+            .max_inject_bytes
+            .and_then(|s| self.size(s))
+            .unwrap_or(256 << 20);
         Some(HttpConfig {
             address,
             tokens,
             trusted_networks,
+            max_inject_bytes,
         })
     }
 
@@ -1605,10 +1625,20 @@ impl Validator<'_> {
                 "add tls_cert = \"/path/cert.pem\" and tls_key = \"/path/key.pem\"",
             );
         }
+        if let Some(trust) = &raw.trust_networks
+            && role == Some(Role::Mx)
+        {
+            self.error::<()>(
+                trust.span(),
+                "trust_networks is for submission listeners".into(),
+                "an mx listener always lets relay.networks relay; remove the key",
+            );
+        }
         Some(ListenerConfig {
             address: address?,
             role: role?,
             tls,
+            trust_networks: raw.trust_networks.is_some_and(|t| *t.get_ref()),
         })
     }
 
@@ -1671,6 +1701,7 @@ impl Validator<'_> {
                 .and_then(|s| self.size(s))
                 .unwrap_or(50 << 20),
             max_recipients: self.count(raw.max_recipients, 100) as usize,
+            recipient_overshoot: self.count(raw.recipient_overshoot, 1000) as usize,
             max_line_length: max_line_length as usize,
             max_errors: self.count(raw.max_errors, 10) as u32,
             idle_timeout: self.duration_or(raw.idle_timeout, 300),

@@ -215,7 +215,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
             None => None,
         };
         tracing::info!(address = %l.address, role = l.role.as_str(), tls = tls.is_some(), "listening");
-        listeners.push((listener, l.role, tls));
+        listeners.push((listener, (l.role, l.trust_networks), tls));
     }
     reload_certificates_on_sighup(stores);
     let users = config
@@ -300,8 +300,9 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     Ok(())
 }
 
-/// A connection as accepted: socket, client, listener role and TLS.
-type Accepted = (TcpStream, SocketAddr, Role, Option<Arc<TlsStore>>);
+/// A connection as accepted: socket, client, listener role (and whether it trusts the relay
+/// networks without AUTH) and TLS.
+type Accepted = (TcpStream, SocketAddr, (Role, bool), Option<Arc<TlsStore>>);
 
 /// SIGHUP reloads every listener's certificate and key; sessions under way keep theirs.
 fn reload_certificates_on_sighup(stores: Vec<Arc<TlsStore>>) {
@@ -331,7 +332,7 @@ fn start_session(
     sessions: &mut JoinSet<()>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    role: Role,
+    (role, trust_networks): (Role, bool),
     tls: Option<Arc<TlsStore>>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -355,7 +356,10 @@ fn start_session(
                     }
                     _ => Conn::Plain(stream),
                 };
-                Session::new(conn, tls, ctx, peer, role).run().await;
+                Session::new(conn, tls, ctx, peer, role)
+                    .trusting_networks(trust_networks)
+                    .run()
+                    .await;
                 drop(slot);
             });
         }

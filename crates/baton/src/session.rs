@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::config::{Role, SenderPolicy, Transport};
+use crate::config::{Config, Role, SenderPolicy, Transport};
 use crate::ratelimit::RateLimiter;
 use crate::server::Context;
 use crate::tls::{Conn, TlsStore};
@@ -80,6 +80,11 @@ pub struct Session {
     /// Commands count against the client address's rate (decided once: relay networks are
     /// exempt).
     command_limited: bool,
+    /// A submission listener that lets `relay.networks` send without AUTH (opt-in).
+    trust_networks: bool,
+    /// RCPTs past `max_recipients` in this session: answered 452 without counting as errors
+    /// until `recipient_overshoot` (Postfix's smtpd_recipient_overshoot_limit).
+    overshoot: usize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -111,8 +116,16 @@ impl Session {
             errors: 0,
             auth_user: None,
             command_limited,
+            trust_networks: false,
+            overshoot: 0,
             shutdown,
         }
+    }
+
+    /// Lets clients in `relay.networks` use a submission listener without AUTH.
+    pub fn trusting_networks(mut self, trust: bool) -> Self {
+        self.trust_networks = trust;
+        self
     }
 
     pub async fn run(mut self) {
@@ -180,7 +193,7 @@ impl Session {
             };
             match outcome {
                 Ok(reply) => {
-                    if reply.is_error() {
+                    if reply.is_error() && !self.forgiven(&reply) {
                         if let Some(close) = self.error_reply(reply).await {
                             return close;
                         }
@@ -191,6 +204,15 @@ impl Session {
                 Err(close) => return close,
             }
         }
+    }
+
+    /// An excess recipient's 452 is the transaction's limit at work, not the client's error
+    /// (RFC 5321 §4.5.3.1.8): not counted, not delayed, until the session's overshoot passes
+    /// `recipient_overshoot`.
+    fn forgiven(&self, reply: &Reply) -> bool {
+        reply.code == 452
+            && reply.status == "4.5.3"
+            && self.overshoot <= self.ctx.config.limits.recipient_overshoot
     }
 
     /// Queues an error reply and counts it. Past `error_delay_after` errors each one is held
@@ -409,8 +431,9 @@ impl Session {
         if self.tx.is_some() {
             return Reply::new(503, "5.5.1", "Error: nested MAIL command");
         }
-        // Submission is for authenticated users, and for trusted networks (relay.networks).
-        if self.is_submission() && !self.relay_allowed() {
+        // Submission is for authenticated users (and relay.networks where the listener says so).
+        let trusted = self.trust_networks && self.in_relay_networks();
+        if self.is_submission() && self.auth_user.is_none() && !trusted {
             return Reply::new(530, "5.7.0", "Authentication required");
         }
         if !self.sender_allowed(&mail.address) {
@@ -463,6 +486,7 @@ impl Session {
             return Reply::new(555, "5.5.4", "Error: RCPT parameters require EHLO");
         }
         if tx.rcpts.len() >= max {
+            self.overshoot = self.overshoot.saturating_add(1);
             return Reply::new(452, "4.5.3", "Error: too many recipients");
         }
         if rcpt.address != "postmaster"
@@ -664,9 +688,10 @@ impl Session {
     }
 
     fn relay_allowed(&self) -> bool {
-        if self.auth_user.is_some() {
-            return true;
-        }
+        self.auth_user.is_some() || self.in_relay_networks()
+    }
+
+    fn in_relay_networks(&self) -> bool {
         let ip = self.peer.ip().to_canonical();
         self.ctx
             .config
@@ -988,7 +1013,11 @@ impl Session {
                 .await;
         }
         envelope.size = body.len();
-        if let Err(reply) = apply_schedule(&mut envelope, &head) {
+        // X-Baton-* controls (send-at, window, tenant) are for the operator's own clients: from
+        // anyone else they are mere header fields.
+        if self.relay_allowed()
+            && let Err(reply) = apply_schedule(&mut envelope, &head, &self.ctx.config)
+        {
             return reply;
         }
         match crate::intake::queue_message(&self.ctx, envelope, body, self.role.as_str()).await {
@@ -1043,10 +1072,12 @@ fn received_len(head: &[u8]) -> usize {
 }
 
 /// Reads X-Baton-Send-At / X-Baton-Window into the envelope (see [`crate::schedule`]).
-fn apply_schedule(envelope: &mut Envelope, head: &[u8]) -> Result<(), Reply> {
+fn apply_schedule(envelope: &mut Envelope, head: &[u8], config: &Config) -> Result<(), Reply> {
     let requested = crate::schedule::requested(head)
         .map_err(|why| Reply::new(550, "5.6.0", format!("Error: {why}")))?;
     if let Some(at) = requested.send_at_ms {
+        crate::schedule::check_send_at(at, envelope.arrived_ms, &config.delivery)
+            .map_err(|why| Reply::new(550, "5.6.0", format!("Error: {why}")))?;
         for r in &mut envelope.recipients {
             r.next_attempt_ms = at;
         }
