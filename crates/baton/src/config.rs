@@ -1770,6 +1770,11 @@ impl Validator<'_> {
                 "not a valid duration".into(),
                 "write a positive number of seconds or a string such as \"30s\", \"5m\", \"1h\"",
             ),
+            Some(secs) if secs > MAX_DURATION_SECS => self.error(
+                q.span(),
+                format!("duration of {secs} seconds is longer than ten years"),
+                "durations go up to \"3650d\"",
+            ),
             Some(secs) => Some(Duration::from_secs(secs)),
         }
     }
@@ -1777,18 +1782,7 @@ impl Validator<'_> {
     fn size(&mut self, q: Spanned<Quantity>) -> Option<u64> {
         let parsed = match q.get_ref() {
             Quantity::Number(n) => Some(*n),
-            Quantity::Text(t) => parse_with_unit(
-                t,
-                &[
-                    ("B", 1),
-                    ("KB", 1000),
-                    ("KiB", 1 << 10),
-                    ("MB", 1_000_000),
-                    ("MiB", 1 << 20),
-                    ("GB", 1_000_000_000),
-                    ("GiB", 1 << 30),
-                ],
-            ),
+            Quantity::Text(t) => parse_with_unit(t, SIZE_UNITS),
         };
         match parsed {
             Some(0) | None => self.error(
@@ -1800,6 +1794,10 @@ impl Validator<'_> {
         }
     }
 }
+
+/// The longest duration a configuration may set: ten years (time arithmetic stays far from
+/// overflow).
+const MAX_DURATION_SECS: u64 = 3650 * 86400;
 
 /// A duration in the operator's words: "5 days", "4 hours", "90 seconds", "1 second".
 pub fn human_duration(d: Duration) -> String {
@@ -1820,8 +1818,24 @@ pub fn human_duration(d: Duration) -> String {
 
 /// "30m", "2h", "90" (seconds): a duration in seconds, for the command line.
 pub fn parse_duration(text: &str) -> Option<u64> {
-    parse_with_unit(text, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)]).filter(|&s| s > 0)
+    parse_with_unit(text, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)])
+        .filter(|&s| s > 0 && s <= MAX_DURATION_SECS)
 }
+
+/// "50MiB", "10MB", "1000" (bytes): a size, as in the configuration file.
+pub fn parse_size(text: &str) -> Option<u64> {
+    parse_with_unit(text, SIZE_UNITS).filter(|&n| n > 0)
+}
+
+const SIZE_UNITS: &[(&str, u64)] = &[
+    ("B", 1),
+    ("KB", 1000),
+    ("KiB", 1 << 10),
+    ("MB", 1_000_000),
+    ("MiB", 1 << 20),
+    ("GB", 1_000_000_000),
+    ("GiB", 1 << 30),
+];
 
 fn parse_with_unit(text: &str, units: &[(&str, u64)]) -> Option<u64> {
     let text = text.trim();

@@ -478,16 +478,48 @@ pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
         return Some(t);
     }
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    // Split before the last character, not the last byte: "1€" must not panic.
+    let (at, unit) = text.char_indices().last()?;
     let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
         _ => return None,
     };
+    let digits = &text[..at];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: i64 = digits.parse().ok()?;
     jiff::Timestamp::now()
         .checked_sub(jiff::SignedDuration::from_secs(n.checked_mul(secs)?))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_and_times_parse_and_nonsense_does_not() {
+        let now = jiff::Timestamp::now();
+        let hour_ago = parse_since("1h").expect("1h");
+        let back = now.as_second() - hour_ago.as_second();
+        assert!((3599..=3601).contains(&back), "{back}");
+        assert!(parse_since("2026-12-01T09:00:00Z").is_some());
+        for bad in [
+            "1€",
+            "€",
+            "",
+            "h",
+            "-5h",
+            "+5h",
+            "5x",
+            "99999999999999999999d",
+            "9223372036854775807d",
+        ] {
+            assert!(parse_since(bad).is_none(), "{bad:?}");
+        }
+    }
 }

@@ -372,13 +372,18 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
+/// Info for Baton; rustls only for errors: it warns about ordinary client behaviour ("Illegal
+/// SNI extension" from every client that connects by IP literal), and Baton reports failed
+/// handshakes itself. RUST_LOG overrides it.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 fn serve(config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .init();
     // One thread measured cheapest per message on two cores (no cross-thread wake-ups); more
