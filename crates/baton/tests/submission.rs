@@ -285,36 +285,40 @@ out["closed"] = tf.readline() == b""
 print(json.dumps(out))
 "#;
 
-#[test]
-fn relay_and_smuggling_matrix_on_submission() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(dir.path());
-    let users = dir.path().join("users");
+/// A submission server with TLS and user alice; 127.0.0.1 is in relay.networks, 127.0.0.3 is
+/// not. `listener` adds keys to the submission listener.
+fn matrix_server(dir: &std::path::Path, listener: &str) -> (Server, u16) {
+    let (cert, key) = make_cert(dir);
+    let users = dir.join("users");
     let port = free_port();
-    // 127.0.0.1 is a trusted network, 127.0.0.3 is not; on submission both must authenticate
-    // before any mail, and once authenticated both relay.
     let server = Server::start(&format!(
         "[relay]\nlocal_domains = [\"example.com\"]\nnetworks = [\"127.0.0.1/32\"]\n[local]\nusers = [\"a\"]\n\
          [submission]\nusers_file = \"{}\"\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\nrole = \"submission\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n",
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\nrole = \"submission\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n{listener}\n",
         users.display()
     ));
     add_user(&server.config_path, "alice@example.com", "s3cret");
+    (server, port)
+}
+
+fn matrix_row(unauthenticated: u16) -> serde_json::Value {
+    serde_json::json!({
+        "unauthenticated a@example.com": unauthenticated,
+        "unauthenticated b@remote.test": unauthenticated,
+        "authenticated a@example.com": 250,
+        "authenticated b@remote.test": 250,
+    })
+}
+
+#[test]
+fn relay_and_smuggling_matrix_on_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    // An MSA requires AUTH before MAIL from everyone, trusted network or not (RFC 6409, and
+    // Postfix's submission service); once authenticated both relay.
+    let (server, port) = matrix_server(dir.path(), "");
     let r = python(MATRIX, &[&port.to_string()]);
-    let expect = serde_json::json!({
-        "unauthenticated a@example.com": 250,
-        "unauthenticated b@remote.test": 250,
-        "authenticated a@example.com": 250,
-        "authenticated b@remote.test": 250,
-    });
-    assert_eq!(r["127.0.0.1"], expect, "trusted network: {r}");
-    let expect = serde_json::json!({
-        "unauthenticated a@example.com": 530,
-        "unauthenticated b@remote.test": 530,
-        "authenticated a@example.com": 250,
-        "authenticated b@remote.test": 250,
-    });
-    assert_eq!(r["127.0.0.3"], expect, "untrusted network: {r}");
+    assert_eq!(r["127.0.0.1"], matrix_row(530), "trusted network: {r}");
+    assert_eq!(r["127.0.0.3"], matrix_row(530), "untrusted network: {r}");
     assert!(r["auth"].as_str().unwrap().starts_with("235"), "{r}");
     assert!(
         r["smuggle"].as_str().unwrap().starts_with("550 5.5.2"),
@@ -322,4 +326,13 @@ fn relay_and_smuggling_matrix_on_submission() {
     );
     assert_eq!(r["closed"], true);
     assert!(server.queued_ids().is_empty(), "nothing was queued");
+}
+
+#[test]
+fn a_submission_listener_may_trust_the_relay_networks_by_opting_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port) = matrix_server(dir.path(), "trust_networks = true");
+    let r = python(MATRIX, &[&port.to_string()]);
+    assert_eq!(r["127.0.0.1"], matrix_row(250), "trusted network: {r}");
+    assert_eq!(r["127.0.0.3"], matrix_row(530), "untrusted network: {r}");
 }

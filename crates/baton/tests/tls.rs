@@ -99,7 +99,7 @@ fn tls_server(dir: &Path) -> (Server, u16) {
     let implicit_port = free_port();
     let server = Server::start(&format!(
         "[relay]\nlocal_domains = [\"local.test\"]\nnetworks = [\"127.0.0.1/32\"]\n[local]\nusers = [\"b\"]\n\
-         [[listener]]\naddress = \"127.0.0.1:{implicit_port}\"\nrole = \"submissions\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
+         [[listener]]\naddress = \"127.0.0.1:{implicit_port}\"\nrole = \"submissions\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntrust_networks = true\n\
          [[listener]]\naddress = \"127.0.0.1:{mx_port}\"\nrole = \"mx\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n",
         mx_port = free_port()
     ));
@@ -264,4 +264,44 @@ fn tls_mx_port(server: &Server, implicit: u16) -> u16 {
         .map(|p| p.parse::<u16>().unwrap())
         .find(|&p| p != implicit)
         .expect("the TLS mx listener")
+}
+
+#[test]
+fn a_client_connecting_by_ip_literal_is_not_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, implicit) = tls_server(dir.path());
+    let mx_port = tls_mx_port(&server, implicit);
+    // openssl s_client sends the IP literal as SNI, as many clients do.
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-quiet",
+            "-servername",
+            "127.0.0.1",
+        ])
+        .arg("-connect")
+        .arg(format!("127.0.0.1:{mx_port}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"EHLO c.test\r\nQUIT\r\n")?;
+            child.wait_with_output()
+        })
+        .expect("openssl is needed for this test (scripts/test installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("221"), "the session ran inside TLS: {text}");
+    let log = server.log();
+    assert!(
+        !log.contains("SNI"),
+        "an ordinary client is no warning:\n{log}"
+    );
 }
