@@ -38,8 +38,8 @@ pub fn backoff(
 }
 
 /// The next attempt after a greylisting reply: the wait the reply names (or
-/// `greylist_retry`), at least `greylist_retry` and at most `retry_max`, for the first
-/// [`GREYLIST_TRIES`] attempts; after those, the ordinary schedule.
+/// `greylist_retry`), for the first [`GREYLIST_TRIES`] attempts; after those, the ordinary
+/// schedule. A named wait is clamped between [`greylist_floor`] and `retry_max`.
 pub fn after_greylisting(
     d: &DeliveryConfig,
     base: Option<Duration>,
@@ -51,10 +51,17 @@ pub fn after_greylisting(
     if attempts > GREYLIST_TRIES {
         return backoff(d, base, arrived_ms, attempts, now);
     }
+    let floor = greylist_floor(d);
     let wait = greylist_hint(text)
         .unwrap_or(d.greylist_retry)
-        .clamp(d.greylist_retry, d.retry_max.max(d.greylist_retry));
+        .clamp(floor, d.retry_max.max(floor));
     not_past_expiry(d, arrived_ms, now.saturating_add(millis(wait)), now)
+}
+
+/// The shortest wait a greylisting reply can ask for: `greylist_retry` or `retry_min`, whichever
+/// is shorter (never sooner than Baton would retry anything on its own; 60 s by default).
+pub fn greylist_floor(d: &DeliveryConfig) -> Duration {
+    d.greylist_retry.min(d.retry_min)
 }
 
 /// `at`, but no later than the message's expiry (and never before `now + 1`).
@@ -174,8 +181,11 @@ mod tests {
         let next =
             |t: &str, attempts| (after_greylisting(&d, None, now, attempts, now, t) - now) / S;
         assert_eq!(next("Greylisted, try again in 5 minutes", 1), 301);
-        // Too soon: the floor is greylist_retry; too late: retry_max.
+        // Too soon: the floor is greylist_retry (or retry_min if shorter); too late: retry_max.
         assert_eq!(next("Greylisted, try again in 0 seconds", 1), 60);
+        let quick = delivery(10, 4000, 60);
+        let wait = after_greylisting(&quick, None, now, 1, now, "greylisted, retry in 0 s") - now;
+        assert_eq!(wait / S, 10);
         assert_eq!(
             next("Greylisted, try again in 18446744073709551615 seconds", 1),
             4000
