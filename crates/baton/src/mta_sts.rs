@@ -114,7 +114,8 @@ impl Policy {
     }
 
     fn fresh(&self, now_ms: u64) -> bool {
-        self.fetched_ms + self.max_age * 1000 > now_ms
+        let age_ms = self.max_age.min(MAX_AGE_LIMIT).saturating_mul(1000);
+        self.fetched_ms.saturating_add(age_ms) > now_ms
     }
 }
 

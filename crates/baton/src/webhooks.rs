@@ -232,7 +232,10 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    // Read (and drop) the answer so the exchange completes.
-    let _ = response.into_body().collect().await;
+    // Read (and drop) the answer so the exchange completes; a receiver's answer is at most
+    // 64 KiB of our memory, however much it sends.
+    let _ = http_body_util::Limited::new(response.into_body(), 64 << 10)
+        .collect()
+        .await;
     Ok(status)
 }
