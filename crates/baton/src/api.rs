@@ -410,22 +410,17 @@ impl CallLimits {
     }
 
     fn check(&self, size: u64, built: u64) -> Result<(), ApiError> {
+        let too_large = |why: String| Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, why));
         if size > self.message {
-            return Err(ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "a message of {size} bytes exceeds [limits] max_message_size ({} bytes)",
-                    self.message
-                ),
+            let limit = self.message;
+            return too_large(format!(
+                "a message of {size} bytes exceeds [limits] max_message_size ({limit} bytes)"
             ));
         }
         if built > self.call {
-            return Err(ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the call's messages exceed [http] max_inject_bytes ({} bytes); split it into smaller calls",
-                    self.call
-                ),
+            let limit = self.call;
+            return too_large(format!(
+                "the call's messages exceed [http] max_inject_bytes ({limit} bytes); split it into smaller calls"
             ));
         }
         Ok(())

@@ -52,6 +52,7 @@ fn a_greylisting_hint_cannot_start_a_retry_storm() {
     assert!(first["next_attempt"].is_string(), "{first}");
     std::thread::sleep(Duration::from_secs(7));
     let attempts = rcpts_seen(&mx, "d@grey.test");
+    eprintln!("greylisted for 2^64 s: {attempts} RCPTs in about 7 s");
     // One attempt, then one every 1-2 s: a storm makes thousands, a dead queue manager one.
     assert!(
         (3..=8).contains(&attempts),
@@ -139,6 +140,7 @@ fn an_endless_reply_is_abandoned_within_bounded_memory() {
     let written = writer.join().unwrap();
     assert!(written < 100 << 20, "Baton hung up early: {written} bytes");
     let grown = server.peak_rss_kb().saturating_sub(rss_before);
+    eprintln!("endless reply: Baton hung up after {written} bytes; peak RSS grew {grown} KiB");
     assert!(grown < 50_000, "peak RSS grew by {grown} KiB");
 }
 
@@ -391,8 +393,9 @@ fn failing_tls() -> Arc<rustls::ServerConfig> {
     )
 }
 
-#[test]
-fn a_failed_opportunistic_starttls_is_retried_in_plaintext() {
+/// broken.test, whose MX offers STARTTLS and fails every handshake; Baton with `delivery`
+/// added to [delivery] has sent it one message.
+fn mail_to_broken_tls(delivery: &str) -> (World, common::mx::FakeMx, Server) {
     let (w, mx) = destination(
         "broken.test",
         Script {
@@ -400,8 +403,14 @@ fn a_failed_opportunistic_starttls_is_retried_in_plaintext() {
             ..Script::default()
         },
     );
-    let server = w.server("", "");
+    let server = w.server(delivery, "");
     send(&server, &["t@broken.test"], b"Subject: t\r\n\r\nhi\r\n");
+    (w, mx, server)
+}
+
+#[test]
+fn a_failed_opportunistic_starttls_is_retried_in_plaintext() {
+    let (_w, mx, server) = mail_to_broken_tls("");
     let e = server.wait_event(20, event_for("delivery", "t@broken.test"));
     assert_eq!(e["attempt"], 1, "delivered at the first attempt: {e}");
     let tls = e["tls"].as_str().unwrap_or_default();
@@ -416,15 +425,7 @@ fn a_failed_opportunistic_starttls_is_retried_in_plaintext() {
 
 #[test]
 fn a_required_tls_policy_never_falls_back() {
-    let (w, mx) = destination(
-        "broken.test",
-        Script {
-            tls: Some(failing_tls()),
-            ..Script::default()
-        },
-    );
-    let server = w.server("tls = \"required\"", "");
-    send(&server, &["t@broken.test"], b"Subject: t\r\n\r\nhi\r\n");
+    let (_w, mx, server) = mail_to_broken_tls("tls = \"required\"");
     let e = server.wait_event(20, event_for("transient_failure", "t@broken.test"));
     assert!(e["response"].as_str().unwrap().contains("TLS"), "{e}");
     std::thread::sleep(Duration::from_secs(1));
