@@ -330,13 +330,16 @@ async fn inject(
     )
     .map_err(|why| bad_request(format!("send_at: {why}")))?;
     // Every message is built (and so checked) before any is queued: a 4xx never leaves some
-    // of the call's messages queued behind it. What they may take is bounded.
+    // of the call's messages queued behind it. What they may take is bounded, and each is
+    // rendered only as it is built (a rendered copy of every recipient's content, attachments
+    // and all, would be the call's size times its recipients).
     let limits = CallLimits::of(&ctx);
     let mut built = 0u64;
     let messages = plan
         .into_iter()
-        .map(|(rcpts, text)| {
-            let envelope = envelope_for(&ctx, &request, &shared, rcpts, client);
+        .map(|planned| {
+            let text = planned.render(&request);
+            let envelope = envelope_for(&ctx, &request, &shared, planned.rcpts, client);
             let bytes = message_bytes(&ctx, &envelope, &text, client)?;
             built = built.saturating_add(bytes.len() as u64);
             limits.check(bytes.len() as u64, built)?;
@@ -470,10 +473,7 @@ fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<Strin
 
 /// One message per distinct text: without placeholders every recipient shares one message;
 /// with them each recipient gets their own. Returns (recipient indexes, rendered content).
-fn plan_injection(
-    ctx: &Context,
-    request: &InjectRequest,
-) -> Result<Vec<(Vec<usize>, Rendered)>, ApiError> {
+fn plan_injection(ctx: &Context, request: &InjectRequest) -> Result<Vec<Planned>, ApiError> {
     if request.recipients.is_empty() {
         return Err(bad_request("recipients is empty"));
     }
@@ -487,26 +487,36 @@ fn plan_injection(
     {
         return Err(bad_request(format!("no [[pool]] named {pool:?}")));
     }
-    let personal = has_placeholders(&request.content);
-    let empty = HashMap::new();
-    if !personal {
-        let text = render(&request.content, &empty, &request.substitutions, "");
-        return Ok(vec![((0..request.recipients.len()).collect(), text)]);
+    if !has_placeholders(&request.content) {
+        return Ok(vec![Planned {
+            rcpts: (0..request.recipients.len()).collect(),
+            personal: None,
+        }]);
     }
-    Ok(request
-        .recipients
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let text = render(
-                &request.content,
-                &r.substitutions,
-                &request.substitutions,
-                &r.email,
-            );
-            (vec![i], text)
+    Ok((0..request.recipients.len())
+        .map(|i| Planned {
+            rcpts: vec![i],
+            personal: Some(i),
         })
         .collect())
+}
+
+/// One message of a call: the recipients (indexes) it goes to, and the recipient whose
+/// substitutions fill it in (none: one message for all, with the call's defaults).
+struct Planned {
+    rcpts: Vec<usize>,
+    personal: Option<usize>,
+}
+
+impl Planned {
+    fn render(&self, request: &InjectRequest) -> Rendered {
+        let empty = HashMap::new();
+        let (own, email) = match self.personal.and_then(|i| request.recipients.get(i)) {
+            Some(r) => (&r.substitutions, r.email.as_str()),
+            None => (&empty, ""),
+        };
+        render(&request.content, own, &request.substitutions, email)
+    }
 }
 
 fn has_placeholders(content: &Content) -> bool {
