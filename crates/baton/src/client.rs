@@ -45,6 +45,9 @@ pub struct Reply {
     pub text: String,
     /// The text line by line.
     pub lines: Vec<String>,
+    /// The server's answer to this recipient's own RCPT: its verdict on the address itself
+    /// (a refused MAIL FROM or DATA says nothing about the recipient).
+    pub to_rcpt: bool,
 }
 
 impl Reply {
@@ -65,6 +68,7 @@ impl Reply {
             status: status.to_string(),
             lines: vec![text.clone()],
             text,
+            to_rcpt: false,
         }
     }
 }
@@ -645,7 +649,7 @@ impl Client {
             }
             let mail_reply = self.read_reply(COMMAND_TIMEOUT, "after MAIL").await?;
             for _ in 0..n {
-                rcpt_replies.push(self.read_reply(COMMAND_TIMEOUT, "after RCPT").await?);
+                rcpt_replies.push(self.read_rcpt_reply().await?);
             }
             if !mail_reply.is_positive() {
                 // DATA/BDAT is refused too; read that answer to stay in step.
@@ -669,7 +673,7 @@ impl Client {
             }
             for line in &rcpt_lines {
                 self.command(line).await?;
-                rcpt_replies.push(self.read_reply(COMMAND_TIMEOUT, "after RCPT").await?);
+                rcpt_replies.push(self.read_rcpt_reply().await?);
             }
             if rcpt_replies.iter().all(|r| !r.is_positive()) {
                 return Ok(rcpt_replies);
@@ -864,6 +868,12 @@ impl Client {
         }
     }
 
+    async fn read_rcpt_reply(&mut self) -> Result<Reply, ClientError> {
+        let mut reply = self.read_reply(COMMAND_TIMEOUT, "after RCPT").await?;
+        reply.to_rcpt = true;
+        Ok(reply)
+    }
+
     fn rejected(&self, stage: &str, reply: Reply) -> ClientError {
         ClientError::Rejected(
             self.remote.clone(),
@@ -900,6 +910,7 @@ fn make_reply(code: u16, lines: &[String]) -> Reply {
         status: status.unwrap_or_else(|| format!("{}.0.0", code / 100)),
         text,
         lines: lines.to_vec(),
+        to_rcpt: false,
     }
 }
 

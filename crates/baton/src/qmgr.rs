@@ -618,8 +618,11 @@ impl QueueManager {
                 event.size = Some(q.envelope.size);
                 event.tls = outcome.tls.clone();
                 event.source = outcome.source.clone();
+                // Only the recipient's own refusal says the address is bad: a refused sender
+                // (553 5.1.8) or a refused DATA is no verdict on it.
                 if state == RcptState::Bounced
                     && outcome.remote.is_some()
+                    && reply.to_rcpt
                     && crate::suppression::means_no_such_address(&reply.status)
                     && self.suppressions.add(&rcpt.address, &reply.line())
                 {

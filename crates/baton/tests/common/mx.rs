@@ -37,6 +37,8 @@ pub struct Script {
     pub greeting: String,
     /// EHLO keywords after the first line.
     pub capabilities: Vec<String>,
+    /// Reply to MAIL FROM.
+    pub mail_reply: String,
     /// Reply to RCPT, given the address and how many times this address was seen before.
     pub rcpt: Arc<RcptScript>,
     pub data_reply: String,
@@ -68,6 +70,7 @@ impl Default for Script {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            mail_reply: "250 2.1.0 ok".into(),
             rcpt: Arc::new(|_, _| "250 2.1.5 ok".into()),
             data_reply: "250 2.0.0 ok: queued".into(),
             data_delay: Duration::ZERO,
@@ -337,7 +340,15 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
                 peer,
                 helo: helo.clone(),
             });
-            conn.say("250 2.1.0 ok")?;
+            if !script.mail_reply.starts_with('2') {
+                tx = None;
+            }
+            conn.say(&script.mail_reply)?;
+        } else if upper.starts_with("RCPT TO:")
+            && tx.is_none()
+            && !script.mail_reply.starts_with('2')
+        {
+            conn.say("503 5.5.1 need MAIL command")?;
         } else if upper.starts_with("RCPT TO:") {
             let addr = between(&cmd, '<', '>');
             let seen = {

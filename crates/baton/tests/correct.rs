@@ -1,0 +1,66 @@
+//! Baton's promises in their corners (issue "Correct"): every failure reported, nothing
+//! acknowledged lost, scheduled mail sent on time, the envelope relayed as received. Each
+//! test was written to fail on the code before its fix.
+
+mod common;
+
+use common::Server;
+use common::http::get;
+use common::mx::Script;
+use common::world::{World, event_for, send};
+
+/// A world with one fake MX for `domain` on 127.0.0.2.
+fn destination(domain: &str, script: Script) -> (World, common::mx::FakeMx) {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx(domain, 10, &format!("mx.{domain}"));
+    w.dns.a(&format!("mx.{domain}"), "127.0.0.2");
+    let mx = w.mx("127.0.0.2", script);
+    (w, mx)
+}
+
+fn suppressed(server: &Server) -> Vec<String> {
+    get(server.http, "/api/v1/suppressions").json()["suppressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["email"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn a_refused_sender_suppresses_no_recipient() {
+    let (w, _mx) = destination(
+        "strict.test",
+        Script {
+            mail_reply: "553 5.1.8 sender domain does not exist".into(),
+            ..Script::default()
+        },
+    );
+    let server = w.server("", "");
+    send(
+        &server,
+        &["a@strict.test", "b@strict.test"],
+        b"Subject: s\r\n\r\nhi\r\n",
+    );
+    for rcpt in ["a@strict.test", "b@strict.test"] {
+        let e = server.wait_event(15, event_for("bounce", rcpt));
+        assert_eq!(e["status"], "5.1.8", "{e}");
+    }
+    assert_eq!(
+        suppressed(&server),
+        Vec::<String>::new(),
+        "the sender was refused, not them"
+    );
+    // A recipient's own refusal still suppresses it.
+    let (w, _mx) = destination(
+        "gone.test",
+        Script {
+            rcpt: std::sync::Arc::new(|_, _| "550 5.1.1 no such user".into()),
+            ..Script::default()
+        },
+    );
+    let server = w.server("", "");
+    send(&server, &["x@gone.test"], b"Subject: s\r\n\r\nhi\r\n");
+    server.wait_event(15, event_for("suppression", "x@gone.test"));
+    assert_eq!(suppressed(&server), ["x@gone.test"]);
+}
