@@ -1030,12 +1030,29 @@ impl Session {
         let Transaction {
             id, mail, rcpts, ..
         } = tx;
+        let config = &self.ctx.config;
+        // The bare <Postmaster> (RFC 5321 §4.5.1) is this server's postmaster: at its first
+        // local domain, so that it is delivered here, never routed to a domain "".
+        let postmaster = || {
+            let domain = config
+                .relay
+                .local_domains
+                .first()
+                .unwrap_or(&config.hostname);
+            format!("postmaster@{domain}")
+        };
         Envelope {
             id,
             sender: mail.address,
             recipients: rcpts
                 .into_iter()
-                .map(|r| Recipient::new(r.address, r.orcpt, r.notify.0))
+                .map(|r| {
+                    let address = match r.address.as_str() {
+                        "postmaster" => postmaster(),
+                        _ => r.address,
+                    };
+                    Recipient::new(address, r.orcpt, r.notify.0)
+                })
                 .collect(),
             dsn_ret: mail.ret.map(|r| match r {
                 Ret::Full => DsnRet::Full,

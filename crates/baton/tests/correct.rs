@@ -64,3 +64,50 @@ fn a_refused_sender_suppresses_no_recipient() {
     server.wait_event(15, event_for("suppression", "x@gone.test"));
     assert_eq!(suppressed(&server), ["x@gone.test"]);
 }
+
+#[test]
+fn the_bare_postmaster_is_delivered_here() {
+    let server = Server::start_delivering("");
+    let mut c = server.connect();
+    c.hello();
+    assert_eq!(c.cmd("MAIL FROM:<a@example.org>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<Postmaster>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: to the postmaster\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(c.reply().code, 250);
+    let e = server.wait_event(15, |e| e["type"] == "delivery");
+    assert_eq!(e["recipient"], "postmaster@mx.test.example", "{e}");
+    let new = server.data_dir().join("mail/postmaster/new");
+    assert_eq!(
+        std::fs::read_dir(&new).unwrap().count(),
+        1,
+        "in {}",
+        new.display()
+    );
+}
+
+#[test]
+fn quoted_local_parts_are_relayed_as_received() {
+    let (w, mx) = destination("q.test", Script::default());
+    let server = w.server("", "");
+    let mut c = server.connect();
+    c.hello();
+    assert_eq!(c.cmd("MAIL FROM:<alice@sender.test>").code, 250);
+    for rcpt in ["\"john smith\"@q.test", "\"a@x\"@q.test", "plain@q.test"] {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        assert_eq!(r.code, 250, "{rcpt}: {r:?}");
+    }
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: q\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(c.reply().code, 250);
+    let got = mx.wait_for(1, 15);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].rcpt_lines,
+        [
+            "RCPT TO:<\"john smith\"@q.test>",
+            "RCPT TO:<\"a@x\"@q.test>",
+            "RCPT TO:<plain@q.test>"
+        ]
+    );
+}
