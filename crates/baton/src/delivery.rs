@@ -455,7 +455,7 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         }
         if conn.is_none() {
             let source = dest.pool.as_ref().map(pick_source);
-            let pool = dest.pool.as_ref().map(|p| p.name.as_str());
+            let pool = dest.pool.as_ref().map(pool_name);
             match connect(&ctx, &dest.key, source, pool).await {
                 Ok(c) => {
                     ctx.connections_opened.fetch_add(1, Ordering::Relaxed);
@@ -478,18 +478,23 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                 .operator_suspended_key(&format!("tenant:{tenant}"))
         {
             // This tenant's mail waits; other tenants' mail on this connection goes on.
-            let failure = ConnectFailure::suspended(&dest.key, until);
-            let reply = Reply::local(451, "4.7.0", format!("tenant {tenant} is suspended"));
+            let failure = ConnectFailure::suspended(&dest.key, until, BY_OPERATOR);
+            let reply = Reply::local(
+                451,
+                "4.7.0",
+                format!("tenant {tenant} is suspended by the operator"),
+            );
             report_all_until(&ctx, &job, &reply, None, failure.not_before);
             continue;
         }
         let Some(connection) = conn.as_mut() else {
             continue;
         };
-        let suspended = connection.limits.as_ref().and_then(|l| l.suspended_until());
-        if let Some(until) = suspended {
-            // Suspended while connected: stop, and everything waiting waits for the end.
-            let failure = ConnectFailure::suspended(&dest.key, until);
+        let pool = dest.pool.as_ref().map(pool_name);
+        if let Some((until, by)) = suspension(&ctx, &dest.key, connection.limits.as_deref(), pool) {
+            // Suspended while connected (by a backoff rule or the operator): stop before the
+            // next transaction, and everything waiting waits for the end.
+            let failure = ConnectFailure::suspended(&dest.key, until, by);
             for j in std::iter::once(job).chain(dest.take_all()) {
                 report_all_until(&ctx, &j, &failure.reply, None, failure.not_before);
             }
@@ -676,8 +681,8 @@ impl ConnectFailure {
         }
     }
 
-    /// The destination is suspended until `until`.
-    fn suspended(dest: &Destination, until: tokio::time::Instant) -> Self {
+    /// The destination is suspended until `until`, `by` a backoff rule or the operator.
+    fn suspended(dest: &Destination, until: tokio::time::Instant, by: &str) -> Self {
         let ms = until.saturating_duration_since(tokio::time::Instant::now());
         let at = baton_spool::now_ms() + ms.as_millis() as u64;
         let when = jiff::Timestamp::from_millisecond(at as i64)
@@ -687,12 +692,42 @@ impl ConnectFailure {
             reply: Reply::local(
                 451,
                 "4.7.0",
-                format!("{dest} is suspended by a backoff rule until {when}"),
+                format!("{dest} is suspended by {by} until {when}"),
             ),
             remote: None,
             not_before: Some(at),
         }
     }
+}
+
+const BY_BACKOFF: &str = "a backoff rule";
+const BY_OPERATOR: &str = "the operator";
+
+/// Whether `dest` is suspended now, until when and by whom: its adaptive state (`limits`) or
+/// the operator (the destination, or the pool `pool`). Asked before every connection and every
+/// transaction, so a suspension stops connections already open too.
+fn suspension(
+    ctx: &DeliveryContext,
+    dest: &Destination,
+    limits: Option<&Limits>,
+    pool: Option<&str>,
+) -> Option<(tokio::time::Instant, &'static str)> {
+    if let Some(until) = limits.and_then(|l| l.suspended_until()) {
+        return Some((until, BY_BACKOFF));
+    }
+    let domain = match dest {
+        Destination::Mx(d) => d.as_str(),
+        Destination::Smarthost(relay) => relay.host.as_str(),
+        Destination::Local => "local",
+    };
+    ctx.shaper
+        .operator_suspended(domain, pool)
+        .map(|until| (until, BY_OPERATOR))
+}
+
+/// A pool's own name: a greylisted retry's pool pinned to one source is "NAME@SOURCE".
+fn pool_name(pool: &Pool) -> &str {
+    pool.name.split('@').next().unwrap_or(&pool.name)
 }
 
 /// A source from the pool, at random by weight.
@@ -811,16 +846,8 @@ async fn connect(
         Destination::Smarthost(relay) => Some(ctx.shaper.limits_for(source, &relay.host, &hosts)),
         Destination::Local => None,
     };
-    if let Some(until) = limits.as_ref().and_then(|l| l.suspended_until()) {
-        return Err(ConnectFailure::suspended(dest, until));
-    }
-    let domain = match dest {
-        Destination::Mx(d) => d.as_str(),
-        Destination::Smarthost(relay) => relay.host.as_str(),
-        Destination::Local => "local",
-    };
-    if let Some(until) = ctx.shaper.operator_suspended(domain, pool) {
-        return Err(ConnectFailure::suspended(dest, until));
+    if let Some((until, by)) = suspension(ctx, dest, limits.as_deref(), pool) {
+        return Err(ConnectFailure::suspended(dest, until, by));
     }
     let slot = match &limits {
         Some(l) => Some(l.connection().await),

@@ -111,3 +111,44 @@ fn quoted_local_parts_are_relayed_as_received() {
         ]
     );
 }
+
+#[test]
+fn a_suspension_stops_a_connection_already_open() {
+    let (w, mx) = destination("open.test", Script::default());
+    // Connections stay open (idle) for 30 s after their last message.
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {}\nidle_timeout = \"30s\"\nretry_min = \"1s\"\n",
+        w.dns.config(),
+        w.port
+    ));
+    send(&server, &["first@open.test"], b"Subject: 1\r\n\r\nhi\r\n");
+    assert_eq!(mx.wait_for(1, 15).len(), 1);
+    let out = server.cli(&["suspend", "open.test", "--for", "1h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..5 {
+        send(
+            &server,
+            &[&*format!("r{i}@open.test")],
+            b"Subject: n\r\n\r\nhi\r\n",
+        );
+    }
+    let held = server.wait_event(15, event_for("held", "r4@open.test"));
+    assert!(
+        held["response"]
+            .as_str()
+            .unwrap()
+            .contains("suspended by the operator"),
+        "{held}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        mx.messages().len(),
+        1,
+        "nothing went out over the open connection"
+    );
+    assert_eq!(mx.connections(), 1);
+}
