@@ -660,6 +660,10 @@ impl Shared {
                 meta.push((key.to_string(), v.to_ascii_lowercase()));
             }
         }
+        if send_at_ms > 0 {
+            // Kept, so that operator actions (flush, resume, release) never send it earlier.
+            meta.push(("send_at".to_string(), send_at_ms.to_string()));
+        }
         Ok(Shared { meta, send_at_ms })
     }
 }

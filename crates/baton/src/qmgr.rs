@@ -779,7 +779,7 @@ impl QueueManager {
                         tracing::error!(id = %id, error = %e, "cannot record a rebind");
                     }
                     moved += 1;
-                    self.release(id, "pool:");
+                    self.release(id, "");
                 }
                 self.shaping_event(
                     &format!("pool:{from}"),
@@ -800,8 +800,7 @@ impl QueueManager {
                 let ids: Vec<QueueId> = self.messages.keys().copied().collect();
                 let mut flushed = 0;
                 for id in ids {
-                    flushed += self.waiting_at(id, &domain).len();
-                    self.release(id, &domain);
+                    flushed += self.release(id, &domain);
                 }
                 json!({"ok": true, "destination": domain, "flushed": flushed})
             }
@@ -982,25 +981,46 @@ impl QueueManager {
             .collect()
     }
 
-    /// Makes the recipients of `destination` (a domain, or every recipient for "pool:..." and
-    /// "tenant:...") due now, after a resume.
-    fn release(&mut self, id: QueueId, destination: &str) {
-        let rcpts = if destination.contains(':') {
-            self.waiting_at(id, "")
-        } else {
-            self.waiting_at(id, destination)
+    /// Makes the waiting recipients of message `id` that `target` names due now (after a
+    /// resume, flush, release or rebind): a domain, "tenant:NAME" or "pool:NAME" (the message's
+    /// recipients if it is that tenant's or in that pool), or "" (all of them). Never earlier
+    /// than the message's send-at time (its delivery window is kept by `dispatch`). Returns how
+    /// many recipients it made due.
+    fn release(&mut self, id: QueueId, target: &str) -> usize {
+        let Some(q) = self.messages.get(&id) else {
+            return 0;
         };
-        if rcpts.is_empty() {
-            return;
-        }
-        if let Some(q) = self.messages.get_mut(&id) {
-            for &i in &rcpts {
-                if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
-                    r.next_attempt_ms = 0;
-                }
+        let domain = match target.split_once(':') {
+            Some(("tenant", tenant)) if q.envelope.meta("tenant") != Some(tenant) => return 0,
+            Some(("pool", pool))
+                if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(pool) =>
+            {
+                return 0;
+            }
+            Some(_) => "",
+            None => target,
+        };
+        let rcpts = self.waiting_at(id, domain);
+        let Some(q) = self.messages.get_mut(&id) else {
+            return 0;
+        };
+        let not_before = q
+            .envelope
+            .meta("send_at")
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0);
+        let now = now_ms();
+        let mut released = 0;
+        for &i in &rcpts {
+            if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
+                r.next_attempt_ms = r.next_attempt_ms.min(not_before);
+                released += usize::from(r.next_attempt_ms <= now);
             }
         }
-        self.dispatch(id);
+        if !rcpts.is_empty() {
+            self.dispatch(id);
+        }
+        released
     }
 
     /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.

@@ -1098,6 +1098,8 @@ fn apply_schedule(envelope: &mut Envelope, head: &[u8], config: &Config) -> Resu
         for r in &mut envelope.recipients {
             r.next_attempt_ms = at;
         }
+        // Kept, so that operator actions (flush, resume, release) never send it earlier.
+        envelope.meta.push(("send_at".into(), at.to_string()));
     }
     if let Some(window) = requested.window {
         envelope.meta.push(("window".into(), window));

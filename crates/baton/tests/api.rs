@@ -604,14 +604,20 @@ fn stats_by_campaign_through_the_api_and_the_cli() {
 fn held_messages_wait_for_release_across_a_restart() {
     let (w, mx) = world_with_mx();
     let mut server = w.server("", "");
-    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    // The destination waits (suspended) while one message is held.
+    let r = post(
+        server.http,
+        "/api/v1/queue/suspend",
+        &json!({"destination": "dest.test", "seconds": 3600}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     let mut ids = Vec::new();
     for rcpt in ["kept@dest.test", "free@dest.test"] {
         let r = post(
             server.http,
             "/api/v1/inject",
             &json!({"envelope_sender": "s@sender.test", "content": "Subject: h\r\n\r\nx\r\n",
-                    "recipients": [{"email": rcpt}], "send_at": later}),
+                    "recipients": [{"email": rcpt}]}),
         );
         assert_eq!(r.status, 202, "{}", r.body);
         ids.push(r.json()["ids"][0].as_str().unwrap().to_string());
@@ -620,15 +626,18 @@ fn held_messages_wait_for_release_across_a_restart() {
     assert_eq!(r.json()["held"], 1, "{}", r.body);
     let r = post(server.http, "/api/v1/queue/hold", &json!({}));
     assert_eq!(r.status, 400);
-    // A flush sends what waits for its time, not what the operator holds.
-    post(server.http, "/api/v1/queue/flush", &json!({}));
+    // A resume sends what waited for the destination, not what the operator holds.
+    let r = post(
+        server.http,
+        "/api/v1/queue/resume",
+        &json!({"destination": "dest.test"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     server.wait_event(30, |e| {
         e["type"] == "delivery" && e["recipient"] == "free@dest.test"
     });
-    assert_eq!(
-        get(server.http, "/api/v1/queue").json()["recipients"]["held"],
-        1
-    );
+    let q = get(server.http, "/api/v1/queue").json();
+    assert_eq!(q["recipients"]["held"], 1, "{q}\n{:#?}", server.events());
 
     server.kill9();
     server.spawn();
@@ -647,8 +656,7 @@ fn held_messages_wait_for_release_across_a_restart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Released, it still waits for its send_at: flush it.
-    post(server.http, "/api/v1/queue/flush", &json!({}));
+    // Released, it goes.
     server.wait_event(30, |e| {
         e["type"] == "delivery" && e["recipient"] == "kept@dest.test"
     });

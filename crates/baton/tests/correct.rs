@@ -152,3 +152,32 @@ fn a_suspension_stops_a_connection_already_open() {
     );
     assert_eq!(mx.connections(), 1);
 }
+
+#[test]
+fn operator_actions_never_send_scheduled_mail_early() {
+    let (w, mx) = destination("sched.test", Script::default());
+    let server = w.server(
+        "",
+        "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\n\
+         [[pool]]\nname = \"x\"\nsources = [\"ip10\"]\nsender_domains = [\"other.test\"]\n",
+    );
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let body =
+        format!("X-Baton-Send-At: {at}\r\nX-Baton-Tenant: acme\r\nSubject: later\r\n\r\nhi\r\n");
+    let id = send(&server, &["r@sched.test"], body.as_bytes());
+    let act = |action: &str, body: serde_json::Value| {
+        let r = common::http::post(server.http, &format!("/api/v1/queue/{action}"), &body);
+        assert_eq!(r.status, 200, "{action}: {}", r.body);
+    };
+    act("resume", serde_json::json!({"destination": "tenant:acme"}));
+    act("resume", serde_json::json!({"destination": "pool:x"}));
+    act("resume", serde_json::json!({"destination": "sched.test"}));
+    act("flush", serde_json::json!({}));
+    act("hold", serde_json::json!({"id": id}));
+    act("release", serde_json::json!({"id": id}));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(mx.messages().is_empty(), "sent before its time");
+    let status = get(server.http, &format!("/api/v1/messages/{id}")).json();
+    let next = status["recipients"][0]["next_attempt_ms"].as_i64().unwrap();
+    assert_eq!(next, at.as_millisecond(), "{status}");
+}
