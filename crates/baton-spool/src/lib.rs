@@ -305,9 +305,18 @@ impl Spool {
                 reply,
             })
             .map_err(|_| SpoolError::Stopped)?;
-        let location = rx.await.map_err(|_| SpoolError::Stopped)??;
+        // From here the record may reach the disk whether or not this future is awaited to
+        // the end (a caller that goes away drops it): the body file must outlive it. A failed
+        // write gives it back to be removed; a record never written leaves an orphan that
+        // recovery removes.
         body.committed = true;
-        Ok((location, inline))
+        match rx.await.map_err(|_| SpoolError::Stopped)? {
+            Ok(location) => Ok((location, inline)),
+            Err(e) => {
+                body.committed = false;
+                Err(e)
+            }
+        }
     }
 
     /// Appends recipient updates and finished messages. Not waited for: they are written with

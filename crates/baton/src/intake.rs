@@ -5,13 +5,31 @@
 //!
 //! Owns that hand-over; it must not parse SMTP or HTTP.
 
+use std::sync::Arc;
+
 use baton_spool::{BodyWriter, Envelope, QueueId, SpoolError, StoredMessage};
 
 use crate::events::EventKind;
 use crate::server::Context;
 
 /// Commits and queues a message; `origin` names where it came from in the log ("mx", "http").
+///
+/// The work runs in a task of its own: once begun it completes and reaches the queue manager
+/// even if the caller goes away (an HTTP client that disconnects, a session aborted at
+/// shutdown), so a message on disk is never unknown to the running server.
 pub async fn queue_message(
+    ctx: &Arc<Context>,
+    envelope: Envelope,
+    body: BodyWriter,
+    origin: &'static str,
+) -> Result<QueueId, SpoolError> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { commit_and_queue(&ctx, envelope, body, origin).await })
+        .await
+        .unwrap_or(Err(SpoolError::Stopped))
+}
+
+async fn commit_and_queue(
     ctx: &Context,
     envelope: Envelope,
     body: BodyWriter,

@@ -181,3 +181,54 @@ fn operator_actions_never_send_scheduled_mail_early() {
     let next = status["recipients"][0]["next_attempt_ms"].as_i64().unwrap();
     assert_eq!(next, at.as_millisecond(), "{status}");
 }
+
+/// Posts an inject call over a raw socket and hangs up `after` the request went out, without
+/// reading the answer.
+fn inject_and_hang_up(server: &Server, body: &serde_json::Value, after: std::time::Duration) {
+    use std::io::Write;
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(server.http).unwrap();
+    let head = format!(
+        "POST /api/v1/inject HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    std::thread::sleep(after);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn a_caller_that_hangs_up_strands_no_message() {
+    let server = Server::start("");
+    // Personalised messages over 256 KiB: each body is a file of its own.
+    let text = format!("Hello {{{{email}}}}\r\n{}\r\n", "z".repeat(300 << 10));
+    let recipients: Vec<_> = (0..120)
+        .map(|i| serde_json::json!({"email": format!("r{i}@example.net")}))
+        .collect();
+    let call = serde_json::json!({
+        "envelope_sender": "a@example.org",
+        "content": format!("From: a@example.org\r\nSubject: s\r\n\r\n{text}"),
+        "recipients": recipients,
+    });
+    for ms in [30, 100, 300, 600, 1000] {
+        inject_and_hang_up(&server, &call, std::time::Duration::from_millis(ms));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    // Every message on disk is known to the running server, with its body.
+    let ids = server.queued_ids();
+    for id in &ids {
+        let r = get(server.http, &format!("/api/v1/messages/{id}"));
+        assert_eq!(
+            r.status, 200,
+            "{id} is on disk but unknown to the server: {}",
+            r.body
+        );
+        let body = server.body(id);
+        assert!(body.len() > 300 << 10, "{id}: body of {} bytes", body.len());
+    }
+    eprintln!(
+        "{} messages queued by calls whose callers hung up",
+        ids.len()
+    );
+}
