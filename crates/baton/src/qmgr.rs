@@ -665,24 +665,26 @@ impl QueueManager {
         self.after_attempt(id, updates).await;
     }
 
-    /// Once no job of the message is out: send the DSNs it has gathered, schedule what is
-    /// deferred, and remove it if every recipient is final.
+    /// After a job's outcomes: send the DSNs they call for, then record the recipients' new
+    /// states; once no job of the message is out, schedule what is deferred and remove the
+    /// message if every recipient is final.
     ///
-    /// DSNs are committed before the recipient states that caused them are recorded: a crash in
-    /// between repeats a notice rather than losing one.
+    /// A notice is as durable as the state it reports: the DSN is committed before the states
+    /// that caused it are recorded (a crash in between repeats a notice rather than losing one),
+    /// and it goes at once, not when the message's slowest destination has answered.
     async fn after_attempt(&mut self, id: QueueId, updates: Vec<RecipientUpdate>) {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        if q.jobs_out == 0 {
-            let batches = [
-                std::mem::take(&mut q.failures),
-                std::mem::take(&mut q.delays),
-                std::mem::take(&mut q.successes),
-            ];
-            for batch in batches.into_iter().filter(|b| !b.is_empty()) {
-                self.send_dsn(id, batch).await;
-            }
+        let batches = [
+            std::mem::take(&mut q.failures),
+            std::mem::take(&mut q.delays),
+            std::mem::take(&mut q.successes),
+        ];
+        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+            self.send_dsn(id, batch).await;
+        }
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) {
             if let Some(q) = self.messages.get_mut(&id) {
                 // Whatever waits for a retry waits without its body in memory: the next
                 // attempt reads it from the spool.

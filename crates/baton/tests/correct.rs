@@ -232,3 +232,49 @@ fn a_caller_that_hangs_up_strands_no_message() {
         ids.len()
     );
 }
+
+#[test]
+fn a_failure_notice_survives_a_crash_while_another_destination_is_slow() {
+    let w = World::new(&["127.0.0.2", "127.0.0.3"]);
+    w.dns.mx("fast.test", 10, "mx.fast.test");
+    w.dns.a("mx.fast.test", "127.0.0.2");
+    w.dns.mx("slow.test", 10, "mx.slow.test");
+    w.dns.a("mx.slow.test", "127.0.0.3");
+    let _fast = w.mx(
+        "127.0.0.2",
+        Script {
+            rcpt: std::sync::Arc::new(|_, _| "550 5.1.1 no such user".into()),
+            ..Script::default()
+        },
+    );
+    let _slow = w.mx(
+        "127.0.0.3",
+        Script {
+            data_delay: std::time::Duration::from_secs(8),
+            ..Script::default()
+        },
+    );
+    let sender_mx = w.sender_mx();
+    let mut server = w.server("", "");
+    send(
+        &server,
+        &["a@fast.test", "b@slow.test"],
+        b"Subject: two\r\n\r\nhi\r\n",
+    );
+    // A is refused while B's server still holds the data: crash now.
+    server.wait_event(15, event_for("bounce", "a@fast.test"));
+    server.kill9();
+    server.spawn();
+    let dsns = sender_mx.wait_for(1, 20);
+    assert_eq!(
+        dsns.len(),
+        1,
+        "the failure notice for a@fast.test\n{}",
+        server.log()
+    );
+    let text = String::from_utf8_lossy(&dsns[0].body);
+    assert!(
+        text.contains("Final-Recipient: rfc822; a@fast.test"),
+        "{text}"
+    );
+}
