@@ -193,6 +193,7 @@ impl Spool {
             live: live_index,
             segment_live,
             dirty: false,
+            unsynced_done: Vec::new(),
         };
         committer.remove_dead_segments();
         thread::Builder::new()
@@ -536,6 +537,10 @@ struct Committer {
     segment_live: BTreeMap<u64, usize>,
     /// Records written since the last fsync.
     dirty: bool,
+    /// Finished messages whose done record is written but not yet fsynced: their body files
+    /// and segments may go only once it is (after a power cut the message would come back
+    /// pointing at a missing body).
+    unsynced_done: Vec<QueueId>,
 }
 
 /// Records not followed by a message commit are fsynced after this long at the latest.
@@ -572,6 +577,19 @@ impl Committer {
                 Err(e) => tracing::error!(error = %e, "journal fsync failed"),
             }
         }
+        self.forget_durable();
+    }
+
+    /// Forgets the finished messages whose done records are on disk: their body files go, and
+    /// segments from the oldest on once nothing in them is live.
+    fn forget_durable(&mut self) {
+        if self.dirty && self.options.fsync {
+            return;
+        }
+        for id in std::mem::take(&mut self.unsynced_done) {
+            self.forget(id);
+        }
+        self.remove_dead_segments();
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<CommitRequest>) {
@@ -600,17 +618,15 @@ impl Committer {
                 CommitRequest::Records { .. } => {}
             }
         }
-        for id in finished {
-            self.forget(id);
-        }
-        self.remove_dead_segments();
+        self.unsynced_done.extend(finished);
+        self.forget_durable();
         // Answer last, so that whoever waits on a commit sees the batch's clean-up done too.
         for (reply, location) in replies {
             let _ = reply.send(location);
         }
     }
 
-    /// A finished message: its body file goes now (its done record is durable), its segment
+    /// A finished message whose done record is durable: its body file goes now, its segment
     /// once nothing in it or before it is live.
     fn forget(&mut self, id: QueueId) {
         if let Some((segment, in_file)) = self.live.remove(&id) {

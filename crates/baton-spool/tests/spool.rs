@@ -223,6 +223,24 @@ fn baton_spool_magic() -> Vec<u8> {
     b"BATONJ3\n".to_vec()
 }
 
+/// A finished message's body file goes only once its done record is on disk: deleted before,
+/// a power cut would bring the message back pointing at a missing body.
+#[tokio::test]
+async fn a_body_outlives_its_unsynced_done_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    let big = store(&spool, &vec![b'B'; 400 << 10]).await;
+    let body = dir.path().join("bodies").join(big.id.to_string());
+    assert!(body.exists());
+    // A done record alone is not fsynced at once (it rides with the next commit, or the
+    // committer syncs it within a second).
+    spool.record(&[], &[big.id]).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(body.exists(), "deleted before its done record was durable");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!body.exists(), "deleted once the record was synced");
+}
+
 #[tokio::test]
 async fn updates_and_done_records_survive_and_finished_segments_go() {
     let dir = tempfile::tempdir().unwrap();
