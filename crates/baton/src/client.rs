@@ -27,7 +27,9 @@ use crate::trust::{Tlsa, Trust};
 const GREETING_TIMEOUT: Duration = Duration::from_secs(300);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 const DATA_INIT_TIMEOUT: Duration = Duration::from_secs(120);
-const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(180);
+/// Data goes out in blocks of this size, each under the data-block timeout (RFC 5321
+/// §4.5.3.2.6: the timeout is per block, not for the whole message).
+const DATA_BLOCK: usize = 1 << 20;
 const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// The most a server's reply may hold, all its lines together (a line without its end counts
 /// too); past it the attempt is abandoned.
@@ -243,6 +245,8 @@ pub struct Client {
     needs_rset: bool,
     /// Replies read since the current `send` began.
     replies_this_send: usize,
+    /// How long one block of message data may take to go out.
+    data_block_timeout: Duration,
 }
 
 /// How a connection should be opened.
@@ -261,6 +265,8 @@ pub struct ConnectOptions<'a> {
     pub dane: Option<&'a [Tlsa]>,
     /// What chose `tls`, for the delivery record ("opportunistic", "mta-sts", "dane", "route").
     pub policy: &'a str,
+    /// How long one block (1 MiB) of message data may take to go out.
+    pub data_block_timeout: Duration,
 }
 
 impl Client {
@@ -330,10 +336,12 @@ impl Client {
             transactions: 0,
             needs_rset: false,
             replies_this_send: 0,
+            data_block_timeout: Duration::from_secs(180),
         }
     }
 
     async fn open(&mut self, options: &ConnectOptions<'_>, host: &str) -> Result<(), ClientError> {
+        self.data_block_timeout = options.data_block_timeout;
         let greeting = self
             .read_reply(GREETING_TIMEOUT, "waiting for the greeting")
             .await?;
@@ -750,11 +758,15 @@ impl Client {
         r
     }
 
-    /// Flushes the queued commands and then `body`, without copying the body.
+    /// Flushes the queued commands and then `body` in blocks, each under the data-block
+    /// timeout, without copying the body.
     async fn flush_with(&mut self, body: &Bytes) -> Result<(), ClientError> {
         self.flush().await?;
-        self.write_all(body, DATA_BLOCK_TIMEOUT, "sending data")
-            .await
+        for block in body.chunks(DATA_BLOCK) {
+            self.write_all(block, self.data_block_timeout, "sending data")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn write_all(
@@ -788,10 +800,10 @@ impl Client {
                 start = i;
             }
             at_line_start = b == b'\n';
-            if out.len() + (i - start) >= 1 << 20 {
+            if out.len() + (i - start) >= DATA_BLOCK {
                 out.extend_from_slice(&bytes[start..=i]);
                 start = i + 1;
-                self.write_all(&out, DATA_BLOCK_TIMEOUT, "sending data")
+                self.write_all(&out, self.data_block_timeout, "sending data")
                     .await?;
                 out.clear();
             }
@@ -801,7 +813,7 @@ impl Client {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b".\r\n");
-        self.write_all(&out, DATA_BLOCK_TIMEOUT, "sending data")
+        self.write_all(&out, self.data_block_timeout, "sending data")
             .await
     }
 

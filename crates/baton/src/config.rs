@@ -221,6 +221,9 @@ pub struct DeliveryConfig {
     pub max_messages_per_connection: usize,
     pub max_recipients_per_transaction: usize,
     pub connect_timeout: Duration,
+    /// How long one 1 MiB block of message data may take to reach the next hop (RFC 5321's
+    /// 3-minute data-block timeout; Postfix's smtp_data_xfer_timeout).
+    pub data_timeout: Duration,
     /// How long an idle outbound connection is kept for more mail.
     pub idle_timeout: Duration,
     /// Accept and queue, but deliver nothing (maintenance; like Postfix's hold queue).
@@ -576,6 +579,7 @@ struct RawDelivery {
     max_messages_per_connection: Option<Spanned<u64>>,
     max_recipients_per_transaction: Option<Spanned<u64>>,
     connect_timeout: Option<Spanned<Quantity>>,
+    data_timeout: Option<Spanned<Quantity>>,
     idle_timeout: Option<Spanned<Quantity>>,
     hold: Option<bool>,
     greylist_retry: Option<Spanned<Quantity>>,
@@ -1002,6 +1006,7 @@ impl Validator<'_> {
             max_recipients_per_transaction: self.count(raw.max_recipients_per_transaction, 100)
                 as usize,
             connect_timeout,
+            data_timeout: self.duration_or(raw.data_timeout, 180),
             idle_timeout,
             hold: raw.hold.unwrap_or(false),
             greylist_retry: self.duration_or(raw.greylist_retry, 60),

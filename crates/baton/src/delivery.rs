@@ -761,6 +761,7 @@ async fn connect(
             .and_then(|s| s.ehlo.as_deref())
             .unwrap_or(&config.hostname),
         connect_timeout: config.delivery.connect_timeout,
+        data_block_timeout: config.delivery.data_timeout,
         tls: plan.mode,
         auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),
         bind: source.map(|s| s.address),

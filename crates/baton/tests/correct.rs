@@ -278,3 +278,38 @@ fn a_failure_notice_survives_a_crash_while_another_destination_is_slow() {
         "{text}"
     );
 }
+
+#[test]
+fn a_big_message_to_a_slow_chunking_server_is_timed_per_block() {
+    let (w, mx) = destination(
+        "slowread.test",
+        Script {
+            capabilities: vec![
+                "PIPELINING".into(),
+                "CHUNKING".into(),
+                "SIZE 100000000".into(),
+            ],
+            read_pace: std::time::Duration::from_millis(4),
+            ..Script::default()
+        },
+    );
+    // Each 1 MiB block may take 2 s; the whole 20 MB takes about 10 s at ~2 MB/s.
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {}\ndata_timeout = \"2s\"\nretry_min = \"1h\"\n",
+        w.dns.config(),
+        w.port
+    ));
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    for _ in 0..(20 << 20) / 80 {
+        body.extend_from_slice(&[b'x'; 78]);
+        body.extend_from_slice(b"\r\n");
+    }
+    send(&server, &["big@slowread.test"], &body);
+    let e = server.wait_event(60, |e| {
+        e["recipient"] == "big@slowread.test" && e["type"] != "reception"
+    });
+    assert_eq!(e["type"], "delivery", "{e}");
+    assert_eq!(e["attempt"], 1);
+    let got = mx.messages();
+    assert!(got[0].via_bdat && got[0].body.len() > 20 << 20);
+}

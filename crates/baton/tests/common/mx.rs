@@ -54,6 +54,8 @@ pub struct Script {
     /// Drop the connection, without a word, after this many transactions (a server that
     /// closed an idle connection, or restarted).
     pub close_after: Option<usize>,
+    /// Pause this long before each read of at most 8 KiB (a slow reader: 4 ms is ~2 MB/s).
+    pub read_pace: Duration,
 }
 
 impl Default for Script {
@@ -79,6 +81,7 @@ impl Default for Script {
             auth: None,
             no_ehlo: false,
             close_after: None,
+            read_pace: Duration::ZERO,
         }
     }
 }
@@ -191,10 +194,14 @@ enum Io {
 struct Conn {
     io: Io,
     buf: Vec<u8>,
+    pace: Duration,
 }
 
 impl Conn {
     fn fill(&mut self) -> std::io::Result<usize> {
+        if !self.pace.is_zero() {
+            std::thread::sleep(self.pace);
+        }
         let mut chunk = [0u8; 8192];
         let n = match &mut self.io {
             Io::Plain(s) => s.read(&mut chunk)?,
@@ -244,6 +251,7 @@ impl Conn {
         Ok(Conn {
             io: Io::Tls(Box::new(rustls::StreamOwned::new(session, tcp))),
             buf: Vec::new(),
+            pace: self.pace,
         })
     }
 }
@@ -256,6 +264,7 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
     let mut conn = Conn {
         io: Io::Plain(stream),
         buf: Vec::new(),
+        pace: script.read_pace,
     };
     conn.say(&script.greeting)?;
     if !script.greeting.starts_with("220") {
