@@ -109,6 +109,7 @@ impl Events {
         let dir = data_dir.join("events");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("events.jsonl");
+        repair_torn_tail(&path)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -178,6 +179,69 @@ impl Events {
     }
 }
 
+/// Cuts an unfinished last line (a crash or a full disk mid-write) so that the next event
+/// starts a line of its own instead of being glued to it.
+fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return Ok(()); // not there yet
+    };
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(path = %path.display(), cut = len - end, "event log ended in an unfinished line; cut");
+        file.set_len(end)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The longest event line written: a longer one has its `response` shortened (readers, webhooks
+/// among them, read the log in bounded chunks).
+const MAX_LINE: usize = 64 << 10;
+
+/// Appends one event as a JSON line to `buf`, within [`MAX_LINE`].
+fn encode(buf: &mut Vec<u8>, event: &mut Event) {
+    let start = buf.len();
+    if serde_json::to_writer(&mut *buf, &*event).is_err() {
+        buf.truncate(start);
+        return;
+    }
+    if buf.len() - start > MAX_LINE {
+        buf.truncate(start);
+        for field in [&mut event.response, &mut event.tls, &mut event.remote_mta] {
+            if let Some(text) = field {
+                let mut cut = text.len().min(4096);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+        }
+        if serde_json::to_writer(&mut *buf, &*event).is_err() || buf.len() - start > MAX_LINE {
+            buf.truncate(start);
+            return;
+        }
+    }
+    buf.push(b'\n');
+}
+
 /// Events written but not fsynced are synced after this long at the latest.
 const SYNC_DELAY: Duration = Duration::from_secs(1);
 /// The writer wakes this often: producers never pay for waking it, and each wake-up writes
@@ -192,6 +256,7 @@ fn writer(
     length: tokio::sync::watch::Sender<u64>,
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
+    let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut dirty = false;
     let mut last_sync = Instant::now();
     let mut open = true;
@@ -201,11 +266,7 @@ fn writer(
         buf.clear();
         loop {
             match rx.try_recv() {
-                Ok(Entry::Event(event)) => {
-                    if serde_json::to_writer(&mut buf, &event).is_ok() {
-                        buf.push(b'\n');
-                    }
-                }
+                Ok(Entry::Event(mut event)) => encode(&mut buf, &mut event),
                 Ok(Entry::Written(reply)) => waiting.push(reply),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -218,9 +279,12 @@ fn writer(
             match file.write_all(&buf) {
                 Ok(()) => {
                     dirty = true;
+                    written += buf.len() as u64;
                     length.send_modify(|n| *n += buf.len() as u64);
                 }
                 Err(e) => {
+                    // A partial write would glue the next event to a torn line: cut it back.
+                    let _ = file.set_len(written);
                     tracing::error!(path = %path.display(), error = %e, "cannot write the event log")
                 }
             }

@@ -180,3 +180,75 @@ fn a_receiver_that_is_down_loses_nothing_and_batches_are_signed() {
         }
     }
 }
+
+/// A server with a webhook to a receiver on `port`, stopped once the webhook has saved its
+/// first offset, so that the test can damage the log or the offset before the next start.
+fn stopped_server_with_a_webhook(port: u16) -> Server {
+    let mut server = Server::start(&format!(
+        "[[webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret = \"{SECRET}\"\nevents = [\"reception\"]\n"
+    ));
+    send(&server, 1, "before");
+    server.wait_event(10, |e| e["recipient"] == "before0@example.net");
+    server.terminate();
+    server
+}
+
+fn append(path: &std::path::Path, bytes: &[u8]) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+}
+
+#[test]
+fn a_torn_or_overlong_event_line_stops_no_webhook() {
+    let port = free_port();
+    let mut server = stopped_server_with_a_webhook(port);
+    let log = server.data_dir().join("events/events.jsonl");
+    // An event line over 1 MiB (an old log may hold one), then a line torn by a crash.
+    let long = format!(
+        "{{\"type\":\"reception\",\"recipient\":\"long@example.net\",\"response\":\"{}\"}}\n",
+        "r".repeat(2 << 20)
+    );
+    append(&log, long.as_bytes());
+    append(&log, b"{\"type\":\"reception\",\"recipient\":\"torn@exa");
+    server.spawn();
+    let receiver = Receiver::start(port);
+    send(&server, 3, "after");
+    let after: Vec<String> = (0..3).map(|i| format!("after{i}@example.net")).collect();
+    wait_for_recipients(&receiver, &after, &server);
+    // Every line of the log is whole JSON: the torn tail was cut, not glued to the next event.
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {}",
+            &line[..line.len().min(200)]
+        );
+    }
+}
+
+#[test]
+fn an_offset_past_the_end_of_the_log_is_brought_back() {
+    let port = free_port();
+    let mut server = stopped_server_with_a_webhook(port);
+    // As after a power cut: the offset was saved, the last second of the log was not.
+    let offsets = server.data_dir().join("webhooks");
+    let file = std::fs::read_dir(&offsets)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let log_len = std::fs::metadata(server.data_dir().join("events/events.jsonl"))
+        .unwrap()
+        .len();
+    std::fs::write(&file, (log_len + 300).to_string()).unwrap();
+    server.spawn();
+    let receiver = Receiver::start(port);
+    send(&server, 3, "after");
+    let after: Vec<String> = (0..3).map(|i| format!("after{i}@example.net")).collect();
+    wait_for_recipients(&receiver, &after, &server);
+}
