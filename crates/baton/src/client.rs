@@ -247,6 +247,8 @@ pub struct Client {
     replies_this_send: usize,
     /// How long one block of message data may take to go out.
     data_block_timeout: Duration,
+    /// Longer lines are broken before sending (0: sent as stored).
+    line_limit: usize,
 }
 
 /// How a connection should be opened.
@@ -267,6 +269,8 @@ pub struct ConnectOptions<'a> {
     pub policy: &'a str,
     /// How long one block (1 MiB) of message data may take to go out.
     pub data_block_timeout: Duration,
+    /// Lines longer than this are broken before sending (0: sent as stored).
+    pub line_limit: usize,
 }
 
 impl Client {
@@ -337,11 +341,13 @@ impl Client {
             needs_rset: false,
             replies_this_send: 0,
             data_block_timeout: Duration::from_secs(180),
+            line_limit: crate::downgrade::MAX_LINE,
         }
     }
 
     async fn open(&mut self, options: &ConnectOptions<'_>, host: &str) -> Result<(), ClientError> {
         self.data_block_timeout = options.data_block_timeout;
+        self.line_limit = options.line_limit;
         let greeting = self
             .read_reply(GREETING_TIMEOUT, "waiting for the greeting")
             .await?;
@@ -566,17 +572,28 @@ impl Client {
     async fn send_checked(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Reply>, ClientError> {
         self.replies_this_send = 0;
         let n = msg.recipients.len();
-        if msg.smtputf8 && !self.caps.smtputf8 {
-            let r = Reply::local(
-                550,
-                "5.6.7",
-                format!(
-                    "{} does not support SMTPUTF8, which this message needs",
-                    self.remote
-                ),
-            );
-            return Ok(vec![r; n]);
-        }
+        let addresses_ascii =
+            msg.sender.is_ascii() && msg.recipients.iter().all(|r| r.address.is_ascii());
+        let offers = crate::downgrade::Offers {
+            smtputf8: self.caps.smtputf8,
+            eight_bit: self.caps.eight_bit,
+            line_limit: self.line_limit,
+        };
+        let prepared =
+            match crate::downgrade::prepare(msg.body, addresses_ascii, msg.smtputf8, offers) {
+                Ok(p) => p,
+                Err((code, status, why)) => {
+                    let r = Reply::local(code, status, format!("{}: {why}", self.remote));
+                    return Ok(vec![r; n]);
+                }
+            };
+        let body = prepared.body.unwrap_or_else(|| msg.body.clone());
+        let msg = &Outgoing {
+            body: &body,
+            size: body.len() as u64,
+            smtputf8: prepared.smtputf8,
+            ..*msg
+        };
         if let Some(max) = self.caps.size.filter(|&m| m > 0 && msg.size > m) {
             let r = Reply::local(
                 552,
@@ -669,6 +686,16 @@ impl Client {
                 let go = self.read_reply(DATA_INIT_TIMEOUT, "after DATA").await?;
                 if go.code != 354 {
                     return Ok(refused_data(rcpt_replies, &go));
+                }
+                if rcpt_replies.iter().all(|r| !r.is_positive()) {
+                    // Every RCPT refused, yet the pipelined DATA got 354: send only the end of
+                    // data (RFC 2920 §3.1), never the message to nobody.
+                    self.command(".").await?;
+                    let _ = self
+                        .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                        .await?;
+                    self.needs_rset = false;
+                    return Ok(rcpt_replies);
                 }
                 self.send_dot_stuffed(msg.body).await?;
             }

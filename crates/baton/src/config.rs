@@ -224,6 +224,9 @@ pub struct DeliveryConfig {
     /// How long one 1 MiB block of message data may take to reach the next hop (RFC 5321's
     /// 3-minute data-block timeout; Postfix's smtp_data_xfer_timeout).
     pub data_timeout: Duration,
+    /// Lines of a message longer than this are broken (CRLF SPACE inserted) before sending, as
+    /// Postfix's smtp_line_length_limit; 0 sends them as stored.
+    pub line_length_limit: usize,
     /// How long an idle outbound connection is kept for more mail.
     pub idle_timeout: Duration,
     /// Accept and queue, but deliver nothing (maintenance; like Postfix's hold queue).
@@ -580,6 +583,7 @@ struct RawDelivery {
     max_recipients_per_transaction: Option<Spanned<u64>>,
     connect_timeout: Option<Spanned<Quantity>>,
     data_timeout: Option<Spanned<Quantity>>,
+    line_length_limit: Option<Spanned<u64>>,
     idle_timeout: Option<Spanned<Quantity>>,
     hold: Option<bool>,
     greylist_retry: Option<Spanned<Quantity>>,
@@ -1007,6 +1011,7 @@ impl Validator<'_> {
                 as usize,
             connect_timeout,
             data_timeout: self.duration_or(raw.data_timeout, 180),
+            line_length_limit: self.line_length_limit(raw.line_length_limit),
             idle_timeout,
             hold: raw.hold.unwrap_or(false),
             greylist_retry: self.duration_or(raw.greylist_retry, 60),
@@ -1518,6 +1523,23 @@ impl Validator<'_> {
             trusted_networks,
             max_inject_bytes,
         })
+    }
+
+    /// `[delivery] line_length_limit`: 0 (off) or at least 78, default 998.
+    fn line_length_limit(&mut self, raw: Option<Spanned<u64>>) -> usize {
+        match raw {
+            None => crate::downgrade::MAX_LINE,
+            Some(n) if *n.get_ref() == 0 || (78..=1_000_000).contains(n.get_ref()) => {
+                *n.get_ref() as usize
+            }
+            Some(n) => self
+                .error(
+                    n.span(),
+                    "line_length_limit must be 0 (off) or from 78 to 1000000".into(),
+                    "leave it out for RFC 5322's 998",
+                )
+                .unwrap_or(crate::downgrade::MAX_LINE),
+        }
     }
 
     fn tls_mode(&mut self, raw: Option<&Spanned<String>>) -> Option<TlsMode> {

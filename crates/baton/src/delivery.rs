@@ -762,6 +762,7 @@ async fn connect(
             .unwrap_or(&config.hostname),
         connect_timeout: config.delivery.connect_timeout,
         data_block_timeout: config.delivery.data_timeout,
+        line_limit: config.delivery.line_length_limit,
         tls: plan.mode,
         auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),
         bind: source.map(|s| s.address),

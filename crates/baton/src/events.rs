@@ -225,14 +225,13 @@ fn encode(buf: &mut Vec<u8>, event: &mut Event) {
     }
     if buf.len() - start > MAX_LINE {
         buf.truncate(start);
-        for field in [&mut event.response, &mut event.tls, &mut event.remote_mta] {
-            if let Some(text) = field {
-                let mut cut = text.len().min(4096);
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
+        let fields = [&mut event.response, &mut event.tls, &mut event.remote_mta];
+        for text in fields.into_iter().flatten() {
+            let mut cut = text.len().min(4096);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
             }
+            text.truncate(cut);
         }
         if serde_json::to_writer(&mut *buf, &*event).is_err() || buf.len() - start > MAX_LINE {
             buf.truncate(start);

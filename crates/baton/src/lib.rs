@@ -11,6 +11,7 @@ pub mod control;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod downgrade;
 pub mod events;
 pub mod inbound_auth;
 pub mod intake;

@@ -622,6 +622,11 @@ fn held_messages_wait_for_release_across_a_restart() {
         assert_eq!(r.status, 202, "{}", r.body);
         ids.push(r.json()["ids"][0].as_str().unwrap().to_string());
     }
+    // Both tried and parked by the suspension (a job already out with a worker is beyond
+    // a hold's reach, as in Postfix).
+    for rcpt in ["kept@dest.test", "free@dest.test"] {
+        server.wait_event(10, |e| e["type"] == "held" && e["recipient"] == rcpt);
+    }
     let r = post(server.http, "/api/v1/queue/hold", &json!({"id": ids[0]}));
     assert_eq!(r.json()["held"], 1, "{}", r.body);
     let r = post(server.http, "/api/v1/queue/hold", &json!({}));

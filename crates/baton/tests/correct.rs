@@ -313,3 +313,78 @@ fn a_big_message_to_a_slow_chunking_server_is_timed_per_block() {
     let got = mx.messages();
     assert!(got[0].via_bdat && got[0].body.len() > 20 << 20);
 }
+
+#[test]
+fn a_pipelined_data_after_every_rcpt_was_refused_sends_no_message() {
+    let (w, mx) = destination(
+        "nobody.test",
+        Script {
+            rcpt: std::sync::Arc::new(|_, _| "550 5.1.1 no such user".into()),
+            data_without_rcpts: true,
+            ..Script::default()
+        },
+    );
+    let server = w.server("", "");
+    send(
+        &server,
+        &["x@nobody.test", "y@nobody.test"],
+        b"Subject: s\r\n\r\nsecret body\r\n",
+    );
+    server.wait_event(15, event_for("bounce", "y@nobody.test"));
+    let orphans = mx.stats.lock().unwrap().orphan_data.clone();
+    assert_eq!(orphans, [0], "only the end of data, never the message");
+}
+
+#[test]
+fn the_message_is_fitted_to_what_the_next_hop_offers() {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx("old.test", 10, "mx.old.test");
+    w.dns.a("mx.old.test", "127.0.0.2");
+    // A server with neither SMTPUTF8 nor 8BITMIME.
+    let mx = w.mx(
+        "127.0.0.2",
+        Script {
+            capabilities: vec!["PIPELINING".into(), "ENHANCEDSTATUSCODES".into()],
+            ..Script::default()
+        },
+    );
+    let _dsn_mx = w.sender_mx();
+    let server = w.server("", "");
+    let mut c = server.connect();
+    c.hello();
+    // Flagged SMTPUTF8, but all ASCII: it goes, without the flag.
+    assert_eq!(c.cmd("MAIL FROM:<alice@sender.test> SMTPUTF8").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<ascii@old.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    // And a line of 2,500 octets is broken to fit RFC 5322's 998.
+    let long = "a".repeat(2500);
+    c.send(format!("Subject: plain\r\n\r\n{long}\r\n.\r\n").as_bytes());
+    assert_eq!(c.reply().code, 250);
+    // 8-bit content to a server without 8BITMIME: refused with 5.6.3, not sent as it is.
+    let r = c.send_mail(
+        "alice@sender.test",
+        &["eight@old.test"],
+        "Subject: x\r\n\r\ncaf\u{e9}\r\n".as_bytes(),
+    );
+    assert_eq!(r.code, 250);
+    let e = server.wait_event(15, event_for("bounce", "eight@old.test"));
+    assert_eq!(e["status"], "5.6.3", "{e}");
+    server.wait_event(15, event_for("delivery", "ascii@old.test"));
+    let got = mx.messages();
+    assert_eq!(got.len(), 1);
+    assert!(
+        !got[0].mail_line.contains("SMTPUTF8"),
+        "{}",
+        got[0].mail_line
+    );
+    let body = String::from_utf8_lossy(&got[0].body).to_string();
+    assert!(
+        body.lines().all(|l| l.trim_end_matches('\r').len() <= 998),
+        "a line over 998"
+    );
+    assert!(
+        body.replace("\r\n ", "")
+            .contains(&format!("\r\n{long}\r\n")),
+        "the long line comes back whole once its breaks are undone"
+    );
+}

@@ -56,6 +56,9 @@ pub struct Script {
     pub close_after: Option<usize>,
     /// Pause this long before each read of at most 8 KiB (a slow reader: 4 ms is ~2 MB/s).
     pub read_pace: Duration,
+    /// Answer DATA with 354 even when no RCPT was accepted (as some servers do to a pipelined
+    /// DATA), then refuse what comes; the bytes received are kept in `Stats::orphan_data`.
+    pub data_without_rcpts: bool,
 }
 
 impl Default for Script {
@@ -82,6 +85,7 @@ impl Default for Script {
             no_ehlo: false,
             close_after: None,
             read_pace: Duration::ZERO,
+            data_without_rcpts: false,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Stats {
     pub seen: std::collections::HashMap<String, usize>,
     /// Every RCPT: (address, client address, reply).
     pub rcpt_log: Vec<(String, std::net::IpAddr, String)>,
+    /// Sizes of the data received after a DATA with no accepted recipient.
+    pub orphan_data: Vec<usize>,
 }
 
 pub struct FakeMx {
@@ -381,6 +387,11 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
             conn.say(&reply)?;
         } else if upper == "DATA" {
             if tx.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
+                if script.data_without_rcpts {
+                    conn.say("354 go ahead")?;
+                    let body = read_data(&mut conn)?;
+                    stats.lock().unwrap().orphan_data.push(body.len());
+                }
                 conn.say("554 5.5.1 no valid recipients")?;
                 continue;
             }
