@@ -505,7 +505,9 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         }
         if let Some(limits) = &connection.limits {
             limits.message().await;
-            if let Err((next, cap)) = limits.warmup_take(baton_spool::now_ms()) {
+            if let Err((next, cap)) =
+                limits.warmup_take(baton_spool::now_ms(), job.rcpts.len() as u64)
+            {
                 // Over the warm-up cap: this and everything waiting go when it resets.
                 let until = jiff::Timestamp::from_millisecond(next as i64)
                     .map(|t| t.to_string())

@@ -28,4 +28,5 @@ pub mod shaping;
 pub mod suppression;
 pub mod tls;
 pub mod trust;
+pub mod warmup;
 pub mod webhooks;

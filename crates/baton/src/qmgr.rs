@@ -179,11 +179,7 @@ impl QueueManager {
             config: config.clone(),
             dkim,
             dns: crate::dns::Dns::new(&config.dns)?,
-            shaper: crate::shaping::Shaper::new(
-                config.shaping.clone(),
-                config.backoff.clone(),
-                config.delivery.max_connections_per_destination,
-            ),
+            shaper: shaper(&config),
             events: events.clone(),
             spool: spool.clone(),
             reports: report_tx,
@@ -1321,6 +1317,25 @@ fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
         },
         None => pool.clone(),
     }
+}
+
+/// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.
+fn shaper(config: &Config) -> crate::shaping::Shaper {
+    let shaper = crate::shaping::Shaper::new(
+        config.shaping.clone(),
+        config.backoff.clone(),
+        config.delivery.max_connections_per_destination,
+    );
+    let planned = config
+        .pools
+        .iter()
+        .flat_map(|p| &p.sources)
+        .any(|(s, _)| s.warmup.is_some());
+    if !planned {
+        return shaper;
+    }
+    let ledger = crate::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
+    shaper.with_ledger(Arc::new(ledger))
 }
 
 /// The longest operator suspension: a year (longer is a typo, or an attack on the timer).

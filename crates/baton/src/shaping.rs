@@ -200,6 +200,28 @@ struct WarmupCount {
     sent: u64,
 }
 
+/// A source's warm-up plan under one rule: what it has sent this period, kept in the ledger
+/// (when there is one) under `key`, so that a restart does not reset it.
+pub struct Warmup {
+    plan: WarmupPlan,
+    count: Mutex<WarmupCount>,
+    key: String,
+    ledger: Option<Arc<crate::warmup::Ledger>>,
+}
+
+impl Warmup {
+    fn new(plan: WarmupPlan, key: String, ledger: Option<Arc<crate::warmup::Ledger>>) -> Warmup {
+        let (period, _, _) = plan.period(baton_spool::now_ms());
+        let sent = ledger.as_ref().map_or(0, |l| l.sent(&key, period));
+        Warmup {
+            plan,
+            count: Mutex::new(WarmupCount { period, sent }),
+            key,
+            ledger,
+        }
+    }
+}
+
 /// A connection's place under its limits; given back on drop.
 pub struct ConnectionSlot {
     _permit: Option<OwnedSemaphorePermit>,
@@ -225,7 +247,7 @@ pub struct Limits {
     /// A pacer used only while throttled without a configured rate.
     throttle_pacer: Mutex<Pacer>,
     /// The source's warm-up plan and what it has sent to this destination this period.
-    warmup: Option<(WarmupPlan, Mutex<WarmupCount>)>,
+    warmup: Option<Warmup>,
     /// Connections open under these limits, and a wake-up for those waiting for one to close.
     open: std::sync::atomic::AtomicUsize,
     closed: tokio::sync::Notify,
@@ -234,7 +256,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn new(rule: ShapingRule, warmup: Option<WarmupPlan>, nominal_connections: usize) -> Limits {
+    fn new(rule: ShapingRule, warmup: Option<Warmup>, nominal_connections: usize) -> Limits {
         let pacer = |r: Option<Rate>| {
             r.map(|r| {
                 Mutex::new(Pacer {
@@ -253,29 +275,34 @@ impl Limits {
                 interval: NOMINAL_RATE,
                 next: None,
             }),
-            warmup: warmup.map(|p| (p, Mutex::default())),
+            warmup,
             open: Default::default(),
             closed: tokio::sync::Notify::new(),
             nominal_connections,
         }
     }
 
-    /// Counts one message against the warm-up cap, or says when the next period starts (ms
-    /// since the epoch) and what the cap was, if this period's cap is reached.
-    pub fn warmup_take(&self, now_ms: u64) -> Result<(), (u64, u64)> {
-        let Some((plan, count)) = &self.warmup else {
+    /// Counts a transaction's recipients against the warm-up cap, or says when the next period
+    /// starts (ms since the epoch) and what the cap was, if this period's cap is reached.
+    pub fn warmup_take(&self, now_ms: u64, recipients: u64) -> Result<(), (u64, u64)> {
+        let Some(w) = &self.warmup else {
             return Ok(());
         };
-        let (period, cap, next) = plan.period(now_ms);
+        let (period, cap, next) = w.plan.period(now_ms);
         let Some(cap) = cap else { return Ok(()) };
-        let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut count = w.count.lock().unwrap_or_else(|e| e.into_inner());
         if count.period != period {
             *count = WarmupCount { period, sent: 0 };
         }
         if count.sent >= cap {
             return Err((next, cap));
         }
-        count.sent += 1;
+        // Recipients, not transactions, are what a provider counts; a transaction that
+        // crosses the cap goes whole (at most one transaction's recipients over it).
+        count.sent = count.sent.saturating_add(recipients);
+        if let Some(ledger) = &w.ledger {
+            ledger.record(&w.key, period, recipients);
+        }
         Ok(())
     }
 
@@ -429,6 +456,8 @@ pub struct Shaper {
     by_domain: Mutex<HashMap<String, Vec<Arc<Limits>>>>,
     default: ShapingRule,
     states: Mutex<HashMap<StateKey, Arc<Limits>>>,
+    /// Where warm-up counts outlive a restart (none: in memory only).
+    ledger: Option<Arc<crate::warmup::Ledger>>,
 }
 
 impl Shaper {
@@ -459,7 +488,14 @@ impl Shaper {
             by_domain: Mutex::default(),
             default,
             states: Mutex::default(),
+            ledger: None,
         }
+    }
+
+    /// Keeps warm-up counts in `ledger`, so that a restart does not reset them.
+    pub fn with_ledger(mut self, ledger: Arc<crate::warmup::Ledger>) -> Shaper {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Suspends a domain (or "pool:NAME") by the operator's word.
@@ -556,9 +592,9 @@ impl Shaper {
                             "max_message_rate": l.rule.max_message_rate.map(|r| format!("{}/{}s", r.count, r.per.as_secs())),
                             "suspended_for_s": a.suspended_until.filter(|&t| t > now).map(|t| (t - now).as_secs()),
                             "throttle_factor": a.factor,
-                            "warmup": l.warmup.as_ref().map(|(plan, count)| {
-                                let c = count.lock().unwrap_or_else(|e| e.into_inner());
-                                let (_, cap, _) = plan.period(baton_spool::now_ms());
+                            "warmup": l.warmup.as_ref().map(|w| {
+                                let c = w.count.lock().unwrap_or_else(|e| e.into_inner());
+                                let (_, cap, _) = w.plan.period(baton_spool::now_ms());
                                 json!({"cap": cap, "sent_this_period": c.sent})
                             }),
                         })
@@ -651,11 +687,11 @@ impl Shaper {
             .unwrap_or_else(|e| e.into_inner())
             .entry((source.map(|s| s.name.clone()), key))
             .or_insert_with(|| {
-                Arc::new(Limits::new(
-                    rule,
-                    source.and_then(|s| s.warmup.clone()),
-                    self.nominal_connections,
-                ))
+                let warmup = source.and_then(|s| {
+                    let key = format!("{} {}", s.name, rule.matcher);
+                    Some(Warmup::new(s.warmup.clone()?, key, self.ledger.clone()))
+                });
+                Arc::new(Limits::new(rule, warmup, self.nominal_connections))
             })
             .clone();
         let mut by_domain = self.by_domain.lock().unwrap_or_else(|e| e.into_inner());
@@ -803,16 +839,34 @@ mod tests {
             start_ms: 10 * day,
             period: Duration::from_millis(day),
         };
-        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), Some(plan), 20);
+        let warmup = Warmup::new(plan, "ip x.test".into(), None);
+        let limits = Limits::new(rule(Matcher::Domain("x.test".into())), Some(warmup), 20);
         let t = 10 * day + 5;
-        assert!(limits.warmup_take(t).is_ok());
-        assert!(limits.warmup_take(t).is_ok());
-        assert_eq!(limits.warmup_take(t), Err((11 * day, 2)));
+        assert!(limits.warmup_take(t, 1).is_ok());
+        assert!(limits.warmup_take(t, 1).is_ok());
+        assert_eq!(limits.warmup_take(t, 1), Err((11 * day, 2)));
         let t = 11 * day + 5;
-        assert!((0..3).all(|_| limits.warmup_take(t).is_ok()));
-        assert!(limits.warmup_take(t).is_err());
+        assert!((0..3).all(|_| limits.warmup_take(t, 1).is_ok()));
+        assert!(limits.warmup_take(t, 1).is_err());
+        // Recipients count: one transaction of 5 uses a day's cap of 3 (and goes whole).
+        let t = 12 * day - 5;
+        let fresh = Limits::new(
+            rule(Matcher::Domain("y.test".into())),
+            Some(Warmup::new(
+                WarmupPlan {
+                    caps: vec![2, 3],
+                    start_ms: 10 * day,
+                    period: Duration::from_millis(day),
+                },
+                "ip y.test".into(),
+                None,
+            )),
+            20,
+        );
+        assert!(fresh.warmup_take(t, 5).is_ok());
+        assert!(fresh.warmup_take(t, 1).is_err());
         // Past the table: no cap.
-        assert!((0..100).all(|_| limits.warmup_take(12 * day).is_ok()));
+        assert!((0..100).all(|_| limits.warmup_take(12 * day, 1).is_ok()));
     }
 
     #[test]

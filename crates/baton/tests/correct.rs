@@ -388,3 +388,38 @@ fn the_message_is_fitted_to_what_the_next_hop_offers() {
         "the long line comes back whole once its breaks are undone"
     );
 }
+
+#[test]
+fn warm_up_counts_recipients_and_survives_a_restart() {
+    let (w, mx) = destination("inbox.test", Script::default());
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let mut server = w.server(
+        "",
+        &format!(
+            "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\nwarmup = [2]\nwarmup_start = \"{today}\"\n\
+             [[pool]]\nname = \"new\"\nsources = [\"ip10\"]\nsender_domains = [\"sender.test\"]\n"
+        ),
+    );
+    // One transaction to two recipients uses the day's cap of two.
+    send(
+        &server,
+        &["u1@inbox.test", "u2@inbox.test"],
+        b"Subject: 1\r\n\r\nhi\r\n",
+    );
+    assert_eq!(mx.wait_for(1, 15).len(), 1);
+    send(&server, &["u3@inbox.test"], b"Subject: 2\r\n\r\nhi\r\n");
+    let held = server.wait_event(15, event_for("held", "u3@inbox.test"));
+    assert!(
+        held["response"].as_str().unwrap().contains("warm-up cap"),
+        "{held}"
+    );
+    // A crash does not hand the IP a fresh allowance.
+    server.kill9();
+    server.spawn();
+    send(&server, &["u4@inbox.test"], b"Subject: 3\r\n\r\nhi\r\n");
+    server.wait_event(15, event_for("held", "u4@inbox.test"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(mx.messages().len(), 1, "nothing past the cap");
+}

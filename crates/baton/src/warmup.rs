@@ -1,0 +1,139 @@
+//! The warm-up ledger: how many recipients each source has sent to each destination in the
+//! current warm-up period, kept in `data_dir/warmup.log` so that a restart (or a crash loop)
+//! does not hand a new IP a fresh allowance.
+//!
+//! Each take appends one line `period count key` (no fsync: a kill -9 keeps it, a power cut
+//! loses at most the last moments); at start the file is read, summed per key for the period
+//! each key was last seen in, and written back compacted. Owns that file only; the caps and
+//! their periods are shaping's.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Sent counts by key ("source destination-rule"), for the period each was last counted in.
+pub struct Ledger {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+    loaded: HashMap<String, (u64, u64)>,
+}
+
+impl Ledger {
+    /// Reads and compacts `path`. A missing or unreadable file starts an empty ledger (the
+    /// reason is logged): warm-up then counts from zero, as before it was kept.
+    pub fn open(path: &Path) -> Ledger {
+        let loaded = match std::fs::read_to_string(path) {
+            Ok(text) => parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the warm-up ledger; counting from zero");
+                HashMap::new()
+            }
+        };
+        let ledger = Ledger {
+            path: path.to_path_buf(),
+            file: Mutex::new(None),
+            loaded,
+        };
+        ledger.compact();
+        ledger
+    }
+
+    /// What `key` has sent in `period`, as recorded before this start.
+    pub fn sent(&self, key: &str, period: u64) -> u64 {
+        match self.loaded.get(key) {
+            Some(&(p, n)) if p == period => n,
+            _ => 0,
+        }
+    }
+
+    /// Records `n` more recipients sent by `key` in `period`.
+    pub fn record(&self, key: &str, period: u64, n: u64) {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            *file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| tracing::warn!(path = %self.path.display(), error = %e, "cannot open the warm-up ledger"))
+                .ok();
+        }
+        if let Some(f) = file.as_mut()
+            && let Err(e) = f.write_all(format!("{period} {n} {key}\n").as_bytes())
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record warm-up counts");
+        }
+    }
+
+    /// Writes the loaded counts back, one line per key (a temporary file renamed over).
+    fn compact(&self) {
+        let mut text = String::new();
+        for (key, (period, n)) in &self.loaded {
+            text.push_str(&format!("{period} {n} {key}\n"));
+        }
+        let tmp = self.path.with_extension("log.tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the warm-up ledger");
+        }
+    }
+}
+
+/// Sums `period count key` lines per key, keeping only each key's latest period. Lines that do
+/// not parse (a torn last line) are skipped.
+fn parse(text: &str) -> HashMap<String, (u64, u64)> {
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ' ');
+        let (Some(period), Some(n), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(period), Ok(n)) = (period.parse::<u64>(), n.parse::<u64>()) else {
+            continue;
+        };
+        let entry = counts.entry(key.to_string()).or_insert((period, 0));
+        if period > entry.0 {
+            *entry = (period, 0);
+        }
+        if period == entry.0 {
+            entry.1 = entry.1.saturating_add(n);
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_survive_a_reopen_and_old_periods_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warmup.log");
+        let ledger = Ledger::open(&path);
+        ledger.record("ip10 domain gmail.com", 3, 2);
+        ledger.record("ip10 domain gmail.com", 3, 5);
+        ledger.record("ip11 site google.com", 2, 4);
+        ledger.record("ip11 site google.com", 3, 1);
+        drop(ledger);
+        // A torn last line is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"3 9")
+            .unwrap();
+        let ledger = Ledger::open(&path);
+        assert_eq!(ledger.sent("ip10 domain gmail.com", 3), 7);
+        assert_eq!(ledger.sent("ip10 domain gmail.com", 4), 0, "a new period");
+        assert_eq!(
+            ledger.sent("ip11 site google.com", 3),
+            1,
+            "period 2 dropped"
+        );
+        assert_eq!(ledger.sent("nobody", 3), 0);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 2, "compacted to one line per key");
+    }
+}
