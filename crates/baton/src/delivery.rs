@@ -373,16 +373,22 @@ impl DestQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a job: an idle worker takes it, or a new one starts if the cap allows.
+    /// Queues a job: an idle worker is woken for it, and a new worker starts (if the cap
+    /// allows) when more jobs wait than idle workers could take, so that a burst pushed at
+    /// once is spread over connections, not served by the one idle worker.
     pub fn push(self: &Arc<Self>, job: Job, ctx: &Arc<DeliveryContext>) {
         let mut state = self.lock();
         state.jobs.push_back(job);
-        if state.idle > 0 {
-            drop(state);
-            self.notify.notify_one();
-        } else if state.workers < self.max_workers {
+        let wake = state.idle > 0;
+        let spawn = state.jobs.len() > state.idle && state.workers < self.max_workers;
+        if spawn {
             state.workers += 1;
-            drop(state);
+        }
+        drop(state);
+        if wake {
+            self.notify.notify_one();
+        }
+        if spawn {
             tokio::spawn(worker(self.clone(), ctx.clone()));
         }
     }
@@ -432,15 +438,6 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             deliver_maildir(&ctx, job).await;
             continue;
         }
-        let body = match job.message.outgoing_body(&ctx).await {
-            Ok(body) => body,
-            Err(e) => {
-                let reply =
-                    Reply::local(451, "4.3.0", format!("cannot read the queued message: {e}"));
-                report_all(&ctx, &job, &reply, None);
-                continue;
-            }
-        };
         let global_reuse = ctx.config.delivery.max_messages_per_connection;
         let used_up = conn.as_ref().is_some_and(|c| {
             let limit = c
@@ -454,6 +451,10 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             old.client.quit().await;
         }
         if conn.is_none() {
+            // The job goes back to the queue while this worker waits for a connection (a slot
+            // under the destination's cap may take long): workers already connected take it
+            // meanwhile, instead of it waiting for a connection of its own.
+            dest.retry_first(job);
             let source = dest.pool.as_ref().map(pick_source);
             let pool = dest.pool.as_ref().map(pool_name);
             match connect(&ctx, &dest.key, source, pool).await {
@@ -465,13 +466,22 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
                     // The destination is unreachable or suspended: everything waiting for it
                     // waits again.
                     let remote = failure.remote.as_deref();
-                    for j in std::iter::once(job).chain(dest.take_all()) {
+                    for j in dest.take_all() {
                         report_all_until(&ctx, &j, &failure.reply, remote, failure.not_before);
                     }
-                    continue;
                 }
             }
+            continue;
         }
+        let body = match job.message.outgoing_body(&ctx).await {
+            Ok(body) => body,
+            Err(e) => {
+                let reply =
+                    Reply::local(451, "4.3.0", format!("cannot read the queued message: {e}"));
+                report_all(&ctx, &job, &reply, None);
+                continue;
+            }
+        };
         if let Some(tenant) = &job.message.tenant
             && let Some(until) = ctx
                 .shaper

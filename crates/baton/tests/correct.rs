@@ -423,3 +423,45 @@ fn warm_up_counts_recipients_and_survives_a_restart() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(mx.messages().len(), 1, "nothing past the cap");
 }
+
+#[test]
+fn a_burst_is_spread_over_the_allowed_connections_and_none_waits_for_a_slot() {
+    let (w, mx) = destination(
+        "burst.test",
+        Script {
+            data_delay: std::time::Duration::from_millis(30),
+            ..Script::default()
+        },
+    );
+    let server = w.server(
+        "",
+        "[[shaping]]\ndomain = \"burst.test\"\nmax_connections = 4\n",
+    );
+    let recipients: Vec<_> = (0..120)
+        .map(|i| serde_json::json!({"email": format!("r{i}@burst.test")}))
+        .collect();
+    let r = common::http::post(
+        server.http,
+        "/api/v1/inject",
+        &serde_json::json!({
+            "envelope_sender": "alice@sender.test",
+            "content": "From: alice@sender.test\r\nSubject: {{email}}\r\n\r\nhi\r\n",
+            "recipients": recipients,
+        }),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(mx.wait_for(120, 60).len(), 120);
+    // Four connections at most at once, and about four in all: no job waited, on a worker of
+    // its own, for a slot that an idle connection held (each such job opened a connection).
+    assert!(mx.max_active() <= 4, "{} at once", mx.max_active());
+    assert!(
+        mx.connections() <= 6,
+        "{} connections for 120 messages under a cap of 4",
+        mx.connections()
+    );
+    assert!(
+        mx.max_active() >= 2,
+        "spread over connections: {}",
+        mx.max_active()
+    );
+}
