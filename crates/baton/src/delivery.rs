@@ -356,6 +356,8 @@ struct DestState {
     jobs: VecDeque<Job>,
     workers: usize,
     idle: usize,
+    /// Sources of the pool at their warm-up cap here: until when (ms) and the cap.
+    exhausted: std::collections::HashMap<String, (u64, u64)>,
 }
 
 impl DestQueue {
@@ -424,6 +426,33 @@ impl DestQueue {
         self.lock().jobs.push_front(job);
     }
 
+    /// A source of the pool to connect from, at random by weight among those not at their
+    /// warm-up cap here; None without a pool; Err with the earliest (next allowance, cap) when
+    /// every source is at its cap.
+    fn source(&self) -> Result<Option<&Source>, (u64, u64)> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let now = baton_spool::now_ms();
+        let mut state = self.lock();
+        state.exhausted.retain(|_, (next, _)| *next > now);
+        let open: Vec<&(Source, u32)> = pool
+            .sources
+            .iter()
+            .filter(|(s, _)| !state.exhausted.contains_key(&s.name))
+            .collect();
+        if open.is_empty() {
+            let earliest = state.exhausted.values().min_by_key(|(next, _)| *next);
+            return Err(earliest.copied().unwrap_or((now + 1000, 0)));
+        }
+        Ok(Some(pick_source(&open)))
+    }
+
+    /// `source` reached its warm-up cap here until `next`: others of the pool send meanwhile.
+    fn exhaust(&self, source: String, next: u64, cap: u64) {
+        self.lock().exhausted.insert(source, (next, cap));
+    }
+
     /// Every waiting job (a destination found unreachable defers them all at once).
     fn take_all(&self) -> Vec<Job> {
         self.lock().jobs.drain(..).collect()
@@ -455,7 +484,17 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             // under the destination's cap may take long): workers already connected take it
             // meanwhile, instead of it waiting for a connection of its own.
             dest.retry_first(job);
-            let source = dest.pool.as_ref().map(pick_source);
+            let source = match dest.source() {
+                Ok(source) => source,
+                Err((next, cap)) => {
+                    // Every source of the pool is at its cap here: all waits for the next.
+                    let reply = warmup_hold(&dest.key, next, cap);
+                    for j in dest.take_all() {
+                        report_all_until(&ctx, &j, &reply, None, Some(next));
+                    }
+                    continue;
+                }
+            };
             let pool = dest.pool.as_ref().map(pool_name);
             match connect(&ctx, &dest.key, source, pool).await {
                 Ok(c) => {
@@ -513,25 +552,18 @@ async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             }
             continue;
         }
-        if let Some(limits) = &connection.limits {
+        if let Some(limits) = connection.limits.clone() {
             limits.message().await;
             if let Err((next, cap)) =
                 limits.warmup_take(baton_spool::now_ms(), job.rcpts.len() as u64)
             {
-                // Over the warm-up cap: this and everything waiting go when it resets.
-                let until = jiff::Timestamp::from_millisecond(next as i64)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default();
-                let reply = Reply::local(
-                    451,
-                    "4.7.0",
-                    format!(
-                        "warm-up cap of {cap} for {} reached; next allowance {until}",
-                        dest.key
-                    ),
-                );
-                for j in std::iter::once(job).chain(dest.take_all()) {
-                    report_all_until(&ctx, &j, &reply, None, Some(next));
+                // This source is at its warm-up cap here: another of the pool takes over (the
+                // next connection picks among the rest), or, if none is left, all waits.
+                let source = connection.source.clone().unwrap_or_default();
+                dest.exhaust(source, next, cap);
+                dest.retry_first(job);
+                if let Some(c) = conn.take() {
+                    c.client.quit().await;
                 }
                 continue;
             }
@@ -743,17 +775,29 @@ fn pool_name(pool: &Pool) -> &str {
 }
 
 /// A source from the pool, at random by weight.
-fn pick_source(pool: &Pool) -> &Source {
+fn pick_source<'a>(sources: &[&'a (Source, u32)]) -> &'a Source {
     use rand::RngExt;
-    let total: u32 = pool.sources.iter().map(|(_, w)| w).sum();
+    let total: u32 = sources.iter().map(|(_, w)| w).sum();
     let mut ticket = rand::rng().random_range(0..total.max(1));
-    for (source, weight) in &pool.sources {
+    for (source, weight) in sources {
         if ticket < *weight {
             return source;
         }
         ticket -= weight;
     }
-    &pool.sources[0].0
+    &sources[0].0
+}
+
+/// The answer for mail held because every source is at its warm-up cap for `dest`.
+fn warmup_hold(dest: &Destination, next: u64, cap: u64) -> Reply {
+    let until = jiff::Timestamp::from_millisecond(next as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Reply::local(
+        451,
+        "4.7.0",
+        format!("warm-up cap of {cap} for {dest} reached; next allowance {until}"),
+    )
 }
 
 async fn connect(

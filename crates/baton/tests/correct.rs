@@ -465,3 +465,39 @@ fn a_burst_is_spread_over_the_allowed_connections_and_none_waits_for_a_slot() {
         mx.max_active()
     );
 }
+
+#[test]
+fn a_source_at_its_warm_up_cap_leaves_the_rest_to_the_pool() {
+    let (w, mx) = destination("inbox.test", Script::default());
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    // ip10 (nearly always picked first) may send one recipient today; ip11 a hundred.
+    let server = w.server(
+        "",
+        &format!(
+            "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\nwarmup = [1]\nwarmup_start = \"{today}\"\n\
+             [[source]]\nname = \"ip11\"\naddress = \"127.0.0.11\"\nwarmup = [100]\nwarmup_start = \"{today}\"\n\
+             [[pool]]\nname = \"p\"\nsources = [\"ip10\", \"ip11\"]\nweights = [100000, 1]\nsender_domains = [\"sender.test\"]\n"
+        ),
+    );
+    for i in 0..4 {
+        send(
+            &server,
+            &[&*format!("u{i}@inbox.test")],
+            b"Subject: w\r\n\r\nhi\r\n",
+        );
+    }
+    let got = mx.wait_for(4, 20);
+    assert_eq!(
+        got.len(),
+        4,
+        "all sent, by whichever source had room\n{}",
+        server.log()
+    );
+    let from_ip10 = got
+        .iter()
+        .filter(|m| m.peer.to_string() == "127.0.0.10")
+        .count();
+    assert!(from_ip10 <= 1, "ip10 kept to its cap: {from_ip10}");
+}
