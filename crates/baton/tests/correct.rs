@@ -7,16 +7,7 @@ mod common;
 use common::Server;
 use common::http::get;
 use common::mx::Script;
-use common::world::{World, event_for, send};
-
-/// A world with one fake MX for `domain` on 127.0.0.2.
-fn destination(domain: &str, script: Script) -> (World, common::mx::FakeMx) {
-    let w = World::new(&["127.0.0.2"]);
-    w.dns.mx(domain, 10, &format!("mx.{domain}"));
-    w.dns.a(&format!("mx.{domain}"), "127.0.0.2");
-    let mx = w.mx("127.0.0.2", script);
-    (w, mx)
-}
+use common::world::{World, destination, event_for, send};
 
 fn suppressed(server: &Server) -> Vec<String> {
     get(server.http, "/api/v1/suppressions").json()["suppressions"]

@@ -13,17 +13,8 @@ use std::time::Duration;
 use common::Server;
 use common::http::{get, post};
 use common::mx::Script;
-use common::world::{World, event_for, send};
+use common::world::{World, destination, event_for, send};
 use serde_json::json;
-
-/// A world with one fake MX for `domain` on 127.0.0.2.
-fn destination(domain: &str, script: Script) -> (World, common::mx::FakeMx) {
-    let w = World::new(&["127.0.0.2"]);
-    w.dns.mx(domain, 10, &format!("mx.{domain}"));
-    w.dns.a(&format!("mx.{domain}"), "127.0.0.2");
-    let mx = w.mx("127.0.0.2", script);
-    (w, mx)
-}
 
 fn rcpts_seen(mx: &common::mx::FakeMx, address: &str) -> usize {
     let stats = mx.stats.lock().unwrap();

@@ -55,3 +55,12 @@ pub fn send(server: &Server, to: &[&str], body: &[u8]) -> String {
 pub fn event_for<'a>(kind: &'a str, rcpt: &'a str) -> impl Fn(&serde_json::Value) -> bool + 'a {
     move |e| e["type"] == kind && e["recipient"] == rcpt
 }
+
+/// A world with one fake MX for `domain` on 127.0.0.2 answering per `script`.
+pub fn destination(domain: &str, script: Script) -> (World, FakeMx) {
+    let w = World::new(&["127.0.0.2"]);
+    w.dns.mx(domain, 10, &format!("mx.{domain}"));
+    w.dns.a(&format!("mx.{domain}"), "127.0.0.2");
+    let mx = w.mx("127.0.0.2", script);
+    (w, mx)
+}
