@@ -988,10 +988,15 @@ impl QueueManager {
         let Some(q) = self.messages.get(&id) else {
             return 0;
         };
+        let named =
+            |value: Option<&str>, name: &str| value.is_some_and(|v| v.eq_ignore_ascii_case(name));
         let domain = match target.split_once(':') {
-            Some(("tenant", tenant)) if q.envelope.meta("tenant") != Some(tenant) => return 0,
+            Some(("tenant", tenant)) if !named(q.envelope.meta("tenant"), tenant) => return 0,
             Some(("pool", pool))
-                if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(pool) =>
+                if !named(
+                    self.config.pool_for(&q.envelope).map(|p| p.name.as_str()),
+                    pool,
+                ) =>
             {
                 return 0;
             }
