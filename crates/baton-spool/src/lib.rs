@@ -193,6 +193,7 @@ impl Spool {
             live: live_index,
             segment_live,
             dirty: false,
+            last_sync: std::time::Instant::now(),
             unsynced_done: Vec::new(),
         };
         committer.remove_dead_segments();
@@ -537,6 +538,8 @@ struct Committer {
     segment_live: BTreeMap<u64, usize>,
     /// Records written since the last fsync.
     dirty: bool,
+    /// When the journal was last fsynced (records wait at most RECORD_SYNC_DELAY for one).
+    last_sync: std::time::Instant,
     /// Finished messages whose done record is written but not yet fsynced: their body files
     /// and segments may go only once it is (after a power cut the message would come back
     /// pointing at a missing body).
@@ -573,7 +576,10 @@ impl Committer {
     fn sync_if_dirty(&mut self) {
         if self.dirty && self.options.fsync {
             match self.active.sync() {
-                Ok(()) => self.dirty = false,
+                Ok(()) => {
+                    self.dirty = false;
+                    self.last_sync = std::time::Instant::now();
+                }
                 Err(e) => tracing::error!(error = %e, "journal fsync failed"),
             }
         }
@@ -619,7 +625,13 @@ impl Committer {
             }
         }
         self.unsynced_done.extend(finished);
-        self.forget_durable();
+        if self.dirty && self.last_sync.elapsed() >= RECORD_SYNC_DELAY {
+            // Records keep coming (a backlog draining, no new mail): sync them anyway once a
+            // second, or finished bodies and segments would stay until the next rotation.
+            self.sync_if_dirty();
+        } else {
+            self.forget_durable();
+        }
         // Answer last, so that whoever waits on a commit sees the batch's clean-up done too.
         for (reply, location) in replies {
             let _ = reply.send(location);
@@ -727,6 +739,9 @@ impl Committer {
             .map_err(SpoolError::classify)?;
         // A synced append covers earlier unsynced records too (same file: rotation syncs first).
         self.dirty = !sync;
+        if sync {
+            self.last_sync = std::time::Instant::now();
+        }
         Ok(locations)
     }
 }

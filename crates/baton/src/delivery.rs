@@ -421,9 +421,15 @@ impl DestQueue {
         }
     }
 
-    /// Puts a job back at the head of the queue, for this worker to take again at once.
+    /// Puts a job back at the head of the queue, for this worker or an idle one to take.
     fn retry_first(&self, job: Job) {
-        self.lock().jobs.push_front(job);
+        let mut state = self.lock();
+        state.jobs.push_front(job);
+        let wake = state.idle > 0;
+        drop(state);
+        if wake {
+            self.notify.notify_one();
+        }
     }
 
     /// A source of the pool to connect from, at random by weight among those not at their

@@ -99,6 +99,8 @@ pub struct Events {
     tx: mpsc::Sender<Entry>,
     /// Bytes in the log file so far; changes after every write (webhooks wait on it).
     length: tokio::sync::watch::Receiver<u64>,
+    /// The log's length when it was opened (after a torn tail was cut), before any write.
+    opened_len: u64,
     boot: u64,
     seq: std::sync::Arc<AtomicU64>,
 }
@@ -115,13 +117,15 @@ impl Events {
             .append(true)
             .open(&path)?;
         let (tx, rx) = mpsc::channel();
-        let (length_tx, length) = tokio::sync::watch::channel(file.metadata()?.len());
+        let opened_len = file.metadata()?.len();
+        let (length_tx, length) = tokio::sync::watch::channel(opened_len);
         std::thread::Builder::new()
             .name("event-log".into())
             .spawn(move || writer(file, path, rx, fsync, length_tx))?;
         Ok(Events {
             tx,
             length,
+            opened_len,
             boot: baton_spool::now_ms(),
             seq: Default::default(),
         })
@@ -161,6 +165,11 @@ impl Events {
 
     pub fn emit(&self, event: Event) {
         let _ = self.tx.send(Entry::Event(Box::new(event)));
+    }
+
+    /// The log's length when this run opened it: every offset saved before lies within it.
+    pub fn opened_length(&self) -> u64 {
+        self.opened_len
     }
 
     /// The log file's length, updated after every write.

@@ -990,18 +990,21 @@ impl QueueManager {
         };
         let named =
             |value: Option<&str>, name: &str| value.is_some_and(|v| v.eq_ignore_ascii_case(name));
-        let domain = match target.split_once(':') {
-            Some(("tenant", tenant)) if !named(q.envelope.meta("tenant"), tenant) => return 0,
-            Some(("pool", pool))
-                if !named(
-                    self.config.pool_for(&q.envelope).map(|p| p.name.as_str()),
-                    pool,
-                ) =>
-            {
+        let (kind, name) = target.split_once(':').unwrap_or(("", ""));
+        let domain = if kind.eq_ignore_ascii_case("tenant") {
+            if !named(q.envelope.meta("tenant"), name) {
                 return 0;
             }
-            Some(_) => "",
-            None => target,
+            ""
+        } else if kind.eq_ignore_ascii_case("pool") {
+            let pool = self.config.pool_for(&q.envelope).map(|p| p.name.as_str());
+            if !named(pool, name) {
+                return 0;
+            }
+            ""
+        } else {
+            // A domain (an address literal such as [IPv6:...] has colons too), or "" for all.
+            target
         };
         let rcpts = self.waiting_at(id, domain);
         let Some(q) = self.messages.get_mut(&id) else {

@@ -23,12 +23,12 @@ impl Ledger {
     /// Reads and compacts `path`. A missing or unreadable file starts an empty ledger (the
     /// reason is logged): warm-up then counts from zero, as before it was kept.
     pub fn open(path: &Path) -> Ledger {
-        let loaded = match std::fs::read_to_string(path) {
-            Ok(text) => parse(&text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+        let (loaded, readable) = match std::fs::read_to_string(path) {
+            Ok(text) => (parse(&text), true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), true),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the warm-up ledger; counting from zero");
-                HashMap::new()
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the warm-up ledger; counting from zero (the file is kept)");
+                (HashMap::new(), false)
             }
         };
         let ledger = Ledger {
@@ -36,7 +36,10 @@ impl Ledger {
             file: Mutex::new(None),
             loaded,
         };
-        ledger.compact();
+        // An unreadable ledger is not replaced by an empty one: the counts may come back.
+        if readable {
+            ledger.compact();
+        }
         ledger
     }
 

@@ -48,7 +48,7 @@ pub fn start(
             offset_file: dir.join(format!("{key}.offset")),
             https: https.clone(),
         };
-        tokio::spawn(sender.run(events.length(), stop.clone()));
+        tokio::spawn(sender.run(events.length(), events.opened_length(), stop.clone()));
     }
     Ok(())
 }
@@ -61,7 +61,12 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(self, mut length: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        mut length: watch::Receiver<u64>,
+        opened_len: u64,
+        mut stop: watch::Receiver<bool>,
+    ) {
         // A webhook seen for the first time starts with the events written from now on.
         let mut offset = match std::fs::read_to_string(&self.offset_file) {
             Ok(text) => text.trim().parse().unwrap_or(0),
@@ -72,8 +77,9 @@ impl Sender {
             }
         };
         // The offset is saved without fsync and the log synced once a second: after a power
-        // cut it can point past the log's end. Events written from then on start there.
-        let log_len = *length.borrow();
+        // cut it can point past the log's end as it was opened (events written since start
+        // there, at a line's start).
+        let log_len = opened_len;
         if offset > log_len {
             tracing::warn!(url = %self.hook.url, offset, log_len, "webhook offset past the end of the event log; continuing from the end");
             offset = log_len;
