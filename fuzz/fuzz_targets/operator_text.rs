@@ -14,8 +14,8 @@ fuzz_target!(|text: &str| {
     let _ = baton::schedule::Window::parse(text).map(|w| w.next_open(1_800_000_000_000));
     let _ = baton::schedule::requested(text.as_bytes());
     let _ = text.parse::<baton_spool::QueueId>();
-    let _ = baton::mta_sts::Policy::parse(text, "id");
-    if let Some(rate) = baton::shaping::Rate::parse(text) {
+    let _ = baton_dns::mta_sts::Policy::parse(text, "id");
+    if let Some(rate) = baton_shaping::Rate::parse(text) {
         assert!(rate.count > 0);
     }
     if let Some(secs) = parse_duration(text) {

@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::shaping::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
+pub use baton_client::TlsMode;
+pub use baton_dns::DnsConfig;
+use baton_shaping::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
+pub use baton_shaping::{Pool, Source};
+pub use baton_units::{human_duration, parse_duration, parse_size};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -180,34 +184,6 @@ pub enum SenderPolicy {
     Any,
 }
 
-/// A local address outbound connections bind to, with the name it says EHLO with.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Source {
-    pub name: String,
-    pub address: std::net::IpAddr,
-    pub ehlo: Option<String>,
-    pub warmup: Option<crate::shaping::WarmupPlan>,
-}
-
-/// A weighted set of sources, and the mail it carries.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Pool {
-    pub name: String,
-    /// Sources and their weights.
-    pub sources: Vec<(Source, u32)>,
-    /// Sender domains whose mail goes out through this pool.
-    pub sender_domains: Vec<String>,
-    /// Tenants (X-Baton-Tenant) whose mail goes out through this pool.
-    pub tenants: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct DnsConfig {
-    /// Replace the system resolver (from /etc/resolv.conf) with these servers.
-    pub nameservers: Vec<SocketAddr>,
-    pub timeout: Duration,
-}
-
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     /// The port dialled on every MX host (25; tests point it elsewhere).
@@ -281,19 +257,6 @@ pub struct Smarthost {
     /// AUTH PLAIN credentials (user, password).
     pub auth: Option<(String, String)>,
     pub tls: TlsMode,
-}
-
-/// Outbound TLS for a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TlsMode {
-    /// STARTTLS when offered, plaintext otherwise (RFC 7435).
-    Opportunistic,
-    /// No delivery without TLS: the message waits (4.7.10).
-    Required,
-    /// TLS with a certificate that validates for the host name (4.7.5 otherwise).
-    Verify,
-    /// Never STARTTLS.
-    Disabled,
 }
 
 #[derive(Debug, Clone)]
@@ -978,7 +941,7 @@ impl Validator<'_> {
             .unwrap_or(TlsMode::Opportunistic);
         let tls_ca_file = raw.tls_ca_file.and_then(|f| {
             let path = PathBuf::from(f.get_ref());
-            match crate::trust::load_roots(&path) {
+            match baton_tls::trust::load_roots(&path) {
                 Ok(_) => Some(path),
                 Err(why) => self.error(
                     f.span(),
@@ -1223,11 +1186,9 @@ impl Validator<'_> {
         &mut self,
         plan: &Spanned<toml::Value>,
         raw: &RawSource,
-    ) -> Option<crate::shaping::WarmupPlan> {
+    ) -> Option<baton_shaping::WarmupPlan> {
         let caps = match plan.get_ref() {
-            toml::Value::String(s) if s == "builtin" => {
-                crate::shaping::WarmupPlan::BUILTIN.to_vec()
-            }
+            toml::Value::String(s) if s == "builtin" => baton_shaping::WarmupPlan::BUILTIN.to_vec(),
             toml::Value::Array(items) => {
                 let caps: Option<Vec<u64>> = items
                     .iter()
@@ -1284,7 +1245,7 @@ impl Validator<'_> {
                 );
             }
         };
-        Some(crate::shaping::WarmupPlan {
+        Some(baton_shaping::WarmupPlan {
             caps,
             start_ms,
             period,
@@ -1528,7 +1489,7 @@ impl Validator<'_> {
     /// `[delivery] line_length_limit`: 0 (off) or at least 78, default 998.
     fn line_length_limit(&mut self, raw: Option<Spanned<u64>>) -> usize {
         match raw {
-            None => crate::downgrade::MAX_LINE,
+            None => baton_client::downgrade::MAX_LINE,
             Some(n) if *n.get_ref() == 0 || (78..=1_000_000).contains(n.get_ref()) => {
                 *n.get_ref() as usize
             }
@@ -1538,7 +1499,7 @@ impl Validator<'_> {
                     "line_length_limit must be 0 (off) or from 78 to 1000000".into(),
                     "leave it out for RFC 5322's 998",
                 )
-                .unwrap_or(crate::downgrade::MAX_LINE),
+                .unwrap_or(baton_client::downgrade::MAX_LINE),
         }
     }
 
@@ -1628,7 +1589,7 @@ impl Validator<'_> {
         let tls = match (&raw.tls_cert, &raw.tls_key) {
             (Some(cert), Some(key)) => {
                 let paths = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
-                match crate::tls::check(&paths.0, &paths.1) {
+                match baton_tls::server::check(&paths.0, &paths.1) {
                     Ok(()) => Some(paths),
                     Err(why) => self.error(
                         cert.span(),
@@ -1787,9 +1748,7 @@ impl Validator<'_> {
     fn duration(&mut self, q: Spanned<Quantity>) -> Option<Duration> {
         let parsed = match q.get_ref() {
             Quantity::Number(n) => Some(*n),
-            Quantity::Text(t) => {
-                parse_with_unit(t, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)])
-            }
+            Quantity::Text(t) => baton_units::parse_with_unit(t, baton_units::DURATION_UNITS),
         };
         match parsed {
             Some(0) | None => self.error(
@@ -1797,7 +1756,7 @@ impl Validator<'_> {
                 "not a valid duration".into(),
                 "write a positive number of seconds or a string such as \"30s\", \"5m\", \"1h\"",
             ),
-            Some(secs) if secs > MAX_DURATION_SECS => self.error(
+            Some(secs) if secs > baton_units::MAX_DURATION_SECS => self.error(
                 q.span(),
                 format!("duration of {secs} seconds is longer than ten years"),
                 "durations go up to \"3650d\"",
@@ -1809,7 +1768,7 @@ impl Validator<'_> {
     fn size(&mut self, q: Spanned<Quantity>) -> Option<u64> {
         let parsed = match q.get_ref() {
             Quantity::Number(n) => Some(*n),
-            Quantity::Text(t) => parse_with_unit(t, SIZE_UNITS),
+            Quantity::Text(t) => baton_units::parse_with_unit(t, baton_units::SIZE_UNITS),
         };
         match parsed {
             Some(0) | None => self.error(
@@ -1820,63 +1779,6 @@ impl Validator<'_> {
             Some(n) => Some(n),
         }
     }
-}
-
-/// The longest duration a configuration may set: ten years (time arithmetic stays far from
-/// overflow).
-const MAX_DURATION_SECS: u64 = 3650 * 86400;
-
-/// A duration in the operator's words: "5 days", "4 hours", "90 seconds", "1 second".
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
-    if s > 0 && s.is_multiple_of(86400) {
-        plural(s / 86400, "day")
-    } else if s > 0 && s.is_multiple_of(3600) {
-        plural(s / 3600, "hour")
-    } else if s > 0 && s.is_multiple_of(60) && s < 3600 {
-        plural(s / 60, "minute")
-    } else if s == 0 && d.subsec_millis() > 0 {
-        format!("{} ms", d.subsec_millis())
-    } else {
-        plural(s, "second")
-    }
-}
-
-/// "30m", "2h", "90" (seconds): a duration in seconds, for the command line.
-pub fn parse_duration(text: &str) -> Option<u64> {
-    parse_with_unit(text, &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)])
-        .filter(|&s| s > 0 && s <= MAX_DURATION_SECS)
-}
-
-/// "50MiB", "10MB", "1000" (bytes): a size, as in the configuration file.
-pub fn parse_size(text: &str) -> Option<u64> {
-    parse_with_unit(text, SIZE_UNITS).filter(|&n| n > 0)
-}
-
-const SIZE_UNITS: &[(&str, u64)] = &[
-    ("B", 1),
-    ("KB", 1000),
-    ("KiB", 1 << 10),
-    ("MB", 1_000_000),
-    ("MiB", 1 << 20),
-    ("GB", 1_000_000_000),
-    ("GiB", 1 << 30),
-];
-
-fn parse_with_unit(text: &str, units: &[(&str, u64)]) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let unit = unit.trim();
-    if unit.is_empty() {
-        return Some(number);
-    }
-    let factor = units.iter().find(|(u, _)| *u == unit)?.1;
-    number.checked_mul(factor)
 }
 
 fn parse_network(text: &str) -> Option<IpNet> {

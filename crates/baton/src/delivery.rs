@@ -16,10 +16,10 @@ use baton_spool::{BodyLocation, QueueId, Spool};
 use bytes::Bytes;
 use tokio::sync::{Notify, OnceCell, mpsc};
 
-use crate::client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
 use crate::config::{Config, LmtpTarget, Pool, Smarthost, Source, TlsMode, Transport};
-use crate::dns::{Dns, DnsFailure};
-use crate::shaping::{Limits, Shaper};
+use baton_client::{Client, ClientError, ConnectOptions, OutRcpt, Outgoing, Reply};
+use baton_dns::{Dns, DnsFailure};
+use baton_shaping::{Limits, Shaper};
 
 /// An open connection with the shaping state it counts against.
 struct Connection {
@@ -28,7 +28,7 @@ struct Connection {
     /// The egress source this connection left from.
     source: Option<String>,
     /// This connection's place under the rule's connection cap; released on drop.
-    _slot: Option<crate::shaping::ConnectionSlot>,
+    _slot: Option<baton_shaping::ConnectionSlot>,
     _gauge: OpenGauge,
 }
 
@@ -37,7 +37,7 @@ impl Connection {
         client: Client,
         limits: Option<Arc<Limits>>,
         source: Option<String>,
-        slot: Option<crate::shaping::ConnectionSlot>,
+        slot: Option<baton_shaping::ConnectionSlot>,
     ) -> Connection {
         crate::metrics::connection("outbound", true);
         Connection {
@@ -239,9 +239,9 @@ pub struct DeliveryContext {
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,
     /// CA store for checking servers' certificates.
-    pub trust: Arc<crate::trust::Trust>,
+    pub trust: Arc<baton_tls::trust::Trust>,
     /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
-    pub mta_sts: Option<crate::mta_sts::MtaSts>,
+    pub mta_sts: Option<baton_dns::mta_sts::MtaSts>,
 }
 
 /// The TLS a destination gets and why.
@@ -250,7 +250,7 @@ struct TlsPlan {
     /// For the delivery record: "route", "mta-sts", "opportunistic"...
     label: &'static str,
     /// An MTA-STS policy in `enforce` mode: only its MX hosts may be used.
-    sts: Option<crate::mta_sts::Policy>,
+    sts: Option<baton_dns::mta_sts::Policy>,
     /// Look for DANE TLSA records (only where no route overrides, and the MX set validated).
     dane: bool,
 }
@@ -287,7 +287,7 @@ async fn tls_plan(ctx: &DeliveryContext, dest: &Destination) -> TlsPlan {
         && let Some(policy) = sts.policy(&ctx.dns, domain).await
     {
         match policy.mode {
-            crate::mta_sts::Mode::Enforce => {
+            baton_dns::mta_sts::Mode::Enforce => {
                 return TlsPlan {
                     mode: TlsMode::Verify,
                     label: "mta-sts",
@@ -295,7 +295,7 @@ async fn tls_plan(ctx: &DeliveryContext, dest: &Destination) -> TlsPlan {
                     dane,
                 };
             }
-            crate::mta_sts::Mode::Testing => {
+            baton_dns::mta_sts::Mode::Testing => {
                 return TlsPlan {
                     mode: default,
                     label: "mta-sts testing",
@@ -303,7 +303,7 @@ async fn tls_plan(ctx: &DeliveryContext, dest: &Destination) -> TlsPlan {
                     dane,
                 };
             }
-            crate::mta_sts::Mode::None => {}
+            baton_dns::mta_sts::Mode::None => {}
         }
     }
     TlsPlan {
@@ -321,7 +321,7 @@ async fn dane_for(
     ctx: &DeliveryContext,
     host: &str,
     port: u16,
-) -> Result<Option<(TlsMode, Vec<crate::trust::Tlsa>)>, ConnectFailure> {
+) -> Result<Option<(TlsMode, Vec<baton_tls::trust::Tlsa>)>, ConnectFailure> {
     match ctx.dns.tlsa(host, port).await {
         Ok(answer) if answer.secure && !answer.records.is_empty() => {
             let usable: Vec<_> = answer.records.into_iter().filter(|r| r.usable()).collect();
@@ -874,7 +874,7 @@ async fn connect(
         },
     };
     if let Some(policy) = &plan.sts {
-        if policy.mode == crate::mta_sts::Mode::Enforce {
+        if policy.mode == baton_dns::mta_sts::Mode::Enforce {
             hosts.retain(|h| policy.allows(h));
             if hosts.is_empty() {
                 return Err(ConnectFailure::new(

@@ -29,7 +29,7 @@ pub struct Client<'a> {
 
 impl InboundAuth {
     pub fn new(dns: &DnsConfig, hostname: &str) -> anyhow::Result<InboundAuth> {
-        let (config, options) = crate::dns::resolver_parts(dns)?;
+        let (config, options) = baton_dns::resolver_parts(dns)?;
         Ok(InboundAuth {
             authenticator: MessageAuthenticator::new(config, options)?,
             hostname: hostname.to_string(),

@@ -19,13 +19,13 @@ use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::bounce::{self, Action, ReportedRecipient};
-use crate::client::{OutRcpt, Reply};
 use crate::config::Config;
 use crate::delivery::{
     DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport, Outcome,
 };
 use crate::events::{EventKind, Events};
 use crate::retry;
+use baton_client::{OutRcpt, Reply};
 
 /// Sessions hand accepted messages to the queue through this; the control socket asks it
 /// questions and gives it orders.
@@ -148,7 +148,7 @@ impl QueueManager {
         events: Events,
         recovered: Vec<StoredMessage>,
         suppressions: Arc<crate::suppression::Suppressions>,
-        trust: Arc<crate::trust::Trust>,
+        trust: Arc<baton_tls::trust::Trust>,
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
@@ -161,7 +161,7 @@ impl QueueManager {
         }
         let mta_sts = if config.delivery.mta_sts {
             match trust.https_config() {
-                Ok(https) => Some(crate::mta_sts::MtaSts::new(
+                Ok(https) => Some(baton_dns::mta_sts::MtaSts::new(
                     https,
                     config.delivery.mta_sts_port,
                     config.delivery.connect_timeout,
@@ -178,7 +178,7 @@ impl QueueManager {
         let delivery = Arc::new(DeliveryContext {
             config: config.clone(),
             dkim,
-            dns: crate::dns::Dns::new(&config.dns)?,
+            dns: baton_dns::Dns::new(&config.dns)?,
             shaper: shaper(&config),
             events: events.clone(),
             spool: spool.clone(),
@@ -1328,8 +1328,8 @@ fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
 }
 
 /// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.
-fn shaper(config: &Config) -> crate::shaping::Shaper {
-    let shaper = crate::shaping::Shaper::new(
+fn shaper(config: &Config) -> baton_shaping::Shaper {
+    let shaper = baton_shaping::Shaper::new(
         config.shaping.clone(),
         config.backoff.clone(),
         config.delivery.max_connections_per_destination,
@@ -1342,7 +1342,7 @@ fn shaper(config: &Config) -> crate::shaping::Shaper {
     if !planned {
         return shaper;
     }
-    let ledger = crate::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
+    let ledger = baton_shaping::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
     shaper.with_ledger(Arc::new(ledger))
 }
 

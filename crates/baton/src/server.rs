@@ -19,9 +19,9 @@ use tokio::task::JoinSet;
 use crate::config::{Config, Role};
 use crate::events::Events;
 use crate::qmgr::{QueueHandle, QueueManager};
-use crate::ratelimit::RateLimiter;
 use crate::session::Session;
-use crate::tls::{Conn, TlsStore};
+use baton_shaping::ratelimit::RateLimiter;
+use baton_tls::server::{Conn, TlsStore};
 
 /// What every session shares.
 pub struct Context {
@@ -163,7 +163,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     });
     // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.
     let trust = Arc::new(
-        crate::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
+        baton_tls::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
             .map_err(anyhow::Error::msg)?,
     );
     let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {

@@ -23,9 +23,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Config, Role, SenderPolicy, Transport};
-use crate::ratelimit::RateLimiter;
 use crate::server::Context;
-use crate::tls::{Conn, TlsStore};
+use baton_shaping::ratelimit::RateLimiter;
+use baton_tls::server::{Conn, TlsStore};
 
 /// Why a session ended early; logged, never shown to the client beyond its 421/5xx.
 #[derive(Debug)]

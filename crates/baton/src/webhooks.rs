@@ -219,7 +219,7 @@ impl Sender {
                 .https
                 .clone()
                 .ok_or("no trusted CA certificates for https")?;
-            let name = crate::trust::server_name(&host)?;
+            let name = baton_tls::trust::server_name(&host)?;
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await

@@ -20,10 +20,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
-use crate::config::TlsMode;
-use crate::trust::{Tlsa, Trust};
+use baton_tls::trust::{Tlsa, Trust};
 
 /// RFC 5321 §4.5.3.2 client timeouts.
+pub mod downgrade;
+
+/// Outbound TLS for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// STARTTLS when offered, plaintext otherwise (RFC 7435).
+    Opportunistic,
+    /// No delivery without TLS: the message waits (4.7.10).
+    Required,
+    /// TLS with a certificate that validates for the host name (4.7.5 otherwise).
+    Verify,
+    /// Never STARTTLS.
+    Disabled,
+}
+
 const GREETING_TIMEOUT: Duration = Duration::from_secs(300);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 const DATA_INIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -503,7 +517,7 @@ impl Client {
         let chain = session.peer_certificates().unwrap_or(&[]);
         let authenticated = match (options.dane, options.trust) {
             (Some(records), Some(trust)) if !records.is_empty() => {
-                crate::trust::dane_verify(records, chain, host, trust.provider())
+                baton_tls::trust::dane_verify(records, chain, host, trust.provider())
             }
             (_, Some(trust)) => trust.verify(chain, host),
             (_, None) => Err("no trust store".into()),

@@ -10,7 +10,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::shaping::Rate;
+use crate::Rate;
 
 /// Past this many buckets, full ones are dropped before adding another.
 const PRUNE_AT: usize = 50_000;

@@ -18,9 +18,32 @@ use std::time::Duration;
 
 use regex::Regex;
 
-use crate::config::Source;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+pub mod ratelimit;
+pub mod warmup;
+
+/// A local address outbound connections bind to, with the name it says EHLO with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub name: String,
+    pub address: std::net::IpAddr,
+    pub ehlo: Option<String>,
+    pub warmup: Option<WarmupPlan>,
+}
+
+/// A weighted set of sources, and the mail it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pool {
+    pub name: String,
+    /// Sources and their weights.
+    pub sources: Vec<(Source, u32)>,
+    /// Sender domains whose mail goes out through this pool.
+    pub sender_domains: Vec<String>,
+    /// Tenants (X-Baton-Tenant) whose mail goes out through this pool.
+    pub tenants: Vec<String>,
+}
 
 /// What a backoff rule does to a destination that pushes back.
 #[derive(Debug, Clone, PartialEq)]
@@ -331,7 +354,7 @@ impl Limits {
                 a.suspended_until = Some(later(rule.duration));
                 format!(
                     "suspended for {}",
-                    crate::config::human_duration(rule.duration)
+                    baton_units::human_duration(rule.duration)
                 )
             }
             BackoffAction::Throttle { factor } => {
@@ -341,7 +364,7 @@ impl Limits {
                 format!(
                     "message rate and connections cut to {:.0}% for {}",
                     f * 100.0,
-                    crate::config::human_duration(rule.duration)
+                    baton_units::human_duration(rule.duration)
                 )
             }
         }

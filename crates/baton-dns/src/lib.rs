@@ -20,8 +20,16 @@ use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use rand::seq::SliceRandom;
 
-use crate::config::DnsConfig;
-use crate::trust::Tlsa;
+use baton_tls::trust::Tlsa;
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Replace the system resolver (from /etc/resolv.conf) with these servers.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+}
+
+pub mod mta_sts;
 
 /// One host to try, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]

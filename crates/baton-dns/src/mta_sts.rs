@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use serde::{Deserialize, Serialize};
 
-use crate::dns::Dns;
+use crate::Dns;
 
 /// RFC 8461 §3.2: policies are at most 64 KiB.
 const MAX_POLICY_BYTES: usize = 64 * 1024;
@@ -262,7 +262,7 @@ impl MtaSts {
                 }
             }
             let tcp = tcp.ok_or(last)?;
-            let name = crate::trust::server_name(&host)?;
+            let name = baton_tls::trust::server_name(&host)?;
             let tls = tokio_rustls::TlsConnector::from(self.https.clone())
                 .connect(name, tcp)
                 .await
