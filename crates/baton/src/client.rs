@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use baton_spool::Notify;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -160,8 +161,8 @@ pub struct Outgoing<'a> {
 pub struct OutRcpt {
     pub address: String,
     pub orcpt: Option<String>,
-    /// NOTIFY bits as in the spool (1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY).
-    pub notify: u8,
+    /// DSN NOTIFY as in the spool.
+    pub notify: Notify,
 }
 
 enum Stream {
@@ -643,7 +644,7 @@ impl Client {
             .map(|rcpt| {
                 let mut line = format!("RCPT TO:<{}>", path(&rcpt.address));
                 if self.caps.dsn {
-                    if rcpt.notify != 0 {
+                    if rcpt.notify.is_given() {
                         line.push_str(&format!(" NOTIFY={}", notify_text(rcpt.notify)));
                     }
                     if let Some(orcpt) = &rcpt.orcpt {
@@ -985,13 +986,18 @@ fn parse_capabilities(lines: &[String]) -> Capabilities {
     caps
 }
 
-fn notify_text(bits: u8) -> String {
-    if bits & 1 != 0 {
+/// The RCPT `NOTIFY=` value: NEVER, or the keywords given.
+fn notify_text(notify: Notify) -> String {
+    if notify.is_never() {
         return "NEVER".into();
     }
     let mut parts = Vec::new();
-    for (bit, name) in [(2, "SUCCESS"), (4, "FAILURE"), (8, "DELAY")] {
-        if bits & bit != 0 {
+    for (flag, name) in [
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+    ] {
+        if notify.contains(flag) {
             parts.push(name);
         }
     }
@@ -1109,8 +1115,11 @@ mod tests {
     #[test]
     fn xtext_and_notify() {
         assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
-        assert_eq!(notify_text(2 | 8), "SUCCESS,DELAY");
-        assert_eq!(notify_text(1), "NEVER");
+        assert_eq!(
+            notify_text(Notify::SUCCESS | Notify::DELAY),
+            "SUCCESS,DELAY"
+        );
+        assert_eq!(notify_text(Notify::NEVER), "NEVER");
     }
 
     #[test]

@@ -337,12 +337,12 @@ impl Config {
     /// The pool for a message: one named for it (`rebind`), else the one naming its tenant,
     /// else its sender domain, else `[delivery] pool`.
     pub fn pool_for(&self, envelope: &baton_spool::Envelope) -> Option<&Pool> {
-        if let Some(name) = envelope.meta("pool")
+        if let Some(name) = envelope.meta.pool.as_deref()
             && let Some(p) = self.pools.iter().find(|p| p.name == name)
         {
             return Some(p);
         }
-        if let Some(tenant) = envelope.meta("tenant")
+        if let Some(tenant) = envelope.meta.tenant.as_deref()
             && let Some(p) = self
                 .pools
                 .iter()

@@ -49,7 +49,7 @@ fn message_json(m: &StoredMessage) -> serde_json::Value {
             "email": r.address,
             "state": r.state.as_str(),
             "orcpt": r.orcpt,
-            "notify": r.notify,
+            "notify": r.notify.bits(),
             "next_attempt_ms": (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
             "attempts": r.attempts.iter().map(|a| json!({
                 "at_ms": a.at_ms,
