@@ -949,13 +949,17 @@ async fn events(
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let kind = q
+        .kind
+        .as_deref()
+        .map(str::parse::<crate::events::EventKind>);
     let filter = crate::events::Filter {
         since: time_param(&q.since, "since")?,
         until: time_param(&q.until, "until")?,
         recipient: q.recipient,
         message_id: q.message_id,
         campaign: q.campaign,
-        kind: q.kind,
+        kind: kind.as_ref().and_then(|k| k.as_ref().ok()).copied(),
         after: q.after,
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
         newest_first: match q.order.as_deref() {
@@ -964,6 +968,10 @@ async fn events(
             Some(other) => return Err(bad_request(format!("order {other:?}: oldest or newest"))),
         },
     };
+    if let Some(Err(_)) = kind {
+        // A type no event has: nothing matches.
+        return Ok(Json(json!({"events": [], "next": null})));
+    }
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");
     let page = tokio::task::spawn_blocking(move || crate::events::query(&path, &filter))

@@ -147,7 +147,7 @@ pub struct WebhookConfig {
     /// Key of the HMAC-SHA256 signature in `X-Baton-Signature`.
     pub secret: String,
     /// Event types sent; empty = all.
-    pub events: Vec<String>,
+    pub events: Vec<crate::events::EventKind>,
     pub batch_size: usize,
 }
 
@@ -1411,20 +1411,6 @@ impl Validator<'_> {
     }
 
     fn webhook(&mut self, raw: RawWebhook) -> Option<WebhookConfig> {
-        const TYPES: &[&str] = &[
-            "reception",
-            "delivery",
-            "transient_failure",
-            "bounce",
-            "expiration",
-            "dsn_queued",
-            "bounce_dropped",
-            "shaping",
-            "deleted",
-            "held",
-            "suppression",
-            "operator",
-        ];
         let url = raw.url.get_ref().trim().to_string();
         let parsed = url.parse::<hyper::Uri>().ok().filter(|u| {
             matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
@@ -1445,14 +1431,16 @@ impl Validator<'_> {
         }
         let mut events = Vec::new();
         for e in raw.events.unwrap_or_default() {
-            if TYPES.contains(&e.get_ref().as_str()) {
-                events.push(e.into_inner());
-            } else {
-                self.error::<()>(
-                    e.span(),
-                    format!("unknown event type {:?}", e.get_ref()),
-                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held, suppression, operator",
-                );
+            match e.get_ref().parse::<crate::events::EventKind>() {
+                Ok(kind) => events.push(kind),
+                Err(unknown) => {
+                    let types = crate::events::EventKind::ALL.map(|k| k.as_str());
+                    self.error::<()>(
+                        e.span(),
+                        unknown.to_string(),
+                        &format!("types: {}", types.join(", ")),
+                    );
+                }
             }
         }
         let batch_size = raw
@@ -1900,6 +1888,35 @@ fn default_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_events_are_event_kinds() {
+        let hook = |events: &str| {
+            Config::parse(&format!(
+                "[[webhook]]\nurl = \"https://crm.example.com/hook\"\nsecret = \"0123456789abcdef\"\nevents = {events}\n"
+            ))
+        };
+        let c = hook(r#"["delivery", "transient_failure", "operator"]"#).unwrap();
+        use crate::events::EventKind;
+        assert_eq!(
+            c.webhooks[0].events,
+            [
+                EventKind::Delivery,
+                EventKind::TransientFailure,
+                EventKind::Operator
+            ]
+        );
+        let errors = hook(r#"["delivery", "bounced"]"#).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].message, "unknown event type \"bounced\"");
+        assert_eq!(
+            errors[0].hint.as_deref(),
+            Some(
+                "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, \
+                 bounce_dropped, shaping, deleted, held, suppression, operator"
+            )
+        );
+    }
 
     #[test]
     fn defaults_are_loopback_mx_relay() {

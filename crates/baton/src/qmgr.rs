@@ -517,14 +517,8 @@ impl QueueManager {
                         .pool_for(&q.envelope)
                         .map(|p| p.name.as_str())
                         .unwrap_or("");
-                    let label = match state {
-                        RcptState::Delivered => "delivered",
-                        RcptState::Bounced => "bounced",
-                        RcptState::Expired => "expired",
-                        _ => "deferred",
-                    };
                     let latency = (state == RcptState::Delivered).then_some(age.as_secs_f64());
-                    crate::metrics::outcome(label, domain, pool, &reply.status, latency);
+                    crate::metrics::outcome(kind, domain, pool, &reply.status, latency);
                     if state.is_final() {
                         crate::metrics::queue_depth(-1);
                     }
@@ -1074,8 +1068,7 @@ impl QueueManager {
                         delay_notified: false,
                     };
                     r.state = state;
-                    let label = if bounce { "bounced" } else { "deleted" };
-                    crate::metrics::outcome(label, domain, "", status, None);
+                    crate::metrics::outcome(kind, domain, "", status, None);
                     crate::metrics::queue_depth(-1);
                     let mut e = self.events.new_event(
                         kind,
