@@ -24,7 +24,7 @@ use crate::legacy::EnvelopeV1;
 /// The magic of segments this version writes.
 pub const MAGIC: &[u8; 8] = b"BATONJ4\n";
 /// The magic of segments written before typed meta (envelope format 1): read, never appended to.
-pub const MAGIC_V3: &[u8; 8] = b"BATONJ3\n";
+pub const MAGIC_J3: &[u8; 8] = b"BATONJ3\n";
 /// Format 1 envelope, body inline (segments `BATONJ3`).
 pub const KIND_MESSAGE_INLINE_V1: u8 = 1;
 /// Format 1 envelope, body in `bodies/<queue id>`.
@@ -174,7 +174,7 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
     if reader.read_exact(&mut magic).is_err() {
         return Ok(scan);
     }
-    if &magic != MAGIC && &magic != MAGIC_V3 {
+    if &magic != MAGIC && &magic != MAGIC_J3 {
         if magic.starts_with(b"BATONJ") {
             // Another format version: never take it for a torn file and overwrite it.
             return Err(io::Error::new(
@@ -185,7 +185,7 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
                     path.display(),
                     String::from_utf8_lossy(&magic[..7]),
                     String::from_utf8_lossy(&MAGIC[..7]),
-                    String::from_utf8_lossy(&MAGIC_V3[..7])
+                    String::from_utf8_lossy(&MAGIC_J3[..7])
                 ),
             ));
         }
@@ -385,7 +385,7 @@ fn holds_no_record(path: &Path) -> bool {
     let mut head = Vec::new();
     File::open(path)
         .and_then(|f| f.take(MAGIC.len() as u64).read_to_end(&mut head))
-        .is_ok_and(|_| MAGIC.starts_with(&head) || MAGIC_V3.starts_with(&head))
+        .is_ok_and(|_| MAGIC.starts_with(&head) || MAGIC_J3.starts_with(&head))
 }
 
 /// fsyncs a directory so that entries created in it survive a crash.
