@@ -1,6 +1,7 @@
 //! One transaction: MAIL, RCPT (pipelined when the server offers it), DATA or BDAT, and one
 //! reply per recipient.
 
+use baton_spool::Notify;
 use bytes::Bytes;
 
 use crate::connection::Client;
@@ -23,8 +24,8 @@ pub struct Outgoing<'a> {
 pub struct OutRcpt {
     pub address: String,
     pub orcpt: Option<String>,
-    /// NOTIFY bits as in the spool (1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY).
-    pub notify: u8,
+    /// DSN NOTIFY as in the spool.
+    pub notify: Notify,
 }
 
 impl Client {
@@ -323,7 +324,7 @@ fn rcpt_line(rcpt: &OutRcpt, dsn: bool) -> String {
     let path = baton_smtp::address::smtp_path(&rcpt.address).unwrap_or_default();
     let mut line = format!("RCPT TO:<{path}>");
     if dsn {
-        if rcpt.notify != 0 {
+        if rcpt.notify.is_given() {
             line.push_str(&format!(" NOTIFY={}", notify_text(rcpt.notify)));
         }
         if let Some(orcpt) = &rcpt.orcpt {
@@ -341,13 +342,18 @@ fn refused_data(rcpt_replies: Vec<Reply>, refusal: &Reply) -> Vec<Reply> {
         .collect()
 }
 
-fn notify_text(bits: u8) -> String {
-    if bits & 1 != 0 {
+/// The RCPT `NOTIFY=` value: NEVER, or the keywords given.
+fn notify_text(notify: Notify) -> String {
+    if notify.is_never() {
         return "NEVER".into();
     }
     let mut parts = Vec::new();
-    for (bit, name) in [(2, "SUCCESS"), (4, "FAILURE"), (8, "DELAY")] {
-        if bits & bit != 0 {
+    for (flag, name) in [
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+    ] {
+        if notify.contains(flag) {
             parts.push(name);
         }
     }
@@ -374,7 +380,10 @@ mod tests {
     #[test]
     fn xtext_and_notify() {
         assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
-        assert_eq!(notify_text(2 | 8), "SUCCESS,DELAY");
-        assert_eq!(notify_text(1), "NEVER");
+        assert_eq!(
+            notify_text(Notify::SUCCESS | Notify::DELAY),
+            "SUCCESS,DELAY"
+        );
+        assert_eq!(notify_text(Notify::NEVER), "NEVER");
     }
 }

@@ -41,6 +41,11 @@ impl Notify {
     pub fn contains(self, bit: u8) -> bool {
         self.0 & bit != 0
     }
+
+    /// NOTIFY= was given.
+    pub fn is_given(self) -> bool {
+        self.0 != 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

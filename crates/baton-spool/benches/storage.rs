@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_spool::{Envelope, Recipient, Spool, SpoolOptions};
+use baton_spool::{Envelope, MessageMeta, Notify, Recipient, Spool, SpoolOptions};
 
 fn file_per_message(dir: &Path, threads: usize, total: usize, size: usize) -> f64 {
     let body = Arc::new(vec![b'x'; size]);
@@ -52,7 +52,7 @@ fn envelope(spool: &Spool, size: usize) -> Envelope {
         recipients: vec![Recipient::new(
             "b@example.net".into(),
             Some("b@example.net".into()),
-            4,
+            Notify::FAILURE,
         )],
         dsn_ret: None,
         dsn_envid: None,
@@ -62,7 +62,7 @@ fn envelope(spool: &Spool, size: usize) -> Envelope {
         helo: "client.example".into(),
         arrived_ms: 0,
         size: size as u64,
-        meta: Vec::new(),
+        meta: MessageMeta::default(),
     }
 }
 

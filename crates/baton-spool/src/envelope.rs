@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::BitOr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -113,13 +114,74 @@ impl RcptState {
     }
 }
 
+/// DSN `NOTIFY` (RFC 3461 §4.1) as flags: NEVER, or any of SUCCESS, FAILURE and DELAY; none
+/// when the client did not give it. Stored as its bits (1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY:
+/// a plain `u8` in the journal and the API's `"notify"` number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Notify(u8);
+
+impl Notify {
+    pub const NEVER: Notify = Notify(1);
+    pub const SUCCESS: Notify = Notify(2);
+    pub const FAILURE: Notify = Notify(4);
+    pub const DELAY: Notify = Notify(8);
+    /// NOTIFY was not given (RFC 3461's default applies).
+    pub const NOT_GIVEN: Notify = Notify(0);
+
+    pub const fn from_bits(bits: u8) -> Notify {
+        Notify(bits)
+    }
+
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// NOTIFY was given (any keyword).
+    pub const fn is_given(self) -> bool {
+        self.0 != 0
+    }
+
+    /// Every flag of `other` is set.
+    pub const fn contains(self, other: Notify) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    pub const fn is_never(self) -> bool {
+        self.contains(Notify::NEVER)
+    }
+
+    /// A failure notice is wanted: NOTIFY=FAILURE, or NOTIFY not given (RFC 3461 §4.1: the
+    /// default is FAILURE,DELAY); never with NOTIFY=NEVER.
+    pub const fn wants_failure(self) -> bool {
+        !self.is_never() && (!self.is_given() || self.contains(Notify::FAILURE))
+    }
+
+    /// A delay notice is wanted: NOTIFY=DELAY, or NOTIFY not given; never with NOTIFY=NEVER.
+    pub const fn wants_delay(self) -> bool {
+        !self.is_never() && (!self.is_given() || self.contains(Notify::DELAY))
+    }
+
+    /// A success notice is wanted: only when NOTIFY=SUCCESS was given.
+    pub const fn wants_success(self) -> bool {
+        self.contains(Notify::SUCCESS)
+    }
+}
+
+impl BitOr for Notify {
+    type Output = Notify;
+    fn bitor(self, rhs: Notify) -> Notify {
+        Notify(self.0 | rhs.0)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipient {
     pub address: String,
     /// DSN ORCPT address (type rfc822).
     pub orcpt: Option<String>,
-    /// DSN NOTIFY bits: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY; 0 when not given.
-    pub notify: u8,
+    /// DSN NOTIFY.
+    pub notify: Notify,
     pub state: RcptState,
     /// Every delivery attempt so far, oldest first.
     pub attempts: Vec<Attempt>,
@@ -130,7 +192,7 @@ pub struct Recipient {
 }
 
 impl Recipient {
-    pub fn new(address: String, orcpt: Option<String>, notify: u8) -> Self {
+    pub fn new(address: String, orcpt: Option<String>, notify: Notify) -> Self {
         Recipient {
             address,
             orcpt,
@@ -200,18 +262,34 @@ pub struct Envelope {
     pub arrived_ms: u64,
     /// Body size in bytes as stored (with the Received: header Baton prepended).
     pub size: u64,
-    /// Further facts as (key, value): "window" (a delivery window), "baton-headers" (the body
-    /// carries X-Baton-* headers to strip before delivery), and what later features need.
-    pub meta: Vec<(String, String)>,
+    /// What the message carries besides the SMTP envelope: schedule, tenancy, operator hold.
+    pub meta: MessageMeta,
 }
 
-impl Envelope {
-    pub fn meta(&self, key: &str) -> Option<&str> {
-        self.meta
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
+/// A message's facts beyond the SMTP envelope, set at reception (headers, API fields) or by
+/// the operator (hold, rebind).
+///
+/// Stored inside the envelope record and, when it changes, replaced whole by a meta record.
+/// Postcard is not self-describing: adding or changing a field means new record kinds, with
+/// the old ones still decoded and converted (as format 1's (key, value) pairs are now; see
+/// `legacy.rs` and docs/SPOOL.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// X-Baton-Send-At or the API's `send_at` (ms since the epoch): operator actions (flush,
+    /// resume, release, rebind) never make the message due earlier.
+    pub send_at_ms: Option<u64>,
+    /// X-Baton-Window as written (see `schedule::Window`): deliver only while it is open.
+    pub window: Option<String>,
+    /// Whose mail it is (X-Baton-Tenant or the API's `tenant`), for pools and suspensions.
+    pub tenant: Option<String>,
+    /// The API's `campaign` tag, reported on reception events.
+    pub campaign: Option<String>,
+    /// The pool named for the message (the API's `pool`, or `baton queue rebind`).
+    pub pool: Option<String>,
+    /// Held by the operator: not delivered until released.
+    pub hold: bool,
+    /// The body carries X-Baton-* headers, to strip before delivery.
+    pub strip_baton_headers: bool,
 }
 
 #[cfg(test)]
@@ -226,5 +304,32 @@ mod tests {
         assert!(b > a);
         assert_eq!(a.to_string().parse::<QueueId>().unwrap(), a);
         assert!("xyz".parse::<QueueId>().is_err());
+    }
+
+    #[test]
+    fn notify_follows_rfc_3461_defaults() {
+        let not_given = Notify::NOT_GIVEN;
+        assert!(not_given.wants_failure() && not_given.wants_delay());
+        assert!(!not_given.wants_success() && !not_given.is_given());
+        let never = Notify::NEVER;
+        assert!(!never.wants_failure() && !never.wants_delay() && !never.wants_success());
+        let success = Notify::SUCCESS;
+        assert!(success.wants_success() && !success.wants_failure() && !success.wants_delay());
+        let fd = Notify::FAILURE | Notify::DELAY;
+        assert!(fd.wants_failure() && fd.wants_delay() && !fd.wants_success());
+        assert!(!Notify::DELAY.wants_failure() && !Notify::FAILURE.wants_delay());
+        assert_eq!((Notify::SUCCESS | Notify::DELAY).bits(), 2 | 8);
+        assert!(!not_given.contains(Notify::NOT_GIVEN));
+    }
+
+    #[test]
+    fn notify_is_stored_as_its_bits() {
+        let r = Recipient::new("a@b".into(), None, Notify::SUCCESS | Notify::FAILURE);
+        let mut plain = r.clone();
+        plain.notify = Notify::from_bits(6);
+        let bytes = postcard::to_stdvec(&r).unwrap();
+        assert_eq!(bytes, postcard::to_stdvec(&plain).unwrap());
+        // The byte after the address and ORCPT (None) is the plain u8.
+        assert_eq!(bytes[1 + 3 + 1], 6);
     }
 }

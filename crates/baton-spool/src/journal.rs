@@ -7,24 +7,40 @@
 //!
 //! Message payload: `envelope_len:u32le | envelope (postcard) | body` where the body is empty
 //! when it lives in its own file under `bodies/` (large messages).
+//!
+//! Versions: postcard is not self-describing, so a changed record layout gets new kinds and the
+//! old kinds are still decoded and converted (see `legacy.rs`). Segments written since typed
+//! meta start with `BATONJ4`; `BATONJ3` segments (envelope format 1) are read but never
+//! appended to, so a Baton that knows only format 1 refuses the spool instead of taking the
+//! new kinds for a torn tail.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::envelope::{Envelope, QueueId, RecipientUpdate};
+use crate::envelope::{Envelope, MessageMeta, QueueId, RecipientUpdate};
+use crate::legacy::EnvelopeV1;
 
-pub const MAGIC: &[u8; 8] = b"BATONJ3\n";
-/// A message whose body follows the envelope in the same frame.
-pub const KIND_MESSAGE_INLINE: u8 = 1;
-/// A message whose body is in `bodies/<queue id>`.
-pub const KIND_MESSAGE_FILE: u8 = 2;
+/// The magic of segments this version writes.
+pub const MAGIC: &[u8; 8] = b"BATONJ4\n";
+/// The magic of segments written before typed meta (envelope format 1): read, never appended to.
+pub const MAGIC_J3: &[u8; 8] = b"BATONJ3\n";
+/// Format 1 envelope, body inline (segments `BATONJ3`).
+pub const KIND_MESSAGE_INLINE_V1: u8 = 1;
+/// Format 1 envelope, body in `bodies/<queue id>`.
+pub const KIND_MESSAGE_FILE_V1: u8 = 2;
 /// A recipient's new state after a delivery attempt (postcard `RecipientUpdate`).
 pub const KIND_UPDATE: u8 = 3;
 /// Every recipient of a message is final: the message is gone (8-byte queue id).
 pub const KIND_DONE: u8 = 4;
-/// A message's meta entry set or replaced (postcard `(QueueId, key, value)`).
-pub const KIND_META: u8 = 5;
+/// Format 1 meta entry set or replaced (postcard `(QueueId, key, value)`).
+pub const KIND_META_V1: u8 = 5;
+/// A message (envelope format 2, typed meta) whose body follows the envelope in the same frame.
+pub const KIND_MESSAGE_INLINE: u8 = 6;
+/// A message (envelope format 2) whose body is in `bodies/<queue id>`.
+pub const KIND_MESSAGE_FILE: u8 = 7;
+/// A message's meta replaced whole (postcard `(QueueId, MessageMeta)`).
+pub const KIND_META: u8 = 8;
 const FRAME_HEADER: usize = 9;
 
 /// Where a message's body is.
@@ -42,7 +58,21 @@ pub enum Record {
     Message(StoredMessage),
     Update(RecipientUpdate),
     Done(QueueId),
-    Meta(QueueId, String, String),
+    /// A message's meta, replacing what it had.
+    Meta(QueueId, MessageMeta),
+    /// One format 1 meta entry (key, value), set on a message's typed meta by key.
+    MetaV1(QueueId, String, String),
+}
+
+/// What reading a segment found.
+#[derive(Debug)]
+pub struct Scan {
+    pub records: Vec<Record>,
+    /// Offset just past the last valid frame; anything after it is a torn or corrupt tail.
+    pub valid_len: u64,
+    pub file_len: u64,
+    /// The segment starts with [`MAGIC`] (false: an older format, or no header at all).
+    pub current: bool,
 }
 
 /// A message as found in the spool.
@@ -117,11 +147,10 @@ pub fn encode_update(update: &RecipientUpdate, out: &mut Vec<u8>) -> Result<(), 
 
 pub fn encode_meta(
     id: QueueId,
-    key: &str,
-    value: &str,
+    meta: &MessageMeta,
     out: &mut Vec<u8>,
 ) -> Result<(), postcard::Error> {
-    let payload = postcard::to_stdvec(&(id, key, value))?;
+    let payload = postcard::to_stdvec(&(id, meta))?;
     encode_frame(KIND_META, &payload, out);
     Ok(())
 }
@@ -130,34 +159,41 @@ pub fn encode_done(id: QueueId, out: &mut Vec<u8>) {
     encode_frame(KIND_DONE, &id.0.to_le_bytes(), out);
 }
 
-/// Reads one segment. Returns its records and the offset just past the last valid frame;
-/// anything after it is a torn or corrupt tail.
-pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u64)> {
+/// Reads one segment: its records and where its valid part ends.
+pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
+    let mut scan = Scan {
+        records: Vec::new(),
+        valid_len: 0,
+        file_len,
+        current: false,
+    };
     if reader.read_exact(&mut magic).is_err() {
-        return Ok((Vec::new(), 0, file_len));
+        return Ok(scan);
     }
-    if &magic != MAGIC {
+    if &magic != MAGIC && &magic != MAGIC_J3 {
         if magic.starts_with(b"BATONJ") {
             // Another format version: never take it for a torn file and overwrite it.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "{} is spool format {:?}; this Baton reads {:?} (drain the queue with the \
-                     version that wrote it, or move the spool aside)",
+                    "{} is spool format {:?}; this Baton reads {:?} and {:?} (drain the queue \
+                     with the version that wrote it, or move the spool aside)",
                     path.display(),
                     String::from_utf8_lossy(&magic[..7]),
-                    String::from_utf8_lossy(&MAGIC[..7])
+                    String::from_utf8_lossy(&MAGIC[..7]),
+                    String::from_utf8_lossy(&MAGIC_J3[..7])
                 ),
             ));
         }
-        return Ok((Vec::new(), 0, file_len));
+        return Ok(scan);
     }
+    scan.current = &magic == MAGIC;
     let mut offset = MAGIC.len() as u64;
-    let mut records = Vec::new();
+    let records = &mut scan.records;
     let mut frame = Vec::new();
     loop {
         let mut header = [0u8; 8];
@@ -174,13 +210,17 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u
             break;
         }
         let record = match frame[0] {
-            KIND_MESSAGE_INLINE | KIND_MESSAGE_FILE => {
-                decode_message(&frame, number, offset).map(Record::Message)
-            }
+            KIND_MESSAGE_INLINE
+            | KIND_MESSAGE_FILE
+            | KIND_MESSAGE_INLINE_V1
+            | KIND_MESSAGE_FILE_V1 => decode_message(&frame, number, offset).map(Record::Message),
             KIND_UPDATE => postcard::from_bytes(&frame[1..]).ok().map(Record::Update),
-            KIND_META => postcard::from_bytes::<(QueueId, String, String)>(&frame[1..])
+            KIND_META => postcard::from_bytes::<(QueueId, MessageMeta)>(&frame[1..])
                 .ok()
-                .map(|(id, k, v)| Record::Meta(id, k, v)),
+                .map(|(id, meta)| Record::Meta(id, meta)),
+            KIND_META_V1 => postcard::from_bytes::<(QueueId, String, String)>(&frame[1..])
+                .ok()
+                .map(|(id, k, v)| Record::MetaV1(id, k, v)),
             KIND_DONE => frame
                 .get(1..9)
                 .and_then(|b| b.try_into().ok())
@@ -193,15 +233,21 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<(Vec<Record>, u64, u
         }
         offset += 8 + len;
     }
-    Ok((records, offset, file_len))
+    scan.valid_len = offset;
+    Ok(scan)
 }
 
 fn decode_message(frame: &[u8], segment: u64, frame_offset: u64) -> Option<StoredMessage> {
     let env_len = u32::from_le_bytes(frame.get(1..5)?.try_into().ok()?) as usize;
     let env_bytes = frame.get(5..5 + env_len)?;
-    let envelope: Envelope = postcard::from_bytes(env_bytes).ok()?;
+    let envelope: Envelope = match frame[0] {
+        KIND_MESSAGE_INLINE_V1 | KIND_MESSAGE_FILE_V1 => {
+            postcard::from_bytes::<EnvelopeV1>(env_bytes).ok()?.into()
+        }
+        _ => postcard::from_bytes(env_bytes).ok()?,
+    };
     let body_len = (frame.len() - 5 - env_len) as u64;
-    let body = if frame[0] == KIND_MESSAGE_FILE {
+    let body = if matches!(frame[0], KIND_MESSAGE_FILE | KIND_MESSAGE_FILE_V1) {
         BodyLocation::File
     } else {
         BodyLocation::Inline {
@@ -328,7 +374,7 @@ fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Re
     Ok(())
 }
 
-/// A segment file that holds nothing but (part of) its header.
+/// A segment file that holds nothing but (part of) its header, of this format or the last.
 fn holds_no_record(path: &Path) -> bool {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return false;
@@ -339,7 +385,7 @@ fn holds_no_record(path: &Path) -> bool {
     let mut head = Vec::new();
     File::open(path)
         .and_then(|f| f.take(MAGIC.len() as u64).read_to_end(&mut head))
-        .is_ok_and(|_| MAGIC.starts_with(&head))
+        .is_ok_and(|_| MAGIC.starts_with(&head) || MAGIC_J3.starts_with(&head))
 }
 
 /// fsyncs a directory so that entries created in it survive a crash.

@@ -16,6 +16,7 @@
 
 pub mod envelope;
 pub mod journal;
+mod legacy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -29,7 +30,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 pub use envelope::{
-    Attempt, DsnRet, Envelope, IdGenerator, QueueId, RcptState, Recipient, RecipientUpdate, now_ms,
+    Attempt, DsnRet, Envelope, IdGenerator, MessageMeta, Notify, QueueId, RcptState, Recipient,
+    RecipientUpdate, now_ms,
 };
 pub use journal::{BodyLocation, Record, StoredMessage};
 
@@ -132,7 +134,12 @@ impl Spool {
         let mut tail = None;
         for (i, &number) in segments.iter().enumerate() {
             let path = journal::segment_path(&journal_dir, number);
-            let (records, valid, file_len) = journal::scan_segment(&path, number)?;
+            let journal::Scan {
+                records,
+                valid_len: valid,
+                file_len,
+                current,
+            } = journal::scan_segment(&path, number)?;
             if file_len > valid {
                 if i + 1 == segments.len() {
                     recovery.truncated_bytes = file_len - valid;
@@ -146,7 +153,7 @@ impl Spool {
             }
             apply_records(&mut live, records, number);
             if i + 1 == segments.len() {
-                tail = Some((number, valid, file_len));
+                tail = Some((number, valid, file_len, current));
             }
         }
         let mut segment_live: BTreeMap<u64, usize> = segments.iter().map(|&n| (n, 0)).collect();
@@ -160,10 +167,14 @@ impl Spool {
         recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &recovery.messages)?;
 
         let active = match tail {
-            Some((number, valid, file_len)) if valid < options.segment_size => {
+            // A segment with no valid header gets the current one; an older format's is left
+            // as it is (see journal.rs).
+            Some((number, valid, file_len, current))
+                if valid < options.segment_size && (current || valid == 0) =>
+            {
                 journal::ActiveSegment::reopen(&journal_dir, number, valid, file_len)?
             }
-            Some((number, valid, file_len)) => {
+            Some((number, valid, file_len, _)) => {
                 // Cut any torn tail before moving on to a fresh segment.
                 drop(journal::ActiveSegment::reopen(
                     &journal_dir,
@@ -226,7 +237,7 @@ impl Spool {
         for number in journal::list_segments(&journal_dir)? {
             let path = journal::segment_path(&journal_dir, number);
             match journal::scan_segment(&path, number) {
-                Ok((records, _, _)) => apply_records(&mut live, records, number),
+                Ok(scan) => apply_records(&mut live, scan.records, number),
                 // Deleted by the server between listing and reading: nothing live was in it.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
@@ -341,10 +352,11 @@ impl Spool {
             .map_err(|_| SpoolError::Stopped)
     }
 
-    /// Sets a message's meta entry (e.g. its pool after a rebind); written like [`Spool::record`].
-    pub fn record_meta(&self, id: QueueId, key: &str, value: &str) -> Result<(), SpoolError> {
+    /// Replaces a message's meta (e.g. its pool after a rebind, a hold); written like
+    /// [`Spool::record`].
+    pub fn record_meta(&self, id: QueueId, meta: &MessageMeta) -> Result<(), SpoolError> {
         let mut frames = Vec::new();
-        journal::encode_meta(id, key, value, &mut frames)?;
+        journal::encode_meta(id, meta, &mut frames)?;
         self.inner
             .committer
             .send(CommitRequest::Records {
@@ -496,10 +508,14 @@ fn apply_records(
             Record::Done(id) => {
                 live.remove(&id);
             }
-            Record::Meta(id, key, value) => {
+            Record::Meta(id, meta) => {
                 if let Some((m, _)) = live.get_mut(&id) {
-                    m.envelope.meta.retain(|(k, _)| *k != key);
-                    m.envelope.meta.push((key, value));
+                    m.envelope.meta = meta;
+                }
+            }
+            Record::MetaV1(id, key, value) => {
+                if let Some((m, _)) = live.get_mut(&id) {
+                    m.envelope.meta.set_v1(&key, value);
                 }
             }
         }

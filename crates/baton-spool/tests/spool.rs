@@ -5,7 +5,8 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 
 use baton_spool::{
-    Attempt, BodyLocation, Envelope, RcptState, Recipient, RecipientUpdate, Spool, SpoolOptions,
+    Attempt, BodyLocation, Envelope, MessageMeta, Notify, RcptState, Recipient, RecipientUpdate,
+    Spool, SpoolOptions,
 };
 
 fn envelope(spool: &Spool, size: u64) -> Envelope {
@@ -15,7 +16,7 @@ fn envelope(spool: &Spool, size: u64) -> Envelope {
         recipients: vec![Recipient::new(
             "b@example.net".into(),
             Some("b@example.net".into()),
-            4,
+            Notify::FAILURE,
         )],
         dsn_ret: None,
         dsn_envid: Some("env1".into()),
@@ -25,7 +26,7 @@ fn envelope(spool: &Spool, size: u64) -> Envelope {
         helo: "client.example".into(),
         arrived_ms: 1,
         size,
-        meta: Vec::new(),
+        meta: MessageMeta::default(),
     }
 }
 
@@ -181,7 +182,12 @@ async fn concurrent_commits_rotate_segments_and_all_survive() {
 /// refuse every later message on EEXIST.
 #[tokio::test]
 async fn a_half_made_segment_does_not_block_rotation() {
-    for leftover in [&b""[..], &b"BATO"[..], &baton_spool_magic()[..]] {
+    for leftover in [
+        &b""[..],
+        &b"BATO"[..],
+        &baton_spool_magic()[..],
+        &b"BATONJ3\n"[..],
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let options = SpoolOptions {
             segment_size: 1,
@@ -220,7 +226,7 @@ async fn a_half_made_segment_does_not_block_rotation() {
 
 /// The segment header as the journal writes it.
 fn baton_spool_magic() -> Vec<u8> {
-    b"BATONJ3\n".to_vec()
+    b"BATONJ4\n".to_vec()
 }
 
 /// A finished message's body file goes only once its done record is on disk: deleted before,
@@ -335,4 +341,301 @@ async fn head_segments_are_deleted_once_all_their_messages_finish() {
     drop(spool);
     let (_, rec) = Spool::open(dir.path(), options).unwrap();
     assert_eq!(rec.messages.len(), 1);
+}
+
+/// Every meta field survives a restart, and a meta record replaces what the envelope had.
+#[tokio::test]
+async fn typed_meta_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = MessageMeta {
+        send_at_ms: Some(1_767_258_000_000),
+        window: Some("Mon-Fri 09:00-17:00 Europe/Berlin".into()),
+        tenant: Some("acme".into()),
+        campaign: Some("winter".into()),
+        pool: None,
+        hold: false,
+        strip_baton_headers: true,
+    };
+    let (first, second) = {
+        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let mut first = envelope(&spool, 5);
+        first.meta = meta.clone();
+        first.recipients[0].notify = Notify::SUCCESS | Notify::DELAY;
+        let w = {
+            let mut w = spool.body_writer(first.id);
+            w.buf().extend_from_slice(b"one\r\n");
+            w
+        };
+        spool.commit(&first, w).await.unwrap();
+        let second = store(&spool, b"two\r\n").await;
+        // Held and rebound: the meta record replaces the whole meta.
+        first.meta.hold = true;
+        first.meta.pool = Some("bulk".into());
+        spool.record_meta(first.id, &first.meta).unwrap();
+        store(&spool, b"three\r\n").await;
+        (first, second)
+    };
+    let seg = std::fs::read(dir.path().join("journal/0000000001.log")).unwrap();
+    assert_eq!(&seg[..8], b"BATONJ4\n");
+    let (_, rec) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert_eq!(rec.messages.len(), 3);
+    assert_eq!(rec.messages[0].envelope, first);
+    assert!(rec.messages[0].envelope.meta.hold);
+    assert_eq!(rec.messages[0].envelope.meta.pool.as_deref(), Some("bulk"));
+    assert_eq!(rec.messages[0].envelope.recipients[0].notify.bits(), 2 | 8);
+    assert_eq!(rec.messages[1].envelope, second);
+    assert_eq!(rec.messages[1].envelope.meta, MessageMeta::default());
+    let read = Spool::read_only(dir.path()).unwrap();
+    assert_eq!(read[0].envelope, first);
+}
+
+/// A spool written before typed meta (segment magic `BATONJ3`, envelope format 1 with meta as
+/// string pairs, kind 5 meta records) loads into the typed struct; new records go to a new
+/// segment and the old one is never appended to.
+#[tokio::test]
+async fn a_format_1_spool_loads_into_typed_meta() {
+    use serde::Serialize;
+
+    // The records exactly as format 1 laid them out (postcard, fields in this order).
+    #[derive(Serialize)]
+    struct OldAttempt {
+        at_ms: u64,
+        code: u16,
+        status: String,
+        diagnostic: String,
+        remote_mta: Option<String>,
+    }
+    #[derive(Serialize)]
+    enum OldState {
+        Queued,
+        Deferred,
+    }
+    #[derive(Serialize)]
+    struct OldRecipient {
+        address: String,
+        orcpt: Option<String>,
+        notify: u8,
+        state: OldState,
+        attempts: Vec<OldAttempt>,
+        next_attempt_ms: u64,
+        delay_notified: bool,
+    }
+    #[derive(Serialize)]
+    enum OldRet {
+        #[allow(dead_code)]
+        Full,
+        Headers,
+    }
+    #[derive(Serialize)]
+    struct OldEnvelope {
+        id: u64,
+        sender: String,
+        recipients: Vec<OldRecipient>,
+        dsn_ret: Option<OldRet>,
+        dsn_envid: Option<String>,
+        eight_bit: bool,
+        smtputf8: bool,
+        client_ip: IpAddr,
+        helo: String,
+        arrived_ms: u64,
+        size: u64,
+        meta: Vec<(String, String)>,
+    }
+    fn frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+        let mut framed = vec![kind];
+        framed.extend_from_slice(payload);
+        out.extend_from_slice(&(framed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&framed).to_le_bytes());
+        out.extend_from_slice(&framed);
+    }
+    fn message(kind: u8, envelope: &OldEnvelope, body: &[u8], out: &mut Vec<u8>) {
+        let env = postcard::to_stdvec(envelope).unwrap();
+        let mut payload = (env.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&env);
+        payload.extend_from_slice(body);
+        frame(kind, &payload, out);
+    }
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let old = |id: u64, notify: u8, meta: Vec<(String, String)>| OldEnvelope {
+        id,
+        sender: "a@example.com".into(),
+        recipients: vec![OldRecipient {
+            address: "b@example.net".into(),
+            orcpt: Some("b@example.net".into()),
+            notify,
+            state: OldState::Queued,
+            attempts: Vec::new(),
+            next_attempt_ms: 0,
+            delay_notified: false,
+        }],
+        dsn_ret: Some(OldRet::Headers),
+        dsn_envid: Some("env1".into()),
+        eight_bit: true,
+        smtputf8: false,
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        helo: "client.example".into(),
+        arrived_ms: 1,
+        size: 5,
+        meta,
+    };
+    let (scheduled, tagged, held, finished) = (0x100_0001u64, 0x100_0002, 0x100_0003, 0x100_0004);
+    let mut seg = b"BATONJ3\n".to_vec();
+    message(
+        1,
+        &old(
+            scheduled,
+            2 | 8,
+            pairs(&[
+                ("send_at", "1767258000000"),
+                ("window", "Mon-Fri 09:00-17:00 Europe/Berlin"),
+                ("tenant", "acme"),
+                ("baton-headers", "strip"),
+            ]),
+        ),
+        b"one\r\n",
+        &mut seg,
+    );
+    message(
+        2,
+        &old(
+            tagged,
+            0,
+            pairs(&[("tenant", "acme"), ("pool", "bulk"), ("campaign", "winter")]),
+        ),
+        b"",
+        &mut seg,
+    );
+    message(1, &old(held, 1, Vec::new()), b"three\r\n", &mut seg);
+    message(1, &old(finished, 0, Vec::new()), b"four\r\n", &mut seg);
+    // Format 1 meta records: held, rebound, released (""), held again.
+    for (id, key, value) in [
+        (held, "hold", "1"),
+        (tagged, "pool", "transactional"),
+        (tagged, "hold", "1"),
+        (tagged, "hold", ""),
+    ] {
+        frame(
+            5,
+            &postcard::to_stdvec(&(id, key, value)).unwrap(),
+            &mut seg,
+        );
+    }
+    frame(
+        3,
+        &postcard::to_stdvec(&(
+            scheduled,
+            0u32,
+            OldState::Deferred,
+            Some(OldAttempt {
+                at_ms: 5,
+                code: 451,
+                status: "4.3.0".into(),
+                diagnostic: "try later".into(),
+                remote_mta: None,
+            }),
+            1_767_258_000_000u64,
+            false,
+        ))
+        .unwrap(),
+        &mut seg,
+    );
+    frame(4, &finished.to_le_bytes(), &mut seg);
+    let journal = dir_with_journal();
+    let dir = journal.path();
+    std::fs::write(dir.join("journal/0000000001.log"), &seg).unwrap();
+    std::fs::write(
+        dir.join("bodies").join(format!("{tagged:016X}")),
+        b"two\r\n",
+    )
+    .unwrap();
+
+    let check = |messages: &[baton_spool::StoredMessage]| {
+        let ids: Vec<u64> = messages.iter().map(|m| m.envelope.id.0).collect();
+        assert_eq!(ids, [scheduled, tagged, held]);
+        let s = &messages[0].envelope;
+        assert_eq!(
+            s.meta,
+            MessageMeta {
+                send_at_ms: Some(1_767_258_000_000),
+                window: Some("Mon-Fri 09:00-17:00 Europe/Berlin".into()),
+                tenant: Some("acme".into()),
+                strip_baton_headers: true,
+                ..MessageMeta::default()
+            }
+        );
+        assert_eq!(s.recipients[0].notify, Notify::SUCCESS | Notify::DELAY);
+        assert_eq!(s.recipients[0].state, RcptState::Deferred);
+        assert_eq!(s.recipients[0].attempts[0].code, 451);
+        assert_eq!(s.dsn_envid.as_deref(), Some("env1"));
+        let t = &messages[1];
+        assert_eq!(t.body, BodyLocation::File);
+        assert_eq!(
+            t.envelope.meta,
+            MessageMeta {
+                tenant: Some("acme".into()),
+                campaign: Some("winter".into()),
+                pool: Some("transactional".into()),
+                hold: false,
+                ..MessageMeta::default()
+            }
+        );
+        assert!(!t.envelope.recipients[0].notify.is_given());
+        let h = &messages[2].envelope;
+        assert!(h.meta.hold);
+        assert!(h.recipients[0].notify.is_never());
+    };
+    let read = Spool::read_only(dir).unwrap();
+    check(&read);
+    assert_eq!(Spool::read_body(dir, &read[1]).unwrap(), b"two\r\n");
+    let new = {
+        let (spool, rec) = Spool::open(dir, SpoolOptions::default()).unwrap();
+        check(&rec.messages);
+        assert_eq!(rec.truncated_bytes, 0);
+        assert_eq!(Spool::read_body(dir, &rec.messages[0]).unwrap(), b"one\r\n");
+        assert_eq!(
+            Spool::read_body(dir, &rec.messages[2]).unwrap(),
+            b"three\r\n"
+        );
+        // Released in the new format.
+        let mut meta = rec.messages[2].envelope.meta.clone();
+        meta.hold = false;
+        spool
+            .record_meta(rec.messages[2].envelope.id, &meta)
+            .unwrap();
+        store(&spool, b"five\r\n").await
+    };
+    // The old segment is as it was; the new records are in a new one, in the new format.
+    assert_eq!(
+        std::fs::read(dir.join("journal/0000000001.log")).unwrap(),
+        seg
+    );
+    let next = std::fs::read(dir.join("journal/0000000002.log")).unwrap();
+    assert_eq!(&next[..8], b"BATONJ4\n");
+    let (_, rec) = Spool::open(dir, SpoolOptions::default()).unwrap();
+    assert_eq!(rec.messages.len(), 4);
+    assert!(!rec.messages[2].envelope.meta.hold);
+    assert_eq!(rec.messages[3].envelope, new);
+    check(
+        &rec.messages[..2]
+            .iter()
+            .cloned()
+            .chain([{
+                let mut h = rec.messages[2].clone();
+                h.envelope.meta.hold = true;
+                h
+            }])
+            .collect::<Vec<_>>(),
+    );
+}
+
+/// A temporary spool directory with its journal/ and bodies/ folders.
+fn dir_with_journal() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("journal")).unwrap();
+    std::fs::create_dir_all(dir.path().join("bodies")).unwrap();
+    dir
 }

@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use baton_spool::{Envelope, QueueId, Recipient};
+use baton_spool::{Envelope, MessageMeta, Notify, QueueId, Recipient};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -627,7 +627,7 @@ fn substitute(
 
 /// What every message of one call shares: its tags and its send time, checked once.
 struct Shared {
-    meta: Vec<(String, String)>,
+    meta: MessageMeta,
     send_at_ms: u64,
 }
 
@@ -641,11 +641,11 @@ impl Shared {
             })?,
             None => 0,
         };
-        let mut meta = Vec::new();
-        for (key, value) in [
-            ("tenant", &request.tenant),
-            ("pool", &request.pool),
-            ("campaign", &request.campaign),
+        let mut meta = MessageMeta::default();
+        for (key, value, field) in [
+            ("tenant", &request.tenant, &mut meta.tenant),
+            ("pool", &request.pool, &mut meta.pool),
+            ("campaign", &request.campaign, &mut meta.campaign),
         ] {
             if let Some(v) = value {
                 let ok = !v.is_empty()
@@ -657,13 +657,11 @@ impl Shared {
                         "{key} {v:?}: use up to 64 letters, digits, '-', '_' or '.'"
                     )));
                 }
-                meta.push((key.to_string(), v.to_ascii_lowercase()));
+                *field = Some(v.to_ascii_lowercase());
             }
         }
-        if send_at_ms > 0 {
-            // Kept, so that operator actions (flush, resume, release) never send it earlier.
-            meta.push(("send_at".to_string(), send_at_ms.to_string()));
-        }
+        // Kept, so that operator actions (flush, resume, release) never send it earlier.
+        meta.send_at_ms = (send_at_ms > 0).then_some(send_at_ms);
         Ok(Shared { meta, send_at_ms })
     }
 }
@@ -678,7 +676,8 @@ fn envelope_for(
     let recipients = rcpts
         .into_iter()
         .map(|i| {
-            let mut r = Recipient::new(request.recipients[i].email.clone(), None, 0);
+            let mut r =
+                Recipient::new(request.recipients[i].email.clone(), None, Notify::NOT_GIVEN);
             r.next_attempt_ms = shared.send_at_ms;
             r
         })
@@ -950,13 +949,17 @@ async fn events(
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let kind = q
+        .kind
+        .as_deref()
+        .map(str::parse::<crate::events::EventKind>);
     let filter = crate::events::Filter {
         since: time_param(&q.since, "since")?,
         until: time_param(&q.until, "until")?,
         recipient: q.recipient,
         message_id: q.message_id,
         campaign: q.campaign,
-        kind: q.kind,
+        kind: kind.as_ref().and_then(|k| k.as_ref().ok()).copied(),
         after: q.after,
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
         newest_first: match q.order.as_deref() {
@@ -965,6 +968,10 @@ async fn events(
             Some(other) => return Err(bad_request(format!("order {other:?}: oldest or newest"))),
         },
     };
+    if let Some(Err(_)) = kind {
+        // A type no event has: nothing matches.
+        return Ok(Json(json!({"events": [], "next": null})));
+    }
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");
     let page = tokio::task::spawn_blocking(move || crate::events::query(&path, &filter))

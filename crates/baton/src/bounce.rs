@@ -228,7 +228,11 @@ mod tests {
         let original = Envelope {
             id: QueueId(7),
             sender: "a@example.com".into(),
-            recipients: vec![Recipient::new("b@example.net".into(), None, 0)],
+            recipients: vec![Recipient::new(
+                "b@example.net".into(),
+                None,
+                baton_spool::Notify::NOT_GIVEN,
+            )],
             dsn_ret: None,
             dsn_envid: Some("e\r\nBcc: x@y".into()),
             eight_bit: false,
@@ -237,7 +241,7 @@ mod tests {
             helo: "c".into(),
             arrived_ms: 1,
             size: 0,
-            meta: Vec::new(),
+            meta: Default::default(),
         };
         let forged = ReportedRecipient {
             address: "b@example.net".into(),

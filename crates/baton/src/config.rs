@@ -151,7 +151,7 @@ pub struct WebhookConfig {
     /// Key of the HMAC-SHA256 signature in `X-Baton-Signature`.
     pub secret: String,
     /// Event types sent; empty = all.
-    pub events: Vec<String>,
+    pub events: Vec<crate::events::EventKind>,
     pub batch_size: usize,
 }
 
@@ -300,12 +300,12 @@ impl Config {
     /// The pool for a message: one named for it (`rebind`), else the one naming its tenant,
     /// else its sender domain, else `[delivery] pool`.
     pub fn pool_for(&self, envelope: &baton_spool::Envelope) -> Option<&Pool> {
-        if let Some(name) = envelope.meta("pool")
+        if let Some(name) = envelope.meta.pool.as_deref()
             && let Some(p) = self.pools.iter().find(|p| p.name == name)
         {
             return Some(p);
         }
-        if let Some(tenant) = envelope.meta("tenant")
+        if let Some(tenant) = envelope.meta.tenant.as_deref()
             && let Some(p) = self
                 .pools
                 .iter()
@@ -1372,20 +1372,6 @@ impl Validator<'_> {
     }
 
     fn webhook(&mut self, raw: RawWebhook) -> Option<WebhookConfig> {
-        const TYPES: &[&str] = &[
-            "reception",
-            "delivery",
-            "transient_failure",
-            "bounce",
-            "expiration",
-            "dsn_queued",
-            "bounce_dropped",
-            "shaping",
-            "deleted",
-            "held",
-            "suppression",
-            "operator",
-        ];
         let url = raw.url.get_ref().trim().to_string();
         let parsed = url.parse::<hyper::Uri>().ok().filter(|u| {
             matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
@@ -1406,14 +1392,16 @@ impl Validator<'_> {
         }
         let mut events = Vec::new();
         for e in raw.events.unwrap_or_default() {
-            if TYPES.contains(&e.get_ref().as_str()) {
-                events.push(e.into_inner());
-            } else {
-                self.error::<()>(
-                    e.span(),
-                    format!("unknown event type {:?}", e.get_ref()),
-                    "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, bounce_dropped, shaping, deleted, held, suppression, operator",
-                );
+            match e.get_ref().parse::<crate::events::EventKind>() {
+                Ok(kind) => events.push(kind),
+                Err(unknown) => {
+                    let types = crate::events::EventKind::ALL.map(|k| k.as_str());
+                    self.error::<()>(
+                        e.span(),
+                        unknown.to_string(),
+                        &format!("types: {}", types.join(", ")),
+                    );
+                }
             }
         }
         let batch_size = raw
@@ -1802,6 +1790,35 @@ fn default_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_events_are_event_kinds() {
+        let hook = |events: &str| {
+            Config::parse(&format!(
+                "[[webhook]]\nurl = \"https://crm.example.com/hook\"\nsecret = \"0123456789abcdef\"\nevents = {events}\n"
+            ))
+        };
+        let c = hook(r#"["delivery", "transient_failure", "operator"]"#).unwrap();
+        use crate::events::EventKind;
+        assert_eq!(
+            c.webhooks[0].events,
+            [
+                EventKind::Delivery,
+                EventKind::TransientFailure,
+                EventKind::Operator
+            ]
+        );
+        let errors = hook(r#"["delivery", "bounced"]"#).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].message, "unknown event type \"bounced\"");
+        assert_eq!(
+            errors[0].hint.as_deref(),
+            Some(
+                "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, \
+                 bounce_dropped, shaping, deleted, held, suppression, operator"
+            )
+        );
+    }
 
     #[test]
     fn defaults_are_loopback_mx_relay() {

@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use std::fmt;
+use std::str::FromStr;
 
 /// One event. Field names are the HTTP API's and webhooks' (issue "Observe").
 #[derive(Debug, Clone, Serialize)]
@@ -59,8 +61,9 @@ pub struct Event {
     pub latency_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// An event's `type`. Its name ([`EventKind::as_str`]) is what the log, the API, webhooks and
+/// the `[[webhook]] events` setting use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Reception,
     Delivery,
@@ -84,6 +87,75 @@ pub enum EventKind {
     /// An operator held or released a message (bounce, delete, suspend and resume have their
     /// own events: bounce, deleted, shaping).
     Operator,
+}
+
+impl EventKind {
+    /// Every kind, in the order the documentation lists them.
+    pub const ALL: [EventKind; 12] = [
+        EventKind::Reception,
+        EventKind::Delivery,
+        EventKind::TransientFailure,
+        EventKind::Bounce,
+        EventKind::Expiration,
+        EventKind::DsnQueued,
+        EventKind::BounceDropped,
+        EventKind::Shaping,
+        EventKind::Deleted,
+        EventKind::Held,
+        EventKind::Suppression,
+        EventKind::Operator,
+    ];
+
+    /// The `type` field's value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Reception => "reception",
+            EventKind::Delivery => "delivery",
+            EventKind::TransientFailure => "transient_failure",
+            EventKind::Bounce => "bounce",
+            EventKind::Expiration => "expiration",
+            EventKind::DsnQueued => "dsn_queued",
+            EventKind::BounceDropped => "bounce_dropped",
+            EventKind::Shaping => "shaping",
+            EventKind::Deleted => "deleted",
+            EventKind::Held => "held",
+            EventKind::Suppression => "suppression",
+            EventKind::Operator => "operator",
+        }
+    }
+
+    /// The kind of a logged event (its `type` field); none for a type this version does not
+    /// know.
+    pub fn of(event: &serde_json::Value) -> Option<EventKind> {
+        event.get("type")?.as_str()?.parse().ok()
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Text that names no event type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event type {0:?}")]
+pub struct UnknownEventKind(pub String);
+
+impl FromStr for EventKind {
+    type Err = UnknownEventKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownEventKind(s.to_string()))
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// What the writer thread receives.
@@ -318,7 +390,7 @@ pub struct Filter {
     pub message_id: Option<String>,
     /// Events of messages whose reception carried this campaign tag.
     pub campaign: Option<String>,
-    pub kind: Option<String>,
+    pub kind: Option<EventKind>,
     /// Only events after the one with this id.
     pub after: Option<String>,
     pub limit: usize,
@@ -339,8 +411,9 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
             continue; // a torn last line after a crash
         };
         let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let kind = EventKind::of(&event);
         if let Some(c) = &filter.campaign
-            && field("type") == "reception"
+            && kind == Some(EventKind::Reception)
             && field("campaign") == c
         {
             campaign_messages.insert(field("message_id").to_string());
@@ -360,7 +433,7 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
                 .message_id
                 .as_deref()
                 .is_none_or(|m| field("message_id") == m)
-            && filter.kind.as_deref().is_none_or(|k| field("type") == k)
+            && filter.kind.is_none_or(|k| kind == Some(k))
             && (filter.campaign.is_none() || campaign_messages.contains(field("message_id")));
         if !keep {
             continue;
@@ -412,13 +485,13 @@ pub fn history(path: &Path, message_id: &str) -> Option<serde_json::Value> {
             continue;
         }
         sender.get_or_insert_with(|| field("sender").to_string());
-        let state = match field("type") {
-            "reception" | "held" => "queued",
-            "transient_failure" => "deferred",
-            "delivery" => "delivered",
-            "bounce" => "bounced",
-            "expiration" => "expired",
-            "deleted" => "deleted",
+        let state = match EventKind::of(&event) {
+            Some(EventKind::Reception | EventKind::Held) => "queued",
+            Some(EventKind::TransientFailure) => "deferred",
+            Some(EventKind::Delivery) => "delivered",
+            Some(EventKind::Bounce) => "bounced",
+            Some(EventKind::Expiration) => "expired",
+            Some(EventKind::Deleted) => "deleted",
             _ => continue,
         };
         let email = field("recipient").to_string();
@@ -475,8 +548,10 @@ pub fn stats(
             continue;
         };
         let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
-        let kind = field("type");
-        if kind == "reception" {
+        let Some(kind) = EventKind::of(&event) else {
+            continue;
+        };
+        if kind == EventKind::Reception {
             tags.insert(
                 field("message_id").to_string(),
                 (field("campaign").to_string(), field("tenant").to_string()),
@@ -485,7 +560,10 @@ pub fn stats(
         }
         if !matches!(
             kind,
-            "delivery" | "transient_failure" | "bounce" | "expiration"
+            EventKind::Delivery
+                | EventKind::TransientFailure
+                | EventKind::Bounce
+                | EventKind::Expiration
         ) {
             continue;
         }
@@ -508,12 +586,12 @@ pub fn stats(
         let latency = event.get("latency_ms").and_then(|v| v.as_u64());
         for g in [groups.entry(key).or_default(), &mut total] {
             match kind {
-                "delivery" => {
+                EventKind::Delivery => {
                     g.delivered += 1;
                     g.latencies.extend(latency);
                 }
-                "transient_failure" => g.deferred += 1,
-                "bounce" => g.bounced += 1,
+                EventKind::TransientFailure => g.deferred += 1,
+                EventKind::Bounce => g.bounced += 1,
                 _ => g.expired += 1,
             }
         }
@@ -572,6 +650,31 @@ pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_have_one_name_each_and_parse_back() {
+        let names: std::collections::HashSet<_> =
+            EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), EventKind::ALL.len());
+        for kind in EventKind::ALL {
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::String(kind.as_str().into())
+            );
+            let line = serde_json::json!({"type": kind.as_str()});
+            assert_eq!(EventKind::of(&line), Some(kind));
+        }
+        // The names the log has always used.
+        assert_eq!(EventKind::TransientFailure.as_str(), "transient_failure");
+        assert_eq!(EventKind::DsnQueued.as_str(), "dsn_queued");
+        assert_eq!(EventKind::BounceDropped.as_str(), "bounce_dropped");
+        for bad in ["", "Bounce", "bounced", "transient-failure"] {
+            assert!(bad.parse::<EventKind>().is_err(), "{bad:?}");
+        }
+        assert_eq!(EventKind::of(&serde_json::json!({"type": 3})), None);
+    }
 
     #[test]
     fn spans_and_times_parse_and_nonsense_does_not() {

@@ -60,8 +60,8 @@ async fn commit_and_queue(
             ctx.events
                 .new_event(EventKind::Reception, &id_text, &r.address, &envelope.sender);
         e.size = Some(envelope.size);
-        e.campaign = envelope.meta("campaign").map(str::to_string);
-        e.tenant = envelope.meta("tenant").map(str::to_string);
+        e.campaign = envelope.meta.campaign.clone();
+        e.tenant = envelope.meta.tenant.clone();
         ctx.events.emit(e);
     }
     let body = (!inline.is_empty()).then_some(inline);

@@ -20,6 +20,8 @@ use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::events::EventKind;
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the recorder once per process; the handle renders the text format.
@@ -97,17 +99,33 @@ pub fn received(origin: &'static str, recipients: usize, size: u64) {
     metrics::histogram!("baton_message_size_bytes").record(size as f64);
 }
 
-/// One recipient's attempt outcome.
+/// The `outcome` label of a recipient's result, by the event it was logged as; none for
+/// events that are no outcome.
+pub fn outcome_label(kind: EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::Delivery => Some("delivered"),
+        EventKind::TransientFailure => Some("deferred"),
+        EventKind::Bounce => Some("bounced"),
+        EventKind::Expiration => Some("expired"),
+        EventKind::Deleted => Some("deleted"),
+        _ => None,
+    }
+}
+
+/// One recipient's attempt outcome (or operator's bounce or delete), by its event kind.
 pub fn outcome(
-    outcome: &'static str,
+    kind: EventKind,
     destination: &str,
     pool: &str,
     status: &str,
     latency_s: Option<f64>,
 ) {
-    match outcome {
-        "delivered" => DELIVERED.fetch_add(1, Ordering::Relaxed),
-        "bounced" | "expired" => BOUNCED.fetch_add(1, Ordering::Relaxed),
+    let Some(outcome) = outcome_label(kind) else {
+        return;
+    };
+    match kind {
+        EventKind::Delivery => DELIVERED.fetch_add(1, Ordering::Relaxed),
+        EventKind::Bounce | EventKind::Expiration => BOUNCED.fetch_add(1, Ordering::Relaxed),
         _ => 0,
     };
     let class: String = status.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -142,5 +160,28 @@ pub fn connection(direction: &'static str, opened: bool) {
         gauge.increment(1.0);
     } else {
         gauge.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_labels_follow_event_kinds() {
+        let labels: Vec<_> = EventKind::ALL
+            .into_iter()
+            .filter_map(|k| outcome_label(k).map(|l| (k, l)))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                (EventKind::Delivery, "delivered"),
+                (EventKind::TransientFailure, "deferred"),
+                (EventKind::Bounce, "bounced"),
+                (EventKind::Expiration, "expired"),
+                (EventKind::Deleted, "deleted"),
+            ]
+        );
     }
 }

@@ -260,8 +260,8 @@ impl QueueManager {
             smtputf8: env.smtputf8,
             location: message.body,
             body: OnceCell::new_with(body),
-            strip_baton_headers: env.meta("baton-headers").is_some(),
-            tenant: env.meta("tenant").map(str::to_string),
+            strip_baton_headers: env.meta.strip_baton_headers,
+            tenant: env.meta.tenant.clone(),
             signed: OnceCell::new(),
         });
         let id = env.id;
@@ -308,7 +308,7 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        if q.envelope.meta("hold") == Some("1") {
+        if q.envelope.meta.hold {
             return; // released by the operator, not by time
         }
         let mut groups: HashMap<(Destination, Option<String>), Vec<u32>> = HashMap::new();
@@ -316,7 +316,9 @@ impl QueueManager {
         // Outside its delivery window, nothing of the message is due before the window opens.
         let window_opens = q
             .envelope
-            .meta("window")
+            .meta
+            .window
+            .as_deref()
             .and_then(|w| crate::schedule::Window::parse(w).ok())
             .map(|w| w.next_open(now))
             .filter(|&open| open > now);
@@ -515,14 +517,8 @@ impl QueueManager {
                         .pool_for(&q.envelope)
                         .map(|p| p.name.as_str())
                         .unwrap_or("");
-                    let label = match state {
-                        RcptState::Delivered => "delivered",
-                        RcptState::Bounced => "bounced",
-                        RcptState::Expired => "expired",
-                        _ => "deferred",
-                    };
                     let latency = (state == RcptState::Delivered).then_some(age.as_secs_f64());
-                    crate::metrics::outcome(label, domain, pool, &reply.status, latency);
+                    crate::metrics::outcome(kind, domain, pool, &reply.status, latency);
                     if state.is_final() {
                         crate::metrics::queue_depth(-1);
                     }
@@ -558,13 +554,12 @@ impl QueueManager {
                     will_retry_until_ms: None,
                 };
                 let notify = rcpt.notify;
-                let never = notify & 1 != 0;
                 let mut delay_notified = false;
                 match state {
-                    RcptState::Bounced if !never && (notify == 0 || notify & 4 != 0) => {
+                    RcptState::Bounced if notify.wants_failure() => {
                         q.failures.push(reported);
                     }
-                    RcptState::Expired if !never && (notify == 0 || notify & 4 != 0) => {
+                    RcptState::Expired if notify.wants_failure() => {
                         q.failures.push(ReportedRecipient {
                             status: "4.4.7".into(),
                             diagnostic: format!(
@@ -575,7 +570,7 @@ impl QueueManager {
                             ..reported
                         });
                     }
-                    RcptState::Delivered if notify & 2 != 0 && !outcome.dsn_passed => {
+                    RcptState::Delivered if notify.wants_success() && !outcome.dsn_passed => {
                         q.successes.push(ReportedRecipient {
                             action: if outcome.local {
                                 Action::Delivered
@@ -586,8 +581,7 @@ impl QueueManager {
                         });
                     }
                     RcptState::Deferred
-                        if !never
-                            && (notify == 0 || notify & 8 != 0)
+                        if notify.wants_delay()
                             && !rcpt.delay_notified
                             && age >= config.delivery.delay_warning =>
                     {
@@ -771,9 +765,8 @@ impl QueueManager {
                     {
                         continue;
                     }
-                    q.envelope.meta.retain(|(k, _)| k != "pool");
-                    q.envelope.meta.push(("pool".into(), to.clone()));
-                    if let Err(e) = self.spool.record_meta(id, "pool", &to) {
+                    q.envelope.meta.pool = Some(to.clone());
+                    if let Err(e) = self.spool.record_meta(id, &q.envelope.meta) {
                         tracing::error!(id = %id, error = %e, "cannot record a rebind");
                     }
                     moved += 1;
@@ -820,17 +813,15 @@ impl QueueManager {
                 Err(e) => return json!({"error": e}),
             }
         };
-        let value = if hold { "1" } else { "" };
         let mut changed = 0;
         for qid in ids {
             let Some(q) = self.messages.get_mut(&qid) else {
                 continue;
             };
-            if (q.envelope.meta("hold") == Some("1")) == hold {
+            if q.envelope.meta.hold == hold {
                 continue;
             }
-            q.envelope.meta.retain(|(k, _)| k != "hold");
-            q.envelope.meta.push(("hold".into(), value.into()));
+            q.envelope.meta.hold = hold;
             for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
                 let mut e = self.events.new_event(
                     EventKind::Operator,
@@ -848,7 +839,7 @@ impl QueueManager {
                 );
                 self.events.emit(e);
             }
-            if let Err(e) = self.spool.record_meta(qid, "hold", value) {
+            if let Err(e) = self.spool.record_meta(qid, &q.envelope.meta) {
                 tracing::error!(id = %qid, error = %e, "cannot record a hold");
             }
             changed += 1;
@@ -891,7 +882,7 @@ impl QueueManager {
                 let row = rows.entry((dest, pool.clone())).or_default();
                 if q.in_flight[i] {
                     row.active += 1;
-                } else if q.envelope.meta("hold") == Some("1") {
+                } else if q.envelope.meta.hold {
                     row.held += 1;
                 } else if r.state == baton_spool::RcptState::Deferred {
                     row.deferred += 1;
@@ -992,7 +983,7 @@ impl QueueManager {
             |value: Option<&str>, name: &str| value.is_some_and(|v| v.eq_ignore_ascii_case(name));
         let (kind, name) = target.split_once(':').unwrap_or(("", ""));
         let domain = if kind.eq_ignore_ascii_case("tenant") {
-            if !named(q.envelope.meta("tenant"), name) {
+            if !named(q.envelope.meta.tenant.as_deref(), name) {
                 return 0;
             }
             ""
@@ -1010,11 +1001,7 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return 0;
         };
-        let not_before = q
-            .envelope
-            .meta("send_at")
-            .and_then(|t| t.parse::<u64>().ok())
-            .unwrap_or(0);
+        let not_before = q.envelope.meta.send_at_ms.unwrap_or(0);
         let now = now_ms();
         let mut released = 0;
         for &i in &rcpts {
@@ -1081,8 +1068,7 @@ impl QueueManager {
                         delay_notified: false,
                     };
                     r.state = state;
-                    let label = if bounce { "bounced" } else { "deleted" };
-                    crate::metrics::outcome(label, domain, "", status, None);
+                    crate::metrics::outcome(kind, domain, "", status, None);
                     crate::metrics::queue_depth(-1);
                     let mut e = self.events.new_event(
                         kind,
@@ -1093,7 +1079,7 @@ impl QueueManager {
                     e.status = Some(status.into());
                     e.response = Some(text.into());
                     self.events.emit(e);
-                    if bounce && r.notify & 1 == 0 {
+                    if bounce && !r.notify.is_never() {
                         reported.push(ReportedRecipient {
                             address: r.address.clone(),
                             orcpt: r.orcpt.clone(),
@@ -1157,9 +1143,9 @@ impl QueueManager {
             return json!({"error": format!("no message {id} in the queue")});
         };
         let now = now_ms();
-        let window = q.envelope.meta("window").map(str::to_string);
+        let window = q.envelope.meta.window.clone();
         let pool = self.config.pool_for(&q.envelope).map(|p| p.name.clone());
-        let tenant = q.envelope.meta("tenant").map(str::to_string);
+        let tenant = q.envelope.meta.tenant.clone();
         let recipients: Vec<_> = q
             .envelope
             .recipients
@@ -1271,7 +1257,11 @@ impl QueueManager {
         let envelope = Envelope {
             id: dsn_id,
             sender: String::new(),
-            recipients: vec![Recipient::new(original.sender.clone(), None, 1)],
+            recipients: vec![Recipient::new(
+                original.sender.clone(),
+                None,
+                baton_spool::Notify::NEVER,
+            )],
             dsn_ret: None,
             dsn_envid: None,
             eight_bit: true,
@@ -1280,7 +1270,7 @@ impl QueueManager {
             helo: self.config.hostname.clone(),
             arrived_ms: now_ms(),
             size: bytes.len() as u64,
-            meta: Vec::new(),
+            meta: Default::default(),
         };
         let mut writer = self.spool.body_writer(dsn_id);
         writer.buf().extend_from_slice(&bytes);

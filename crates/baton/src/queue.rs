@@ -49,7 +49,7 @@ fn message_json(m: &StoredMessage) -> serde_json::Value {
             "email": r.address,
             "state": r.state.as_str(),
             "orcpt": r.orcpt,
-            "notify": r.notify,
+            "notify": r.notify.bits(),
             "next_attempt_ms": (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
             "attempts": r.attempts.iter().map(|a| json!({
                 "at_ms": a.at_ms,
@@ -281,9 +281,12 @@ pub fn tail_events(
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open the event log {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
+    // A type no event has matches nothing.
+    let kind = kind.map(|k| k.parse::<crate::events::EventKind>().ok());
     let wanted = |line: &str| -> Option<serde_json::Value> {
         let event: serde_json::Value = serde_json::from_str(line).ok()?;
-        kind.is_none_or(|k| event["type"] == k).then_some(event)
+        let of = crate::events::EventKind::of(&event);
+        kind.is_none_or(|k| k.is_some() && of == k).then_some(event)
     };
     let print = |line: &str, event: &serde_json::Value| {
         if json {

@@ -16,7 +16,9 @@ use baton_smtp::{
     AuthMechanism, BodyType, Command, DataOutcome, DataReader, LineEndingCheck, MailFrom, RcptTo,
     Reply, Ret, parse_command,
 };
-use baton_spool::{BodyWriter, DsnRet, Envelope, QueueId, Recipient, SpoolError};
+use baton_spool::{
+    BodyWriter, DsnRet, Envelope, MessageMeta, Notify, QueueId, Recipient, SpoolError,
+};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -482,7 +484,7 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return Reply::new(503, "5.5.1", "Error: need MAIL command");
         };
-        if (rcpt.notify.0 != 0 || rcpt.orcpt.is_some()) && !esmtp {
+        if (rcpt.notify.is_given() || rcpt.orcpt.is_some()) && !esmtp {
             return Reply::new(555, "5.5.4", "Error: RCPT parameters require EHLO");
         }
         if tx.rcpts.len() >= max {
@@ -1051,7 +1053,7 @@ impl Session {
                         "postmaster" => postmaster(),
                         _ => r.address,
                     };
-                    Recipient::new(address, r.orcpt, r.notify.0)
+                    Recipient::new(address, r.orcpt, dsn_notify(r.notify))
                 })
                 .collect(),
             dsn_ret: mail.ret.map(|r| match r {
@@ -1069,9 +1071,22 @@ impl Session {
                 .unwrap_or_default(),
             arrived_ms: baton_spool::now_ms(),
             size,
-            meta: Vec::new(),
+            meta: MessageMeta::default(),
         }
     }
+}
+
+/// RCPT's NOTIFY as the spool keeps it, keyword by keyword.
+fn dsn_notify(given: baton_smtp::Notify) -> Notify {
+    [
+        (baton_smtp::Notify::NEVER, Notify::NEVER),
+        (baton_smtp::Notify::SUCCESS, Notify::SUCCESS),
+        (baton_smtp::Notify::FAILURE, Notify::FAILURE),
+        (baton_smtp::Notify::DELAY, Notify::DELAY),
+    ]
+    .into_iter()
+    .filter(|&(keyword, _)| given.contains(keyword))
+    .fold(Notify::NOT_GIVEN, |notify, (_, flag)| notify | flag)
 }
 
 /// Length of the first header field (our Received:, with its folded lines).
@@ -1099,17 +1114,11 @@ fn apply_schedule(envelope: &mut Envelope, head: &[u8], config: &Config) -> Resu
             r.next_attempt_ms = at;
         }
         // Kept, so that operator actions (flush, resume, release) never send it earlier.
-        envelope.meta.push(("send_at".into(), at.to_string()));
+        envelope.meta.send_at_ms = Some(at);
     }
-    if let Some(window) = requested.window {
-        envelope.meta.push(("window".into(), window));
-    }
-    if let Some(tenant) = requested.tenant {
-        envelope.meta.push(("tenant".into(), tenant));
-    }
-    if requested.has_baton_headers {
-        envelope.meta.push(("baton-headers".into(), "strip".into()));
-    }
+    envelope.meta.window = requested.window;
+    envelope.meta.tenant = requested.tenant;
+    envelope.meta.strip_baton_headers = requested.has_baton_headers;
     Ok(())
 }
 
@@ -1156,4 +1165,26 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_keywords_map_to_spool_flags() {
+        let smtp = |bits| baton_smtp::Notify(bits);
+        assert_eq!(dsn_notify(smtp(0)), Notify::NOT_GIVEN);
+        assert_eq!(dsn_notify(smtp(baton_smtp::Notify::NEVER)), Notify::NEVER);
+        assert_eq!(
+            dsn_notify(smtp(
+                baton_smtp::Notify::SUCCESS | baton_smtp::Notify::DELAY
+            )),
+            Notify::SUCCESS | Notify::DELAY
+        );
+        assert_eq!(
+            dsn_notify(smtp(baton_smtp::Notify::FAILURE)),
+            Notify::FAILURE
+        );
+    }
 }

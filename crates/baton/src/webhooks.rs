@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
 
 use crate::config::WebhookConfig;
+use crate::events::EventKind;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,11 +161,8 @@ impl Sender {
             let wanted = self.hook.events.is_empty()
                 || serde_json::from_slice::<serde_json::Value>(line)
                     .ok()
-                    .is_some_and(|e| {
-                        e.get("type")
-                            .and_then(|t| t.as_str())
-                            .is_some_and(|t| self.hook.events.iter().any(|w| w == t))
-                    });
+                    .and_then(|e| EventKind::of(&e))
+                    .is_some_and(|kind| self.hook.events.contains(&kind));
             if wanted && !line.is_empty() {
                 batch.push(String::from_utf8_lossy(line).into_owned());
             }
