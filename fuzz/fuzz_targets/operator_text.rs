@@ -9,7 +9,7 @@ use baton_smtp::address::{parse_mailbox, smtp_path};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = baton::events::parse_since(text);
+    let _ = baton_events::parse_since(text);
     let _ = baton::schedule::parse_time(text);
     let _ = baton::schedule::Window::parse(text).map(|w| w.next_open(1_800_000_000_000));
     let _ = baton::schedule::requested(text.as_bytes());

@@ -97,7 +97,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/", get(dashboard))
         .route(
             "/api/v1/history",
-            get(|| async { Json(crate::metrics::history()) }),
+            get(|| async { Json(baton_events::metrics::history()) }),
         )
         .route("/api/v1/suppressions", get(suppressions).post(suppress))
         .route(
@@ -191,7 +191,7 @@ async fn dashboard() -> Response {
 
 /// Prometheus text format.
 async fn metrics() -> Response {
-    match crate::metrics::handle() {
+    match baton_events::metrics::handle() {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
             h.render(),
@@ -457,7 +457,7 @@ fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<Strin
             return true;
         }
         let mut e = ctx.events.new_event(
-            crate::events::EventKind::Suppression,
+            baton_events::EventKind::Suppression,
             "",
             &r.email,
             &request.envelope_sender,
@@ -847,7 +847,7 @@ async fn message(
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");
     let wanted = qid.to_string();
-    let found = tokio::task::spawn_blocking(move || crate::events::history(&path, &wanted))
+    let found = tokio::task::spawn_blocking(move || baton_events::history(&path, &wanted))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match found {
@@ -949,11 +949,8 @@ async fn events(
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
-    let kind = q
-        .kind
-        .as_deref()
-        .map(str::parse::<crate::events::EventKind>);
-    let filter = crate::events::Filter {
+    let kind = q.kind.as_deref().map(str::parse::<baton_events::EventKind>);
+    let filter = baton_events::Filter {
         since: time_param(&q.since, "since")?,
         until: time_param(&q.until, "until")?,
         recipient: q.recipient,
@@ -974,7 +971,7 @@ async fn events(
     }
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");
-    let page = tokio::task::spawn_blocking(move || crate::events::query(&path, &filter))
+    let page = tokio::task::spawn_blocking(move || baton_events::query(&path, &filter))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(page))
@@ -1003,12 +1000,9 @@ async fn suppress(
         .unwrap_or_else(|| "added through the API".into());
     let added = ctx.suppressions.add(&request.email, &reason);
     if added {
-        let mut e = ctx.events.new_event(
-            crate::events::EventKind::Suppression,
-            "",
-            &request.email,
-            "",
-        );
+        let mut e =
+            ctx.events
+                .new_event(baton_events::EventKind::Suppression, "", &request.email, "");
         e.response = Some(format!("added to the suppression list: {reason}"));
         ctx.events.emit(e);
     }
@@ -1065,10 +1059,9 @@ async fn stats(
     let until = time_param(&q.until, "until")?;
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events/events.jsonl");
-    let answer =
-        tokio::task::spawn_blocking(move || crate::events::stats(&path, since, until, &by))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let answer = tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(answer))
 }
 
@@ -1077,7 +1070,7 @@ fn time_param(value: &Option<String>, name: &str) -> Result<Option<jiff::Timesta
     value
         .as_deref()
         .map(|text| {
-            crate::events::parse_since(text).ok_or_else(|| {
+            baton_events::parse_since(text).ok_or_else(|| {
                 bad_request(format!(
                     "{name} {text:?} is not an RFC 3339 time or a span like 24h"
                 ))

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 
 pub use baton_client::TlsMode;
 pub use baton_dns::DnsConfig;
+pub use baton_events::webhooks::WebhookConfig;
 use baton_shaping::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
 pub use baton_shaping::{Pool, Source};
 pub use baton_units::{human_duration, parse_duration, parse_size};
@@ -142,17 +143,6 @@ pub struct SubmissionConfig {
     pub message_rate: Option<Rate>,
     /// Recipients per authenticated user: past it, 450 4.7.1.
     pub recipient_rate: Option<Rate>,
-}
-
-/// A receiver of event batches (`[[webhook]]`).
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    pub url: String,
-    /// Key of the HMAC-SHA256 signature in `X-Baton-Signature`.
-    pub secret: String,
-    /// Event types sent; empty = all.
-    pub events: Vec<crate::events::EventKind>,
-    pub batch_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1392,10 +1382,10 @@ impl Validator<'_> {
         }
         let mut events = Vec::new();
         for e in raw.events.unwrap_or_default() {
-            match e.get_ref().parse::<crate::events::EventKind>() {
+            match e.get_ref().parse::<baton_events::EventKind>() {
                 Ok(kind) => events.push(kind),
                 Err(unknown) => {
-                    let types = crate::events::EventKind::ALL.map(|k| k.as_str());
+                    let types = baton_events::EventKind::ALL.map(|k| k.as_str());
                     self.error::<()>(
                         e.span(),
                         unknown.to_string(),
@@ -1799,7 +1789,7 @@ mod tests {
             ))
         };
         let c = hook(r#"["delivery", "transient_failure", "operator"]"#).unwrap();
-        use crate::events::EventKind;
+        use baton_events::EventKind;
         assert_eq!(
             c.webhooks[0].events,
             [

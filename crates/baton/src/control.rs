@@ -84,7 +84,7 @@ async fn stats(events: &Path, request: &serde_json::Value) -> serde_json::Value 
     let time = |name: &str| -> Result<Option<jiff::Timestamp>, String> {
         match request.get(name).and_then(|v| v.as_str()) {
             None => Ok(None),
-            Some(text) => crate::events::parse_since(text).map(Some).ok_or_else(|| {
+            Some(text) => baton_events::parse_since(text).map(Some).ok_or_else(|| {
                 format!("{name} {text:?} is not an RFC 3339 time or a span like 24h")
             }),
         }
@@ -99,7 +99,7 @@ async fn stats(events: &Path, request: &serde_json::Value) -> serde_json::Value 
         .unwrap_or("destination")
         .to_string();
     let path = events.to_path_buf();
-    tokio::task::spawn_blocking(move || crate::events::stats(&path, since, until, &by))
+    tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
         .await
         .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
 }

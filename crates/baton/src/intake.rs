@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use baton_spool::{BodyWriter, Envelope, QueueId, SpoolError, StoredMessage};
 
-use crate::events::EventKind;
 use crate::server::Context;
+use baton_events::EventKind;
 
 /// Commits and queues a message; `origin` names where it came from in the log ("mx", "http").
 ///
@@ -52,7 +52,7 @@ async fn commit_and_queue(
         "queued"
     );
     let origin_label = if origin == "http" { "http" } else { "smtp" };
-    crate::metrics::received(origin_label, envelope.recipients.len(), envelope.size);
+    baton_events::metrics::received(origin_label, envelope.recipients.len(), envelope.size);
     let id = envelope.id;
     let id_text = id.to_string();
     for r in &envelope.recipients {

@@ -23,9 +23,9 @@ use crate::config::Config;
 use crate::delivery::{
     DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport, Outcome,
 };
-use crate::events::{EventKind, Events};
 use crate::retry;
 use baton_client::{OutRcpt, Reply};
+use baton_events::{EventKind, Events};
 
 /// Sessions hand accepted messages to the queue through this; the control socket asks it
 /// questions and gives it orders.
@@ -266,7 +266,7 @@ impl QueueManager {
         });
         let id = env.id;
         let n = env.recipients.len();
-        crate::metrics::queue_depth(
+        baton_events::metrics::queue_depth(
             env.recipients
                 .iter()
                 .filter(|r| !r.state.is_final())
@@ -518,9 +518,9 @@ impl QueueManager {
                         .map(|p| p.name.as_str())
                         .unwrap_or("");
                     let latency = (state == RcptState::Delivered).then_some(age.as_secs_f64());
-                    crate::metrics::outcome(kind, domain, pool, &reply.status, latency);
+                    baton_events::metrics::outcome(kind, domain, pool, &reply.status, latency);
                     if state.is_final() {
-                        crate::metrics::queue_depth(-1);
+                        baton_events::metrics::queue_depth(-1);
                     }
                 }
                 // A greylisted recipient is retried from the same source address.
@@ -1068,8 +1068,8 @@ impl QueueManager {
                         delay_notified: false,
                     };
                     r.state = state;
-                    crate::metrics::outcome(kind, domain, "", status, None);
-                    crate::metrics::queue_depth(-1);
+                    baton_events::metrics::outcome(kind, domain, "", status, None);
+                    baton_events::metrics::queue_depth(-1);
                     let mut e = self.events.new_event(
                         kind,
                         &id.to_string(),

@@ -282,10 +282,10 @@ pub fn tail_events(
         .with_context(|| format!("cannot open the event log {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
     // A type no event has matches nothing.
-    let kind = kind.map(|k| k.parse::<crate::events::EventKind>().ok());
+    let kind = kind.map(|k| k.parse::<baton_events::EventKind>().ok());
     let wanted = |line: &str| -> Option<serde_json::Value> {
         let event: serde_json::Value = serde_json::from_str(line).ok()?;
-        let of = crate::events::EventKind::of(&event);
+        let of = baton_events::EventKind::of(&event);
         kind.is_none_or(|k| k.is_some() && of == k).then_some(event)
     };
     let print = |line: &str, event: &serde_json::Value| {

@@ -17,9 +17,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Role};
-use crate::events::Events;
 use crate::qmgr::{QueueHandle, QueueManager};
 use crate::session::Session;
+use baton_events::Events;
 use baton_shaping::ratelimit::RateLimiter;
 use baton_tls::server::{Conn, TlsStore};
 
@@ -66,7 +66,7 @@ impl Drop for Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         c.total = c.total.saturating_sub(1);
-        crate::metrics::connection("inbound", false);
+        baton_events::metrics::connection("inbound", false);
         if let Some(n) = c.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -115,7 +115,7 @@ impl Context {
         }
         *n += 1;
         c.total += 1;
-        crate::metrics::connection("inbound", true);
+        baton_events::metrics::connection("inbound", true);
         Ok(Slot {
             ctx: self.clone(),
             ip,
@@ -153,12 +153,12 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
         .context("cannot open the event log under data_dir/events")?;
     // Metrics are recorded from the start (they are read at GET /metrics), and sampled for
     // the dashboard's history.
-    let _ = crate::metrics::handle();
+    let _ = baton_events::metrics::handle();
     tokio::spawn(async {
-        let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+        let mut tick = tokio::time::interval(baton_events::metrics::SAMPLE_EVERY);
         loop {
             tick.tick().await;
-            crate::metrics::sample();
+            baton_events::metrics::sample();
         }
     });
     // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.
@@ -174,7 +174,7 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     } else {
         None
     };
-    crate::webhooks::start(
+    baton_events::webhooks::start(
         &config.webhooks,
         &config.data_dir,
         &events,

@@ -204,7 +204,7 @@ pub struct DeliveryContext {
     pub dkim: std::collections::HashMap<String, crate::dkim::DkimKey>,
     pub dns: Dns,
     pub shaper: Shaper,
-    pub events: crate::events::Events,
+    pub events: baton_events::Events,
     pub spool: Spool,
     pub reports: mpsc::UnboundedSender<JobReport>,
     pub connections_opened: AtomicU64,

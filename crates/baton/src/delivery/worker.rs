@@ -31,7 +31,7 @@ impl Connection {
         source: Option<String>,
         slot: Option<baton_shaping::ConnectionSlot>,
     ) -> Connection {
-        crate::metrics::connection("outbound", true);
+        baton_events::metrics::connection("outbound", true);
         Connection {
             client,
             limits,
@@ -47,7 +47,7 @@ struct OpenGauge;
 
 impl Drop for OpenGauge {
     fn drop(&mut self) {
-        crate::metrics::connection("outbound", false);
+        baton_events::metrics::connection("outbound", false);
     }
 }
 
@@ -324,7 +324,7 @@ fn adapt(ctx: &DeliveryContext, dest: &Destination, limits: &Limits, replies: &[
         tracing::info!(destination = %dest, "{change}");
         let mut e = ctx
             .events
-            .new_event(crate::events::EventKind::Shaping, "", "", "");
+            .new_event(baton_events::EventKind::Shaping, "", "", "");
         e.destination = Some(dest.to_string());
         e.response = Some(change);
         ctx.events.emit(e);

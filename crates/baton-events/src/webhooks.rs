@@ -17,8 +17,18 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
 
-use crate::config::WebhookConfig;
-use crate::events::EventKind;
+use crate::EventKind;
+
+/// A receiver of event batches (`[[webhook]]`).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Key of the HMAC-SHA256 signature in `X-Baton-Signature`.
+    pub secret: String,
+    /// Event types sent; empty = all.
+    pub events: Vec<EventKind>,
+    pub batch_size: usize,
+}
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,7 +39,7 @@ const READ_CHUNK: usize = 1 << 20;
 pub fn start(
     hooks: &[WebhookConfig],
     data_dir: &Path,
-    events: &crate::events::Events,
+    events: &crate::Events,
     https: Option<Arc<rustls::ClientConfig>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {

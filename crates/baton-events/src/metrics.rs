@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::events::EventKind;
+use crate::EventKind;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
