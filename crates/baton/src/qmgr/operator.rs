@@ -1,0 +1,354 @@
+//! Operator commands: suspend, resume, hold, release, bounce, delete, rebind, flush.
+
+use super::*;
+
+impl QueueManager {
+    pub(super) async fn handle_control(&mut self, request: Control) -> serde_json::Value {
+        use serde_json::json;
+        match request {
+            Control::Explain { id } => match id.parse::<QueueId>() {
+                Ok(qid) => self.explain(qid),
+                Err(e) => json!({"error": e}),
+            },
+            Control::ExplainDestination { destination } => self.explain_destination(&destination),
+            Control::Suspend {
+                destination,
+                seconds,
+            } => {
+                let secs = match suspension_seconds(seconds) {
+                    Ok(secs) => secs,
+                    Err(why) => return json!({ "error": why }),
+                };
+                self.delivery
+                    .shaper
+                    .operator_suspend(&destination, Duration::from_secs(secs));
+                self.save_operator_state();
+                self.shaping_event(
+                    &destination,
+                    format!("suspended by the operator for {secs} s"),
+                );
+                json!({"ok": true, "destination": destination, "seconds": secs})
+            }
+            Control::Resume { destination } => {
+                self.delivery.shaper.operator_resume(&destination);
+                self.save_operator_state();
+                self.shaping_event(&destination, "resumed by the operator".into());
+                // Whatever waits for the destination may go now.
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                for id in &ids {
+                    self.release(*id, &destination);
+                }
+                json!({"ok": true, "destination": destination})
+            }
+            Control::Bounce { destination } | Control::Delete { destination }
+                if destination.is_empty() || destination.contains(':') =>
+            {
+                json!({"error": format!("bounce and delete take a domain, not {destination:?}")})
+            }
+            Control::Rebind { from, to } => {
+                if !self.config.pools.iter().any(|p| p.name == to) {
+                    return json!({"error": format!("no [[pool]] named {to:?}")});
+                }
+                let mut moved = 0;
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                for id in ids {
+                    let Some(q) = self.messages.get_mut(&id) else {
+                        continue;
+                    };
+                    if self.config.pool_for(&q.envelope).map(|p| p.name.as_str())
+                        != Some(from.as_str())
+                    {
+                        continue;
+                    }
+                    q.envelope.meta.retain(|(k, _)| k != "pool");
+                    q.envelope.meta.push(("pool".into(), to.clone()));
+                    if let Err(e) = self.spool.record_meta(id, "pool", &to) {
+                        tracing::error!(id = %id, error = %e, "cannot record a rebind");
+                    }
+                    moved += 1;
+                    self.release(id, "");
+                }
+                self.shaping_event(
+                    &format!("pool:{from}"),
+                    format!("{moved} messages rebound to pool {to}"),
+                );
+                json!({"ok": true, "from": from, "to": to, "messages": moved})
+            }
+            Control::Bounce { destination } => {
+                let n = self.operator_final(&destination, true).await;
+                json!({"ok": true, "destination": destination, "bounced": n})
+            }
+            Control::Delete { destination } => {
+                let n = self.operator_final(&destination, false).await;
+                json!({"ok": true, "destination": destination, "deleted": n})
+            }
+            Control::Flush { destination } => {
+                let domain = destination.unwrap_or_default().to_ascii_lowercase();
+                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+                let mut flushed = 0;
+                for id in ids {
+                    flushed += self.release(id, &domain);
+                }
+                json!({"ok": true, "destination": domain, "flushed": flushed})
+            }
+            Control::Summary => self.summary(),
+            Control::Hold { id } => self.set_hold(&id, true),
+            Control::Release { id } => self.set_hold(&id, false),
+        }
+    }
+
+    /// Holds or releases one message, or all ("ALL"); the flag is a spool meta record.
+    pub(super) fn set_hold(&mut self, id: &str, hold: bool) -> serde_json::Value {
+        use serde_json::json;
+        let ids: Vec<QueueId> = if id.eq_ignore_ascii_case("all") {
+            self.messages.keys().copied().collect()
+        } else {
+            match id.parse::<QueueId>() {
+                Ok(qid) if self.messages.contains_key(&qid) => vec![qid],
+                Ok(qid) => return json!({"error": format!("no message {qid} in the queue")}),
+                Err(e) => return json!({"error": e}),
+            }
+        };
+        let value = if hold { "1" } else { "" };
+        let mut changed = 0;
+        for qid in ids {
+            let Some(q) = self.messages.get_mut(&qid) else {
+                continue;
+            };
+            if (q.envelope.meta("hold") == Some("1")) == hold {
+                continue;
+            }
+            q.envelope.meta.retain(|(k, _)| k != "hold");
+            q.envelope.meta.push(("hold".into(), value.into()));
+            for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
+                let mut e = self.events.new_event(
+                    EventKind::Operator,
+                    &qid.to_string(),
+                    &r.address,
+                    &q.envelope.sender,
+                );
+                e.response = Some(
+                    if hold {
+                        "held by the operator"
+                    } else {
+                        "released by the operator"
+                    }
+                    .into(),
+                );
+                self.events.emit(e);
+            }
+            if let Err(e) = self.spool.record_meta(qid, "hold", value) {
+                tracing::error!(id = %qid, error = %e, "cannot record a hold");
+            }
+            changed += 1;
+            if !hold {
+                self.release(qid, "");
+            }
+        }
+        let key = if hold { "held" } else { "released" };
+        json!({"ok": true, key: changed})
+    }
+
+    pub(super) fn operator_file(&self) -> std::path::PathBuf {
+        self.config.data_dir.join("operator-suspensions.json")
+    }
+
+    /// Saves the operator's suspensions (write a temporary file, then rename over).
+    pub(super) fn save_operator_state(&self) {
+        let snapshot = self.delivery.shaper.operator_snapshot();
+        let path = self.operator_file();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&snapshot)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot save the operator's suspensions");
+        }
+    }
+
+    pub(super) fn shaping_event(&self, destination: &str, what: String) {
+        tracing::info!(destination, "{what}");
+        let mut e = self.events.new_event(EventKind::Shaping, "", "", "");
+        e.destination = Some(destination.to_string());
+        e.response = Some(what);
+        self.events.emit(e);
+    }
+
+    /// Recipients at `domain` (every domain when empty), not out with a worker, of message `id`.
+    pub(super) fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
+        let Some(q) = self.messages.get(&id) else {
+            return Vec::new();
+        };
+        q.envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                !r.state.is_final()
+                    && !q.in_flight[*i]
+                    && (domain.is_empty()
+                        || r.address
+                            .rsplit_once('@')
+                            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)))
+            })
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// Makes the waiting recipients of message `id` that `target` names due now (after a
+    /// resume, flush, release or rebind): a domain, "tenant:NAME" or "pool:NAME" (the message's
+    /// recipients if it is that tenant's or in that pool), or "" (all of them). Never earlier
+    /// than the message's send-at time (its delivery window is kept by `dispatch`). Returns how
+    /// many recipients it made due.
+    pub(super) fn release(&mut self, id: QueueId, target: &str) -> usize {
+        let Some(q) = self.messages.get(&id) else {
+            return 0;
+        };
+        let named =
+            |value: Option<&str>, name: &str| value.is_some_and(|v| v.eq_ignore_ascii_case(name));
+        let (kind, name) = target.split_once(':').unwrap_or(("", ""));
+        let domain = if kind.eq_ignore_ascii_case("tenant") {
+            if !named(q.envelope.meta("tenant"), name) {
+                return 0;
+            }
+            ""
+        } else if kind.eq_ignore_ascii_case("pool") {
+            let pool = self.config.pool_for(&q.envelope).map(|p| p.name.as_str());
+            if !named(pool, name) {
+                return 0;
+            }
+            ""
+        } else {
+            // A domain (an address literal such as [IPv6:...] has colons too), or "" for all.
+            target
+        };
+        let rcpts = self.waiting_at(id, domain);
+        let Some(q) = self.messages.get_mut(&id) else {
+            return 0;
+        };
+        let not_before = q
+            .envelope
+            .meta("send_at")
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0);
+        let now = now_ms();
+        let mut released = 0;
+        for &i in &rcpts {
+            if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
+                r.next_attempt_ms = r.next_attempt_ms.min(not_before);
+                released += usize::from(r.next_attempt_ms <= now);
+            }
+        }
+        if !rcpts.is_empty() {
+            self.dispatch(id);
+        }
+        released
+    }
+
+    /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.
+    /// `target` is a domain, or a queue id for one message's waiting recipients (postsuper -d).
+    pub(super) async fn operator_final(&mut self, target: &str, bounce: bool) -> usize {
+        let (ids, domain): (Vec<QueueId>, &str) = match target.parse::<QueueId>() {
+            Ok(id) if self.messages.contains_key(&id) => (vec![id], ""),
+            _ => (self.messages.keys().copied().collect(), target),
+        };
+        let mut total = 0;
+        let now = now_ms();
+        for id in ids {
+            let rcpts = self.waiting_at(id, domain);
+            if rcpts.is_empty() {
+                continue;
+            }
+            total += rcpts.len();
+            let (state, status, text, kind) = if bounce {
+                (
+                    RcptState::Bounced,
+                    "5.0.0",
+                    "bounced by the operator",
+                    EventKind::Bounce,
+                )
+            } else {
+                (
+                    RcptState::Deleted,
+                    "5.0.0",
+                    "deleted by the operator",
+                    EventKind::Deleted,
+                )
+            };
+            let mut updates = Vec::new();
+            let mut reported = Vec::new();
+            if let Some(q) = self.messages.get_mut(&id) {
+                for &i in &rcpts {
+                    let Some(r) = q.envelope.recipients.get_mut(i as usize) else {
+                        continue;
+                    };
+                    let update = RecipientUpdate {
+                        id,
+                        rcpt: i,
+                        state,
+                        attempt: Some(Attempt {
+                            at_ms: now,
+                            code: 550,
+                            status: status.into(),
+                            diagnostic: text.into(),
+                            remote_mta: None,
+                        }),
+                        next_attempt_ms: 0,
+                        delay_notified: false,
+                    };
+                    r.state = state;
+                    let label = if bounce { "bounced" } else { "deleted" };
+                    crate::metrics::outcome(label, domain, "", status, None);
+                    crate::metrics::queue_depth(-1);
+                    let mut e = self.events.new_event(
+                        kind,
+                        &id.to_string(),
+                        &r.address,
+                        &q.envelope.sender,
+                    );
+                    e.status = Some(status.into());
+                    e.response = Some(text.into());
+                    self.events.emit(e);
+                    if bounce && r.notify & 1 == 0 {
+                        reported.push(ReportedRecipient {
+                            address: r.address.clone(),
+                            orcpt: r.orcpt.clone(),
+                            action: Action::Failed,
+                            status: status.into(),
+                            diagnostic: format!("the mail system's operator {text}"),
+                            diagnostic_is_smtp: false,
+                            remote_mta: None,
+                            last_attempt_ms: now,
+                            will_retry_until_ms: None,
+                        });
+                    }
+                    updates.push(update);
+                }
+            }
+            if !reported.is_empty() {
+                self.send_dsn(id, reported).await;
+            }
+            let done = self.take_if_done(id);
+            let done: &[QueueId] = if done { &[id] } else { &[] };
+            if let Err(e) = self.spool.record(&updates, done) {
+                tracing::error!(id = %id, error = %e, "cannot record an operator action");
+            }
+        }
+        total
+    }
+}
+
+/// The longest operator suspension: a year (longer is a typo, or an attack on the timer).
+pub const MAX_SUSPENSION_SECS: u64 = 365 * 86400;
+
+/// An operator's suspension length, checked: 1 s to a year; none means a day.
+pub fn suspension_seconds(seconds: Option<u64>) -> Result<u64, String> {
+    match seconds {
+        None => Ok(86400),
+        Some(s) if (1..=MAX_SUSPENSION_SECS).contains(&s) => Ok(s),
+        Some(s) => Err(format!(
+            "seconds {s}: a suspension lasts from 1 to {MAX_SUSPENSION_SECS} seconds (a year)"
+        )),
+    }
+}
