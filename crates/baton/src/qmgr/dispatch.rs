@@ -1,9 +1,24 @@
-//! Dispatch: due recipients to their destinations' ready queues, the others to the timer heap.
+//! Dispatch: a message's due recipients go to their destinations' ready queues, the others
+//! to the timer heap. When each is due is the policy's ([`MessageClock`]); this only sorts and
+//! hands out jobs.
 
-use super::*;
+use std::cmp::Reverse;
+use std::collections::HashMap;
+
+use baton_spool::{QueueId, RecipientUpdate, now_ms};
+
+use super::{QueueManager, domain_of};
+use crate::client::Reply;
+use crate::config::Pool;
+use crate::delivery::{DestQueue, Destination, Job, JobReport, Outcome};
+use crate::policy::{Due, MessageClock};
+
+/// Due recipients by destination and the source a greylisted retry must leave from.
+type Groups = HashMap<(Destination, Option<String>), Vec<u32>>;
 
 impl QueueManager {
-    /// Sends every recipient of `id` that is due to its destination's ready queue.
+    /// Sends every recipient of `id` that is due to its destination's ready queue; wakes the
+    /// message again when the next of the others is due.
     pub(super) fn dispatch(&mut self, id: QueueId) {
         if self.config.delivery.hold {
             return;
@@ -15,52 +30,44 @@ impl QueueManager {
         if q.envelope.meta("hold") == Some("1") {
             return; // released by the operator, not by time
         }
-        let mut groups: HashMap<(Destination, Option<String>), Vec<u32>> = HashMap::new();
-        let mut next_due: Option<u64> = None;
-        // Outside its delivery window, nothing of the message is due before the window opens.
-        let window_opens = q
+        let window = q
             .envelope
             .meta("window")
-            .and_then(|w| crate::schedule::Window::parse(w).ok())
-            .map(|w| w.next_open(now))
-            .filter(|&open| open > now);
-        let mut held = Vec::new();
-        // Every recipient expires at max_age, tried or not: a send-at, a window or a hold by
-        // shaping never keeps one (and its journal segment) past it.
-        let expiry = retry::expiry_ms(&self.config.delivery, q.envelope.arrived_ms);
-        let mut expired = Vec::new();
+            .and_then(|w| crate::schedule::Window::parse(w).ok());
+        let clock = MessageClock::new(
+            &self.config.delivery,
+            q.envelope.arrived_ms,
+            window.as_ref(),
+            now,
+        );
+        let mut groups = Groups::new();
+        let (mut next_due, mut held, mut expired) = (None::<u64>, Vec::new(), Vec::new());
         for (i, r) in q.envelope.recipients.iter_mut().enumerate() {
-            if r.state.is_final() || q.in_flight[i] {
+            if r.state.is_final() || q.in_flight.get(i).copied().unwrap_or(true) {
                 continue;
             }
-            if now >= expiry && r.next_attempt_ms > now {
-                expired.push(i as u32);
-                continue;
+            match clock.due(r.next_attempt_ms, now) {
+                Due::Expired => expired.push(i as u32),
+                Due::Wait { until, wake, moved } => {
+                    if moved {
+                        r.next_attempt_ms = until;
+                        held.push(RecipientUpdate {
+                            id,
+                            rcpt: i as u32,
+                            state: r.state,
+                            attempt: None,
+                            next_attempt_ms: until,
+                            delay_notified: false,
+                        });
+                    }
+                    next_due = Some(next_due.map_or(wake, |d| d.min(wake)));
+                }
+                Due::Now => {
+                    let dest = Destination::for_domain(&self.config, domain_of(&r.address));
+                    let sticky = q.sticky.get(&(i as u32)).cloned();
+                    groups.entry((dest, sticky)).or_default().push(i as u32);
+                }
             }
-            if let Some(open) = window_opens
-                && r.next_attempt_ms < open
-            {
-                r.next_attempt_ms = open;
-                held.push(RecipientUpdate {
-                    id,
-                    rcpt: i as u32,
-                    state: r.state,
-                    attempt: None,
-                    next_attempt_ms: open,
-                    delay_notified: false,
-                });
-            }
-            if r.next_attempt_ms > now {
-                let due = r.next_attempt_ms.min(expiry);
-                next_due = Some(next_due.map_or(due, |d: u64| d.min(due)));
-                continue;
-            }
-            let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-            let dest = Destination::for_domain(&self.config, domain);
-            groups
-                .entry((dest, q.sticky.get(&(i as u32)).cloned()))
-                .or_default()
-                .push(i as u32);
         }
         if let Some(due) = next_due {
             self.timers.push(Reverse((due, id)));
@@ -74,11 +81,21 @@ impl QueueManager {
             q.jobs_out += 1;
             let _ = self.delivery.reports.send(expired_unattempted(id, expired));
         }
-        if !held.is_empty()
-            && let Err(e) = self.spool.record(&held, &[])
-        {
-            tracing::error!(id = %id, error = %e, "cannot record the delivery window");
+        if !held.is_empty() {
+            self.record(id, held, false);
         }
+        self.send_jobs(id, groups);
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) && next_due.is_none() {
+            // Nothing left to try (all final): the message may have arrived that way.
+            self.finish_if_done(id);
+        }
+    }
+
+    /// Hands the due recipients to their destinations' ready queues, a job per transaction.
+    fn send_jobs(&mut self, id: QueueId, groups: Groups) {
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
         let max_workers = self.config.delivery.max_connections_per_destination;
         let pool = self.config.pool_for(&q.envelope).cloned();
         for ((dest, sticky), rcpts) in groups {
@@ -101,23 +118,15 @@ impl QueueManager {
                 .entry(key)
                 .or_insert_with(|| DestQueue::new(dest, pool, max_workers))
                 .clone();
-            for chunk in rcpts.chunks(per_tx) {
+            for chunk in rcpts.chunks(per_tx.max(1)) {
                 for &i in chunk {
                     q.in_flight[i as usize] = true;
                 }
                 q.jobs_out += 1;
-                queue.push(
-                    Job {
-                        message: q.job_message.clone(),
-                        rcpts: chunk.to_vec(),
-                    },
-                    &self.delivery,
-                );
+                let message = q.job_message.clone();
+                let rcpts = chunk.to_vec();
+                queue.push(Job { message, rcpts }, &self.delivery);
             }
-        }
-        if q.jobs_out == 0 && next_due.is_none() {
-            // Nothing left to try (all final): the message may have arrived that way.
-            self.finish_if_done(id);
         }
     }
 
@@ -140,9 +149,9 @@ impl QueueManager {
 }
 
 /// `pool` narrowed to its source `name` (for retries that must leave from the same address).
-fn pinned(pool: &crate::config::Pool, name: &str) -> crate::config::Pool {
+fn pinned(pool: &Pool, name: &str) -> Pool {
     match pool.sources.iter().find(|(s, _)| s.name == name) {
-        Some(source) => crate::config::Pool {
+        Some(source) => Pool {
             name: format!("{}@{name}", pool.name),
             sources: vec![source.clone()],
             sender_domains: Vec::new(),

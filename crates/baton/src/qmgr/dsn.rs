@@ -1,6 +1,11 @@
 //! Delivery status notifications queued back to the sender.
 
-use super::*;
+use baton_spool::{Envelope, QueueId, Recipient, StoredMessage, now_ms};
+use bytes::Bytes;
+
+use super::QueueManager;
+use crate::bounce::{self, ReportedRecipient};
+use crate::events::EventKind;
 
 impl QueueManager {
     /// Queues a DSN to the sender about `recipients`; a bounce is never bounced.

@@ -1,6 +1,9 @@
 //! What the queue holds and why: summary, explain, explain-destination.
 
-use super::*;
+use baton_spool::{QueueId, now_ms};
+
+use super::{QueueManager, domain_of};
+use crate::delivery::Destination;
 
 impl QueueManager {
     /// Waiting recipients by (destination, pool): how many queued, deferred and out with a
@@ -29,7 +32,7 @@ impl QueueManager {
                 if r.state.is_final() {
                     continue;
                 }
-                let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                let domain = domain_of(&r.address);
                 let dest = Destination::for_domain(&self.config, domain).to_string();
                 let row = rows.entry((dest, pool.clone())).or_default();
                 if q.in_flight[i] {
@@ -81,7 +84,7 @@ impl QueueManager {
         let (mut waiting, mut in_flight, mut next) = (0usize, 0usize, None::<u64>);
         for q in self.messages.values() {
             for (i, r) in q.envelope.recipients.iter().enumerate() {
-                let at = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                let at = domain_of(&r.address);
                 if r.state.is_final() || !at.eq_ignore_ascii_case(domain) {
                     continue;
                 }
@@ -120,7 +123,7 @@ impl QueueManager {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                let domain = domain_of(&r.address);
                 let dest = Destination::for_domain(&self.config, domain);
                 let mut reasons = Vec::new();
                 if r.state.is_final() {

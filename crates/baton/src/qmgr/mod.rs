@@ -11,21 +11,15 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_spool::{
-    Attempt, BodyLocation, DsnRet, Envelope, QueueId, RcptState, Recipient, RecipientUpdate, Spool,
-    StoredMessage, now_ms,
-};
+use baton_spool::{BodyLocation, DsnRet, Envelope, QueueId, Spool, StoredMessage, now_ms};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
-use crate::bounce::{self, Action, ReportedRecipient};
-use crate::client::{OutRcpt, Reply};
+use crate::client::OutRcpt;
 use crate::config::Config;
-use crate::delivery::{
-    DeliveryContext, DestQueue, Destination, Job, JobMessage, JobReport, Outcome,
-};
-use crate::events::{EventKind, Events};
-use crate::policy::retry;
+use crate::delivery::{DeliveryContext, DestQueue, Destination, JobMessage, JobReport};
+use crate::events::Events;
+use crate::policy::EventFields;
 
 mod dispatch;
 mod dsn;
@@ -129,9 +123,6 @@ struct Queued {
     /// `baton queue show`): in memory it would grow with every retry of every recipient.
     attempts: Vec<u16>,
     jobs_out: usize,
-    failures: Vec<ReportedRecipient>,
-    successes: Vec<ReportedRecipient>,
-    delays: Vec<ReportedRecipient>,
 }
 
 pub struct QueueManager {
@@ -299,13 +290,35 @@ impl QueueManager {
                 sticky: HashMap::new(),
                 attempts,
                 jobs_out: 0,
-                failures: Vec::new(),
-                successes: Vec::new(),
-                delays: Vec::new(),
             },
         );
         self.dispatch(id);
     }
+}
+
+/// The domain of an address ("" when it has none).
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+}
+
+/// Emits an event the policy described.
+fn emit(events: &Events, fields: EventFields, id: QueueId, recipient: &str, sender: &str) {
+    let mut e = events.new_event(fields.kind, &id.to_string(), recipient, sender);
+    e.code = fields.code;
+    e.status = fields.status;
+    e.response = fields.response;
+    e.remote_mta = fields.remote_mta;
+    e.attempt = fields.attempt;
+    e.size = fields.size;
+    e.tls = fields.tls;
+    e.source = fields.source;
+    e.latency_ms = fields.latency_ms;
+    e.next_attempt = fields
+        .next_attempt_ms
+        .and_then(|ms| i64::try_from(ms).ok())
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.to_string());
+    events.emit(e);
 }
 
 /// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.

@@ -1,6 +1,13 @@
 //! Operator commands: suspend, resume, hold, release, bounce, delete, rebind, flush.
 
-use super::*;
+use std::time::Duration;
+
+use baton_spool::{QueueId, now_ms};
+
+use super::outcome::Notices;
+use super::{Control, QueueManager};
+use crate::events::EventKind;
+use crate::policy;
 
 impl QueueManager {
     pub(super) async fn handle_control(&mut self, request: Control) -> serde_json::Value {
@@ -227,16 +234,12 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return 0;
         };
-        let not_before = q
-            .envelope
-            .meta("send_at")
-            .and_then(|t| t.parse::<u64>().ok())
-            .unwrap_or(0);
+        let send_at = policy::send_at_ms(q.envelope.meta("send_at"));
         let now = now_ms();
         let mut released = 0;
         for &i in &rcpts {
             if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
-                r.next_attempt_ms = r.next_attempt_ms.min(not_before);
+                r.next_attempt_ms = policy::released(r.next_attempt_ms, send_at);
                 released += usize::from(r.next_attempt_ms <= now);
             }
         }
@@ -261,79 +264,25 @@ impl QueueManager {
                 continue;
             }
             total += rcpts.len();
-            let (state, status, text, kind) = if bounce {
-                (
-                    RcptState::Bounced,
-                    "5.0.0",
-                    "bounced by the operator",
-                    EventKind::Bounce,
-                )
-            } else {
-                (
-                    RcptState::Deleted,
-                    "5.0.0",
-                    "deleted by the operator",
-                    EventKind::Deleted,
-                )
-            };
             let mut updates = Vec::new();
-            let mut reported = Vec::new();
-            if let Some(q) = self.messages.get_mut(&id) {
-                for &i in &rcpts {
-                    let Some(r) = q.envelope.recipients.get_mut(i as usize) else {
-                        continue;
-                    };
-                    let update = RecipientUpdate {
-                        id,
-                        rcpt: i,
-                        state,
-                        attempt: Some(Attempt {
-                            at_ms: now,
-                            code: 550,
-                            status: status.into(),
-                            diagnostic: text.into(),
-                            remote_mta: None,
-                        }),
-                        next_attempt_ms: 0,
-                        delay_notified: false,
-                    };
-                    r.state = state;
-                    let label = if bounce { "bounced" } else { "deleted" };
-                    crate::metrics::outcome(label, domain, "", status, None);
-                    crate::metrics::queue_depth(-1);
-                    let mut e = self.events.new_event(
-                        kind,
-                        &id.to_string(),
-                        &r.address,
-                        &q.envelope.sender,
-                    );
-                    e.status = Some(status.into());
-                    e.response = Some(text.into());
-                    self.events.emit(e);
-                    if bounce && r.notify & 1 == 0 {
-                        reported.push(ReportedRecipient {
-                            address: r.address.clone(),
-                            orcpt: r.orcpt.clone(),
-                            action: Action::Failed,
-                            status: status.into(),
-                            diagnostic: format!("the mail system's operator {text}"),
-                            diagnostic_is_smtp: false,
-                            remote_mta: None,
-                            last_attempt_ms: now,
-                            will_retry_until_ms: None,
-                        });
-                    }
-                    updates.push(update);
-                }
+            let mut notices = Notices::default();
+            for &i in &rcpts {
+                let Some(r) = self
+                    .messages
+                    .get(&id)
+                    .and_then(|q| q.envelope.recipients.get(i as usize))
+                else {
+                    continue;
+                };
+                let decision = policy::operator_final(r, bounce, now);
+                let update = self.perform(id, i as usize, decision, Some(domain), &mut notices);
+                updates.extend(update);
             }
-            if !reported.is_empty() {
-                self.send_dsn(id, reported).await;
+            for batch in notices.into_batches() {
+                self.send_dsn(id, batch).await;
             }
             let done = self.take_if_done(id);
-            let done: &[QueueId] = if done { &[id] } else { &[] };
-            if let Err(e) = self.spool.record(&updates, done) {
-                tracing::error!(id = %id, error = %e, "cannot record an operator action");
-            }
+            self.record(id, updates, done);
         }
         total
     }
