@@ -25,6 +25,7 @@ mod dispatch;
 mod dsn;
 mod explain;
 mod operator;
+mod operator_state;
 mod outcome;
 
 pub use operator::{MAX_SUSPENSION_SECS, suspension_seconds};
@@ -137,6 +138,12 @@ pub struct QueueManager {
     reports: mpsc::UnboundedReceiver<JobReport>,
     control: mpsc::UnboundedReceiver<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
     suppressions: Arc<crate::suppression::Suppressions>,
+    operator_state: operator_state::OperatorState,
+    /// Records waiting for DSNs being committed.
+    outbox: dsn::Outbox,
+    /// DSN tasks report here when their commits are done.
+    notices_done: mpsc::UnboundedSender<dsn::Committed>,
+    notices: mpsc::UnboundedReceiver<dsn::Committed>,
 }
 
 impl QueueManager {
@@ -152,6 +159,8 @@ impl QueueManager {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
         let (control_tx, control) = mpsc::unbounded_channel();
+        let (notices_done, notices) = mpsc::unbounded_channel();
+        let operator_state = operator_state::OperatorState::new(&config.data_dir);
         let mut dkim = HashMap::new();
         for d in &config.dkim {
             let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
@@ -198,11 +207,13 @@ impl QueueManager {
             reports,
             control,
             suppressions,
+            operator_state,
+            outbox: dsn::Outbox::default(),
+            notices_done,
+            notices,
         };
         // Operator suspensions survive restarts.
-        if let Ok(text) = std::fs::read_to_string(qmgr.operator_file())
-            && let Ok(saved) = serde_json::from_str::<Vec<(String, u64)>>(&text)
-        {
+        if let Some(saved) = qmgr.operator_state.load() {
             qmgr.delivery.shaper.operator_restore(saved);
         }
         for message in recovered {
@@ -221,11 +232,9 @@ impl QueueManager {
             let sleep = next_timer.map(|due| Duration::from_millis(due.saturating_sub(now_ms())));
             tokio::select! {
                 Some(s) = self.submissions.recv() => self.add(s.message, s.body),
-                Some(report) = self.reports.recv() => self.apply(report).await,
-                Some((request, reply)) = self.control.recv() => {
-                    let answer = self.handle_control(request).await;
-                    let _ = reply.send(answer);
-                }
+                Some(report) = self.reports.recv() => self.apply(report),
+                Some((request, reply)) = self.control.recv() => self.handle_control(request, reply),
+                Some(committed) = self.notices.recv() => self.notices_committed(committed),
                 _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {
                     self.fire_timers();
                 }

@@ -1,8 +1,14 @@
-//! Operator commands: suspend, resume, hold, release, bounce, delete, rebind, flush.
+//! Operator commands: suspend, resume, hold, release, bounce, delete, rebind, flush; the
+//! answers to summary and explain are in `explain.rs`.
+//!
+//! Changes the queue only through the policy (`policy::released`, `policy::operator_final`)
+//! and `perform`/`record`; must not change the `Control` requests or their answers' JSON.
 
 use std::time::Duration;
 
 use baton_spool::{QueueId, now_ms};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 use super::outcome::Notices;
 use super::{Control, QueueManager};
@@ -10,103 +16,119 @@ use crate::events::EventKind;
 use crate::policy;
 
 impl QueueManager {
-    pub(super) async fn handle_control(&mut self, request: Control) -> serde_json::Value {
-        use serde_json::json;
-        match request {
+    /// Runs an operator's request and sends the answer (a suspension's once it is saved).
+    pub(super) fn handle_control(&mut self, request: Control, reply: oneshot::Sender<Value>) {
+        let answer = match request {
+            Control::Suspend {
+                destination,
+                seconds,
+            } => return self.suspend(destination, seconds, reply),
+            Control::Resume { destination } => return self.resume(destination, reply),
             Control::Explain { id } => match id.parse::<QueueId>() {
                 Ok(qid) => self.explain(qid),
                 Err(e) => json!({"error": e}),
             },
             Control::ExplainDestination { destination } => self.explain_destination(&destination),
-            Control::Suspend {
-                destination,
-                seconds,
-            } => {
-                let secs = match suspension_seconds(seconds) {
-                    Ok(secs) => secs,
-                    Err(why) => return json!({ "error": why }),
-                };
-                self.delivery
-                    .shaper
-                    .operator_suspend(&destination, Duration::from_secs(secs));
-                self.save_operator_state();
-                self.shaping_event(
-                    &destination,
-                    format!("suspended by the operator for {secs} s"),
-                );
-                json!({"ok": true, "destination": destination, "seconds": secs})
-            }
-            Control::Resume { destination } => {
-                self.delivery.shaper.operator_resume(&destination);
-                self.save_operator_state();
-                self.shaping_event(&destination, "resumed by the operator".into());
-                // Whatever waits for the destination may go now.
-                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
-                for id in &ids {
-                    self.release(*id, &destination);
-                }
-                json!({"ok": true, "destination": destination})
-            }
             Control::Bounce { destination } | Control::Delete { destination }
                 if destination.is_empty() || destination.contains(':') =>
             {
                 json!({"error": format!("bounce and delete take a domain, not {destination:?}")})
             }
-            Control::Rebind { from, to } => {
-                if !self.config.pools.iter().any(|p| p.name == to) {
-                    return json!({"error": format!("no [[pool]] named {to:?}")});
-                }
-                let mut moved = 0;
-                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
-                for id in ids {
-                    let Some(q) = self.messages.get_mut(&id) else {
-                        continue;
-                    };
-                    if self.config.pool_for(&q.envelope).map(|p| p.name.as_str())
-                        != Some(from.as_str())
-                    {
-                        continue;
-                    }
-                    q.envelope.meta.retain(|(k, _)| k != "pool");
-                    q.envelope.meta.push(("pool".into(), to.clone()));
-                    if let Err(e) = self.spool.record_meta(id, "pool", &to) {
-                        tracing::error!(id = %id, error = %e, "cannot record a rebind");
-                    }
-                    moved += 1;
-                    self.release(id, "");
-                }
-                self.shaping_event(
-                    &format!("pool:{from}"),
-                    format!("{moved} messages rebound to pool {to}"),
-                );
-                json!({"ok": true, "from": from, "to": to, "messages": moved})
-            }
+            Control::Rebind { from, to } => self.rebind(&from, &to),
             Control::Bounce { destination } => {
-                let n = self.operator_final(&destination, true).await;
+                let n = self.operator_final(&destination, true);
                 json!({"ok": true, "destination": destination, "bounced": n})
             }
             Control::Delete { destination } => {
-                let n = self.operator_final(&destination, false).await;
+                let n = self.operator_final(&destination, false);
                 json!({"ok": true, "destination": destination, "deleted": n})
             }
-            Control::Flush { destination } => {
-                let domain = destination.unwrap_or_default().to_ascii_lowercase();
-                let ids: Vec<QueueId> = self.messages.keys().copied().collect();
-                let mut flushed = 0;
-                for id in ids {
-                    flushed += self.release(id, &domain);
-                }
-                json!({"ok": true, "destination": domain, "flushed": flushed})
-            }
+            Control::Flush { destination } => self.flush(destination),
             Control::Summary => self.summary(),
             Control::Hold { id } => self.set_hold(&id, true),
             Control::Release { id } => self.set_hold(&id, false),
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn suspend(
+        &mut self,
+        destination: String,
+        seconds: Option<u64>,
+        reply: oneshot::Sender<Value>,
+    ) {
+        let secs = match suspension_seconds(seconds) {
+            Ok(secs) => secs,
+            Err(why) => {
+                let _ = reply.send(json!({ "error": why }));
+                return;
+            }
+        };
+        self.delivery
+            .shaper
+            .operator_suspend(&destination, Duration::from_secs(secs));
+        let answer = json!({"ok": true, "destination": destination, "seconds": secs});
+        self.save_operator_state((reply, answer));
+        self.shaping_event(
+            &destination,
+            format!("suspended by the operator for {secs} s"),
+        );
+    }
+
+    fn resume(&mut self, destination: String, reply: oneshot::Sender<Value>) {
+        self.delivery.shaper.operator_resume(&destination);
+        let answer = json!({"ok": true, "destination": destination});
+        self.save_operator_state((reply, answer));
+        self.shaping_event(&destination, "resumed by the operator".into());
+        // Whatever waits for the destination may go now.
+        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+        for id in &ids {
+            self.release(*id, &destination);
         }
     }
 
+    /// Moves the queued mail of pool `from` to pool `to`.
+    fn rebind(&mut self, from: &str, to: &str) -> Value {
+        if !self.config.pools.iter().any(|p| p.name == to) {
+            return json!({"error": format!("no [[pool]] named {to:?}")});
+        }
+        let mut moved = 0;
+        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+        for id in ids {
+            let Some(q) = self.messages.get_mut(&id) else {
+                continue;
+            };
+            if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(from) {
+                continue;
+            }
+            q.envelope.meta.retain(|(k, _)| k != "pool");
+            q.envelope.meta.push(("pool".into(), to.to_string()));
+            if let Err(e) = self.spool.record_meta(id, "pool", to) {
+                tracing::error!(id = %id, error = %e, "cannot record a rebind");
+            }
+            moved += 1;
+            self.release(id, "");
+        }
+        self.shaping_event(
+            &format!("pool:{from}"),
+            format!("{moved} messages rebound to pool {to}"),
+        );
+        json!({"ok": true, "from": from, "to": to, "messages": moved})
+    }
+
+    /// Makes every waiting recipient (at one domain, or all) due now.
+    fn flush(&mut self, destination: Option<String>) -> Value {
+        let domain = destination.unwrap_or_default().to_ascii_lowercase();
+        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+        let mut flushed = 0;
+        for id in ids {
+            flushed += self.release(id, &domain);
+        }
+        json!({"ok": true, "destination": domain, "flushed": flushed})
+    }
+
     /// Holds or releases one message, or all ("ALL"); the flag is a spool meta record.
-    pub(super) fn set_hold(&mut self, id: &str, hold: bool) -> serde_json::Value {
-        use serde_json::json;
+    fn set_hold(&mut self, id: &str, hold: bool) -> Value {
         let ids: Vec<QueueId> = if id.eq_ignore_ascii_case("all") {
             self.messages.keys().copied().collect()
         } else {
@@ -156,25 +178,13 @@ impl QueueManager {
         json!({"ok": true, key: changed})
     }
 
-    pub(super) fn operator_file(&self) -> std::path::PathBuf {
-        self.config.data_dir.join("operator-suspensions.json")
-    }
-
-    /// Saves the operator's suspensions (write a temporary file, then rename over).
-    pub(super) fn save_operator_state(&self) {
+    /// Saves the operator's suspensions off the loop, then answers.
+    fn save_operator_state(&self, answer: super::operator_state::Answer) {
         let snapshot = self.delivery.shaper.operator_snapshot();
-        let path = self.operator_file();
-        let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec(&snapshot)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            tracing::error!(path = %path.display(), error = %e, "cannot save the operator's suspensions");
-        }
+        self.operator_state.save(snapshot, Some(answer));
     }
 
-    pub(super) fn shaping_event(&self, destination: &str, what: String) {
+    fn shaping_event(&self, destination: &str, what: String) {
         tracing::info!(destination, "{what}");
         let mut e = self.events.new_event(EventKind::Shaping, "", "", "");
         e.destination = Some(destination.to_string());
@@ -183,7 +193,7 @@ impl QueueManager {
     }
 
     /// Recipients at `domain` (every domain when empty), not out with a worker, of message `id`.
-    pub(super) fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
+    fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
         let Some(q) = self.messages.get(&id) else {
             return Vec::new();
         };
@@ -251,7 +261,7 @@ impl QueueManager {
 
     /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.
     /// `target` is a domain, or a queue id for one message's waiting recipients (postsuper -d).
-    pub(super) async fn operator_final(&mut self, target: &str, bounce: bool) -> usize {
+    fn operator_final(&mut self, target: &str, bounce: bool) -> usize {
         let (ids, domain): (Vec<QueueId>, &str) = match target.parse::<QueueId>() {
             Ok(id) if self.messages.contains_key(&id) => (vec![id], ""),
             _ => (self.messages.keys().copied().collect(), target),
@@ -278,9 +288,7 @@ impl QueueManager {
                 let update = self.perform(id, i as usize, decision, Some(domain), &mut notices);
                 updates.extend(update);
             }
-            for batch in notices.into_batches() {
-                self.send_dsn(id, batch).await;
-            }
+            self.send_notices(id, notices);
             let done = self.take_if_done(id);
             self.record(id, updates, done);
         }

@@ -40,7 +40,7 @@ impl Notices {
 
 impl QueueManager {
     /// Applies one job's outcomes.
-    pub(super) async fn apply(&mut self, report: JobReport) {
+    pub(super) fn apply(&mut self, report: JobReport) {
         let (id, now) = (report.id, now_ms());
         let Some(q) = self.messages.get_mut(&id) else {
             return;
@@ -54,7 +54,7 @@ impl QueueManager {
                 updates.extend(self.perform(id, i, decision, None, &mut notices));
             }
         }
-        self.after_attempt(id, updates, notices).await;
+        self.after_attempt(id, updates, notices);
     }
 
     /// The policy's decision on one outcome; the recipient is no longer out with a worker.
@@ -157,16 +157,16 @@ impl QueueManager {
     ///
     /// A notice is as durable as the state it reports: the DSN is committed before the states
     /// that caused it are recorded (a crash in between repeats a notice rather than losing one),
-    /// and it goes at once, not when the message's slowest destination has answered.
-    pub(super) async fn after_attempt(
+    /// and it goes at once, not when the message's slowest destination has answered. The loop
+    /// does not wait for the commit: `record` holds the states back until it is done (see
+    /// `dsn.rs`).
+    pub(super) fn after_attempt(
         &mut self,
         id: QueueId,
         updates: Vec<RecipientUpdate>,
         notices: Notices,
     ) {
-        for batch in notices.into_batches() {
-            self.send_dsn(id, batch).await;
-        }
+        self.send_notices(id, notices);
         if let Some(q) = self.messages.get_mut(&id)
             && q.jobs_out == 0
         {
@@ -177,14 +177,6 @@ impl QueueManager {
         }
         let done = self.take_if_done(id);
         self.record(id, updates, done);
-    }
-
-    /// Records recipient updates of message `id` (and that it is done) in the spool.
-    pub(super) fn record(&mut self, id: QueueId, updates: Vec<RecipientUpdate>, done: bool) {
-        let done: &[QueueId] = if done { &[id] } else { &[] };
-        if let Err(e) = self.spool.record(&updates, done) {
-            tracing::error!(id = %id, error = %e, "cannot record delivery results");
-        }
     }
 
     /// Forgets the message if every recipient is final; true if it did.
