@@ -1,4 +1,5 @@
-//! What the queue holds and why: summary, explain, explain-destination.
+//! What the queue holds and why: summary, explain, explain-destination. Read-only: answers
+//! from the queue's state and the shaper's, changes nothing.
 
 use baton_spool::{QueueId, now_ms};
 

@@ -1,10 +1,19 @@
 //! The queue manager: every spooled recipient is either in a destination's ready queue, out
-//! with a delivery worker, or waiting in the retry timer heap. It applies each outcome (spool
-//! record, event, next attempt), sends DSNs, and removes a message once every recipient is
-//! final. A restart rebuilds all of this from the spool.
+//! with a delivery worker, or waiting in the retry timer heap. It performs what the policy
+//! (`crate::policy`) decides for each outcome (spool record, event, next attempt), sends DSNs,
+//! and removes a message once every recipient is final. A restart rebuilds all of this from
+//! the spool.
 //!
-//! One task owns this state; sessions submit to it and workers report to it through channels.
-//! No message is polled: deferred recipients sleep in a heap keyed by their next attempt.
+//! One task owns this state; sessions submit to it, workers report to it and operators command
+//! it through channels. No message is polled: deferred recipients sleep in a heap keyed by
+//! their next attempt. The loop never waits on a file: DSN commits, the suppression list and
+//! the operator's state are written off it.
+//!
+//! Here: the handle, the state, the loop and `add`. `dispatch` hands due recipients out;
+//! `outcome` performs decisions; `dsn` queues notices and orders the records behind them;
+//! `operator` and `explain` answer `Control` requests; `operator_state` saves suspensions.
+//! Times, states and notices are never computed here, only in `policy`; delivery itself
+//! (connections, shaping's pacing) belongs to `delivery` and `shaping`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
