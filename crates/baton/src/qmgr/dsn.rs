@@ -82,7 +82,10 @@ impl QueueManager {
         let ticket = self.outbox.hold(id);
         let done = self.notices_done.clone();
         tokio::spawn(async move {
-            let dsns = commit_notices(id, job).await;
+            // Even a task that failed reports back, or the message's records would wait forever.
+            let dsns = tokio::spawn(commit_notices(id, job))
+                .await
+                .unwrap_or_else(|e| vec![Err(SpoolError::Io(std::io::Error::other(e)))]);
             let _ = done.send(Committed { id, ticket, dsns });
         });
     }
