@@ -67,7 +67,7 @@ pub fn check_send_at(
     arrived_ms: u64,
     delivery: &crate::config::DeliveryConfig,
 ) -> Result<(), String> {
-    let expiry = crate::retry::expiry_ms(delivery, arrived_ms);
+    let expiry = crate::policy::expiry_ms(delivery, arrived_ms);
     if send_at_ms < expiry {
         return Ok(());
     }

@@ -1,6 +1,6 @@
-//! Retry policy: when a deferred recipient is tried again, and when it expires. Pure functions
-//! of the `[delivery]` settings, the reply and the clock (ms since the epoch); the queue
-//! manager applies them.
+//! The retry schedule's numbers: when a deferred recipient is tried again, and when it
+//! expires. Pure functions of the `[delivery]` settings, the reply and the time (ms since the
+//! epoch); `policy::decide` applies them.
 //!
 //! Numbers read from a peer's reply ("try again in N seconds") are parsed with saturating
 //! arithmetic and clamped between a floor and `retry_max`: no remote text can put a recipient

@@ -1,0 +1,190 @@
+//! Dispatch: a message's due recipients go to their destinations' ready queues, the others
+//! to the timer heap. When each is due is the policy's ([`MessageClock`]); this only sorts and
+//! hands out jobs.
+
+use std::cmp::Reverse;
+use std::collections::HashMap;
+
+use baton_spool::{QueueId, RecipientUpdate, now_ms};
+
+use super::{QueueManager, domain_of};
+use crate::config::Pool;
+use crate::delivery::{DestQueue, Destination, Job, JobReport, Outcome};
+use crate::policy::{Due, MessageClock};
+use baton_client::Reply;
+
+/// Due recipients by destination and the source a greylisted retry must leave from.
+type Groups = HashMap<(Destination, Option<String>), Vec<u32>>;
+
+impl QueueManager {
+    /// Sends every recipient of `id` that is due to its destination's ready queue; wakes the
+    /// message again when the next of the others is due.
+    pub(super) fn dispatch(&mut self, id: QueueId) {
+        if self.config.delivery.hold {
+            return;
+        }
+        let now = now_ms();
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if q.envelope.meta.hold {
+            return; // released by the operator, not by time
+        }
+        let window = q
+            .envelope
+            .meta
+            .window
+            .as_deref()
+            .and_then(|w| crate::schedule::Window::parse(w).ok());
+        let clock = MessageClock::new(
+            &self.config.delivery,
+            q.envelope.arrived_ms,
+            window.as_ref(),
+            now,
+        );
+        let mut groups = Groups::new();
+        let (mut next_due, mut held, mut expired) = (None::<u64>, Vec::new(), Vec::new());
+        for (i, r) in q.envelope.recipients.iter_mut().enumerate() {
+            if r.state.is_final() || q.in_flight.get(i).copied().unwrap_or(true) {
+                continue;
+            }
+            match clock.due(r.next_attempt_ms, now) {
+                Due::Expired => expired.push(i as u32),
+                Due::Wait { until, wake, moved } => {
+                    if moved {
+                        r.next_attempt_ms = until;
+                        held.push(RecipientUpdate {
+                            id,
+                            rcpt: i as u32,
+                            state: r.state,
+                            attempt: None,
+                            next_attempt_ms: until,
+                            delay_notified: false,
+                        });
+                    }
+                    next_due = Some(next_due.map_or(wake, |d| d.min(wake)));
+                }
+                Due::Now => {
+                    let dest = Destination::for_domain(&self.config, domain_of(&r.address));
+                    let sticky = q.sticky.get(&(i as u32)).cloned();
+                    groups.entry((dest, sticky)).or_default().push(i as u32);
+                }
+            }
+        }
+        if let Some(due) = next_due {
+            self.timers.push(Reverse((due, id)));
+        }
+        if !expired.is_empty() {
+            // Reported as the outcome of an attempt, so that expiry takes its one path
+            // (event, metrics, DSN, spool record) in `apply`.
+            for &i in &expired {
+                q.in_flight[i as usize] = true;
+            }
+            q.jobs_out += 1;
+            let _ = self.delivery.reports.send(expired_unattempted(id, expired));
+        }
+        if !held.is_empty() {
+            self.record(id, held, false);
+        }
+        self.send_jobs(id, groups);
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) && next_due.is_none() {
+            // Nothing left to try (all final): the message may have arrived that way.
+            self.finish_if_done(id);
+        }
+    }
+
+    /// Hands the due recipients to their destinations' ready queues, a job per transaction.
+    fn send_jobs(&mut self, id: QueueId, groups: Groups) {
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let max_workers = self.config.delivery.max_connections_per_destination;
+        let pool = self.config.pool_for(&q.envelope).cloned();
+        for ((dest, sticky), rcpts) in groups {
+            // Local delivery binds to no source; a greylisted retry binds to its first source.
+            let pool = pool
+                .clone()
+                .filter(|_| dest != Destination::Local)
+                .map(|p| match &sticky {
+                    Some(name) => pinned(&p, name),
+                    None => p,
+                });
+            let per_tx = match &dest {
+                Destination::Mx(domain) => self.delivery.shaper.domain_rule(domain).max_recipients,
+                _ => None,
+            }
+            .unwrap_or(self.config.delivery.max_recipients_per_transaction);
+            let key = (dest.clone(), pool.as_ref().map(|p| p.name.clone()));
+            let queue = self
+                .destinations
+                .entry(key)
+                .or_insert_with(|| DestQueue::new(dest, pool, max_workers))
+                .clone();
+            for chunk in rcpts.chunks(per_tx.max(1)) {
+                for &i in chunk {
+                    q.in_flight[i as usize] = true;
+                }
+                q.jobs_out += 1;
+                let message = q.job_message.clone();
+                let rcpts = chunk.to_vec();
+                queue.push(Job { message, rcpts }, &self.delivery);
+            }
+        }
+    }
+
+    pub(super) fn fire_timers(&mut self) {
+        let now = now_ms();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            due.push(id);
+        }
+        due.sort_unstable();
+        due.dedup();
+        for id in due {
+            self.dispatch(id);
+        }
+    }
+}
+
+/// `pool` narrowed to its source `name` (for retries that must leave from the same address).
+fn pinned(pool: &Pool, name: &str) -> Pool {
+    match pool.sources.iter().find(|(s, _)| s.name == name) {
+        Some(source) => Pool {
+            name: format!("{}@{name}", pool.name),
+            sources: vec![source.clone()],
+            sender_domains: Vec::new(),
+            tenants: Vec::new(),
+        },
+        None => pool.clone(),
+    }
+}
+
+/// The report for recipients whose message expired while they waited for a later attempt.
+fn expired_unattempted(id: QueueId, rcpts: Vec<u32>) -> JobReport {
+    let reply = Reply::local(
+        451,
+        "4.4.7",
+        "not tried: the message expired before its next attempt was due",
+    );
+    JobReport {
+        id,
+        outcomes: rcpts
+            .into_iter()
+            .map(|rcpt| Outcome {
+                rcpt,
+                reply: reply.clone(),
+                remote: None,
+                dsn_passed: false,
+                local: false,
+                tls: None,
+                not_before: None,
+                hold: false,
+                source: None,
+            })
+            .collect(),
+    }
+}

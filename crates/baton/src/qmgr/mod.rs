@@ -1,0 +1,359 @@
+//! The queue manager: every spooled recipient is either in a destination's ready queue, out
+//! with a delivery worker, or waiting in the retry timer heap. It performs what the policy
+//! (`crate::policy`) decides for each outcome (spool record, event, next attempt), sends DSNs,
+//! and removes a message once every recipient is final. A restart rebuilds all of this from
+//! the spool.
+//!
+//! One task owns this state; sessions submit to it, workers report to it and operators command
+//! it through channels. No message is polled: deferred recipients sleep in a heap keyed by
+//! their next attempt. The loop never waits on a file: DSN commits, the suppression list and
+//! the operator's state are written off it.
+//!
+//! Here: the handle, the state, the loop and `add`. `dispatch` hands due recipients out;
+//! `outcome` performs decisions; `dsn` queues notices and orders the records behind them;
+//! `operator` and `explain` answer `Control` requests; `operator_state` saves suspensions.
+//! Times, states and notices are never computed here, only in `policy`; delivery itself
+//! (connections, shaping's pacing) belongs to `delivery` and `shaping`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_spool::{BodyLocation, DsnRet, Envelope, QueueId, Spool, StoredMessage, now_ms};
+use bytes::Bytes;
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::config::Config;
+use crate::delivery::{DeliveryContext, DestQueue, Destination, JobMessage, JobReport};
+use crate::policy::EventFields;
+use baton_client::OutRcpt;
+use baton_events::Events;
+
+mod dispatch;
+mod dsn;
+mod explain;
+mod operator;
+mod operator_state;
+mod outcome;
+
+pub use operator::{MAX_SUSPENSION_SECS, suspension_seconds};
+
+/// Sessions hand accepted messages to the queue through this; the control socket asks it
+/// questions and gives it orders.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::UnboundedSender<StoredWithBody>,
+    control: mpsc::UnboundedSender<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+}
+
+/// An operator's request (see `control.rs`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Control {
+    /// Why each recipient of a message is where it is.
+    Explain {
+        id: String,
+    },
+    /// What holds a destination domain back, and how much mail waits for it.
+    ExplainDestination {
+        destination: String,
+    },
+    /// No deliveries to a destination domain (or `pool:NAME`, `tenant:NAME`) for `seconds`
+    /// (default: a day).
+    Suspend {
+        destination: String,
+        seconds: Option<u64>,
+    },
+    Resume {
+        destination: String,
+    },
+    /// Bounce (with DSN) or delete (without) every queued recipient at a domain.
+    Bounce {
+        destination: String,
+    },
+    Delete {
+        destination: String,
+    },
+    /// Move the queued mail of one pool to another.
+    Rebind {
+        from: String,
+        to: String,
+    },
+    /// Try every waiting recipient (at one domain, or all) now (postqueue -f).
+    Flush {
+        #[serde(default)]
+        destination: Option<String>,
+    },
+    /// Counts of waiting recipients by destination, pool and state.
+    Summary,
+    /// Keep a message (or every message: "ALL") from delivery until released (postsuper -h);
+    /// survives restarts.
+    Hold {
+        id: String,
+    },
+    /// Let held messages go again (postsuper -H).
+    Release {
+        id: String,
+    },
+}
+
+struct StoredWithBody {
+    message: StoredMessage,
+    body: Option<Bytes>,
+}
+
+impl QueueHandle {
+    /// Queues a message that is already durable in the spool. `body` saves a read back.
+    pub fn submit(&self, message: StoredMessage, body: Option<Bytes>) {
+        let _ = self.tx.send(StoredWithBody { message, body });
+    }
+
+    /// Runs an operator request in the queue manager and returns its answer.
+    pub async fn control(&self, request: Control) -> serde_json::Value {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.control.send((request, tx)).is_err() {
+            return serde_json::json!({"error": "the queue manager has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| serde_json::json!({"error": "no answer from the queue manager"}))
+    }
+}
+
+struct Queued {
+    envelope: Envelope,
+    location: BodyLocation,
+    job_message: Arc<JobMessage>,
+    /// Recipients out with a worker.
+    in_flight: Vec<bool>,
+    /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
+    /// (Only greylisted recipients are in it: most messages never allocate.)
+    sticky: HashMap<u32, String>,
+    /// Attempts made per recipient. The attempt history itself lives in the spool only (for
+    /// `baton queue show`): in memory it would grow with every retry of every recipient.
+    attempts: Vec<u16>,
+    jobs_out: usize,
+}
+
+pub struct QueueManager {
+    config: Arc<Config>,
+    spool: Spool,
+    events: Events,
+    delivery: Arc<DeliveryContext>,
+    messages: HashMap<QueueId, Queued>,
+    timers: BinaryHeap<Reverse<(u64, QueueId)>>,
+    destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
+    submissions: mpsc::UnboundedReceiver<StoredWithBody>,
+    reports: mpsc::UnboundedReceiver<JobReport>,
+    control: mpsc::UnboundedReceiver<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+    suppressions: Arc<crate::suppression::Suppressions>,
+    operator_state: operator_state::OperatorState,
+    /// Records waiting for DSNs being committed.
+    outbox: dsn::Outbox,
+    /// DSN tasks report here when their commits are done.
+    notices_done: mpsc::UnboundedSender<dsn::Committed>,
+    notices: mpsc::UnboundedReceiver<dsn::Committed>,
+}
+
+impl QueueManager {
+    /// Builds the queue from what the spool recovered and starts it.
+    pub fn start(
+        config: Arc<Config>,
+        spool: Spool,
+        events: Events,
+        recovered: Vec<StoredMessage>,
+        suppressions: Arc<crate::suppression::Suppressions>,
+        trust: Arc<baton_tls::trust::Trust>,
+    ) -> anyhow::Result<QueueHandle> {
+        let (tx, submissions) = mpsc::unbounded_channel();
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (notices_done, notices) = mpsc::unbounded_channel();
+        let operator_state = operator_state::OperatorState::new(&config.data_dir);
+        let mut dkim = HashMap::new();
+        for d in &config.dkim {
+            let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
+                .map_err(anyhow::Error::msg)?;
+            dkim.insert(d.domain.clone(), key);
+        }
+        let mta_sts = if config.delivery.mta_sts {
+            match trust.https_config() {
+                Ok(https) => Some(baton_dns::mta_sts::MtaSts::new(
+                    https,
+                    config.delivery.mta_sts_port,
+                    config.delivery.connect_timeout,
+                    &config.data_dir,
+                )),
+                Err(why) => {
+                    tracing::warn!(%why, "MTA-STS is off: policies cannot be fetched");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let delivery = Arc::new(DeliveryContext {
+            config: config.clone(),
+            dkim,
+            dns: baton_dns::Dns::new(&config.dns)?,
+            shaper: shaper(&config),
+            events: events.clone(),
+            spool: spool.clone(),
+            reports: report_tx,
+            connections_opened: Default::default(),
+            trust,
+            mta_sts,
+        });
+        let mut qmgr = QueueManager {
+            config,
+            spool,
+            events,
+            delivery,
+            messages: HashMap::new(),
+            timers: BinaryHeap::new(),
+            destinations: HashMap::new(),
+            submissions,
+            reports,
+            control,
+            suppressions,
+            operator_state,
+            outbox: dsn::Outbox::default(),
+            notices_done,
+            notices,
+        };
+        // Operator suspensions survive restarts.
+        if let Some(saved) = qmgr.operator_state.load() {
+            qmgr.delivery.shaper.operator_restore(saved);
+        }
+        for message in recovered {
+            qmgr.add(message, None);
+        }
+        tokio::spawn(qmgr.run());
+        Ok(QueueHandle {
+            tx,
+            control: control_tx,
+        })
+    }
+
+    async fn run(mut self) {
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((due, _))| *due);
+            let sleep = next_timer.map(|due| Duration::from_millis(due.saturating_sub(now_ms())));
+            tokio::select! {
+                Some(s) = self.submissions.recv() => self.add(s.message, s.body),
+                Some(report) = self.reports.recv() => self.apply(report),
+                Some((request, reply)) = self.control.recv() => self.handle_control(request, reply),
+                Some(committed) = self.notices.recv() => self.notices_committed(committed),
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {
+                    self.fire_timers();
+                }
+                else => break,
+            }
+        }
+    }
+
+    /// A message enters the queue: its due recipients go to their ready queues, the others
+    /// wait for their time.
+    fn add(&mut self, message: StoredMessage, body: Option<Bytes>) {
+        let env = &message.envelope;
+        let job_message = Arc::new(JobMessage {
+            id: env.id,
+            sender: env.sender.clone(),
+            recipients: env
+                .recipients
+                .iter()
+                .map(|r| OutRcpt {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    notify: r.notify,
+                })
+                .collect(),
+            dsn_ret: env.dsn_ret.map(|r| match r {
+                DsnRet::Full => "FULL",
+                DsnRet::Headers => "HDRS",
+            }),
+            dsn_envid: env.dsn_envid.clone(),
+            eight_bit: env.eight_bit,
+            smtputf8: env.smtputf8,
+            location: message.body,
+            body: OnceCell::new_with(body),
+            strip_baton_headers: env.meta.strip_baton_headers,
+            tenant: env.meta.tenant.clone(),
+            signed: OnceCell::new(),
+        });
+        let id = env.id;
+        let n = env.recipients.len();
+        baton_events::metrics::queue_depth(
+            env.recipients
+                .iter()
+                .filter(|r| !r.state.is_final())
+                .count() as i64,
+        );
+        let attempts = env
+            .recipients
+            .iter()
+            .map(|r| r.attempts.len().min(u16::MAX as usize) as u16)
+            .collect();
+        let mut envelope = message.envelope;
+        for r in &mut envelope.recipients {
+            r.attempts = Vec::new();
+        }
+        self.messages.insert(
+            id,
+            Queued {
+                envelope,
+                location: message.body,
+                job_message,
+                in_flight: vec![false; n],
+                sticky: HashMap::new(),
+                attempts,
+                jobs_out: 0,
+            },
+        );
+        self.dispatch(id);
+    }
+}
+
+/// The domain of an address ("" when it has none).
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+}
+
+/// Emits an event the policy described.
+fn emit(events: &Events, fields: EventFields, id: QueueId, recipient: &str, sender: &str) {
+    let mut e = events.new_event(fields.kind, &id.to_string(), recipient, sender);
+    e.code = fields.code;
+    e.status = fields.status;
+    e.response = fields.response;
+    e.remote_mta = fields.remote_mta;
+    e.attempt = fields.attempt;
+    e.size = fields.size;
+    e.tls = fields.tls;
+    e.source = fields.source;
+    e.latency_ms = fields.latency_ms;
+    e.next_attempt = fields
+        .next_attempt_ms
+        .and_then(|ms| i64::try_from(ms).ok())
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.to_string());
+    events.emit(e);
+}
+
+/// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.
+fn shaper(config: &Config) -> baton_shaping::Shaper {
+    let shaper = baton_shaping::Shaper::new(
+        config.shaping.clone(),
+        config.backoff.clone(),
+        config.delivery.max_connections_per_destination,
+    );
+    let planned = config
+        .pools
+        .iter()
+        .flat_map(|p| &p.sources)
+        .any(|(s, _)| s.warmup.is_some());
+    if !planned {
+        return shaper;
+    }
+    let ledger = baton_shaping::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
+    shaper.with_ledger(Arc::new(ledger))
+}
