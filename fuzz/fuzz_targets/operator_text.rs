@@ -25,7 +25,7 @@ fuzz_target!(|text: &str| {
         assert!(bytes > 0);
     }
     let _ = baton::qmgr::suspension_seconds(text.parse().ok());
-    if let Some(wait) = baton::retry::greylist_hint(text) {
+    if let Some(wait) = baton::policy::retry::greylist_hint(text) {
         assert!(wait.as_secs() > 0);
     }
     for utf8 in [false, true] {
