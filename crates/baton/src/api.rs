@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::config::HttpConfig;
+use crate::intake::Intake;
 use crate::qmgr::Control;
-use crate::server::Context;
 
 /// The OpenAPI description of these routes (a test checks it against the router).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -108,6 +108,19 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .layer(middleware::from_fn_with_state(access, authorize))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
+}
+
+/// What the API's handlers share: the handles they use, built by the composition root.
+pub struct Context {
+    pub config: Arc<crate::config::Config>,
+    /// Injected messages go in through it, as SMTP's do.
+    pub intake: Intake,
+    /// Operator commands and queue views.
+    pub queue: crate::qmgr::QueueHandle,
+    /// The event log, read by `/events`, `/stats` and message status.
+    pub events: baton_events::Events,
+    /// Addresses the API does not mail.
+    pub suppressions: Arc<crate::suppression::Suppressions>,
 }
 
 /// Binds the API's address (before the SMTP listeners: once mail can come in, so can API
@@ -353,14 +366,14 @@ async fn inject(
         tasks.spawn(async move {
             let mut envelope = envelope;
             envelope.size = bytes.len() as u64;
-            let mut writer = ctx.spool.body_writer(envelope.id);
+            let mut writer = ctx.intake.body_writer(envelope.id);
             writer.buf().extend_from_slice(&bytes);
             if let Err(e) = writer.settle() {
                 return (index, Err(e));
             }
             (
                 index,
-                crate::intake::queue_message(&ctx, envelope, writer, "http").await,
+                ctx.intake.queue_message(envelope, writer, "http").await,
             )
         });
     }
@@ -683,7 +696,7 @@ fn envelope_for(
         })
         .collect();
     Envelope {
-        id: ctx.spool.next_id(),
+        id: ctx.intake.next_id(),
         sender: request.envelope_sender.clone(),
         recipients,
         dsn_ret: None,

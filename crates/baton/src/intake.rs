@@ -5,72 +5,100 @@
 //!
 //! Owns that hand-over; it must not parse SMTP or HTTP.
 
-use std::sync::Arc;
+use baton_events::{EventKind, Events};
+use baton_spool::{BodyWriter, Envelope, QueueId, Spool, SpoolError, StoredMessage};
 
-use baton_spool::{BodyWriter, Envelope, QueueId, SpoolError, StoredMessage};
+use crate::qmgr::QueueHandle;
 
-use crate::server::Context;
-use baton_events::EventKind;
-
-/// Commits and queues a message; `origin` names where it came from in the log ("mx", "http").
-///
-/// The work runs in a task of its own: once begun it completes and reaches the queue manager
-/// even if the caller goes away (an HTTP client that disconnects, a session aborted at
-/// shutdown), so a message on disk is never unknown to the running server.
-pub async fn queue_message(
-    ctx: &Arc<Context>,
-    envelope: Envelope,
-    body: BodyWriter,
-    origin: &'static str,
-) -> Result<QueueId, SpoolError> {
-    let ctx = ctx.clone();
-    tokio::spawn(async move { commit_and_queue(&ctx, envelope, body, origin).await })
-        .await
-        .unwrap_or(Err(SpoolError::Stopped))
+/// The handles intake needs: the spool to commit to, the event log, the queue manager.
+/// Cheap to clone; sessions and the API each hold one.
+#[derive(Clone)]
+pub struct Intake {
+    spool: Spool,
+    events: Events,
+    queue: QueueHandle,
 }
 
-async fn commit_and_queue(
-    ctx: &Context,
-    envelope: Envelope,
-    body: BodyWriter,
-    origin: &str,
-) -> Result<QueueId, SpoolError> {
-    let (location, inline) = match ctx.spool.commit(&envelope, body).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            tracing::error!(id = %envelope.id, error = %e, "message not queued");
-            return Err(e);
+impl Intake {
+    pub fn new(spool: Spool, events: Events, queue: QueueHandle) -> Intake {
+        Intake {
+            spool,
+            events,
+            queue,
         }
-    };
-    tracing::info!(
-        id = %envelope.id,
-        from = %envelope.sender,
-        nrcpt = envelope.recipients.len(),
-        size = envelope.size,
-        client = %envelope.client_ip,
-        listener = origin,
-        "queued"
-    );
-    let origin_label = if origin == "http" { "http" } else { "smtp" };
-    baton_events::metrics::received(origin_label, envelope.recipients.len(), envelope.size);
-    let id = envelope.id;
-    let id_text = id.to_string();
-    for r in &envelope.recipients {
-        let mut e =
-            ctx.events
-                .new_event(EventKind::Reception, &id_text, &r.address, &envelope.sender);
-        e.size = Some(envelope.size);
-        e.campaign = envelope.meta.campaign.clone();
-        e.tenant = envelope.meta.tenant.clone();
-        ctx.events.emit(e);
     }
-    let body = (!inline.is_empty()).then_some(inline);
-    ctx.queue.submit(
-        StoredMessage {
-            envelope,
-            body: location,
-        },
-        body,
-    );
-    Ok(id)
+
+    /// A fresh queue id for a message being received.
+    pub fn next_id(&self) -> QueueId {
+        self.spool.next_id()
+    }
+
+    /// Where a message's body is written while it arrives.
+    pub fn body_writer(&self, id: QueueId) -> BodyWriter {
+        self.spool.body_writer(id)
+    }
+
+    /// Commits and queues a message; `origin` names where it came from in the log ("mx",
+    /// "http").
+    ///
+    /// The work runs in a task of its own: once begun it completes and reaches the queue
+    /// manager even if the caller goes away (an HTTP client that disconnects, a session aborted
+    /// at shutdown), so a message on disk is never unknown to the running server.
+    pub async fn queue_message(
+        &self,
+        envelope: Envelope,
+        body: BodyWriter,
+        origin: &'static str,
+    ) -> Result<QueueId, SpoolError> {
+        let intake = self.clone();
+        tokio::spawn(async move { intake.commit_and_queue(envelope, body, origin).await })
+            .await
+            .unwrap_or(Err(SpoolError::Stopped))
+    }
+
+    async fn commit_and_queue(
+        &self,
+        envelope: Envelope,
+        body: BodyWriter,
+        origin: &str,
+    ) -> Result<QueueId, SpoolError> {
+        let (location, inline) = match self.spool.commit(&envelope, body).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "message not queued");
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            id = %envelope.id,
+            from = %envelope.sender,
+            nrcpt = envelope.recipients.len(),
+            size = envelope.size,
+            client = %envelope.client_ip,
+            listener = origin,
+            "queued"
+        );
+        let origin_label = if origin == "http" { "http" } else { "smtp" };
+        baton_events::metrics::received(origin_label, envelope.recipients.len(), envelope.size);
+        let id = envelope.id;
+        let id_text = id.to_string();
+        for r in &envelope.recipients {
+            let mut e =
+                self.events
+                    .new_event(EventKind::Reception, &id_text, &r.address, &envelope.sender);
+            e.size = Some(envelope.size);
+            e.campaign = envelope.meta.campaign.clone();
+            e.tenant = envelope.meta.tenant.clone();
+            self.events.emit(e);
+        }
+        let body = (!inline.is_empty()).then_some(inline);
+        self.queue.submit(
+            StoredMessage {
+                envelope,
+                body: location,
+            },
+            body,
+        );
+        Ok(id)
+    }
 }

@@ -3,6 +3,7 @@
 //! See docs/ARCHITECTURE.md for how the pieces fit.
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod bounce;
 pub mod config;

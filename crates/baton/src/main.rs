@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use baton::config::Config;
-use baton::{auth, config, control, dkim, queue, server};
+use baton::{app, auth, config, control, dkim, queue};
 
 #[derive(Parser)]
 #[command(name = "baton", version, about = "Baton, a mail transfer agent")]
@@ -406,7 +406,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("stop signal received");
             let _ = stop_tx.send(true);
         });
-        server::serve(config, stop_rx).await
+        app::serve(config, stop_rx).await
     })
 }
 

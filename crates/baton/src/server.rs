@@ -1,8 +1,9 @@
 //! The listeners: bind the configured addresses, accept connections within the connection
-//! limits and run one [`Session`] task per client. Also owns orderly shutdown.
+//! limits and run one [`Session`] task per client; orderly shutdown of sessions.
 //!
-//! Owns sockets and counting connections. It must not parse SMTP (the session does) or write
-//! to the spool (the session commits through [`Spool`]).
+//! Owns sockets, counting connections and what every session shares ([`Reception`]). It must
+//! not parse SMTP (the session does) or write to the spool (sessions hand messages to
+//! [`Intake`], which commits them).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,25 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use baton_spool::{Spool, SpoolOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Role};
-use crate::qmgr::{QueueHandle, QueueManager};
+use crate::intake::Intake;
 use crate::session::Session;
-use baton_events::Events;
 use baton_shaping::ratelimit::RateLimiter;
 use baton_tls::server::{Conn, TlsStore};
 
-/// What every session shares.
-pub struct Context {
+/// What every session shares: the receiving side's configuration, the way into the queue,
+/// and the per-client and per-user limits.
+pub struct Reception {
     pub config: Arc<Config>,
-    pub spool: Spool,
-    pub queue: QueueHandle,
-    pub events: Events,
+    pub intake: Intake,
     /// Submission users, when `[submission] users_file` is set.
     pub users: Option<Arc<crate::auth::Users>>,
     pub auth_failures: crate::auth::FailureLimiter,
@@ -40,8 +38,6 @@ pub struct Context {
     pub user_recipients: Option<RateLimiter<String>>,
     /// SPF/DKIM/DMARC checks for mx listeners (`[inbound] authentication_results`).
     pub inbound_auth: Option<crate::inbound_auth::InboundAuth>,
-    /// Addresses the API does not mail (they bounced as non-existent).
-    pub suppressions: Arc<crate::suppression::Suppressions>,
     pub shutdown: watch::Receiver<bool>,
     connections: Mutex<Connections>,
 }
@@ -54,7 +50,7 @@ struct Connections {
 
 /// Holds a connection's place in the counts; released on drop.
 struct Slot {
-    ctx: Arc<Context>,
+    ctx: Arc<Reception>,
     ip: IpAddr,
 }
 
@@ -76,7 +72,42 @@ impl Drop for Slot {
     }
 }
 
-impl Context {
+impl Reception {
+    /// Sets up the limits and checks the configuration names; fails when the inbound
+    /// authentication checks cannot be set up.
+    pub fn new(
+        config: Arc<Config>,
+        intake: Intake,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Reception> {
+        let users = config
+            .submission
+            .users_file
+            .as_deref()
+            .map(|p| Arc::new(crate::auth::Users::new(p)));
+        let inbound_auth = if config.inbound.authentication_results {
+            Some(
+                crate::inbound_auth::InboundAuth::new(&config.dns, &config.hostname)
+                    .context("cannot set up inbound authentication checks")?,
+            )
+        } else {
+            None
+        };
+        Ok(Reception {
+            inbound_auth,
+            users,
+            auth_failures: Default::default(),
+            connection_rate: config.limits.connection_rate_per_ip.map(RateLimiter::new),
+            command_rate: config.limits.command_rate_per_ip.map(RateLimiter::new),
+            user_messages: config.submission.message_rate.map(RateLimiter::new),
+            user_recipients: config.submission.recipient_rate.map(RateLimiter::new),
+            intake,
+            shutdown,
+            connections: Mutex::default(),
+            config,
+        })
+    }
+
     /// More than three quarters of the connection slots taken: sessions then wait for a
     /// command only briefly (Postfix's stress-adaptive behaviour), so idle or slow clients
     /// cannot hold the server.
@@ -123,84 +154,17 @@ impl Context {
     }
 }
 
-/// Opens the spool, binds every listener and serves until `stop` turns true.
-pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let options = SpoolOptions {
-        fsync: config.spool.fsync,
-        segment_size: config.spool.segment_size,
-        ..SpoolOptions::default()
-    };
-    let spool_dir = config.data_dir.join("spool");
-    let (spool, recovery) = Spool::open(&spool_dir, options).with_context(|| {
-        format!(
-            "cannot open the spool at {} (check that data_dir exists and is writable)",
-            spool_dir.display()
-        )
-    })?;
-    tracing::info!(
-        messages = recovery.messages.len(),
-        torn_bytes_cut = recovery.truncated_bytes,
-        orphan_bodies_removed = recovery.orphan_bodies_removed,
-        dir = %spool_dir.display(),
-        "spool recovered"
-    );
-    if !config.spool.fsync {
-        tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
-    }
+/// A bound listener: its socket, its role (and whether it trusts the relay networks without
+/// AUTH) and its TLS certificate.
+pub struct Bound {
+    listener: TcpListener,
+    role: (Role, bool),
+    tls: Option<Arc<TlsStore>>,
+}
 
-    let config = Arc::new(config);
-    let events = Events::start(&config.data_dir, config.spool.fsync)
-        .context("cannot open the event log under data_dir/events")?;
-    // Metrics are recorded from the start (they are read at GET /metrics), and sampled for
-    // the dashboard's history.
-    let _ = baton_events::metrics::handle();
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(baton_events::metrics::SAMPLE_EVERY);
-        loop {
-            tick.tick().await;
-            baton_events::metrics::sample();
-        }
-    });
-    // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.
-    let trust = Arc::new(
-        baton_tls::trust::Trust::load(config.delivery.tls_ca_file.as_deref())
-            .map_err(anyhow::Error::msg)?,
-    );
-    let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
-        trust
-            .https_config()
-            .map_err(|why| tracing::warn!(%why, "https webhooks cannot verify their receivers"))
-            .ok()
-    } else {
-        None
-    };
-    baton_events::webhooks::start(
-        &config.webhooks,
-        &config.data_dir,
-        &events,
-        https,
-        stop.clone(),
-    )
-    .context("cannot start the webhook senders")?;
-    let suppressions = Arc::new(
-        crate::suppression::Suppressions::open(&config.data_dir)
-            .context("cannot read the suppression list")?,
-    );
-    let queue = QueueManager::start(
-        config.clone(),
-        spool.clone(),
-        events.clone(),
-        recovery.messages,
-        suppressions.clone(),
-        trust,
-    )?;
-    crate::control::listen(&config.data_dir, queue.clone())?;
-    // Listeners last: once a client can connect, the queue and the control socket are up.
-    let http_listener = match &config.http {
-        Some(http) => Some(crate::api::bind(http).await?),
-        None => None,
-    };
-    let mut listeners = Vec::new();
+/// Binds every configured listener and loads its certificate; SIGHUP reloads them.
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
+    let mut bound = Vec::new();
     let mut stores = Vec::new();
     for l in &config.listeners {
         let listener = TcpListener::bind(l.address)
@@ -215,69 +179,26 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
             None => None,
         };
         tracing::info!(address = %l.address, role = l.role.as_str(), tls = tls.is_some(), "listening");
-        listeners.push((listener, (l.role, l.trust_networks), tls));
+        bound.push(Bound {
+            listener,
+            role: (l.role, l.trust_networks),
+            tls,
+        });
     }
     reload_certificates_on_sighup(stores);
-    let users = config
-        .submission
-        .users_file
-        .as_deref()
-        .map(|p| Arc::new(crate::auth::Users::new(p)));
-    let inbound_auth = if config.inbound.authentication_results {
-        Some(
-            crate::inbound_auth::InboundAuth::new(&config.dns, &config.hostname)
-                .context("cannot set up inbound authentication checks")?,
-        )
-    } else {
-        None
-    };
-    let ctx = Arc::new(Context {
-        inbound_auth,
-        suppressions,
-        spool,
-        users,
-        auth_failures: Default::default(),
-        connection_rate: config.limits.connection_rate_per_ip.map(RateLimiter::new),
-        command_rate: config.limits.command_rate_per_ip.map(RateLimiter::new),
-        user_messages: config.submission.message_rate.map(RateLimiter::new),
-        user_recipients: config.submission.recipient_rate.map(RateLimiter::new),
-        queue,
-        events,
-        shutdown: stop.clone(),
-        connections: Mutex::default(),
-        config,
-    });
-    if let Some(listener) = http_listener {
-        crate::api::serve(ctx.clone(), listener, stop.clone());
-    }
+    Ok(bound)
+}
+
+/// Accepts connections on every listener and runs their sessions until `stop` turns true;
+/// then gives sessions under way ten seconds to finish.
+pub async fn run(ctx: Arc<Reception>, listeners: Vec<Bound>, mut stop: watch::Receiver<bool>) {
     let mut sessions = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Accepted>(64);
-    for (listener, role, tls) in listeners {
-        let conn_tx = conn_tx.clone();
-        acceptors.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        if conn_tx
-                            .send((stream, peer, role, tls.clone()))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+    for bound in listeners {
+        acceptors.spawn(accept_loop(bound, conn_tx.clone()));
     }
     drop(conn_tx);
-
     loop {
         tokio::select! {
             conn = conn_rx.recv() => {
@@ -297,7 +218,25 @@ pub async fn serve(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::R
     {
         tracing::warn!("sessions still busy after 10 s; closing them");
     }
-    Ok(())
+}
+
+/// Accepts on one listener and passes each connection on.
+async fn accept_loop(bound: Bound, conn_tx: tokio::sync::mpsc::Sender<Accepted>) {
+    loop {
+        match bound.listener.accept().await {
+            Ok((stream, peer)) => {
+                let accepted = (stream, peer, bound.role, bound.tls.clone());
+                if conn_tx.send(accepted).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// A connection as accepted: socket, client, listener role (and whether it trusts the relay
@@ -328,7 +267,7 @@ fn reload_certificates_on_sighup(stores: Vec<Arc<TlsStore>>) {
 }
 
 fn start_session(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Reception>,
     sessions: &mut JoinSet<()>,
     mut stream: TcpStream,
     peer: SocketAddr,

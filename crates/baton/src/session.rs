@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Config, Role, SenderPolicy, Transport};
-use crate::server::Context;
+use crate::server::Reception;
 use baton_shaping::ratelimit::RateLimiter;
 use baton_tls::server::{Conn, TlsStore};
 
@@ -68,7 +68,7 @@ pub struct Session {
     stream: Conn,
     /// The listener's TLS, if it has one.
     tls: Option<Arc<TlsStore>>,
-    ctx: Arc<Context>,
+    ctx: Arc<Reception>,
     peer: SocketAddr,
     role: Role,
     inbuf: BytesMut,
@@ -99,7 +99,7 @@ impl Session {
     pub fn new(
         stream: Conn,
         tls: Option<Arc<TlsStore>>,
-        ctx: Arc<Context>,
+        ctx: Arc<Reception>,
         peer: SocketAddr,
         role: Role,
     ) -> Self {
@@ -469,7 +469,7 @@ impl Session {
             );
         }
         self.tx = Some(Transaction {
-            id: self.ctx.spool.next_id(),
+            id: self.ctx.intake.next_id(),
             mail,
             rcpts: Vec::new(),
             bdat: None,
@@ -945,7 +945,7 @@ impl Session {
     /// A body writer for the current transaction, primed with our Received: header.
     fn start_body(&mut self) -> Option<BodyWriter> {
         let tx = self.tx.as_ref()?;
-        let mut body = self.ctx.spool.body_writer(tx.id);
+        let mut body = self.ctx.intake.body_writer(tx.id);
         let header = self.received_header(tx);
         body.buf().extend_from_slice(header.as_bytes());
         Some(body)
@@ -1022,7 +1022,12 @@ impl Session {
         {
             return reply;
         }
-        match crate::intake::queue_message(&self.ctx, envelope, body, self.role.as_str()).await {
+        match self
+            .ctx
+            .intake
+            .queue_message(envelope, body, self.role.as_str())
+            .await
+        {
             Ok(id) => Reply::new(250, "2.0.0", format!("OK queued as {id}")),
             Err(e) => spool_reply(&e),
         }

@@ -197,6 +197,49 @@ pub struct JobReport {
     pub outcomes: Vec<Outcome>,
 }
 
+/// The services delivery uses, built once by the composition root (`app.rs`).
+pub struct Services {
+    /// DKIM keys by signing domain.
+    pub dkim: std::collections::HashMap<String, crate::dkim::DkimKey>,
+    pub dns: Dns,
+    pub shaper: Shaper,
+    /// CA store for checking servers' certificates.
+    pub trust: Arc<baton_tls::trust::Trust>,
+    /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
+    pub mta_sts: Option<baton_dns::mta_sts::MtaSts>,
+}
+
+impl DeliveryContext {
+    /// The workers' context: the services, plus the queue manager's handles.
+    pub fn new(
+        config: Arc<Config>,
+        services: Services,
+        events: baton_events::Events,
+        spool: Spool,
+        reports: mpsc::UnboundedSender<JobReport>,
+    ) -> DeliveryContext {
+        let Services {
+            dkim,
+            dns,
+            shaper,
+            trust,
+            mta_sts,
+        } = services;
+        DeliveryContext {
+            config,
+            dkim,
+            dns,
+            shaper,
+            events,
+            spool,
+            reports,
+            connections_opened: AtomicU64::new(0),
+            trust,
+            mta_sts,
+        }
+    }
+}
+
 /// Everything a worker needs.
 pub struct DeliveryContext {
     pub config: Arc<Config>,

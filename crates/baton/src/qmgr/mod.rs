@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::config::Config;
-use crate::delivery::{DeliveryContext, DestQueue, Destination, JobMessage, JobReport};
+use crate::delivery::{DeliveryContext, DestQueue, Destination, JobMessage, JobReport, Services};
 use crate::policy::EventFields;
 use baton_client::OutRcpt;
 use baton_events::Events;
@@ -163,47 +163,20 @@ impl QueueManager {
         events: Events,
         recovered: Vec<StoredMessage>,
         suppressions: Arc<crate::suppression::Suppressions>,
-        trust: Arc<baton_tls::trust::Trust>,
+        services: Services,
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
         let (control_tx, control) = mpsc::unbounded_channel();
         let (notices_done, notices) = mpsc::unbounded_channel();
         let operator_state = operator_state::OperatorState::new(&config.data_dir);
-        let mut dkim = HashMap::new();
-        for d in &config.dkim {
-            let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
-                .map_err(anyhow::Error::msg)?;
-            dkim.insert(d.domain.clone(), key);
-        }
-        let mta_sts = if config.delivery.mta_sts {
-            match trust.https_config() {
-                Ok(https) => Some(baton_dns::mta_sts::MtaSts::new(
-                    https,
-                    config.delivery.mta_sts_port,
-                    config.delivery.connect_timeout,
-                    &config.data_dir,
-                )),
-                Err(why) => {
-                    tracing::warn!(%why, "MTA-STS is off: policies cannot be fetched");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let delivery = Arc::new(DeliveryContext {
-            config: config.clone(),
-            dkim,
-            dns: baton_dns::Dns::new(&config.dns)?,
-            shaper: shaper(&config),
-            events: events.clone(),
-            spool: spool.clone(),
-            reports: report_tx,
-            connections_opened: Default::default(),
-            trust,
-            mta_sts,
-        });
+        let delivery = Arc::new(DeliveryContext::new(
+            config.clone(),
+            services,
+            events.clone(),
+            spool.clone(),
+            report_tx,
+        ));
         let mut qmgr = QueueManager {
             config,
             spool,
@@ -337,23 +310,4 @@ fn emit(events: &Events, fields: EventFields, id: QueueId, recipient: &str, send
         .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
         .map(|t| t.to_string());
     events.emit(e);
-}
-
-/// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.
-fn shaper(config: &Config) -> baton_shaping::Shaper {
-    let shaper = baton_shaping::Shaper::new(
-        config.shaping.clone(),
-        config.backoff.clone(),
-        config.delivery.max_connections_per_destination,
-    );
-    let planned = config
-        .pools
-        .iter()
-        .flat_map(|p| &p.sources)
-        .any(|(s, _)| s.warmup.is_some());
-    if !planned {
-        return shaper;
-    }
-    let ledger = baton_shaping::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
-    shaper.with_ledger(Arc::new(ledger))
 }

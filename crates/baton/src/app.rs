@@ -1,0 +1,189 @@
+//! The composition root: `baton serve` builds every service here, once, in the order the data
+//! flows backwards (spool and event log first, listeners last: once a client can connect,
+//! everything it needs is up), and hands each consumer only the handles it uses:
+//!
+//! - the queue manager: config, spool, events, suppressions and delivery's [`Services`]
+//!   (DKIM keys, resolver, shaper, trust store, MTA-STS cache);
+//! - sessions ([`Reception`]): config, [`Intake`], their limits;
+//! - the HTTP API ([`api::Context`]): config, [`Intake`], the queue handle, events,
+//!   suppressions;
+//! - webhooks: the event log and an HTTPS configuration from the trust store.
+//!
+//! Owns construction and wiring only; no service reaches back here for another.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use baton_events::Events;
+use baton_spool::{Spool, SpoolOptions, StoredMessage};
+use baton_tls::trust::Trust;
+use tokio::sync::watch;
+
+use crate::api;
+use crate::config::Config;
+use crate::delivery::Services;
+use crate::intake::Intake;
+use crate::qmgr::QueueManager;
+use crate::server::{self, Reception};
+use crate::suppression::Suppressions;
+
+/// Builds everything and serves until `stop` turns true.
+pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (spool, recovered) = open_spool(&config)?;
+    let config = Arc::new(config);
+    let events = Events::start(&config.data_dir, config.spool.fsync)
+        .context("cannot open the event log under data_dir/events")?;
+    start_metrics();
+    // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.
+    let trust =
+        Arc::new(Trust::load(config.delivery.tls_ca_file.as_deref()).map_err(anyhow::Error::msg)?);
+    start_webhooks(&config, &events, &trust, stop.clone())?;
+    let suppressions =
+        Arc::new(Suppressions::open(&config.data_dir).context("cannot read the suppression list")?);
+    let services = delivery_services(&config, trust)?;
+    let queue = QueueManager::start(
+        config.clone(),
+        spool.clone(),
+        events.clone(),
+        recovered,
+        suppressions.clone(),
+        services,
+    )?;
+    crate::control::listen(&config.data_dir, queue.clone())?;
+    let intake = Intake::new(spool, events.clone(), queue.clone());
+    // Listeners last: once a client can connect, the queue and the control socket are up.
+    let http_listener = match &config.http {
+        Some(http) => Some(api::bind(http).await?),
+        None => None,
+    };
+    let listeners = server::bind(&config).await?;
+    let reception = Arc::new(Reception::new(
+        config.clone(),
+        intake.clone(),
+        stop.clone(),
+    )?);
+    if let Some(listener) = http_listener {
+        let ctx = api::Context {
+            config,
+            intake,
+            queue,
+            events,
+            suppressions,
+        };
+        api::serve(Arc::new(ctx), listener, stop.clone());
+    }
+    server::run(reception, listeners, stop).await;
+    Ok(())
+}
+
+/// Opens the spool and recovers what it holds.
+fn open_spool(config: &Config) -> anyhow::Result<(Spool, Vec<StoredMessage>)> {
+    let options = SpoolOptions {
+        fsync: config.spool.fsync,
+        segment_size: config.spool.segment_size,
+        ..SpoolOptions::default()
+    };
+    let spool_dir = config.data_dir.join("spool");
+    let (spool, recovery) = Spool::open(&spool_dir, options).with_context(|| {
+        format!(
+            "cannot open the spool at {} (check that data_dir exists and is writable)",
+            spool_dir.display()
+        )
+    })?;
+    tracing::info!(
+        messages = recovery.messages.len(),
+        torn_bytes_cut = recovery.truncated_bytes,
+        orphan_bodies_removed = recovery.orphan_bodies_removed,
+        dir = %spool_dir.display(),
+        "spool recovered"
+    );
+    if !config.spool.fsync {
+        tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
+    }
+    Ok((spool, recovery.messages))
+}
+
+/// Metrics are recorded from the start (they are read at GET /metrics), and sampled for the
+/// dashboard's history.
+fn start_metrics() {
+    let _ = baton_events::metrics::handle();
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(baton_events::metrics::SAMPLE_EVERY);
+        loop {
+            tick.tick().await;
+            baton_events::metrics::sample();
+        }
+    });
+}
+
+fn start_webhooks(
+    config: &Config,
+    events: &Events,
+    trust: &Trust,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let https = if config.webhooks.iter().any(|w| w.url.starts_with("https:")) {
+        trust
+            .https_config()
+            .map_err(|why| tracing::warn!(%why, "https webhooks cannot verify their receivers"))
+            .ok()
+    } else {
+        None
+    };
+    baton_events::webhooks::start(&config.webhooks, &config.data_dir, events, https, stop)
+        .context("cannot start the webhook senders")
+}
+
+/// What delivery uses: DKIM keys, the resolver, the shaper (with its warm-up ledger), the
+/// trust store and the MTA-STS cache.
+fn delivery_services(config: &Config, trust: Arc<Trust>) -> anyhow::Result<Services> {
+    let mut dkim = HashMap::new();
+    for d in &config.dkim {
+        let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
+            .map_err(anyhow::Error::msg)?;
+        dkim.insert(d.domain.clone(), key);
+    }
+    let mta_sts = if config.delivery.mta_sts {
+        match trust.https_config() {
+            Ok(https) => Some(baton_dns::mta_sts::MtaSts::new(
+                https,
+                config.delivery.mta_sts_port,
+                config.delivery.connect_timeout,
+                &config.data_dir,
+            )),
+            Err(why) => {
+                tracing::warn!(%why, "MTA-STS is off: policies cannot be fetched");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Services {
+        dkim,
+        dns: baton_dns::Dns::new(&config.dns)?,
+        shaper: shaper(config),
+        trust,
+        mta_sts,
+    })
+}
+
+/// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.
+fn shaper(config: &Config) -> baton_shaping::Shaper {
+    let shaper = baton_shaping::Shaper::new(
+        config.shaping.clone(),
+        config.backoff.clone(),
+        config.delivery.max_connections_per_destination,
+    );
+    let planned = config
+        .pools
+        .iter()
+        .flat_map(|p| &p.sources)
+        .any(|(s, _)| s.warmup.is_some());
+    if !planned {
+        return shaper;
+    }
+    let ledger = baton_shaping::warmup::Ledger::open(&config.data_dir.join("warmup.log"));
+    shaper.with_ledger(Arc::new(ledger))
+}
