@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -139,12 +140,22 @@ fn announced_id(records: &[String]) -> Option<String> {
     })
 }
 
+/// The order of cache snapshots: numbers handed out, and the newest written.
+#[derive(Default)]
+struct SaveOrder {
+    taken: AtomicU64,
+    written: Mutex<u64>,
+}
+
 pub struct MtaSts {
     https: Arc<rustls::ClientConfig>,
     port: u16,
     connect_timeout: Duration,
     path: PathBuf,
     known: Mutex<HashMap<String, Policy>>,
+    /// The cache file is written on blocking threads; each snapshot has a number and the file
+    /// only moves forward (the newest written, never an older one over it).
+    saves: Arc<SaveOrder>,
     /// One fetch per domain at a time; the others wait and use its result.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -167,6 +178,7 @@ impl MtaSts {
             connect_timeout,
             path,
             known: Mutex::new(known),
+            saves: Arc::default(),
             fetching: Mutex::new(HashMap::new()),
         }
     }
@@ -221,20 +233,31 @@ impl MtaSts {
     }
 
     fn remember(&self, domain: &str, policy: Policy) {
-        let snapshot = {
+        let (snapshot, number) = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             known.insert(domain.to_string(), policy);
-            serde_json::to_vec_pretty(&*known)
+            let number = self.saves.taken.fetch_add(1, Ordering::Relaxed) + 1;
+            (serde_json::to_vec_pretty(&*known), number)
         };
+        let (path, saves) = (self.path.clone(), self.saves.clone());
         // Losing the file only costs a refetch; a failed write is logged, not fatal.
-        let written = snapshot.map_err(std::io::Error::other).and_then(|bytes| {
-            let tmp = self.path.with_extension("json.tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &self.path)
+        tokio::task::spawn_blocking(move || {
+            let mut written = saves.written.lock().unwrap_or_else(|e| e.into_inner());
+            if *written > number {
+                return; // a newer snapshot is on disk already
+            }
+            let saved = snapshot.map_err(std::io::Error::other).and_then(|bytes| {
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &path)
+            });
+            match saved {
+                Ok(()) => *written = number,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot save MTA-STS policies")
+                }
+            }
         });
-        if let Err(e) = written {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot save MTA-STS policies");
-        }
     }
 
     /// GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt: verified TLS, 200 only (no

@@ -59,7 +59,7 @@ pub fn start(
             offset_file: dir.join(format!("{key}.offset")),
             https: https.clone(),
         };
-        tokio::spawn(sender.run(events.length(), events.opened_length(), stop.clone()));
+        tokio::spawn(Arc::new(sender).run(events.length(), events.opened_length(), stop.clone()));
     }
     Ok(())
 }
@@ -73,17 +73,21 @@ struct Sender {
 
 impl Sender {
     async fn run(
-        self,
+        self: Arc<Self>,
         mut length: watch::Receiver<u64>,
         opened_len: u64,
         mut stop: watch::Receiver<bool>,
     ) {
         // A webhook seen for the first time starts with the events written from now on.
-        let mut offset = match std::fs::read_to_string(&self.offset_file) {
-            Ok(text) => text.trim().parse().unwrap_or(0),
-            Err(_) => {
+        let saved = self
+            .off_thread(|s| std::fs::read_to_string(&s.offset_file).ok())
+            .await
+            .flatten();
+        let mut offset = match saved {
+            Some(text) => text.trim().parse().unwrap_or(0),
+            None => {
                 let now = *length.borrow();
-                self.save(now);
+                self.save(now).await;
                 now
             }
         };
@@ -94,21 +98,23 @@ impl Sender {
         if offset > log_len {
             tracing::warn!(url = %self.hook.url, offset, log_len, "webhook offset past the end of the event log; continuing from the end");
             offset = log_len;
-            self.save(offset);
+            self.save(offset).await;
         }
         let mut backoff = Duration::from_secs(1);
         while !*stop.borrow() {
-            let (batch, end) = match self.read_batch(offset) {
-                Ok(b) => b,
-                Err(e) => {
+            let read = self.off_thread(move |s| s.read_batch(offset)).await;
+            let (batch, end) = match read {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
                     tracing::error!(url = %self.hook.url, error = %e, "cannot read the event log for a webhook");
                     (Vec::new(), offset)
                 }
+                None => (Vec::new(), offset),
             };
             if batch.is_empty() {
                 if end > offset {
                     offset = end; // only filtered-out events
-                    self.save(offset);
+                    self.save(offset).await;
                     continue;
                 }
                 tokio::select! {
@@ -122,7 +128,7 @@ impl Sender {
             match self.post(body).await {
                 Ok(()) => {
                     offset = end;
-                    self.save(offset);
+                    self.save(offset).await;
                     backoff = Duration::from_secs(1);
                 }
                 Err(why) => {
@@ -137,7 +143,23 @@ impl Sender {
         }
     }
 
-    fn save(&self, offset: u64) {
+    /// Runs file work on a blocking thread: this sender's task waits, the runtime's thread
+    /// does not. None if the work could not run (the runtime is shutting down).
+    async fn off_thread<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Sender) -> T + Send + 'static,
+    ) -> Option<T> {
+        let sender = self.clone();
+        tokio::task::spawn_blocking(move || work(&sender))
+            .await
+            .ok()
+    }
+
+    async fn save(self: &Arc<Self>, offset: u64) {
+        self.off_thread(move |s| s.save_now(offset)).await;
+    }
+
+    fn save_now(&self, offset: u64) {
         let tmp = self.offset_file.with_extension("tmp");
         let saved = std::fs::write(&tmp, offset.to_string())
             .and_then(|()| std::fs::rename(&tmp, &self.offset_file));

@@ -3,19 +3,24 @@
 //! does not hand a new IP a fresh allowance.
 //!
 //! Each take appends one line `period count key` (no fsync: a kill -9 keeps it, a power cut
-//! loses at most the last moments); at start the file is read, summed per key for the period
-//! each key was last seen in, and written back compacted. Owns that file only; the caps and
-//! their periods are shaping's.
+//! loses at most the last moments), written by a thread of the ledger's own so that delivery
+//! never waits on the file; at start the file is read, summed per key for the period each key
+//! was last seen in, and written back compacted. Owns that file only; the caps and their
+//! periods are shaping's.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
+use std::thread::JoinHandle;
 
 /// Sent counts by key ("source destination-rule"), for the period each was last counted in.
 pub struct Ledger {
     path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
+    /// Lines for the writer thread; none when it could not start (then lines are appended
+    /// inline).
+    lines: Mutex<Option<mpsc::Sender<String>>>,
+    writer: Option<JoinHandle<()>>,
     loaded: HashMap<String, (u64, u64)>,
 }
 
@@ -31,9 +36,18 @@ impl Ledger {
                 (HashMap::new(), false)
             }
         };
+        let (tx, rx) = mpsc::channel();
+        let thread_path = path.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("warmup-ledger".into())
+            .spawn(move || append_lines(&thread_path, rx))
+            .map_err(|e| tracing::warn!(error = %e, "the warm-up ledger is written inline"))
+            .ok();
+        let lines = Mutex::new(writer.as_ref().map(|_| tx));
         let ledger = Ledger {
             path: path.to_path_buf(),
-            file: Mutex::new(None),
+            lines,
+            writer,
             loaded,
         };
         // An unreadable ledger is not replaced by an empty one: the counts may come back.
@@ -53,19 +67,13 @@ impl Ledger {
 
     /// Records `n` more recipients sent by `key` in `period`.
     pub fn record(&self, key: &str, period: u64, n: u64) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if file.is_none() {
-            *file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(|e| tracing::warn!(path = %self.path.display(), error = %e, "cannot open the warm-up ledger"))
-                .ok();
-        }
-        if let Some(f) = file.as_mut()
-            && let Err(e) = f.write_all(format!("{period} {n} {key}\n").as_bytes())
-        {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot record warm-up counts");
+        let line = format!("{period} {n} {key}\n");
+        let unsent = match &*self.lines.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send(line).err().map(|mpsc::SendError(line)| line),
+            None => Some(line),
+        };
+        if let Some(line) = unsent {
+            append(&self.path, &mut None, &line);
         }
     }
 
@@ -80,6 +88,41 @@ impl Ledger {
         if let Err(e) = written {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the warm-up ledger");
         }
+    }
+}
+
+impl Drop for Ledger {
+    /// Waits for the lines already recorded to be written.
+    fn drop(&mut self) {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread: appends each line as it comes, until the ledger is dropped.
+fn append_lines(path: &Path, rx: mpsc::Receiver<String>) {
+    let mut file = None;
+    while let Ok(line) = rx.recv() {
+        append(path, &mut file, &line);
+    }
+}
+
+/// Appends one line to the ledger, opening it on first use.
+fn append(path: &Path, file: &mut Option<std::fs::File>, line: &str) {
+    if file.is_none() {
+        *file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot open the warm-up ledger"))
+            .ok();
+    }
+    if let Some(f) = file.as_mut()
+        && let Err(e) = f.write_all(line.as_bytes())
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record warm-up counts");
     }
 }
 

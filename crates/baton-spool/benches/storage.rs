@@ -83,7 +83,7 @@ fn journal(dir: &Path, sessions: usize, total: usize, size: usize) -> f64 {
                         let env = envelope(&spool, size);
                         let mut body = spool.body_writer(env.id);
                         body.buf().resize(size, b'x');
-                        body.settle().expect("settle");
+                        body.settle().await.expect("settle");
                         spool.commit(&env, body).await.expect("commit");
                     }
                 })

@@ -289,19 +289,10 @@ impl Spool {
     ) -> Result<(BodyLocation, Bytes), SpoolError> {
         let body_in_file = body.file.is_some();
         let inline = if body_in_file {
-            body.flush_to_file()?;
-            let writer = body.file.take().ok_or(SpoolError::Stopped)?;
+            // The rest of the body and the fsync go to a blocking thread, as every spill does.
             let fsync = self.inner.options.fsync;
-            body.file = tokio::task::spawn_blocking(move || {
-                if fsync {
-                    writer.sync_data()?;
-                }
-                Ok::<_, io::Error>(writer)
-            })
-            .await
-            .map_err(|_| SpoolError::Stopped)?
-            .map(Some)
-            .map_err(SpoolError::classify)?;
+            body.spill(move |file| if fsync { file.sync_data() } else { Ok(()) })
+                .await?;
             Bytes::new()
         } else {
             Bytes::from(std::mem::take(&mut body.buf))
@@ -391,15 +382,16 @@ impl BodyWriter {
         &mut self.buf
     }
 
-    /// Spills the buffer to the body file once it is large enough.
-    pub fn settle(&mut self) -> Result<(), SpoolError> {
+    /// Spills the buffer to the body file once it is large enough. The write runs on a
+    /// blocking thread: a slow disk stalls this message, not the tasks sharing the caller's.
+    pub async fn settle(&mut self) -> Result<(), SpoolError> {
         let threshold = if self.file.is_some() {
             SPILL_CHUNK
         } else {
             self.inline_max
         };
         if self.buf.len() > threshold {
-            self.flush_to_file()?;
+            self.spill(|_| Ok(())).await?;
         }
         Ok(())
     }
@@ -440,21 +432,43 @@ impl BodyWriter {
         self.len() == 0
     }
 
-    fn flush_to_file(&mut self) -> Result<(), SpoolError> {
-        if self.file.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(self.path())
-                .map_err(SpoolError::classify)?;
-            self.file = Some(file);
-        }
-        if let Some(file) = self.file.as_mut() {
-            file.write_all(&self.buf).map_err(SpoolError::classify)?;
-        }
-        self.spilled += self.buf.len() as u64;
-        self.buf.clear();
+    /// Appends the buffer to the body file (created on the first spill), then runs `finish`
+    /// on it, all on a blocking thread. On failure the file is removed: the message is lost
+    /// to its sender's retry, never half-kept.
+    async fn spill(
+        &mut self,
+        finish: impl FnOnce(&File) -> io::Result<()> + Send + 'static,
+    ) -> Result<(), SpoolError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let file = self.file.take();
+        let path = self.path();
+        let n = buf.len() as u64;
+        let written = tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let mut file = match file {
+                    Some(file) => file,
+                    None => OpenOptions::new()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .open(&path)?,
+                };
+                file.write_all(&buf)?;
+                finish(&file)?;
+                Ok::<_, io::Error>(file)
+            })();
+            if result.is_err() {
+                let _ = fs::remove_file(&path);
+            }
+            buf.clear();
+            result.map(|file| (file, buf))
+        })
+        .await
+        .map_err(|_| SpoolError::Stopped)?;
+        let (file, buf) = written.map_err(SpoolError::classify)?;
+        self.file = Some(file);
+        self.buf = buf;
+        self.spilled += n;
         Ok(())
     }
 

@@ -36,7 +36,7 @@ async fn store(spool: &Spool, body: &[u8]) -> Envelope {
     // Feed in pieces, as a session does.
     for chunk in body.chunks(7919) {
         w.buf().extend_from_slice(chunk);
-        w.settle().unwrap();
+        w.settle().await.unwrap();
     }
     spool.commit(&env, w).await.unwrap();
     env
@@ -125,7 +125,7 @@ async fn uncommitted_large_body_leaves_nothing() {
     let env = envelope(&spool, 0);
     let mut w = spool.body_writer(env.id);
     w.buf().resize(1 << 20, b'x');
-    w.settle().unwrap();
+    w.settle().await.unwrap();
     let path = dir.path().join("bodies").join(env.id.to_string());
     assert!(path.exists());
     drop(w); // transaction aborted

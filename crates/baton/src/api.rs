@@ -368,7 +368,7 @@ async fn inject(
             envelope.size = bytes.len() as u64;
             let mut writer = ctx.intake.body_writer(envelope.id);
             writer.buf().extend_from_slice(&bytes);
-            if let Err(e) = writer.settle() {
+            if let Err(e) = writer.settle().await {
                 return (index, Err(e));
             }
             (

@@ -740,7 +740,7 @@ impl Session {
             let (used, outcome) = reader.feed(&self.inbuf, sink);
             self.inbuf.advance(used);
             if spool_error.is_none()
-                && let Err(e) = body.settle()
+                && let Err(e) = body.settle().await
             {
                 spool_error = Some(e);
             }
@@ -825,7 +825,7 @@ impl Session {
                     Some(bare_line_end_in_bdat())
                 } else {
                     bdat.body.buf().extend_from_slice(&chunk);
-                    bdat.body.settle().err().map(|e| spool_reply(&e))
+                    bdat.body.settle().await.err().map(|e| spool_reply(&e))
                 };
             }
             if remaining == 0 {

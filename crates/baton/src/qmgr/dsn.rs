@@ -151,18 +151,21 @@ async fn commit_notices(id: QueueId, job: NoticeJob) -> Vec<Result<Dsn, SpoolErr
     let mut dsns = Vec::with_capacity(built.len());
     for b in built {
         let committed = match b {
-            Ok((envelope, writer, reported)) => {
-                spool
-                    .commit(&envelope, writer)
-                    .await
-                    .map(|(location, body)| Dsn {
-                        message: StoredMessage {
-                            envelope,
-                            body: location,
-                        },
-                        body,
-                        reported,
-                    })
+            Ok((envelope, mut writer, reported)) => {
+                // A large DSN spills to its own body file, as any large message does.
+                let settled = writer.settle().await;
+                let committed = match settled {
+                    Ok(()) => spool.commit(&envelope, writer).await,
+                    Err(e) => Err(e),
+                };
+                committed.map(|(location, body)| Dsn {
+                    message: StoredMessage {
+                        envelope,
+                        body: location,
+                    },
+                    body,
+                    reported,
+                })
             }
             Err(e) => Err(e),
         };
@@ -174,7 +177,7 @@ async fn commit_notices(id: QueueId, job: NoticeJob) -> Vec<Result<Dsn, SpoolErr
 type Built = Result<(Envelope, baton_spool::BodyWriter, Vec<String>), SpoolError>;
 
 /// The DSNs' envelopes and bodies, ready to commit (blocking: reads the original's body if it
-/// is not in memory, and may write a large DSN's body file).
+/// is not in memory).
 fn build_all(id: QueueId, job: NoticeJob) -> Vec<Built> {
     let body = match job.body {
         Some(b) => Ok(b),
@@ -216,7 +219,6 @@ fn build_all(id: QueueId, job: NoticeJob) -> Vec<Built> {
             };
             let mut writer = job.spool.body_writer(dsn_id);
             writer.buf().extend_from_slice(&bytes);
-            writer.settle()?;
             let reported = recipients.iter().map(|r| r.address.clone()).collect();
             Ok((envelope, writer, reported))
         })
