@@ -336,7 +336,7 @@ async fn inject(
     let plan = plan_injection(&ctx, &request)?;
     let client = peer.ip().to_canonical();
     let shared = Shared::from(&request)?;
-    crate::schedule::check_send_at(
+    crate::policy::check_send_at(
         shared.send_at_ms,
         baton_spool::now_ms(),
         &ctx.config.delivery,

@@ -25,7 +25,8 @@ use crate::config::Config;
 use crate::delivery::Services;
 use crate::intake::Intake;
 use crate::qmgr::QueueManager;
-use crate::server::{self, Reception};
+use crate::reception::Reception;
+use crate::server;
 use crate::suppression::Suppressions;
 
 /// Builds everything and serves until `stop` turns true.

@@ -15,6 +15,7 @@ pub mod intake;
 pub mod policy;
 pub mod qmgr;
 pub mod queue;
+pub mod reception;
 pub mod schedule;
 pub mod server;
 pub mod session;

@@ -60,23 +60,6 @@ pub fn requested(head: &[u8]) -> Result<Requested, String> {
     Ok(out)
 }
 
-/// A send-at time must fall before the message expires (`max_age` after it arrived): later,
-/// it could never be tried, only pin the spool until it expired.
-pub fn check_send_at(
-    send_at_ms: u64,
-    arrived_ms: u64,
-    delivery: &crate::config::DeliveryConfig,
-) -> Result<(), String> {
-    let expiry = crate::policy::expiry_ms(delivery, arrived_ms);
-    if send_at_ms < expiry {
-        return Ok(());
-    }
-    Err(format!(
-        "send-at time is past the message's lifetime ([delivery] max_age = {}); it would expire unsent",
-        crate::config::human_duration(delivery.max_age)
-    ))
-}
-
 /// An RFC 3339 or RFC 5322 time, as Unix milliseconds.
 pub fn parse_time(value: &str) -> Option<u64> {
     let ts = value

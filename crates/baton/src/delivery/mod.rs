@@ -3,7 +3,7 @@
 //! each recipient's reply to the queue manager.
 //!
 //! Owns connections and their reuse. It must not change recipient state or the spool; it only
-//! reports outcomes (see [`crate::qmgr`]).
+//! reports outcomes (the queue manager applies them).
 //!
 //! - `queue`: a destination's ready queue and the sources its connections leave from;
 //! - `worker`: the loop over a queue's jobs on a reused connection;

@@ -446,6 +446,23 @@ impl MessageClock {
     }
 }
 
+/// A send-at time must fall before the message expires (`max_age` after it arrived): later,
+/// it could never be tried, only pin the spool until it expired.
+pub fn check_send_at(
+    send_at_ms: u64,
+    arrived_ms: u64,
+    delivery: &crate::config::DeliveryConfig,
+) -> Result<(), String> {
+    let expiry = expiry_ms(delivery, arrived_ms);
+    if send_at_ms < expiry {
+        return Ok(());
+    }
+    Err(format!(
+        "send-at time is past the message's lifetime ([delivery] max_age = {}); it would expire unsent",
+        crate::config::human_duration(delivery.max_age)
+    ))
+}
+
 /// A message's send-at time (0 when none).
 pub fn send_at_ms(meta: Option<u64>) -> u64 {
     meta.unwrap_or(0)

@@ -1,0 +1,173 @@
+//! HELO/EHLO, MAIL FROM and RCPT TO: the envelope, with relay control and the limits on
+//! recipients.
+
+use super::*;
+
+impl Session {
+    pub(super) fn hello(&mut self, host: String, esmtp: bool) -> Reply {
+        self.tx = None;
+        let me = &self.ctx.config.hostname;
+        let reply = if esmtp {
+            let max = self.ctx.config.limits.max_message_size;
+            Reply::new(
+                250,
+                "",
+                format!(
+                    "{me} Hello {} [{}]\nPIPELINING\nSIZE {max}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nDSN\nCHUNKING{}",
+                    printable(&host),
+                    self.peer.ip(),
+                    match (
+                        self.tls.is_some() && !self.stream.is_tls(),
+                        self.is_submission() && self.ctx.users.is_some() && self.auth_allowed(),
+                    ) {
+                        (true, true) => "\nSTARTTLS\nAUTH PLAIN LOGIN",
+                        (true, false) => "\nSTARTTLS",
+                        (false, true) => "\nAUTH PLAIN LOGIN",
+                        (false, false) => "",
+                    }
+                ),
+            )
+        } else {
+            Reply::new(250, "", me.clone())
+        };
+        self.helo = Some((host, esmtp));
+        reply
+    }
+
+    pub(super) fn esmtp(&self) -> bool {
+        matches!(self.helo, Some((_, true)))
+    }
+
+    pub(super) fn mail(&mut self, mail: MailFrom) -> Reply {
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+        }
+        // Submission is for authenticated users (and relay.networks where the listener says so).
+        let trusted = self.trust_networks && self.in_relay_networks();
+        if self.is_submission() && self.auth_user.is_none() && !trusted {
+            return Reply::new(530, "5.7.0", "Authentication required");
+        }
+        if !self.sender_allowed(&mail.address) {
+            return Reply::new(
+                553,
+                "5.7.1",
+                format!(
+                    "<{}>: Sender address rejected: not owned by user {}",
+                    printable(&mail.address),
+                    self.auth_user.as_deref().unwrap_or("")
+                ),
+            );
+        }
+        if let Some(reply) = self.user_rate(&self.ctx.user_messages, "message") {
+            return reply;
+        }
+        let has_params = mail.size.is_some()
+            || mail.body != BodyType::Unspecified
+            || mail.smtputf8
+            || mail.ret.is_some()
+            || mail.envid.is_some();
+        if has_params && !self.esmtp() {
+            return Reply::new(555, "5.5.4", "Error: MAIL parameters require EHLO");
+        }
+        let max = self.ctx.config.limits.max_message_size;
+        if mail.size.is_some_and(|size| size > max) {
+            return Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
+        }
+        self.tx = Some(Transaction {
+            id: self.ctx.intake.next_id(),
+            mail,
+            rcpts: Vec::new(),
+            bdat: None,
+        });
+        Reply::new(250, "2.1.0", "Ok")
+    }
+
+    pub(super) fn rcpt(&mut self, rcpt: RcptTo) -> Reply {
+        let esmtp = self.esmtp();
+        let relay_allowed = self.relay_allowed();
+        let max = self.ctx.config.limits.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        if (rcpt.notify.is_given() || rcpt.orcpt.is_some()) && !esmtp {
+            return Reply::new(555, "5.5.4", "Error: RCPT parameters require EHLO");
+        }
+        if tx.rcpts.len() >= max {
+            self.overshoot = self.overshoot.saturating_add(1);
+            return Reply::new(452, "4.5.3", "Error: too many recipients");
+        }
+        if rcpt.address != "postmaster"
+            && validate_mailbox(&rcpt.address, tx.mail.smtputf8).is_err()
+        {
+            return Reply::new(
+                553,
+                "5.6.7",
+                "Error: non-ASCII recipient address requires SMTPUTF8",
+            );
+        }
+        let local = rcpt.address == "postmaster"
+            || domain_of(&rcpt.address)
+                .is_some_and(|d| self.ctx.config.relay.local_domains.contains(&d));
+        if !local && !relay_allowed {
+            return Reply::new(
+                554,
+                "5.7.1",
+                format!("<{}>: Relay access denied", printable(&rcpt.address)),
+            );
+        }
+        if let Some(reply) = self.unknown_local_user(&rcpt.address) {
+            return reply;
+        }
+        if let Some(reply) = self.user_rate(&self.ctx.user_recipients, "recipient") {
+            return reply;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        tx.rcpts.push(rcpt);
+        Reply::new(250, "2.1.5", "Ok")
+    }
+
+    /// 550 5.1.1 for a recipient at a locally delivered domain with no mailbox. With LMTP and
+    /// no user list, the LMTP server decides.
+    pub(super) fn unknown_local_user(&self, address: &str) -> Option<Reply> {
+        let config = &self.ctx.config;
+        let domain = domain_of(address).unwrap_or_default();
+        let is_local = address == "postmaster" || config.transport_for(&domain) == Transport::Local;
+        if !is_local || (config.local.lmtp.is_some() && config.local.users.is_empty()) {
+            return None;
+        }
+        if config.local_mailbox(address).is_some() {
+            return None;
+        }
+        Some(Reply::new(
+            550,
+            "5.1.1",
+            format!(
+                "<{}>: Recipient address rejected: User unknown in local recipient table",
+                printable(address)
+            ),
+        ))
+    }
+
+    pub(super) fn relay_allowed(&self) -> bool {
+        self.auth_user.is_some() || self.in_relay_networks()
+    }
+
+    pub(super) fn in_relay_networks(&self) -> bool {
+        let ip = self.peer.ip().to_canonical();
+        self.ctx
+            .config
+            .relay
+            .networks
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+}
