@@ -11,8 +11,67 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::{Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// An IP warm-up plan: how many messages a source may send to one destination in each period
+/// (day or hour) since the plan started; after the table, no cap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WarmupPlan {
+    pub caps: Vec<u64>,
+    pub start_ms: u64,
+    pub period: Duration,
+}
+
+impl WarmupPlan {
+    /// A common ramp for a new IP, per destination per day, doubling roughly every day for two
+    /// weeks.
+    pub const BUILTIN: [u64; 14] = [
+        50, 100, 200, 400, 750, 1500, 3000, 6000, 10000, 20000, 35000, 50000, 75000, 100000,
+    ];
+
+    /// The period `now_ms` falls in, its cap (None past the table) and when the next begins.
+    pub(crate) fn period(&self, now_ms: u64) -> (u64, Option<u64>, u64) {
+        let period_ms = self.period.as_millis().max(1) as u64;
+        let index = now_ms.saturating_sub(self.start_ms) / period_ms;
+        let next = self.start_ms + (index + 1) * period_ms;
+        (
+            index,
+            self.caps.get(index as usize).copied(),
+            next.max(now_ms + 1),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct WarmupCount {
+    pub(crate) period: u64,
+    pub(crate) sent: u64,
+}
+
+/// A source's warm-up plan under one rule: what it has sent this period, kept in the ledger
+/// (when there is one) under `key`, so that a restart does not reset it.
+pub struct Warmup {
+    pub(crate) plan: WarmupPlan,
+    pub(crate) count: Mutex<WarmupCount>,
+    pub(crate) key: String,
+    pub(crate) ledger: Option<Arc<Ledger>>,
+}
+
+impl Warmup {
+    pub(crate) fn new(plan: WarmupPlan, key: String, ledger: Option<Arc<Ledger>>) -> Warmup {
+        let (period, _, _) = plan.period(baton_spool::now_ms());
+        let sent = ledger.as_ref().map_or(0, |l| l.sent(&key, period));
+        Warmup {
+            plan,
+            count: Mutex::new(WarmupCount { period, sent }),
+            key,
+            ledger,
+        }
+    }
+}
 
 /// Sent counts by key ("source destination-rule"), for the period each was last counted in.
 pub struct Ledger {

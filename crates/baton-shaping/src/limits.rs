@@ -1,0 +1,274 @@
+//! The state under one rule for one egress source: a connection cap (a semaphore whose permit
+//! a connection holds for its life), connection and message pacing, the adaptive throttle or
+//! suspension a backoff rule set, and the warm-up count.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::later;
+use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
+use crate::warmup::{Warmup, WarmupCount};
+
+/// Successes in a row that undo one halving of a throttled rate.
+pub(crate) const RECOVERY_RUN: u32 = 10;
+/// The rate a throttle cuts when the rule sets none.
+const NOMINAL_RATE: Duration = Duration::from_millis(100);
+
+/// A destination's adaptive state.
+#[derive(Debug, Default)]
+pub(crate) struct Adaptive {
+    pub(crate) suspended_until: Option<Instant>,
+    /// 1.0 = normal; below 1 the message rate is cut.
+    pub(crate) factor: Option<f64>,
+    pub(crate) throttled_until: Option<Instant>,
+    pub(crate) successes: u32,
+}
+
+/// A token bucket holding at most one token: events are spaced evenly, `interval` apart
+/// (a "10/s" rule sends one message every 100 ms, not ten at once).
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    pub(crate) interval: Duration,
+    pub(crate) next: Option<Instant>,
+}
+
+impl Pacer {
+    /// Takes the slot if it is due (the next one is then `interval / factor` later), or says
+    /// when to ask again. Slots are taken when due, never booked ahead, so a rate change
+    /// applies to the very next message.
+    pub(crate) fn try_take(&mut self, now: Instant, factor: f64) -> Result<(), Instant> {
+        match self.next {
+            Some(next) if next > now => Err(next),
+            _ => {
+                self.next = Some(now + self.interval.div_f64(factor.clamp(0.001, 1.0)));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A connection's place under its limits; given back on drop.
+pub struct ConnectionSlot {
+    _permit: Option<OwnedSemaphorePermit>,
+    limits: Arc<Limits>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.limits.closed.notify_waiters();
+    }
+}
+
+/// The live state of one rule (or of one domain under the default rule).
+pub struct Limits {
+    pub rule: ShapingRule,
+    pub(crate) connections: Option<Arc<Semaphore>>,
+    pub(crate) message_pacer: Option<Mutex<Pacer>>,
+    pub(crate) connection_pacer: Option<Mutex<Pacer>>,
+    pub(crate) adaptive: Mutex<Adaptive>,
+    /// A pacer used only while throttled without a configured rate.
+    pub(crate) throttle_pacer: Mutex<Pacer>,
+    /// The source's warm-up plan and what it has sent to this destination this period.
+    pub(crate) warmup: Option<Warmup>,
+    /// Connections open under these limits, and a wake-up for those waiting for one to close.
+    pub(crate) open: std::sync::atomic::AtomicUsize,
+    pub(crate) closed: tokio::sync::Notify,
+    /// The connection count a throttle cuts when the rule sets no cap.
+    pub(crate) nominal_connections: usize,
+}
+
+impl Limits {
+    pub(crate) fn new(
+        rule: ShapingRule,
+        warmup: Option<Warmup>,
+        nominal_connections: usize,
+    ) -> Limits {
+        let pacer = |r: Option<Rate>| {
+            r.map(|r| {
+                Mutex::new(Pacer {
+                    interval: r.interval(),
+                    next: None,
+                })
+            })
+        };
+        Limits {
+            connections: rule.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            message_pacer: pacer(rule.max_message_rate),
+            connection_pacer: pacer(rule.max_connection_rate),
+            rule,
+            adaptive: Mutex::default(),
+            throttle_pacer: Mutex::new(Pacer {
+                interval: NOMINAL_RATE,
+                next: None,
+            }),
+            warmup,
+            open: Default::default(),
+            closed: tokio::sync::Notify::new(),
+            nominal_connections,
+        }
+    }
+
+    /// Counts a transaction's recipients against the warm-up cap, or says when the next period
+    /// starts (ms since the epoch) and what the cap was, if this period's cap is reached.
+    pub fn warmup_take(&self, now_ms: u64, recipients: u64) -> Result<(), (u64, u64)> {
+        let Some(w) = &self.warmup else {
+            return Ok(());
+        };
+        let (period, cap, next) = w.plan.period(now_ms);
+        let Some(cap) = cap else { return Ok(()) };
+        let mut count = w.count.lock().unwrap_or_else(|e| e.into_inner());
+        if count.period != period {
+            *count = WarmupCount { period, sent: 0 };
+        }
+        if count.sent >= cap {
+            return Err((next, cap));
+        }
+        // Recipients, not transactions, are what a provider counts; a transaction that
+        // crosses the cap goes whole (at most one transaction's recipients over it).
+        count.sent = count.sent.saturating_add(recipients);
+        if let Some(ledger) = &w.ledger {
+            ledger.record(&w.key, period, recipients);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn adaptive(&self) -> std::sync::MutexGuard<'_, Adaptive> {
+        self.adaptive.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Until when the destination is suspended, if it is.
+    pub fn suspended_until(&self) -> Option<Instant> {
+        let mut a = self.adaptive();
+        match a.suspended_until {
+            Some(t) if t > Instant::now() => Some(t),
+            _ => {
+                a.suspended_until = None;
+                None
+            }
+        }
+    }
+
+    /// The destination pushed back and `rule` matched: returns what changed, for the log.
+    pub fn pushback(&self, rule: &BackoffRule) -> String {
+        let mut a = self.adaptive();
+        a.successes = 0;
+        match rule.action {
+            BackoffAction::Suspend => {
+                a.suspended_until = Some(later(rule.duration));
+                format!(
+                    "suspended for {}",
+                    baton_units::human_duration(rule.duration)
+                )
+            }
+            BackoffAction::Throttle { factor } => {
+                let f = (a.factor.unwrap_or(1.0) * factor).max(0.001);
+                a.factor = Some(f);
+                a.throttled_until = Some(later(rule.duration));
+                format!(
+                    "message rate and connections cut to {:.0}% for {}",
+                    f * 100.0,
+                    baton_units::human_duration(rule.duration)
+                )
+            }
+        }
+    }
+
+    /// A delivery went through: a throttled rate recovers one step per run of successes, and
+    /// fully once its time is up. Returns what changed, if anything.
+    pub fn success(&self) -> Option<String> {
+        let mut a = self.adaptive();
+        let f = a.factor?;
+        if a.throttled_until.is_some_and(|t| t <= Instant::now()) {
+            *a = Adaptive::default();
+            return Some("throttle expired: normal rate".into());
+        }
+        a.successes += 1;
+        if a.successes < RECOVERY_RUN {
+            return None;
+        }
+        a.successes = 0;
+        let up = f * 2.0;
+        if up >= 1.0 {
+            *a = Adaptive::default();
+            Some("recovered: normal rate".into())
+        } else {
+            a.factor = Some(up);
+            Some(format!(
+                "recovering: message rate and connections at {:.0}%",
+                up * 100.0
+            ))
+        }
+    }
+
+    /// Waits for a connection slot (cap, throttled cap, rate); the slot is held while
+    /// connected and given back when dropped.
+    pub async fn connection(self: &Arc<Self>) -> ConnectionSlot {
+        let permit = match &self.connections {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        // While throttled, the connection cap is cut by the same factor.
+        loop {
+            let limit = self.adaptive().factor.map(|f| {
+                ((self
+                    .rule
+                    .max_connections
+                    .unwrap_or(self.nominal_connections) as f64
+                    * f)
+                    .ceil() as usize)
+                    .max(1)
+            });
+            let open = self.open.load(std::sync::atomic::Ordering::Relaxed);
+            match limit {
+                Some(limit) if open >= limit => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), self.closed.notified()).await;
+                }
+                _ => break,
+            }
+        }
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(pacer) = &self.connection_pacer {
+            loop {
+                let taken = pacer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_take(Instant::now(), 1.0);
+                match taken {
+                    Ok(()) => break,
+                    Err(at) => tokio::time::sleep_until(at).await,
+                }
+            }
+        }
+        ConnectionSlot {
+            _permit: permit,
+            limits: self.clone(),
+        }
+    }
+
+    /// Waits until the message rate (cut while throttled) allows one more message.
+    pub async fn message(&self) {
+        loop {
+            let factor = self.adaptive().factor;
+            let pacer = match (factor, &self.message_pacer) {
+                (None, None) => return,
+                (None, Some(p)) | (Some(_), Some(p)) => p,
+                (Some(_), None) => &self.throttle_pacer,
+            };
+            let taken = pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_take(Instant::now(), factor.unwrap_or(1.0));
+            match taken {
+                Ok(()) => return,
+                Err(at) => tokio::time::sleep_until(at).await,
+            }
+        }
+    }
+}
