@@ -1,6 +1,7 @@
 //! Where mail goes and how it leaves: `[dns]`, `[delivery]`, `[local]` and `[[route]]`.
 //!
-//! Owns their checks and defaults, smarthost syntax and the TLS settings of routes.
+//! Owns their checks and defaults, smarthost syntax and the TLS settings of routes. The CA file
+//! is only recorded (for `Config::check_files`), never opened here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::files::ConfigFile;
 use super::raw::{RawDelivery, RawDns, RawLocal, RawRoute};
 use super::validate::Validator;
 use super::{
@@ -58,16 +60,10 @@ impl Validator<'_> {
         let tls = self
             .tls_mode(raw.tls.as_ref())
             .unwrap_or(TlsMode::Opportunistic);
-        let tls_ca_file = raw.tls_ca_file.and_then(|f| {
+        let tls_ca_file = raw.tls_ca_file.map(|f| {
             let path = PathBuf::from(f.get_ref());
-            match baton_tls::trust::load_roots(&path) {
-                Ok(_) => Some(path),
-                Err(why) => self.error(
-                    f.span(),
-                    why,
-                    "tls_ca_file is a PEM file of CA certificates",
-                ),
-            }
+            self.file(f.span(), ConfigFile::CaFile(path.clone()));
+            path
         });
         let mta_sts_port = self.port(
             raw.mta_sts_port,

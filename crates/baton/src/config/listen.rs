@@ -1,10 +1,12 @@
 //! The receiving side's sections: `[[listener]]`, `[relay]`, `[limits]` and `[spool]`.
 //!
-//! Owns their checks and defaults.
+//! Owns their checks and defaults. A listener's certificate and key are only recorded (for
+//! `Config::check_files`), never opened here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use super::files::ConfigFile;
 use super::raw::{RawLimits, RawListener, RawRelay, RawSpool};
 use super::validate::{Validator, parse_network};
 use super::{DEFAULT_LISTEN, Limits, ListenerConfig, RelayConfig, Role, SpoolConfig};
@@ -51,15 +53,16 @@ impl Validator<'_> {
         };
         let tls = match (&raw.tls_cert, &raw.tls_key) {
             (Some(cert), Some(key)) => {
-                let paths = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
-                match baton_tls::server::check(&paths.0, &paths.1) {
-                    Ok(()) => Some(paths),
-                    Err(why) => self.error(
-                        cert.span(),
-                        why,
-                        "tls_cert is the PEM chain (server certificate first), tls_key its PEM private key",
-                    ),
-                }
+                let (cert_path, key_path) =
+                    (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
+                self.file(
+                    cert.span(),
+                    ConfigFile::ListenerTls {
+                        cert: cert_path.clone(),
+                        key: key_path.clone(),
+                    },
+                );
+                Some((cert_path, key_path))
             }
             (None, None) => None,
             (Some(k), None) | (None, Some(k)) => self.error(

@@ -6,13 +6,16 @@
 //! The files here:
 //! - `mod.rs`: the validated [`Config`], its sections that are the binary's own, the lookups
 //!   on it (`transport_for`, `route_tls`, `pool_for`, `local_mailbox`) and the entry points
-//!   [`Config::parse`], [`Config::load`] and [`Config::defaults`].
+//!   [`Config::parse`] (text only, no file I/O), [`Config::load`] and [`Config::defaults`].
 //! - `error.rs`: [`ConfigError`] and [`ConfigErrors`], the report an operator reads.
 //! - `raw.rs`: the file as TOML gives it (`Raw*` structs with positions); no checks.
 //! - `validate.rs`: the validator's core (positions to lines, error collection, the order of
 //!   the sections, shared value parsers); `listen.rs` (listeners, relay, limits, spool),
 //!   `delivery.rs` (dns, delivery, local, routes), `shaping.rs` (shaping, sources, pools,
 //!   backoff) and `services.rs` (submission, dkim, http, webhooks) validate the sections.
+//!   None of them reads a file.
+//! - `files.rs`: [`Config::check_files`], the only code here that opens the certificates, keys
+//!   and CA file the config names.
 //!
 //! Section types owned by other crates are re-exported from here; this module must not hold
 //! runtime state or start anything.
@@ -32,6 +35,7 @@ pub use baton_units::{human_duration, parse_duration, parse_size};
 
 mod delivery;
 mod error;
+mod files;
 mod listen;
 mod raw;
 mod services;
@@ -41,6 +45,7 @@ mod tests;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use files::{ConfigFile, NamedFile};
 
 /// What a listener is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +149,9 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     pub webhooks: Vec<WebhookConfig>,
     pub dkim: Vec<DkimConfig>,
+    /// The certificates, keys and CA file named above, each with the line naming it: read by
+    /// [`Config::check_files`], never by parsing.
+    pub files: Vec<NamedFile>,
 }
 
 /// A DKIM signing key for a domain.
@@ -370,6 +378,8 @@ impl Config {
         }
     }
 
+    /// Reads, parses and validates a config file, then checks the files it names
+    /// ([`Config::check_files`]): every problem of both steps, in the order of the sections.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let in_file = |errors| ConfigErrors {
             path: Some(path.to_path_buf()),
@@ -383,9 +393,17 @@ impl Config {
                 hint: Some("check the path given to --config".into()),
             }])
         })?;
-        Config::parse(&text).map_err(in_file)
+        let (config, errors) = validate::validate(&text).map_err(in_file)?;
+        let errors = files::with_file_problems(errors, &config.files);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(in_file(errors))
+        }
     }
 
+    /// Parses and validates config text. Opens no file: the certificates and keys it names
+    /// are in [`Config::files`], for [`Config::check_files`].
     pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         let (config, errors) = validate::validate(text)?;
         if errors.is_empty() {

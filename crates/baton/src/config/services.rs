@@ -1,7 +1,8 @@
 //! The services around the mail flow: `[submission]`, `[[dkim]]`, `[http]` and `[[webhook]]`
 //! (`[inbound]` is one switch, read in `validate.rs`).
 //!
-//! Owns their checks and defaults.
+//! Owns their checks and defaults. DKIM keys and the users file are only named here: the keys
+//! are recorded for `Config::check_files`, the users file is read by AUTH when it is used.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::files::ConfigFile;
 use super::raw::{RawDkim, RawHttp, RawSubmission, RawWebhook};
 use super::validate::Validator;
 use super::{DkimConfig, HttpConfig, SenderPolicy, SubmissionConfig, WebhookConfig};
@@ -31,7 +33,8 @@ impl Validator<'_> {
         }
     }
 
-    /// `[submission]`, its sender policy already checked (its errors come before DKIM's).
+    /// `[submission]`: its sender policy is checked before `[[dkim]]`, its rates here, after
+    /// the webhooks (the order its errors have always had).
     pub(super) fn submission(
         &mut self,
         raw: RawSubmission,
@@ -47,19 +50,20 @@ impl Validator<'_> {
     }
 
     pub(super) fn dkim(&mut self, raw: RawDkim) -> Option<DkimConfig> {
-        let path = PathBuf::from(raw.key.get_ref());
-        match crate::dkim::DkimKey::load(raw.domain.get_ref(), raw.selector.get_ref(), &path) {
-            Ok(_) => Some(DkimConfig {
-                domain: raw.domain.get_ref().to_ascii_lowercase(),
-                selector: raw.selector.into_inner(),
-                key: path,
-            }),
-            Err(why) => self.error(
-                raw.key.span(),
-                why,
-                "make one with `baton dkim keygen DOMAIN SELECTOR`",
-            ),
-        }
+        let config = DkimConfig {
+            domain: raw.domain.get_ref().to_ascii_lowercase(),
+            selector: raw.selector.into_inner(),
+            key: PathBuf::from(raw.key.get_ref()),
+        };
+        self.file(
+            raw.key.span(),
+            ConfigFile::DkimKey {
+                domain: config.domain.clone(),
+                selector: config.selector.clone(),
+                key: config.key.clone(),
+            },
+        );
+        Some(config)
     }
 
     pub(super) fn webhook(&mut self, raw: RawWebhook) -> Option<WebhookConfig> {

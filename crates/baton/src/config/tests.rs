@@ -96,3 +96,71 @@ fn unknown_key_and_syntax_errors() {
     let e = Config::parse("hostname = \n").unwrap_err();
     assert_eq!(e[0].line, 1);
 }
+
+/// A listener with a certificate, a CA file and a DKIM key, none of which exist.
+const MISSING_FILES: &str = "[[listener]]\naddress = \"127.0.0.1:2465\"\nrole = \"submissions\"\n\
+    tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+    [delivery]\ntls_ca_file = \"/nonexistent/ca.pem\"\n\
+    [[dkim]]\ndomain = \"X.test\"\nselector = \"k\"\nkey = \"/nonexistent/dkim.key\"\n";
+
+#[test]
+fn parsing_opens_no_file_and_check_files_reports_each_at_its_line() {
+    let c = Config::parse(MISSING_FILES).unwrap();
+    assert_eq!(
+        c.listeners[0].tls,
+        Some((
+            PathBuf::from("/nonexistent/cert.pem"),
+            PathBuf::from("/nonexistent/key.pem")
+        ))
+    );
+    assert_eq!(
+        c.delivery.tls_ca_file.as_deref(),
+        Some(std::path::Path::new("/nonexistent/ca.pem"))
+    );
+    assert_eq!(c.dkim[0].domain, "x.test");
+    let errors = c.check_files().unwrap_err();
+    let at: Vec<(usize, usize)> = errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(at, [(4, 12), (7, 15), (11, 7)], "{errors:?}");
+    for (error, file) in errors.iter().zip(["cert.pem", "ca.pem", "dkim.key"]) {
+        assert!(
+            error
+                .message
+                .starts_with(&format!("cannot read /nonexistent/{file}: ")),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some("tls_cert is the PEM chain (server certificate first), tls_key its PEM private key")
+    );
+    assert_eq!(
+        errors[1].hint.as_deref(),
+        Some("tls_ca_file is a PEM file of CA certificates")
+    );
+    assert_eq!(
+        errors[2].hint.as_deref(),
+        Some("make one with `baton dkim keygen DOMAIN SELECTOR`")
+    );
+    assert!(Config::defaults().check_files().is_ok());
+}
+
+#[test]
+fn load_reports_file_problems_among_the_others_in_section_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // As before the file checks moved out of validation: within a section, in the order its
+    // keys are checked (a listener's certificate before its trust_networks, the CA file
+    // before mta_sts_port), and section after section.
+    let text = "[[listener]]\naddress = \"127.0.0.1:2465\"\ntrust_networks = true\nrole = \"mx\"\n\
+        tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+        [delivery]\nmta_sts_port = 0\ntls_ca_file = \"/nonexistent/ca.pem\"\n\
+        [[dkim]]\ndomain = \"x.test\"\nselector = \"k\"\nkey = \"/nonexistent/dkim.key\"\n\
+        [[webhook]]\nurl = \"ftp://x\"\nsecret = \"0123456789abcdef\"\n";
+    std::fs::write(&path, text).unwrap();
+    let validation = Config::parse(text).unwrap_err();
+    let loaded = Config::load(&path).unwrap_err();
+    assert_eq!(loaded.path.as_deref(), Some(path.as_path()));
+    let lines = |errors: &[ConfigError]| errors.iter().map(|e| e.line).collect::<Vec<_>>();
+    assert_eq!(lines(&validation), [3, 8, 15], "{validation:?}");
+    assert_eq!(lines(&loaded.errors), [5, 3, 9, 8, 13, 15], "{loaded}");
+}

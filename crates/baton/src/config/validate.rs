@@ -4,6 +4,9 @@
 //! first), the order sections are validated in (which is the order errors are reported in),
 //! and the value parsers every section shares: counts, durations, sizes, rates, TLS modes.
 //! The sections themselves live in `listen.rs`, `delivery.rs`, `shaping.rs` and `services.rs`.
+//!
+//! It must not read any file: a file the config names is only recorded, with its position, in
+//! [`Config::files`] for [`Config::check_files`] (`files.rs`) to read.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use baton_shaping::Rate;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::files::{ConfigFile, NamedFile};
 use super::raw::{Quantity, RawConfig};
 use super::{Config, ConfigError, InboundConfig, TlsMode};
 
@@ -24,6 +28,7 @@ pub(super) fn validate(text: &str) -> Result<(Config, Vec<ConfigError>), Vec<Con
     let mut v = Validator {
         text,
         errors: Vec::new(),
+        files: Vec::new(),
     };
     let config = v.config(raw);
     Ok((config, v.errors))
@@ -60,6 +65,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub(super) struct Validator<'a> {
     text: &'a str,
     pub(super) errors: Vec<ConfigError>,
+    /// The files named so far, each with the number of errors before it.
+    files: Vec<NamedFile>,
 }
 
 impl Validator<'_> {
@@ -88,6 +95,13 @@ impl Validator<'_> {
             message,
             hint: Some(hint.into()),
         });
+    }
+
+    /// Records a file named at `span`, for [`Config::check_files`] to read.
+    pub(super) fn file(&mut self, span: Range<usize>, file: ConfigFile) {
+        let (line, column) = line_col(self.text, span.start);
+        self.files
+            .push(NamedFile::new(file, line, column, self.errors.len()));
     }
 
     /// Validates each raw table of an array, keeping the valid ones.
@@ -146,6 +160,7 @@ impl Validator<'_> {
             delivery,
             local,
             routes,
+            files: std::mem::take(&mut self.files),
         }
     }
 
