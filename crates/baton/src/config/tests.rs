@@ -1,0 +1,166 @@
+use super::*;
+
+#[test]
+fn webhook_events_are_event_kinds() {
+    let hook = |events: &str| {
+        Config::parse(&format!(
+            "[[webhook]]\nurl = \"https://crm.example.com/hook\"\nsecret = \"0123456789abcdef\"\nevents = {events}\n"
+        ))
+    };
+    let c = hook(r#"["delivery", "transient_failure", "operator"]"#).unwrap();
+    use baton_events::EventKind;
+    assert_eq!(
+        c.webhooks[0].events,
+        [
+            EventKind::Delivery,
+            EventKind::TransientFailure,
+            EventKind::Operator
+        ]
+    );
+    let errors = hook(r#"["delivery", "bounced"]"#).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].message, "unknown event type \"bounced\"");
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some(
+            "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, \
+             bounce_dropped, shaping, deleted, held, suppression, operator"
+        )
+    );
+}
+
+#[test]
+fn defaults_are_loopback_mx_relay() {
+    let c = Config::defaults();
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].address.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.listeners[0].role, Role::Mx);
+    assert!(
+        c.relay
+            .networks
+            .iter()
+            .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()))
+    );
+    assert_eq!(c.data_dir, PathBuf::from("./baton-data"));
+    assert_eq!(c.limits.max_recipients, 100);
+    assert!(c.spool.fsync);
+}
+
+#[test]
+fn full_config() {
+    let c = Config::parse(
+        r#"
+hostname = "mx.example.com"
+data_dir = "/var/spool/baton"
+[[listener]]
+address = "127.0.0.1:25"
+role = "mx"
+[[listener]]
+address = "[::1]:587"
+role = "submission"
+[relay]
+local_domains = ["Example.com"]
+networks = ["10.0.0.0/8", "192.0.2.7"]
+[limits]
+max_message_size = "10MB"
+idle_timeout = "5m"
+data_timeout = 60
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.hostname, "mx.example.com");
+    assert_eq!(c.listeners[1].role, Role::Submission);
+    assert_eq!(c.relay.local_domains, vec!["example.com"]);
+    assert_eq!(c.relay.networks.len(), 2);
+    assert_eq!(c.limits.max_message_size, 10_000_000);
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.limits.data_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn every_semantic_error_is_reported_with_its_line() {
+    let errors = Config::parse(
+        "hostname = \"bad host\"\n[[listener]]\naddress = \"nowhere\"\nrole = \"smtp\"\n[relay]\nnetworks = [\"10.0.0.0/33\"]\n[limits]\nidle_timeout = \"5 parsecs\"\n",
+    )
+    .unwrap_err();
+    let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, vec![1, 3, 4, 6, 8], "{errors:?}");
+    assert!(errors.iter().all(|e| e.hint.is_some()));
+}
+
+#[test]
+fn unknown_key_and_syntax_errors() {
+    let e = Config::parse("hostname = \"a.b\"\n[limits]\nmax_recipient = 5\n").unwrap_err();
+    assert_eq!(e[0].line, 3);
+    assert!(e[0].message.contains("max_recipient"), "{}", e[0].message);
+    let e = Config::parse("hostname = \n").unwrap_err();
+    assert_eq!(e[0].line, 1);
+}
+
+/// A listener with a certificate, a CA file and a DKIM key, none of which exist.
+const MISSING_FILES: &str = "[[listener]]\naddress = \"127.0.0.1:2465\"\nrole = \"submissions\"\n\
+    tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+    [delivery]\ntls_ca_file = \"/nonexistent/ca.pem\"\n\
+    [[dkim]]\ndomain = \"X.test\"\nselector = \"k\"\nkey = \"/nonexistent/dkim.key\"\n";
+
+#[test]
+fn parsing_opens_no_file_and_check_files_reports_each_at_its_line() {
+    let c = Config::parse(MISSING_FILES).unwrap();
+    assert_eq!(
+        c.listeners[0].tls,
+        Some((
+            PathBuf::from("/nonexistent/cert.pem"),
+            PathBuf::from("/nonexistent/key.pem")
+        ))
+    );
+    assert_eq!(
+        c.delivery.tls_ca_file.as_deref(),
+        Some(std::path::Path::new("/nonexistent/ca.pem"))
+    );
+    assert_eq!(c.dkim[0].domain, "x.test");
+    let errors = c.check_files().unwrap_err();
+    let at: Vec<(usize, usize)> = errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(at, [(4, 12), (7, 15), (11, 7)], "{errors:?}");
+    for (error, file) in errors.iter().zip(["cert.pem", "ca.pem", "dkim.key"]) {
+        assert!(
+            error
+                .message
+                .starts_with(&format!("cannot read /nonexistent/{file}: ")),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some("tls_cert is the PEM chain (server certificate first), tls_key its PEM private key")
+    );
+    assert_eq!(
+        errors[1].hint.as_deref(),
+        Some("tls_ca_file is a PEM file of CA certificates")
+    );
+    assert_eq!(
+        errors[2].hint.as_deref(),
+        Some("make one with `baton dkim keygen DOMAIN SELECTOR`")
+    );
+    assert!(Config::defaults().check_files().is_ok());
+}
+
+#[test]
+fn load_reports_file_problems_among_the_others_in_section_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // As before the file checks moved out of validation: within a section, in the order its
+    // keys are checked (a listener's certificate before its trust_networks, the CA file
+    // before mta_sts_port), and section after section.
+    let text = "[[listener]]\naddress = \"127.0.0.1:2465\"\ntrust_networks = true\nrole = \"mx\"\n\
+        tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+        [delivery]\nmta_sts_port = 0\ntls_ca_file = \"/nonexistent/ca.pem\"\n\
+        [[dkim]]\ndomain = \"x.test\"\nselector = \"k\"\nkey = \"/nonexistent/dkim.key\"\n\
+        [[webhook]]\nurl = \"ftp://x\"\nsecret = \"0123456789abcdef\"\n";
+    std::fs::write(&path, text).unwrap();
+    let validation = Config::parse(text).unwrap_err();
+    let loaded = Config::load(&path).unwrap_err();
+    assert_eq!(loaded.path.as_deref(), Some(path.as_path()));
+    let lines = |errors: &[ConfigError]| errors.iter().map(|e| e.line).collect::<Vec<_>>();
+    assert_eq!(lines(&validation), [3, 8, 15], "{validation:?}");
+    assert_eq!(lines(&loaded.errors), [5, 3, 9, 8, 13, 15], "{loaded}");
+}
