@@ -2,8 +2,10 @@
 //! the implicit MX (A/AAAA of the domain itself, RFC 5321 §5.1), null MX (RFC 7505), and
 //! which DNS failures are permanent (NXDOMAIN) and which are not (SERVFAIL, timeouts).
 //!
-//! Answers are cached by hickory-resolver for their TTL. Owns name resolution only; it must
-//! not open SMTP connections.
+//! Answers are cached by hickory-resolver for their TTL; TLSA records come with whether the
+//! resolver validated them (DANE). [`mta_sts`] fetches and caches recipient domains' MTA-STS
+//! policies. Owns name resolution and those policies; it must not open SMTP connections or
+//! decide what a policy means for one (delivery does).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

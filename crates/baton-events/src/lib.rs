@@ -4,7 +4,8 @@
 //! Producers call [`Events::emit`], which never blocks or wakes anyone; a writer thread wakes
 //! every 20 ms, appends whatever arrived in one write, and fdatasyncs at most once a second (an
 //! event is safe from a process crash within 20 ms, from a power cut within a second). Owns
-//! that file only; it must not decide anything about mail.
+//! that file, the webhooks' offsets and the metrics registry; it must not decide anything
+//! about mail.
 //!
 //! - `writer`: the log file and the thread that appends to it;
 //! - `read`: queries over the log (events, a message's history, statistics);

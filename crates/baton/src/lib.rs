@@ -1,5 +1,9 @@
-//! Baton, a mail transfer agent. The data flows listener → session → spool → queue manager →
-//! delivery → events; each stage is a module here, and `main.rs` is only the command line.
+//! Baton, a mail transfer agent. The data flows listener → session → intake → spool → queue
+//! manager → delivery → events. The lower crates (units, smtp, spool, tls, dns, client,
+//! shaping, events) hold the parts that stand alone; this crate holds the receiving side
+//! (`server`, `reception`, `session`, `intake`), the queue side (`qmgr`, `policy`, `bounce`,
+//! `suppression`, `schedule`), delivery, the operator's control plane and HTTP API, the
+//! configuration, and the composition root (`app`). `main.rs` is only the command line.
 //! See docs/ARCHITECTURE.md for how the pieces fit.
 
 pub mod api;
