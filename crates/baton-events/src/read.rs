@@ -153,14 +153,6 @@ pub fn stats(
     until: Option<jiff::Timestamp>,
     by: &str,
 ) -> serde_json::Value {
-    #[derive(Default)]
-    struct Group {
-        delivered: u64,
-        deferred: u64,
-        bounced: u64,
-        expired: u64,
-        latencies: Vec<u64>,
-    }
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // Message id → (campaign, tenant), from reception events.
     let mut tags: std::collections::HashMap<String, (String, String)> = Default::default();
@@ -181,19 +173,17 @@ pub fn stats(
             );
             continue;
         }
-        if !matches!(
+        let counted = matches!(
             kind,
             EventKind::Delivery
                 | EventKind::TransientFailure
                 | EventKind::Bounce
                 | EventKind::Expiration
-        ) {
-            continue;
-        }
+        );
         let at = field("timestamp").parse::<jiff::Timestamp>().ok();
         let in_range = since.is_none_or(|s| at.is_some_and(|t| t >= s))
             && until.is_none_or(|u| at.is_some_and(|t| t < u));
-        if !in_range {
+        if !counted || !in_range {
             continue;
         }
         let (campaign, tenant) = tags.get(field("message_id")).cloned().unwrap_or_default();
@@ -207,43 +197,66 @@ pub fn stats(
                 .unwrap_or_default(),
         };
         let latency = event.get("latency_ms").and_then(|v| v.as_u64());
-        for g in [groups.entry(key).or_default(), &mut total] {
-            match kind {
-                EventKind::Delivery => {
-                    g.delivered += 1;
-                    g.latencies.extend(latency);
-                }
-                EventKind::TransientFailure => g.deferred += 1,
-                EventKind::Bounce => g.bounced += 1,
-                _ => g.expired += 1,
-            }
-        }
+        groups.entry(key).or_default().count(kind, latency);
+        total.count(kind, latency);
     }
-    let render = |g: &mut Group| {
-        g.latencies.sort_unstable();
-        let pct = |p: f64| -> Option<u64> {
-            let n = g.latencies.len();
-            (n > 0).then(|| g.latencies[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
-        };
-        let finished = g.delivered + g.bounced + g.expired;
-        serde_json::json!({
-            "delivered": g.delivered,
-            "deferred": g.deferred,
-            "bounced": g.bounced,
-            "expired": g.expired,
-            "bounce_rate": if finished > 0 { (g.bounced + g.expired) as f64 / finished as f64 } else { 0.0 },
-            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
-        })
-    };
     let groups: Vec<serde_json::Value> = groups
         .iter_mut()
         .map(|(key, g)| {
-            let mut v = render(g);
+            let mut v = g.render();
             v["key"] = serde_json::Value::String(key.clone());
             v
         })
         .collect();
-    serde_json::json!({"by": by, "total": render(&mut total), "groups": groups})
+    serde_json::json!({"by": by, "total": total.render(), "groups": groups})
+}
+
+/// One row of the statistics.
+#[derive(Default)]
+struct Group {
+    delivered: u64,
+    deferred: u64,
+    bounced: u64,
+    expired: u64,
+    latencies: Vec<u64>,
+}
+
+impl Group {
+    fn count(&mut self, kind: EventKind, latency: Option<u64>) {
+        match kind {
+            EventKind::Delivery => {
+                self.delivered += 1;
+                self.latencies.extend(latency);
+            }
+            EventKind::TransientFailure => self.deferred += 1,
+            EventKind::Bounce => self.bounced += 1,
+            _ => self.expired += 1,
+        }
+    }
+
+    fn render(&mut self) -> serde_json::Value {
+        self.latencies.sort_unstable();
+        let latencies = &self.latencies;
+        let pct = |p: f64| -> Option<u64> {
+            let n = latencies.len();
+            (n > 0).then(|| latencies[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
+        };
+        let finished = self.delivered + self.bounced + self.expired;
+        let failed = self.bounced + self.expired;
+        let bounce_rate = if finished > 0 {
+            failed as f64 / finished as f64
+        } else {
+            0.0
+        };
+        serde_json::json!({
+            "delivered": self.delivered,
+            "deferred": self.deferred,
+            "bounced": self.bounced,
+            "expired": self.expired,
+            "bounce_rate": bounce_rate,
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+        })
+    }
 }
 
 /// An RFC 3339 time, or a span back from now ("90s", "30m", "24h", "7d").

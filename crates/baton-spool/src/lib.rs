@@ -128,66 +128,24 @@ impl Spool {
         fs::create_dir_all(&bodies_dir)?;
         journal::sync_dir(dir)?;
 
-        let mut recovery = Recovery::default();
         let segments = journal::list_segments(&journal_dir)?;
-        let mut live: HashMap<QueueId, (StoredMessage, u64)> = HashMap::new();
-        let mut tail = None;
-        for (i, &number) in segments.iter().enumerate() {
-            let path = journal::segment_path(&journal_dir, number);
-            let journal::Scan {
-                records,
-                valid_len: valid,
-                file_len,
-                current,
-            } = journal::scan_segment(&path, number)?;
-            if file_len > valid {
-                if i + 1 == segments.len() {
-                    recovery.truncated_bytes = file_len - valid;
-                } else {
-                    tracing::error!(
-                        segment = %path.display(),
-                        bad_bytes = file_len - valid,
-                        "corrupt record in a sealed journal segment; records after it are skipped"
-                    );
-                }
-            }
-            apply_records(&mut live, records, number);
-            if i + 1 == segments.len() {
-                tail = Some((number, valid, file_len, current));
-            }
-        }
+        let (live, tail, truncated_bytes) = replay(&journal_dir, &segments)?;
         let mut segment_live: BTreeMap<u64, usize> = segments.iter().map(|&n| (n, 0)).collect();
         let mut live_index = HashMap::with_capacity(live.len());
         for (id, (message, segment)) in &live {
             *segment_live.entry(*segment).or_default() += 1;
             live_index.insert(*id, (*segment, message.body == BodyLocation::File));
         }
+        let mut recovery = Recovery {
+            truncated_bytes,
+            ..Recovery::default()
+        };
         recovery.messages = live.into_values().map(|(m, _)| m).collect();
         recovery.messages.sort_by_key(|m| m.envelope.id);
         recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &recovery.messages)?;
 
-        let active = match tail {
-            // A segment with no valid header gets the current one; an older format's is left
-            // as it is (see journal.rs).
-            Some((number, valid, file_len, current))
-                if valid < options.segment_size && (current || valid == 0) =>
-            {
-                journal::ActiveSegment::reopen(&journal_dir, number, valid, file_len)?
-            }
-            Some((number, valid, file_len, _)) => {
-                // Cut any torn tail before moving on to a fresh segment.
-                drop(journal::ActiveSegment::reopen(
-                    &journal_dir,
-                    number,
-                    valid,
-                    file_len,
-                )?);
-                journal::ActiveSegment::create(&journal_dir, number + 1, options.fsync)?
-            }
-            None => journal::ActiveSegment::create(&journal_dir, 1, options.fsync)?,
-        };
+        let active = active_segment(&journal_dir, tail, &options)?;
         segment_live.entry(active.number).or_insert(0);
-
         let last_id = recovery
             .messages
             .iter()
@@ -483,6 +441,76 @@ impl Drop for BodyWriter {
             let _ = fs::remove_file(self.path());
         }
     }
+}
+
+/// Live messages (and the segment each was last written in) after replaying every segment
+/// in order; the last segment as found (number, valid length, file length, current format);
+/// and the torn bytes at its end.
+type Replayed = (
+    HashMap<QueueId, (StoredMessage, u64)>,
+    Option<(u64, u64, u64, bool)>,
+    u64,
+);
+
+fn replay(journal_dir: &Path, segments: &[u64]) -> Result<Replayed, SpoolError> {
+    let mut live: HashMap<QueueId, (StoredMessage, u64)> = HashMap::new();
+    let mut tail = None;
+    let mut truncated = 0;
+    for (i, &number) in segments.iter().enumerate() {
+        let path = journal::segment_path(journal_dir, number);
+        let journal::Scan {
+            records,
+            valid_len: valid,
+            file_len,
+            current,
+        } = journal::scan_segment(&path, number)?;
+        let last = i + 1 == segments.len();
+        if file_len > valid {
+            if last {
+                truncated = file_len - valid;
+            } else {
+                tracing::error!(
+                    segment = %path.display(),
+                    bad_bytes = file_len - valid,
+                    "corrupt record in a sealed journal segment; records after it are skipped"
+                );
+            }
+        }
+        apply_records(&mut live, records, number);
+        if last {
+            tail = Some((number, valid, file_len, current));
+        }
+    }
+    Ok((live, tail, truncated))
+}
+
+/// The segment to append to: the last one if it has room and is of the current format (its
+/// torn tail cut), else a fresh one after it.
+fn active_segment(
+    journal_dir: &Path,
+    tail: Option<(u64, u64, u64, bool)>,
+    options: &SpoolOptions,
+) -> Result<journal::ActiveSegment, SpoolError> {
+    Ok(match tail {
+        // A segment with no valid header gets the current one; an older format's is left as
+        // it is (see journal.rs).
+        Some((number, valid, file_len, current))
+            if valid < options.segment_size && (current || valid == 0) =>
+        {
+            journal::ActiveSegment::reopen(journal_dir, number, valid, file_len)?
+        }
+        Some((number, valid, file_len, _)) => {
+            // Cut any torn tail before moving on to a fresh segment.
+            drop(journal::ActiveSegment::reopen(
+                journal_dir,
+                number,
+                valid,
+                file_len,
+            )?);
+            journal::ActiveSegment::create(journal_dir, number + 1, options.fsync)?
+        }
+        None => journal::ActiveSegment::create(journal_dir, 1, options.fsync)?,
+    })
 }
 
 fn read_body_at(dir: &Path, id: QueueId, location: BodyLocation) -> io::Result<Vec<u8>> {

@@ -23,63 +23,17 @@ impl Session {
         let Some(users) = self.ctx.users.clone().filter(|_| self.is_submission()) else {
             return Ok(Reply::new(502, "5.5.1", "Error: AUTH not available here"));
         };
-        if self.auth_user.is_some() {
-            return Ok(Reply::new(503, "5.5.1", "Error: already authenticated"));
-        }
-        if self.tx.is_some() {
-            return Ok(Reply::new(
-                503,
-                "5.5.1",
-                "Error: AUTH not allowed in a mail transaction",
-            ));
-        }
-        if !self.auth_allowed() {
-            return Ok(Reply::new(
-                538,
-                "5.7.11",
-                "Encryption required for requested authentication mechanism",
-            ));
-        }
-        let ip = self.peer.ip().to_canonical();
-        if self.ctx.auth_failures.blocked(ip) {
-            return Ok(Reply::new(
-                454,
-                "4.7.0",
-                "Too many failed authentications from your address; try again later",
-            ));
+        if let Some(refusal) = self.auth_refused_now() {
+            return Ok(refusal);
         }
         let initial = if initial == "=" {
             String::new()
         } else {
             initial
         };
-        let credentials = match mechanism {
-            AuthMechanism::Plain => {
-                let response = match initial.is_empty() {
-                    true => match self.challenge("").await? {
-                        Some(r) => r,
-                        None => return Ok(cancelled()),
-                    },
-                    false => initial,
-                };
-                crate::auth::decode_plain(&response)
-            }
-            AuthMechanism::Login => {
-                let user = match initial.is_empty() {
-                    true => match self.challenge("VXNlcm5hbWU6").await? {
-                        Some(r) => r,
-                        None => return Ok(cancelled()),
-                    },
-                    false => initial,
-                };
-                let Some(password) = self.challenge("UGFzc3dvcmQ6").await? else {
-                    return Ok(cancelled());
-                };
-                crate::auth::decode_b64_text(&user).zip(crate::auth::decode_b64_text(&password))
-            }
-            AuthMechanism::Other => {
-                return Ok(Reply::new(504, "5.5.4", "Unrecognized authentication type"));
-            }
+        let credentials = match self.credentials(mechanism, initial).await? {
+            Ok(credentials) => credentials,
+            Err(reply) => return Ok(reply),
         };
         let Some((user, password)) = credentials else {
             return Ok(Reply::new(
@@ -97,13 +51,87 @@ impl Session {
             self.auth_user = Some(user.to_ascii_lowercase());
             Ok(Reply::new(235, "2.7.0", "Authentication successful"))
         } else {
-            self.ctx.auth_failures.failed(ip);
+            self.ctx.auth_failures.failed(self.peer.ip().to_canonical());
             tracing::warn!(client = %self.peer, user = %printable(&user), "authentication failed");
             Ok(Reply::new(
                 535,
                 "5.7.8",
                 "Authentication credentials invalid",
             ))
+        }
+    }
+
+    /// Why AUTH cannot start now (already authenticated, inside a transaction, no TLS, too
+    /// many failures from this address), if it cannot.
+    fn auth_refused_now(&self) -> Option<Reply> {
+        if self.auth_user.is_some() {
+            return Some(Reply::new(503, "5.5.1", "Error: already authenticated"));
+        }
+        if self.tx.is_some() {
+            return Some(Reply::new(
+                503,
+                "5.5.1",
+                "Error: AUTH not allowed in a mail transaction",
+            ));
+        }
+        if !self.auth_allowed() {
+            return Some(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if self
+            .ctx
+            .auth_failures
+            .blocked(self.peer.ip().to_canonical())
+        {
+            return Some(Reply::new(
+                454,
+                "4.7.0",
+                "Too many failed authentications from your address; try again later",
+            ));
+        }
+        None
+    }
+
+    /// The user name and password the client gives under `mechanism` (None when they do not
+    /// decode), or the reply that ends the exchange (cancelled, unknown mechanism).
+    async fn credentials(
+        &mut self,
+        mechanism: AuthMechanism,
+        initial: String,
+    ) -> Result<Result<Option<(String, String)>, Reply>, Close> {
+        match mechanism {
+            AuthMechanism::Plain => {
+                let response = match initial.is_empty() {
+                    true => match self.challenge("").await? {
+                        Some(r) => r,
+                        None => return Ok(Err(cancelled())),
+                    },
+                    false => initial,
+                };
+                Ok(Ok(crate::auth::decode_plain(&response)))
+            }
+            AuthMechanism::Login => {
+                let user = match initial.is_empty() {
+                    true => match self.challenge("VXNlcm5hbWU6").await? {
+                        Some(r) => r,
+                        None => return Ok(Err(cancelled())),
+                    },
+                    false => initial,
+                };
+                let Some(password) = self.challenge("UGFzc3dvcmQ6").await? else {
+                    return Ok(Err(cancelled()));
+                };
+                let decode = crate::auth::decode_b64_text;
+                Ok(Ok(decode(&user).zip(decode(&password))))
+            }
+            AuthMechanism::Other => Ok(Err(Reply::new(
+                504,
+                "5.5.4",
+                "Unrecognized authentication type",
+            ))),
         }
     }
 
