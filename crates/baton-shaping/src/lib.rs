@@ -19,11 +19,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod limits;
+mod operator;
 pub mod ratelimit;
 mod rules;
 pub mod warmup;
 
 pub use limits::{ConnectionSlot, Limits};
+pub use operator::Suspendable;
 pub use rules::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
 pub use warmup::{Warmup, WarmupPlan};
 
