@@ -1,6 +1,6 @@
 //! Every parser of text from operators, API callers and remote peers that is not SMTP itself:
-//! time spans, times, rates, durations, sizes, queue ids, delivery windows, scheduling
-//! headers, envelope addresses, greylisting hints, MTA-STS policies. Any input gets an answer
+//! time spans, times, rates, durations, sizes, queue ids, operator targets, delivery windows,
+//! scheduling headers, envelope addresses, greylisting hints, MTA-STS policies. Any input gets an answer
 //! or a refusal, never a panic; what is accepted is sane.
 #![no_main]
 
@@ -24,7 +24,10 @@ fuzz_target!(|text: &str| {
     if let Some(bytes) = parse_size(text) {
         assert!(bytes > 0);
     }
-    let _ = baton::qmgr::suspension_seconds(text.parse().ok());
+    if let Ok(length) = baton::operator::SuspendFor::new(text.parse().ok()) {
+        assert!((1..=baton::operator::MAX_SUSPENSION_SECS).contains(&length.seconds()));
+    }
+    operator_targets(text);
     if let Some(wait) = baton::policy::retry::greylist_hint(text) {
         assert!(wait.as_secs() > 0);
     }
@@ -38,3 +41,19 @@ fuzz_target!(|text: &str| {
         }
     }
 });
+
+/// Operator targets: whatever the text, a destination keeps the operator's words, and a
+/// suspension's key is their lower case.
+fn operator_targets(text: &str) {
+    use baton::operator::{OperatorCommand, Target, Written};
+    let written = Written::destination(text);
+    assert_eq!(written.text, text);
+    if let Ok(what) = written.target.suspendable() {
+        assert_eq!(what.key(), text.to_ascii_lowercase());
+    }
+    if let Ok(target) = Target::domain_or_message(text) {
+        assert!(!text.is_empty() && !text.contains(':'), "{target:?}");
+    }
+    let _ = Target::message_or_all(text);
+    let _ = OperatorCommand::stats(Some(text), Some(text), text);
+}

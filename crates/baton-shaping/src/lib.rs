@@ -19,11 +19,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod limits;
+mod operator;
 pub mod ratelimit;
 mod rules;
 pub mod warmup;
 
 pub use limits::{ConnectionSlot, Limits};
+pub use operator::Suspendable;
 pub use rules::{BackoffAction, BackoffRule, Matcher, Rate, ShapingRule};
 pub use warmup::{Warmup, WarmupPlan};
 
@@ -57,8 +59,8 @@ pub struct Shaper {
     /// `[delivery] max_connections_per_destination`: what a throttle cuts when no rule caps.
     nominal_connections: usize,
     backoff: Vec<BackoffRule>,
-    /// Operator suspensions: a domain or "pool:NAME", until when.
-    operator: Mutex<HashMap<String, Instant>>,
+    /// Operator suspensions: of a domain, a pool or a tenant, until when.
+    operator: operator::Suspensions,
     /// Which live states each domain has used (for `explain`).
     by_domain: Mutex<HashMap<String, Vec<Arc<Limits>>>>,
     default: ShapingRule,
@@ -91,7 +93,7 @@ impl Shaper {
             rules,
             nominal_connections,
             backoff,
-            operator: Mutex::default(),
+            operator: Default::default(),
             by_domain: Mutex::default(),
             default,
             states: Mutex::default(),
@@ -105,72 +107,35 @@ impl Shaper {
         self
     }
 
-    /// Suspends a domain (or "pool:NAME") by the operator's word.
-    pub fn operator_suspend(&self, destination: &str, for_: Duration) {
-        self.operator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(destination.to_ascii_lowercase(), later(for_));
+    /// Suspends a domain, pool or tenant by the operator's word.
+    pub fn operator_suspend(&self, what: &Suspendable, for_: Duration) {
+        self.operator.suspend(what.key(), later(for_));
     }
 
     /// The operator's suspensions as (key, until in ms since the epoch), for saving.
     pub fn operator_snapshot(&self) -> Vec<(String, u64)> {
-        let now = Instant::now();
-        let now_ms = baton_spool::now_ms();
-        self.operator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, t)| **t > now)
-            .map(|(k, t)| {
-                let left = u64::try_from((*t - now).as_millis()).unwrap_or(u64::MAX);
-                (k.clone(), now_ms.saturating_add(left))
-            })
-            .collect()
+        self.operator.snapshot()
     }
 
     /// Restores suspensions saved by [`Shaper::operator_snapshot`].
     pub fn operator_restore(&self, saved: Vec<(String, u64)>) {
-        let now_ms = baton_spool::now_ms();
-        for (key, until) in saved {
-            if until > now_ms {
-                self.operator_suspend(&key, Duration::from_millis(until - now_ms));
-            }
-        }
+        self.operator.restore(saved);
     }
 
-    pub fn operator_resume(&self, destination: &str) {
-        self.operator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&destination.to_ascii_lowercase());
+    pub fn operator_resume(&self, what: &Suspendable) {
+        self.operator.resume(&what.key());
     }
 
-    /// Until when the operator suspended `key` ("tenant:acme", a domain, "pool:bulk").
-    pub fn operator_suspended_key(&self, key: &str) -> Option<Instant> {
-        let now = Instant::now();
-        self.operator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key.to_ascii_lowercase())
-            .copied()
-            .filter(|&t| t > now)
+    /// Until when the operator suspended `what`, if they did.
+    pub fn operator_suspension(&self, what: &Suspendable) -> Option<Instant> {
+        self.operator.until(&what.key())
     }
 
     /// Until when the operator suspended `domain` or `pool`, if they did.
     pub fn operator_suspended(&self, domain: &str, pool: Option<&str>) -> Option<Instant> {
-        let now = Instant::now();
-        let map = self.operator.lock().unwrap_or_else(|e| e.into_inner());
-        let by_domain = map.get(&domain.to_ascii_lowercase()).copied();
-        let by_pool = pool.and_then(|p| {
-            map.get(&format!("pool:{}", p.to_ascii_lowercase()))
-                .copied()
-        });
-        [by_domain, by_pool]
-            .into_iter()
-            .flatten()
-            .filter(|&t| t > now)
-            .max()
+        let by_domain = self.operator_suspension(&Suspendable::Domain(domain.into()));
+        let by_pool = pool.and_then(|p| self.operator_suspension(&Suspendable::Pool(p.into())));
+        by_domain.into_iter().chain(by_pool).max()
     }
 
     /// What shaping currently does to `domain`, for `baton queue explain`.

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::config::HttpConfig;
 use crate::intake::Intake;
-use crate::qmgr::Control;
+use crate::operator::{ControlError, OperatorCommand};
 
 /// The OpenAPI description of these routes (a test checks it against the router).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -847,14 +847,12 @@ async fn message(
     let qid: QueueId = id
         .parse()
         .map_err(|_| bad_request(format!("{id:?} is not a message id")))?;
-    let live = ctx
+    if let Ok(live) = ctx
         .queue
-        .control(Control::Explain {
-            id: qid.to_string(),
-        })
-        .await;
-    if live.get("error").is_none() {
-        return Ok(Json(live));
+        .control(OperatorCommand::Explain { id: qid })
+        .await
+    {
+        return Ok(Json(live.to_json()));
     }
     // Gone from the queue: every recipient reached a final state; the event log says which.
     ctx.events.written().await;
@@ -873,7 +871,10 @@ async fn message(
 }
 
 async fn queue_summary(State(ctx): State<Arc<Context>>) -> Json<Value> {
-    Json(ctx.queue.control(Control::Summary).await)
+    match ctx.queue.control(OperatorCommand::Summary).await {
+        Ok(summary) => Json(summary.to_json()),
+        Err(e) => Json(e.to_json()),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -891,37 +892,38 @@ async fn queue_action(
     request: Result<Json<QueueAction>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request)?;
+    let command = queue_command(&action, request)?;
+    match ctx.queue.control(command).await {
+        Ok(reply) => Ok(Json(reply.to_json())),
+        Err(refused) => Err(bad_request(refused.error)),
+    }
+}
+
+/// The command `POST /api/v1/queue/{action}` asks for.
+fn queue_command(action: &str, request: QueueAction) -> Result<OperatorCommand, ApiError> {
     let need = |d: Option<String>| {
         d.filter(|d| !d.is_empty())
             .ok_or_else(|| bad_request(format!("{action} needs a destination")))
     };
-    let control = match action.as_str() {
-        "suspend" => Control::Suspend {
-            destination: need(request.destination)?,
-            seconds: request.seconds,
-        },
-        "resume" => Control::Resume {
-            destination: need(request.destination)?,
-        },
-        "bounce" => Control::Bounce {
-            destination: need(request.destination)?,
-        },
-        "delete" => Control::Delete {
-            destination: need(request.destination)?,
-        },
-        "flush" => Control::Flush {
-            destination: request.destination,
-        },
+    let refused = |e: ControlError| bad_request(e.error);
+    Ok(match action {
+        "suspend" => OperatorCommand::suspend(&need(request.destination)?, request.seconds)
+            .map_err(refused)?,
+        "resume" => OperatorCommand::resume(&need(request.destination)?),
+        "bounce" => OperatorCommand::bounce(&need(request.destination)?).map_err(refused)?,
+        "delete" => OperatorCommand::delete(&need(request.destination)?).map_err(refused)?,
+        "flush" => OperatorCommand::flush(request.destination.as_deref()),
         "hold" | "release" => {
             let id = request
                 .id
                 .filter(|i| !i.is_empty())
                 .ok_or_else(|| bad_request(format!("{action} needs an id (or \"ALL\")")))?;
             if action == "hold" {
-                Control::Hold { id }
+                OperatorCommand::hold(&id)
             } else {
-                Control::Release { id }
+                OperatorCommand::release(&id)
             }
+            .map_err(refused)?
         }
         other => {
             return Err(ApiError(
@@ -931,12 +933,7 @@ async fn queue_action(
                 ),
             ));
         }
-    };
-    let answer = ctx.queue.control(control).await;
-    match answer.get("error").and_then(|e| e.as_str()) {
-        Some(e) => Err(bad_request(e)),
-        None => Ok(Json(answer)),
-    }
+    })
 }
 
 #[derive(Deserialize, Default)]

@@ -1,18 +1,22 @@
 //! The control socket: `data_dir/control.sock`, one JSON request per line and one JSON answer
 //! per line, for the operator commands (`baton suspend`, `baton queue explain`, ...).
 //!
-//! Owns the socket and the wire format only; the queue manager does the work. The socket is
+//! Owns the socket and its wire only: a request is an [`OperatorCommand`]'s serde JSON, an
+//! answer is the [`Reply`]'s JSON (as the API returns it) or `{"error": "..."}`. The queue
+//! manager does the work, except for `stats`, answered here from the event log. The socket is
 //! created with mode 0600: whoever may use it may bounce mail.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-use crate::qmgr::{Control, QueueHandle};
+use crate::operator::{Answer, ControlError, OperatorCommand, Reply, StatsQuery};
+use crate::qmgr::QueueHandle;
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
@@ -34,16 +38,17 @@ pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let answer = match serde_json::from_str::<serde_json::Value>(&line) {
+                    let answer = match serde_json::from_str::<OperatorCommand>(&line) {
                         // Statistics come from the event log, not the queue manager.
-                        Ok(request) if request["cmd"] == "stats" => stats(&events, &request).await,
-                        Ok(request) => match serde_json::from_value::<Control>(request) {
-                            Ok(request) => queue.control(request).await,
-                            Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
-                        },
-                        Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
+                        Ok(OperatorCommand::Stats(query)) => stats(&events, query).await,
+                        Ok(command) => queue.control(command).await,
+                        Err(e) => Err(ControlError::new(format!("bad request: {e}"))),
                     };
-                    let mut out = answer.to_string();
+                    let mut out = match answer {
+                        Ok(reply) => serde_json::to_string(&reply),
+                        Err(refused) => serde_json::to_string(&refused),
+                    }
+                    .unwrap_or_else(|e| ControlError::new(e.to_string()).to_json().to_string());
                     out.push('\n');
                     if write.write_all(out.as_bytes()).await.is_err() {
                         break;
@@ -55,53 +60,51 @@ pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends one request to a running server and returns its answer.
-pub fn request(data_dir: &Path, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    let path = socket_path(data_dir);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the server at {} (is `baton serve` running with this config?)",
-            path.display()
-        )
-    })?;
-    let mut line = request.to_string();
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    let waiting = Waiting::start();
-    BufReader::new(stream).read_line(&mut answer)?;
-    drop(waiting);
-    let value: serde_json::Value =
-        serde_json::from_str(&answer).context("the server's answer is not JSON")?;
-    if let Some(e) = value.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("{e}");
-    }
-    Ok(value)
+/// A connection to a running server's control socket.
+pub struct Client {
+    stream: UnixStream,
 }
 
-/// `{"cmd": "stats", "since": ..., "until": ..., "by": ...}`.
-async fn stats(events: &Path, request: &serde_json::Value) -> serde_json::Value {
-    let time = |name: &str| -> Result<Option<jiff::Timestamp>, String> {
-        match request.get(name).and_then(|v| v.as_str()) {
-            None => Ok(None),
-            Some(text) => baton_events::parse_since(text).map(Some).ok_or_else(|| {
-                format!("{name} {text:?} is not an RFC 3339 time or a span like 24h")
-            }),
+impl Client {
+    /// Connects to the server that keeps its data in `data_dir`.
+    pub fn connect(data_dir: &Path) -> anyhow::Result<Client> {
+        let path = socket_path(data_dir);
+        let stream = UnixStream::connect(&path).with_context(|| {
+            format!(
+                "cannot reach the server at {} (is `baton serve` running with this config?)",
+                path.display()
+            )
+        })?;
+        Ok(Client { stream })
+    }
+
+    /// Sends `command` and returns the server's answer; a refusal is an error with the
+    /// server's words.
+    pub fn ask(mut self, command: &OperatorCommand) -> anyhow::Result<Reply> {
+        let mut line = serde_json::to_string(command)?;
+        line.push('\n');
+        self.stream.write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        let waiting = Waiting::start();
+        BufReader::new(self.stream).read_line(&mut answer)?;
+        drop(waiting);
+        let value: serde_json::Value =
+            serde_json::from_str(&answer).context("the server's answer is not JSON")?;
+        if let Some(e) = value.get("error").and_then(|e| e.as_str()) {
+            anyhow::bail!("{e}");
         }
-    };
-    let (since, until) = match (time("since"), time("until")) {
-        (Ok(s), Ok(u)) => (s, u),
-        (Err(e), _) | (_, Err(e)) => return serde_json::json!({"error": e}),
-    };
-    let by = request
-        .get("by")
-        .and_then(|v| v.as_str())
-        .unwrap_or("destination")
-        .to_string();
+        Reply::decode(command, value).context("the server's answer does not fit the request")
+    }
+}
+
+/// `stats`, from the event log.
+async fn stats(events: &Path, query: StatsQuery) -> Answer {
     let path = events.to_path_buf();
+    let StatsQuery { since, until, by } = query;
     tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
         .await
-        .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+        .map(Reply::Stats)
+        .map_err(|e| ControlError::new(e.to_string()))
 }
 
 /// While a request runs longer than a second (bouncing a large queue, say), shows how long it

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod inbound_auth;
 pub mod intake;
+pub mod operator;
 pub mod policy;
 pub mod qmgr;
 pub mod queue;

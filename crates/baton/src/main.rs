@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use tokio::sync::watch;
 
 use baton::config::Config;
+use baton::operator::{ControlError, OperatorCommand, Reply};
 use baton::{app, auth, config, control, dkim, queue};
 
 #[derive(Parser)]
@@ -188,11 +188,11 @@ fn main() -> ExitCode {
             json,
             config,
         } => load_config(config.as_deref()).and_then(|c| {
-            let answer = control::request(
-                &c.data_dir,
-                json!({"cmd": "stats", "since": since, "until": until, "by": by}),
-            )?;
-            queue::print_stats(&answer, json)
+            let command = || OperatorCommand::stats(Some(&since), until.as_deref(), &by);
+            match ask(&c, command)? {
+                Reply::Stats(answer) => queue::print_stats(&answer, json),
+                other => print(&other),
+            }
         }),
         Cmd::Events {
             config,
@@ -219,18 +219,7 @@ fn main() -> ExitCode {
             destination,
             duration,
             config,
-        } => load_config(config.as_deref()).and_then(|c| {
-            let seconds = match duration {
-                Some(d) => Some(config::parse_duration(&d).ok_or_else(|| {
-                    anyhow::anyhow!("--for {d:?}: write a duration such as 30m, 2h or 1d")
-                })?),
-                None => None,
-            };
-            ask(
-                &c,
-                json!({"cmd": "suspend", "destination": destination, "seconds": seconds}),
-            )
-        }),
+        } => load_config(config.as_deref()).and_then(|c| suspend(&c, &destination, duration)),
         Cmd::Dkim {
             command:
                 DkimCmd::Keygen {
@@ -247,8 +236,10 @@ fn main() -> ExitCode {
         Cmd::Resume {
             destination,
             config,
-        } => load_config(config.as_deref())
-            .and_then(|c| ask(&c, json!({"cmd": "resume", "destination": destination}))),
+        } => load_config(config.as_deref()).and_then(|c| {
+            let reply = ask(&c, || Ok(OperatorCommand::resume(&destination)))?;
+            print(&reply)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -260,44 +251,60 @@ fn main() -> ExitCode {
 }
 
 fn queue_command(c: &Config, command: QueueCmd) -> anyhow::Result<()> {
-    match command {
-        QueueCmd::List { json } => queue::list(&c.data_dir, json),
-        QueueCmd::Show { id, json, body } => queue::show(&c.data_dir, &id, json, body),
+    let reply = match command {
+        QueueCmd::List { json } => return queue::list(&c.data_dir, json),
+        QueueCmd::Show { id, json, body } => return queue::show(&c.data_dir, &id, json, body),
         QueueCmd::Explain {
             id,
             destination,
             json,
-        } => match (id, destination) {
-            (_, Some(d)) => {
-                let answer = control::request(
-                    &c.data_dir,
-                    json!({"cmd": "explain_destination", "destination": d}),
-                )?;
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-                Ok(())
-            }
-            (Some(id), None) => {
-                let answer = control::request(&c.data_dir, json!({"cmd": "explain", "id": id}))?;
-                queue::print_explain(&answer, json)
-            }
-            (None, None) => anyhow::bail!("give a queue id or --destination DOMAIN"),
+        } => return explain(c, id, destination, json),
+        QueueCmd::Bounce { destination } => ask(c, || OperatorCommand::bounce(&destination))?,
+        QueueCmd::Delete { destination } => ask(c, || OperatorCommand::delete(&destination))?,
+        QueueCmd::Rebind { from, to } => ask(c, || Ok(OperatorCommand::Rebind { from, to }))?,
+        QueueCmd::Summary { json } => match ask(c, || Ok(OperatorCommand::Summary))? {
+            Reply::Summary(summary) => return queue::print_summary(&summary, json),
+            other => other,
         },
-        QueueCmd::Bounce { destination } => {
-            ask(c, json!({"cmd": "bounce", "destination": destination}))
-        }
-        QueueCmd::Delete { destination } => {
-            ask(c, json!({"cmd": "delete", "destination": destination}))
-        }
-        QueueCmd::Rebind { from, to } => ask(c, json!({"cmd": "rebind", "from": from, "to": to})),
-        QueueCmd::Summary { json } => {
-            let answer = control::request(&c.data_dir, json!({"cmd": "summary"}))?;
-            queue::print_summary(&answer, json)
-        }
         QueueCmd::Flush { destination } => {
-            ask(c, json!({"cmd": "flush", "destination": destination}))
+            ask(c, || Ok(OperatorCommand::flush(destination.as_deref())))?
         }
-        QueueCmd::Hold { id } => ask(c, json!({"cmd": "hold", "id": id})),
-        QueueCmd::Release { id } => ask(c, json!({"cmd": "release", "id": id})),
+        QueueCmd::Hold { id } => ask(c, || OperatorCommand::hold(&id))?,
+        QueueCmd::Release { id } => ask(c, || OperatorCommand::release(&id))?,
+    };
+    print(&reply)
+}
+
+/// `baton suspend DESTINATION [--for DURATION]`.
+fn suspend(c: &Config, destination: &str, duration: Option<String>) -> anyhow::Result<()> {
+    let seconds = match duration {
+        Some(d) => Some(config::parse_duration(&d).ok_or_else(|| {
+            anyhow::anyhow!("--for {d:?}: write a duration such as 30m, 2h or 1d")
+        })?),
+        None => None,
+    };
+    let reply = ask(c, || OperatorCommand::suspend(destination, seconds))?;
+    print(&reply)
+}
+
+/// `baton queue explain`: a message, or a destination domain.
+fn explain(
+    c: &Config,
+    id: Option<String>,
+    destination: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    match (id, destination) {
+        (_, Some(domain)) => {
+            let reply = ask(c, || Ok(OperatorCommand::ExplainDestination { domain }))?;
+            println!("{}", serde_json::to_string_pretty(&reply.to_json())?);
+            Ok(())
+        }
+        (Some(id), None) => match ask(c, || OperatorCommand::explain(&id))? {
+            Reply::Explain(explained) => queue::print_explain(&explained, json),
+            other => print(&other),
+        },
+        (None, None) => anyhow::bail!("give a queue id or --destination DOMAIN"),
     }
 }
 
@@ -340,9 +347,20 @@ fn add_user(c: &Config, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends an operator request to the running server and prints its answer.
-fn ask(c: &Config, request: serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", control::request(&c.data_dir, request)?);
+/// Asks the running server: connects first (no server, no other complaint), then reads the
+/// operator's words into the command and sends it.
+fn ask(
+    c: &Config,
+    command: impl FnOnce() -> Result<OperatorCommand, ControlError>,
+) -> anyhow::Result<Reply> {
+    let client = control::Client::connect(&c.data_dir)?;
+    let command = command()?;
+    client.ask(&command)
+}
+
+/// Prints an answer as one line of JSON.
+fn print(reply: &Reply) -> anyhow::Result<()> {
+    println!("{}", reply.to_json());
     Ok(())
 }
 

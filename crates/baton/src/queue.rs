@@ -1,4 +1,5 @@
-//! `baton queue list|show`: what is in the spool, read straight from its files.
+//! `baton queue list|show`: what is in the spool, read straight from its files; and how the
+//! CLI prints the running server's answers (explain, summary, stats).
 //!
 //! Read-only: safe while a server runs (a record being written is simply not shown yet).
 
@@ -8,6 +9,8 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use baton_spool::{BodyLocation, QueueId, Spool, StoredMessage};
 use serde_json::json;
+
+use crate::operator::{MessageExplained, Summary};
 
 fn spool_dir(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("spool")
@@ -147,35 +150,34 @@ pub fn show(data_dir: &Path, id: &str, as_json: bool, body: bool) -> anyhow::Res
 }
 
 /// Prints the server's answer to `explain`.
-pub fn print_explain(answer: &serde_json::Value, as_json: bool) -> anyhow::Result<()> {
+pub fn print_explain(answer: &MessageExplained, as_json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if as_json {
-        writeln!(out, "{}", serde_json::to_string_pretty(answer)?)?;
+        // Through a JSON value: keys sorted, as the answer always printed.
+        let json = serde_json::to_value(answer)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{}  from {}",
-        answer["id"].as_str().unwrap_or(""),
-        answer["sender"]
-    )?;
-    for r in answer["recipients"].as_array().into_iter().flatten() {
+    // The sender as JSON shows it: in quotes, escaped.
+    let sender = serde_json::Value::from(answer.sender.as_str());
+    writeln!(out, "{}  from {sender}", answer.id)?;
+    for r in &answer.recipients {
         writeln!(
             out,
             "  {}  {}  (attempts {}, destination {}{})",
-            r["email"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            r["attempts"],
-            r["destination"].as_str().unwrap_or(""),
-            r["pool"]
-                .as_str()
+            r.email,
+            r.state,
+            r.attempts,
+            r.destination,
+            r.pool
+                .as_ref()
                 .map(|p| format!(", pool {p}"))
                 .unwrap_or_default()
         )?;
-        for reason in r["reasons"].as_array().into_iter().flatten() {
-            writeln!(out, "    - {}", reason.as_str().unwrap_or(""))?;
+        for reason in &r.reasons {
+            writeln!(out, "    - {reason}")?;
         }
-        let shaping = &r["shaping"];
+        let shaping = &r.shaping;
         if let Some(s) = shaping["operator_suspended_for_s"].as_u64() {
             writeln!(out, "    - suspended by the operator for {s} s more")?;
         }
@@ -187,9 +189,10 @@ pub fn print_explain(answer: &serde_json::Value, as_json: bool) -> anyhow::Resul
 }
 
 /// `baton queue summary`: a table of waiting recipients by destination and pool.
-pub fn print_summary(answer: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+pub fn print_summary(answer: &Summary, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(answer)?);
+        let json = serde_json::to_value(answer)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
     let now = baton_spool::now_ms();
@@ -197,29 +200,24 @@ pub fn print_summary(answer: &serde_json::Value, json: bool) -> anyhow::Result<(
         "{:<40} {:<12} {:>8} {:>8} {:>7} {:>6} {:>10}",
         "DESTINATION", "POOL", "QUEUED", "DEFERRED", "ACTIVE", "HELD", "OLDEST"
     );
-    let rows = answer["destinations"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for d in &rows {
-        let oldest = d["oldest_ms"]
-            .as_u64()
-            .map(|ms| now.saturating_sub(ms) / 1000);
+    for d in &answer.destinations {
+        let oldest = now.saturating_sub(d.oldest_ms) / 1000;
+        let c = d.counts;
         println!(
             "{:<40} {:<12} {:>8} {:>8} {:>7} {:>6} {:>9}s",
-            d["destination"].as_str().unwrap_or(""),
-            d["pool"].as_str().unwrap_or("-"),
-            d["queued"],
-            d["deferred"],
-            d["active"],
-            d["held"],
-            oldest.unwrap_or(0)
+            d.destination,
+            d.pool.as_deref().unwrap_or("-"),
+            c.queued,
+            c.deferred,
+            c.active,
+            c.held,
+            oldest
         );
     }
-    let r = &answer["recipients"];
+    let r = answer.recipients;
     println!(
         "-- {} messages; recipients: {} queued, {} deferred, {} active, {} held",
-        answer["messages"], r["queued"], r["deferred"], r["active"], r["held"]
+        answer.messages, r.queued, r.deferred, r.active, r.held
     );
     Ok(())
 }

@@ -166,8 +166,8 @@ impl Worker {
         let Some(tenant) = &job.message.tenant else {
             return false;
         };
-        let key = format!("tenant:{tenant}");
-        let Some(until) = self.ctx.shaper.operator_suspended_key(&key) else {
+        let key = baton_shaping::Suspendable::Tenant(tenant.clone());
+        let Some(until) = self.ctx.shaper.operator_suspension(&key) else {
             return false;
         };
         let failure = ConnectFailure::suspended(&self.dest.key, until, BY_OPERATOR);

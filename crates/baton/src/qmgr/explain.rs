@@ -1,29 +1,57 @@
-//! What the queue holds and why: summary, explain, explain-destination. Read-only: answers
-//! from the queue's state and the shaper's, changes nothing.
+//! What the queue holds and why: summary, explain, explain-destination, as typed replies.
+//! Read-only: answers from the queue's state and the shaper's, changes nothing.
 
+use std::collections::BTreeMap;
+
+use baton_shaping::Suspendable;
 use baton_spool::{QueueId, now_ms};
 
-use super::{QueueManager, domain_of};
+use super::{QueueManager, Queued, domain_of};
 use crate::delivery::Destination;
+use crate::operator::{
+    ControlError, Counts, DestinationExplained, MessageExplained, RecipientExplained, Summary,
+    SummaryRow,
+};
+
+/// A summary row before it is shown: its counts and oldest arrival.
+#[derive(Default)]
+struct Row {
+    counts: Counts,
+    oldest_ms: u64,
+}
 
 impl QueueManager {
     /// Waiting recipients by (destination, pool): how many queued, deferred and out with a
     /// worker, and the oldest arrival.
-    pub(super) fn summary(&self) -> serde_json::Value {
-        use serde_json::json;
-        use std::collections::BTreeMap;
-        #[derive(Default, serde::Serialize)]
-        struct Row {
-            queued: usize,
-            deferred: usize,
-            active: usize,
-            held: usize,
-            oldest_ms: u64,
+    pub(super) fn summary(&self) -> Summary {
+        let rows = self.summary_rows();
+        let mut recipients = Counts::default();
+        let destinations = rows
+            .into_iter()
+            .map(|((destination, pool), row)| {
+                recipients += row.counts;
+                let shaping = (!destination.contains(['[', ':', ' ']) && destination != "local")
+                    .then(|| self.delivery.shaper.state_word(&destination));
+                SummaryRow {
+                    shaping,
+                    destination,
+                    pool: (!pool.is_empty()).then_some(pool),
+                    counts: row.counts,
+                    oldest_ms: row.oldest_ms,
+                }
+            })
+            .collect();
+        Summary {
+            messages: self.messages.len(),
+            recipients,
+            destinations,
         }
+    }
+
+    /// The waiting recipients counted by (destination, pool).
+    fn summary_rows(&self) -> BTreeMap<(String, String), Row> {
         let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
-        let mut messages = 0;
         for q in self.messages.values() {
-            messages += 1;
             let pool = self
                 .config
                 .pool_for(&q.envelope)
@@ -36,51 +64,26 @@ impl QueueManager {
                 let domain = domain_of(&r.address);
                 let dest = Destination::for_domain(&self.config, domain).to_string();
                 let row = rows.entry((dest, pool.clone())).or_default();
+                let counts = &mut row.counts;
                 if q.in_flight[i] {
-                    row.active += 1;
+                    counts.active += 1;
                 } else if q.envelope.meta.hold {
-                    row.held += 1;
+                    counts.held += 1;
                 } else if r.state == baton_spool::RcptState::Deferred {
-                    row.deferred += 1;
+                    counts.deferred += 1;
                 } else {
-                    row.queued += 1;
+                    counts.queued += 1;
                 }
                 if row.oldest_ms == 0 || q.envelope.arrived_ms < row.oldest_ms {
                     row.oldest_ms = q.envelope.arrived_ms;
                 }
             }
         }
-        let (mut queued, mut deferred, mut active, mut held) = (0, 0, 0, 0);
-        let destinations: Vec<serde_json::Value> = rows
-            .into_iter()
-            .map(|((destination, pool), row)| {
-                queued += row.queued;
-                deferred += row.deferred;
-                active += row.active;
-                held += row.held;
-                let shaping = (!destination.contains(['[', ':', ' ']) && destination != "local")
-                    .then(|| self.delivery.shaper.state_word(&destination));
-                json!({
-                    "shaping": shaping,
-                    "destination": destination,
-                    "pool": (!pool.is_empty()).then_some(pool),
-                    "queued": row.queued,
-                    "deferred": row.deferred,
-                    "active": row.active,
-                    "held": row.held,
-                    "oldest_ms": row.oldest_ms,
-                })
-            })
-            .collect();
-        json!({
-            "messages": messages,
-            "recipients": {"queued": queued, "deferred": deferred, "active": active, "held": held},
-            "destinations": destinations,
-        })
+        rows
     }
 
     /// The shaping state of a domain and the recipients waiting for it.
-    pub(super) fn explain_destination(&self, domain: &str) -> serde_json::Value {
+    pub(super) fn explain_destination(&self, domain: &str) -> DestinationExplained {
         let now = now_ms();
         let (mut waiting, mut in_flight, mut next) = (0usize, 0usize, None::<u64>);
         for q in self.messages.values() {
@@ -98,87 +101,88 @@ impl QueueManager {
                 }
             }
         }
-        serde_json::json!({
-            "destination": domain,
-            "route": Destination::for_domain(&self.config, domain).to_string(),
-            "recipients_waiting": waiting,
-            "recipients_in_flight": in_flight,
-            "next_attempt_ms": next,
-            "shaping": self.delivery.shaper.describe(domain),
-        })
+        DestinationExplained {
+            destination: domain.to_string(),
+            route: Destination::for_domain(&self.config, domain).to_string(),
+            recipients_waiting: waiting,
+            recipients_in_flight: in_flight,
+            next_attempt_ms: next,
+            shaping: self.delivery.shaper.describe(domain),
+        }
     }
 
     /// Why each recipient of `id` is where it is, with the numbers.
-    pub(super) fn explain(&self, id: QueueId) -> serde_json::Value {
-        use serde_json::json;
+    pub(super) fn explain(&self, id: QueueId) -> Result<MessageExplained, ControlError> {
         let Some(q) = self.messages.get(&id) else {
-            return json!({"error": format!("no message {id} in the queue")});
+            return Err(ControlError::new(format!("no message {id} in the queue")));
         };
         let now = now_ms();
-        let window = q.envelope.meta.window.clone();
         let pool = self.config.pool_for(&q.envelope).map(|p| p.name.clone());
-        let tenant = q.envelope.meta.tenant.clone();
-        let recipients: Vec<_> = q
-            .envelope
-            .recipients
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let domain = domain_of(&r.address);
-                let dest = Destination::for_domain(&self.config, domain);
-                let mut reasons = Vec::new();
-                if r.state.is_final() {
-                    reasons.push(format!("final: {}", r.state.as_str()));
-                } else if q.in_flight[i] {
-                    reasons.push("out with a delivery worker now".to_string());
-                } else if self.config.delivery.hold {
-                    reasons.push("the queue is on hold ([delivery] hold = true)".to_string());
-                } else if r.next_attempt_ms > now {
-                    reasons.push(format!(
-                        "waiting for its next attempt in {} s",
-                        (r.next_attempt_ms - now) / 1000
-                    ));
-                }
-                if let Some(w) = &window {
-                    reasons.push(format!("delivery window {w}"));
-                }
-                if let Some(t) = &tenant
-                    && self
-                        .delivery
-                        .shaper
-                        .operator_suspended_key(&format!("tenant:{t}"))
-                        .is_some()
-                {
-                    reasons.push(format!("tenant {t} is suspended by the operator"));
-                }
-                if let Some(p) = &pool
-                    && self
-                        .delivery
-                        .shaper
-                        .operator_suspended_key(&format!("pool:{p}"))
-                        .is_some()
-                {
-                    reasons.push(format!("pool {p} is suspended by the operator"));
-                }
-                let shaping = self.delivery.shaper.describe(domain);
-                json!({
-                    "email": r.address,
-                    "state": r.state.as_str(),
-                    "attempts": q.attempts.get(i).copied().unwrap_or(0),
-                    "next_attempt_ms": (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
-                    "in_flight": q.in_flight[i],
-                    "destination": dest.to_string(),
-                    "pool": pool,
-                    "reasons": reasons,
-                    "shaping": shaping,
-                })
-            })
+        let recipients = (0..q.envelope.recipients.len())
+            .map(|i| self.explain_recipient(q, i, pool.as_deref(), now))
             .collect();
-        json!({
-            "id": id.to_string(),
-            "sender": q.envelope.sender,
-            "tenant": tenant,
-            "recipients": recipients,
+        Ok(MessageExplained {
+            id,
+            sender: q.envelope.sender.clone(),
+            tenant: q.envelope.meta.tenant.clone(),
+            recipients,
         })
+    }
+
+    /// Recipient `i` of `q` (of `pool`): its state, route and the reasons it waits.
+    fn explain_recipient(
+        &self,
+        q: &Queued,
+        i: usize,
+        pool: Option<&str>,
+        now: u64,
+    ) -> RecipientExplained {
+        let r = &q.envelope.recipients[i];
+        let domain = domain_of(&r.address);
+        RecipientExplained {
+            email: r.address.clone(),
+            state: r.state.as_str().to_string(),
+            attempts: q.attempts.get(i).copied().unwrap_or(0),
+            next_attempt_ms: (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
+            in_flight: q.in_flight[i],
+            destination: Destination::for_domain(&self.config, domain).to_string(),
+            pool: pool.map(str::to_string),
+            reasons: self.reasons(q, i, pool, now),
+            shaping: self.delivery.shaper.describe(domain),
+        }
+    }
+
+    /// Why recipient `i` of `q` is not being sent right now, in words.
+    fn reasons(&self, q: &Queued, i: usize, pool: Option<&str>, now: u64) -> Vec<String> {
+        let r = &q.envelope.recipients[i];
+        let mut reasons = Vec::new();
+        if r.state.is_final() {
+            reasons.push(format!("final: {}", r.state.as_str()));
+        } else if q.in_flight[i] {
+            reasons.push("out with a delivery worker now".to_string());
+        } else if self.config.delivery.hold {
+            reasons.push("the queue is on hold ([delivery] hold = true)".to_string());
+        } else if r.next_attempt_ms > now {
+            reasons.push(format!(
+                "waiting for its next attempt in {} s",
+                (r.next_attempt_ms - now) / 1000
+            ));
+        }
+        if let Some(w) = &q.envelope.meta.window {
+            reasons.push(format!("delivery window {w}"));
+        }
+        let suspended =
+            |what: Suspendable| self.delivery.shaper.operator_suspension(&what).is_some();
+        if let Some(t) = &q.envelope.meta.tenant
+            && suspended(Suspendable::Tenant(t.clone()))
+        {
+            reasons.push(format!("tenant {t} is suspended by the operator"));
+        }
+        if let Some(p) = pool
+            && suspended(Suspendable::Pool(p.to_string()))
+        {
+            reasons.push(format!("pool {p} is suspended by the operator"));
+        }
+        reasons
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! Here: the handle, the state, the loop and `add`. `dispatch` hands due recipients out;
 //! `outcome` performs decisions; `dsn` queues notices and orders the records behind them;
-//! `operator` and `explain` answer `Control` requests; `operator_state` saves suspensions.
+//! `operator` and `explain` carry out and answer `OperatorCommand`s; `operator_state` saves
+//! suspensions.
 //! Times, states and notices are never computed here, only in `policy`; delivery itself
 //! (connections, shaping's pacing) belongs to `delivery` and `shaping`.
 
@@ -26,6 +27,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use crate::config::Config;
 use crate::delivery::{DeliveryContext, DestQueue, Destination, JobMessage, JobReport, Services};
+use crate::operator::{Answer, ControlError, OperatorCommand};
 use crate::policy::EventFields;
 use baton_client::OutRcpt;
 use baton_events::Events;
@@ -37,65 +39,15 @@ mod operator;
 mod operator_state;
 mod outcome;
 
-pub use operator::{MAX_SUSPENSION_SECS, suspension_seconds};
+/// An operator's command with the way back for its answer.
+type Commanded = (OperatorCommand, tokio::sync::oneshot::Sender<Answer>);
 
-/// Sessions hand accepted messages to the queue through this; the control socket asks it
-/// questions and gives it orders.
+/// Sessions hand accepted messages to the queue through this; the control socket and the API
+/// give it the operator's commands.
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::UnboundedSender<StoredWithBody>,
-    control: mpsc::UnboundedSender<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
-}
-
-/// An operator's request (see `control.rs`).
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Control {
-    /// Why each recipient of a message is where it is.
-    Explain {
-        id: String,
-    },
-    /// What holds a destination domain back, and how much mail waits for it.
-    ExplainDestination {
-        destination: String,
-    },
-    /// No deliveries to a destination domain (or `pool:NAME`, `tenant:NAME`) for `seconds`
-    /// (default: a day).
-    Suspend {
-        destination: String,
-        seconds: Option<u64>,
-    },
-    Resume {
-        destination: String,
-    },
-    /// Bounce (with DSN) or delete (without) every queued recipient at a domain.
-    Bounce {
-        destination: String,
-    },
-    Delete {
-        destination: String,
-    },
-    /// Move the queued mail of one pool to another.
-    Rebind {
-        from: String,
-        to: String,
-    },
-    /// Try every waiting recipient (at one domain, or all) now (postqueue -f).
-    Flush {
-        #[serde(default)]
-        destination: Option<String>,
-    },
-    /// Counts of waiting recipients by destination, pool and state.
-    Summary,
-    /// Keep a message (or every message: "ALL") from delivery until released (postsuper -h);
-    /// survives restarts.
-    Hold {
-        id: String,
-    },
-    /// Let held messages go again (postsuper -H).
-    Release {
-        id: String,
-    },
+    control: mpsc::UnboundedSender<Commanded>,
 }
 
 struct StoredWithBody {
@@ -109,14 +61,14 @@ impl QueueHandle {
         let _ = self.tx.send(StoredWithBody { message, body });
     }
 
-    /// Runs an operator request in the queue manager and returns its answer.
-    pub async fn control(&self, request: Control) -> serde_json::Value {
+    /// Carries out an operator's command in the queue manager and returns its answer.
+    pub async fn control(&self, command: OperatorCommand) -> Answer {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.control.send((request, tx)).is_err() {
-            return serde_json::json!({"error": "the queue manager has stopped"});
+        if self.control.send((command, tx)).is_err() {
+            return Err(ControlError::new("the queue manager has stopped"));
         }
         rx.await
-            .unwrap_or_else(|_| serde_json::json!({"error": "no answer from the queue manager"}))
+            .unwrap_or_else(|_| Err(ControlError::new("no answer from the queue manager")))
     }
 }
 
@@ -145,9 +97,9 @@ pub struct QueueManager {
     destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
     submissions: mpsc::UnboundedReceiver<StoredWithBody>,
     reports: mpsc::UnboundedReceiver<JobReport>,
-    control: mpsc::UnboundedReceiver<(Control, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+    control: mpsc::UnboundedReceiver<Commanded>,
     suppressions: Arc<crate::suppression::Suppressions>,
-    operator_state: operator_state::OperatorState,
+    operator_state: operator_state::OperatorState<Answer>,
     /// Records waiting for DSNs being committed.
     outbox: dsn::Outbox,
     /// DSN tasks report here when their commits are done.
@@ -215,7 +167,7 @@ impl QueueManager {
             tokio::select! {
                 Some(s) = self.submissions.recv() => self.add(s.message, s.body),
                 Some(report) = self.reports.recv() => self.apply(report),
-                Some((request, reply)) = self.control.recv() => self.handle_control(request, reply),
+                Some((command, reply)) = self.control.recv() => self.handle_control(command, reply),
                 Some(committed) = self.notices.recv() => self.notices_committed(committed),
                 _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {
                     self.fire_timers();

@@ -1,96 +1,129 @@
 //! Operator commands: suspend, resume, hold, release, bounce, delete, rebind, flush; the
 //! answers to summary and explain are in `explain.rs`.
 //!
-//! Changes the queue only through the policy (`policy::released`, `policy::operator_final`)
-//! and `perform`/`record`; must not change the `Control` requests or their answers' JSON.
+//! Carries out [`OperatorCommand`]s, already read from the operator's text by
+//! `crate::operator`, and answers with typed [`Reply`]s. Changes the queue only through the
+//! policy (`policy::released`, `policy::operator_final`) and `perform`/`record`; must not read
+//! user text or shape answers' JSON itself.
 
 use std::time::Duration;
 
 use baton_spool::{QueueId, now_ms};
-use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+use super::QueueManager;
 use super::outcome::Notices;
-use super::{Control, QueueManager};
+use crate::operator::{
+    Answer, Bounced, ControlError, Deleted, Flushed, Held, OperatorCommand, Rebound, Released,
+    Reply, Resumed, SuspendFor, Suspended, Target, Written,
+};
 use crate::policy;
 use baton_events::EventKind;
 
 impl QueueManager {
-    /// Runs an operator's request and sends the answer (a suspension's once it is saved).
-    pub(super) fn handle_control(&mut self, request: Control, reply: oneshot::Sender<Value>) {
-        let answer = match request {
-            Control::Suspend {
+    /// Carries out an operator's command and sends the answer (a suspension's once it is
+    /// saved).
+    pub(super) fn handle_control(
+        &mut self,
+        command: OperatorCommand,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        use OperatorCommand as C;
+        let answer = match command {
+            C::Suspend {
                 destination,
                 seconds,
             } => return self.suspend(destination, seconds, reply),
-            Control::Resume { destination } => return self.resume(destination, reply),
-            Control::Explain { id } => match id.parse::<QueueId>() {
-                Ok(qid) => self.explain(qid),
-                Err(e) => json!({"error": e}),
-            },
-            Control::ExplainDestination { destination } => self.explain_destination(&destination),
-            Control::Bounce { destination } | Control::Delete { destination }
-                if destination.is_empty() || destination.contains(':') =>
-            {
-                json!({"error": format!("bounce and delete take a domain, not {destination:?}")})
+            C::Resume { destination } => return self.resume(destination, reply),
+            C::Explain { id } => self.explain(id).map(Reply::Explain),
+            C::ExplainDestination { domain } => {
+                Ok(Reply::ExplainDestination(self.explain_destination(&domain)))
             }
-            Control::Rebind { from, to } => self.rebind(&from, &to),
-            Control::Bounce { destination } => {
-                let n = self.operator_final(&destination, true);
-                json!({"ok": true, "destination": destination, "bounced": n})
-            }
-            Control::Delete { destination } => {
-                let n = self.operator_final(&destination, false);
-                json!({"ok": true, "destination": destination, "deleted": n})
-            }
-            Control::Flush { destination } => self.flush(destination),
-            Control::Summary => self.summary(),
-            Control::Hold { id } => self.set_hold(&id, true),
-            Control::Release { id } => self.set_hold(&id, false),
+            C::Rebind { from, to } => self.rebind(from, to).map(Reply::Rebound),
+            C::Bounce { destination } => self.operator_final(&destination, true).map(|n| {
+                Reply::Bounced(Bounced {
+                    ok: true,
+                    destination: destination.text,
+                    bounced: n,
+                })
+            }),
+            C::Delete { destination } => self.operator_final(&destination, false).map(|n| {
+                Reply::Deleted(Deleted {
+                    ok: true,
+                    destination: destination.text,
+                    deleted: n,
+                })
+            }),
+            C::Flush { destination } => Ok(Reply::Flushed(self.flush(destination))),
+            C::Summary => Ok(Reply::Summary(self.summary())),
+            C::Hold { target } => self
+                .set_hold(&target, true)
+                .map(|n| Reply::Held(Held { ok: true, held: n })),
+            C::Release { target } => self.set_hold(&target, false).map(|n| {
+                Reply::Released(Released {
+                    ok: true,
+                    released: n,
+                })
+            }),
+            C::Stats(_) => Err(ControlError::new(
+                "statistics come from the event log, not the queue manager",
+            )),
         };
         let _ = reply.send(answer);
     }
 
     fn suspend(
         &mut self,
-        destination: String,
-        seconds: Option<u64>,
-        reply: oneshot::Sender<Value>,
+        destination: Written,
+        seconds: SuspendFor,
+        reply: oneshot::Sender<Answer>,
     ) {
-        let secs = match suspension_seconds(seconds) {
-            Ok(secs) => secs,
-            Err(why) => {
-                let _ = reply.send(json!({ "error": why }));
+        let what = match destination.target.suspendable() {
+            Ok(what) => what,
+            Err(refused) => {
+                let _ = reply.send(Err(refused));
                 return;
             }
         };
-        self.delivery
-            .shaper
-            .operator_suspend(&destination, Duration::from_secs(secs));
-        let answer = json!({"ok": true, "destination": destination, "seconds": secs});
-        self.save_operator_state((reply, answer));
-        self.shaping_event(
-            &destination,
-            format!("suspended by the operator for {secs} s"),
-        );
+        let secs = seconds.seconds();
+        let for_ = Duration::from_secs(secs);
+        self.delivery.shaper.operator_suspend(&what, for_);
+        let answer = Reply::Suspended(Suspended {
+            ok: true,
+            destination: destination.text.clone(),
+            seconds: secs,
+        });
+        self.save_operator_state((reply, Ok(answer)));
+        let why = format!("suspended by the operator for {secs} s");
+        self.shaping_event(&destination.text, why);
     }
 
-    fn resume(&mut self, destination: String, reply: oneshot::Sender<Value>) {
-        self.delivery.shaper.operator_resume(&destination);
-        let answer = json!({"ok": true, "destination": destination});
-        self.save_operator_state((reply, answer));
-        self.shaping_event(&destination, "resumed by the operator".into());
+    fn resume(&mut self, destination: Written, reply: oneshot::Sender<Answer>) {
+        let what = match destination.target.suspendable() {
+            Ok(what) => what,
+            Err(refused) => {
+                let _ = reply.send(Err(refused));
+                return;
+            }
+        };
+        self.delivery.shaper.operator_resume(&what);
+        let answer = Reply::Resumed(Resumed {
+            ok: true,
+            destination: destination.text.clone(),
+        });
+        self.save_operator_state((reply, Ok(answer)));
+        self.shaping_event(&destination.text, "resumed by the operator".into());
         // Whatever waits for the destination may go now.
         let ids: Vec<QueueId> = self.messages.keys().copied().collect();
         for id in &ids {
-            self.release(*id, &destination);
+            self.release(*id, &destination.target);
         }
     }
 
     /// Moves the queued mail of pool `from` to pool `to`.
-    fn rebind(&mut self, from: &str, to: &str) -> Value {
+    fn rebind(&mut self, from: String, to: String) -> Result<Rebound, ControlError> {
         if !self.config.pools.iter().any(|p| p.name == to) {
-            return json!({"error": format!("no [[pool]] named {to:?}")});
+            return Err(ControlError::new(format!("no [[pool]] named {to:?}")));
         }
         let mut moved = 0;
         let ids: Vec<QueueId> = self.messages.keys().copied().collect();
@@ -98,85 +131,101 @@ impl QueueManager {
             let Some(q) = self.messages.get_mut(&id) else {
                 continue;
             };
-            if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(from) {
+            if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(from.as_str()) {
                 continue;
             }
-            q.envelope.meta.pool = Some(to.to_string());
+            q.envelope.meta.pool = Some(to.clone());
             if let Err(e) = self.spool.record_meta(id, &q.envelope.meta) {
                 tracing::error!(id = %id, error = %e, "cannot record a rebind");
             }
             moved += 1;
-            self.release(id, "");
+            self.release(id, &Target::All);
         }
         self.shaping_event(
             &format!("pool:{from}"),
             format!("{moved} messages rebound to pool {to}"),
         );
-        json!({"ok": true, "from": from, "to": to, "messages": moved})
+        Ok(Rebound {
+            ok: true,
+            from,
+            to,
+            messages: moved,
+        })
     }
 
-    /// Makes every waiting recipient (at one domain, or all) due now.
-    fn flush(&mut self, destination: Option<String>) -> Value {
-        let domain = destination.unwrap_or_default().to_ascii_lowercase();
+    /// Makes every waiting recipient the destination names (all: [`Target::All`]) due now.
+    fn flush(&mut self, destination: Written) -> Flushed {
         let ids: Vec<QueueId> = self.messages.keys().copied().collect();
         let mut flushed = 0;
         for id in ids {
-            flushed += self.release(id, &domain);
+            flushed += self.release(id, &destination.target);
         }
-        json!({"ok": true, "destination": domain, "flushed": flushed})
+        Flushed {
+            ok: true,
+            destination: destination.text.to_ascii_lowercase(),
+            flushed,
+        }
     }
 
-    /// Holds or releases one message, or all ("ALL"); the flag is a spool meta record.
-    fn set_hold(&mut self, id: &str, hold: bool) -> Value {
-        let ids: Vec<QueueId> = if id.eq_ignore_ascii_case("all") {
-            self.messages.keys().copied().collect()
-        } else {
-            match id.parse::<QueueId>() {
-                Ok(qid) if self.messages.contains_key(&qid) => vec![qid],
-                Ok(qid) => return json!({"error": format!("no message {qid} in the queue")}),
-                Err(e) => return json!({"error": e}),
+    /// Holds or releases one message, or all; the flag is a spool meta record. Returns how
+    /// many messages changed.
+    fn set_hold(&mut self, target: &Target, hold: bool) -> Result<usize, ControlError> {
+        let ids: Vec<QueueId> = match target {
+            Target::All => self.messages.keys().copied().collect(),
+            Target::Message(id) if self.messages.contains_key(id) => vec![*id],
+            Target::Message(id) => {
+                return Err(ControlError::new(format!("no message {id} in the queue")));
+            }
+            other => {
+                return Err(ControlError::new(format!(
+                    "hold and release take a queue id or ALL, not {other:?}"
+                )));
             }
         };
         let mut changed = 0;
-        for qid in ids {
-            let Some(q) = self.messages.get_mut(&qid) else {
-                continue;
-            };
-            if q.envelope.meta.hold == hold {
-                continue;
-            }
-            q.envelope.meta.hold = hold;
-            for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
-                let mut e = self.events.new_event(
-                    EventKind::Operator,
-                    &qid.to_string(),
-                    &r.address,
-                    &q.envelope.sender,
-                );
-                e.response = Some(
-                    if hold {
-                        "held by the operator"
-                    } else {
-                        "released by the operator"
-                    }
-                    .into(),
-                );
-                self.events.emit(e);
-            }
-            if let Err(e) = self.spool.record_meta(qid, &q.envelope.meta) {
-                tracing::error!(id = %qid, error = %e, "cannot record a hold");
-            }
-            changed += 1;
-            if !hold {
-                self.release(qid, "");
+        for id in ids {
+            if self.set_held(id, hold) {
+                changed += 1;
             }
         }
-        let key = if hold { "held" } else { "released" };
-        json!({"ok": true, key: changed})
+        Ok(changed)
+    }
+
+    /// Holds or releases message `id`; false if it was so already.
+    fn set_held(&mut self, id: QueueId, hold: bool) -> bool {
+        let Some(q) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        if q.envelope.meta.hold == hold {
+            return false;
+        }
+        q.envelope.meta.hold = hold;
+        let said = if hold {
+            "held by the operator"
+        } else {
+            "released by the operator"
+        };
+        for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
+            let mut e = self.events.new_event(
+                EventKind::Operator,
+                &id.to_string(),
+                &r.address,
+                &q.envelope.sender,
+            );
+            e.response = Some(said.into());
+            self.events.emit(e);
+        }
+        if let Err(e) = self.spool.record_meta(id, &q.envelope.meta) {
+            tracing::error!(id = %id, error = %e, "cannot record a hold");
+        }
+        if !hold {
+            self.release(id, &Target::All);
+        }
+        true
     }
 
     /// Saves the operator's suspensions off the loop, then answers.
-    fn save_operator_state(&self, answer: super::operator_state::Answer) {
+    fn save_operator_state(&self, answer: super::operator_state::Reply<Answer>) {
         let snapshot = self.delivery.shaper.operator_snapshot();
         self.operator_state.save(snapshot, Some(answer));
     }
@@ -189,8 +238,8 @@ impl QueueManager {
         self.events.emit(e);
     }
 
-    /// Recipients at `domain` (every domain when empty), not out with a worker, of message `id`.
-    fn waiting_at(&self, id: QueueId, domain: &str) -> Vec<u32> {
+    /// Recipients of message `id` at `domain` (at every domain: none), not out with a worker.
+    fn waiting_at(&self, id: QueueId, domain: Option<&str>) -> Vec<u32> {
         let Some(q) = self.messages.get(&id) else {
             return Vec::new();
         };
@@ -201,43 +250,46 @@ impl QueueManager {
             .filter(|(i, r)| {
                 !r.state.is_final()
                     && !q.in_flight[*i]
-                    && (domain.is_empty()
-                        || r.address
+                    && domain.is_none_or(|domain| {
+                        r.address
                             .rsplit_once('@')
-                            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)))
+                            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+                    })
             })
             .map(|(i, _)| i as u32)
             .collect()
     }
 
-    /// Makes the waiting recipients of message `id` that `target` names due now (after a
-    /// resume, flush, release or rebind): a domain, "tenant:NAME" or "pool:NAME" (the message's
-    /// recipients if it is that tenant's or in that pool), or "" (all of them). Never earlier
-    /// than the message's send-at time (its delivery window is kept by `dispatch`). Returns how
-    /// many recipients it made due.
-    pub(super) fn release(&mut self, id: QueueId, target: &str) -> usize {
+    /// The waiting recipients of message `id` that `target` names: those at a domain, or all
+    /// of them if the message is the pool's, the tenant's, the one named, or if all are named.
+    fn waiting_named(&self, id: QueueId, target: &Target) -> Vec<u32> {
         let Some(q) = self.messages.get(&id) else {
-            return 0;
+            return Vec::new();
         };
         let named =
             |value: Option<&str>, name: &str| value.is_some_and(|v| v.eq_ignore_ascii_case(name));
-        let (kind, name) = target.split_once(':').unwrap_or(("", ""));
-        let domain = if kind.eq_ignore_ascii_case("tenant") {
-            if !named(q.envelope.meta.tenant.as_deref(), name) {
-                return 0;
-            }
-            ""
-        } else if kind.eq_ignore_ascii_case("pool") {
-            let pool = self.config.pool_for(&q.envelope).map(|p| p.name.as_str());
-            if !named(pool, name) {
-                return 0;
-            }
-            ""
-        } else {
-            // A domain (an address literal such as [IPv6:...] has colons too), or "" for all.
-            target
+        let whole = match target {
+            Target::Domain(domain) => return self.waiting_at(id, Some(domain)),
+            Target::Pool(pool) => named(
+                self.config.pool_for(&q.envelope).map(|p| p.name.as_str()),
+                pool,
+            ),
+            Target::Tenant(tenant) => named(q.envelope.meta.tenant.as_deref(), tenant),
+            Target::Message(named_id) => *named_id == id,
+            Target::All => true,
         };
-        let rcpts = self.waiting_at(id, domain);
+        if whole {
+            self.waiting_at(id, None)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Makes the waiting recipients of message `id` that `target` names due now (after a
+    /// resume, flush, release or rebind). Never earlier than the message's send-at time (its
+    /// delivery window is kept by `dispatch`). Returns how many recipients it made due.
+    pub(super) fn release(&mut self, id: QueueId, target: &Target) -> usize {
+        let rcpts = self.waiting_named(id, target);
         let Some(q) = self.messages.get_mut(&id) else {
             return 0;
         };
@@ -256,53 +308,55 @@ impl QueueManager {
         released
     }
 
-    /// Bounces (with a DSN) or deletes every waiting recipient at `domain`; returns how many.
-    /// `target` is a domain, or a queue id for one message's waiting recipients (postsuper -d).
-    fn operator_final(&mut self, target: &str, bounce: bool) -> usize {
-        let (ids, domain): (Vec<QueueId>, &str) = match target.parse::<QueueId>() {
-            Ok(id) if self.messages.contains_key(&id) => (vec![id], ""),
-            _ => (self.messages.keys().copied().collect(), target),
+    /// Bounces (with a DSN) or deletes every waiting recipient at a domain, or of one message
+    /// (postsuper -d); returns how many.
+    fn operator_final(&mut self, target: &Written, bounce: bool) -> Result<usize, ControlError> {
+        let all = || self.messages.keys().copied().collect();
+        let (ids, domain): (Vec<QueueId>, Option<&str>) = match &target.target {
+            Target::Message(id) if self.messages.contains_key(id) => (vec![*id], None),
+            // A queue id no queued message has is a domain name, as it always was.
+            Target::Message(_) => (all(), Some(target.text.as_str())),
+            Target::Domain(domain) => (all(), Some(domain.as_str())),
+            _ => {
+                return Err(ControlError::new(format!(
+                    "bounce and delete take a domain, not {:?}",
+                    target.text
+                )));
+            }
         };
-        let mut total = 0;
         let now = now_ms();
+        let mut total = 0;
         for id in ids {
-            let rcpts = self.waiting_at(id, domain);
-            if rcpts.is_empty() {
-                continue;
-            }
-            total += rcpts.len();
-            let mut updates = Vec::new();
-            let mut notices = Notices::default();
-            for &i in &rcpts {
-                let Some(r) = self
-                    .messages
-                    .get(&id)
-                    .and_then(|q| q.envelope.recipients.get(i as usize))
-                else {
-                    continue;
-                };
-                let decision = policy::operator_final(r, bounce, now);
-                let update = self.perform(id, i as usize, decision, Some(domain), &mut notices);
-                updates.extend(update);
-            }
-            self.send_notices(id, notices);
-            let done = self.take_if_done(id);
-            self.record(id, updates, done);
+            total += self.finalise(id, domain, bounce, now);
         }
-        total
+        Ok(total)
     }
-}
 
-/// The longest operator suspension: a year (longer is a typo, or an attack on the timer).
-pub const MAX_SUSPENSION_SECS: u64 = 365 * 86400;
-
-/// An operator's suspension length, checked: 1 s to a year; none means a day.
-pub fn suspension_seconds(seconds: Option<u64>) -> Result<u64, String> {
-    match seconds {
-        None => Ok(86400),
-        Some(s) if (1..=MAX_SUSPENSION_SECS).contains(&s) => Ok(s),
-        Some(s) => Err(format!(
-            "seconds {s}: a suspension lasts from 1 to {MAX_SUSPENSION_SECS} seconds (a year)"
-        )),
+    /// Bounces or deletes the waiting recipients of message `id` at `domain` (all: none).
+    fn finalise(&mut self, id: QueueId, domain: Option<&str>, bounce: bool, now: u64) -> usize {
+        let rcpts = self.waiting_at(id, domain);
+        if rcpts.is_empty() {
+            return 0;
+        }
+        let mut updates = Vec::new();
+        let mut notices = Notices::default();
+        for &i in &rcpts {
+            let Some(r) = self
+                .messages
+                .get(&id)
+                .and_then(|q| q.envelope.recipients.get(i as usize))
+            else {
+                continue;
+            };
+            let decision = policy::operator_final(r, bounce, now);
+            // The metric is labelled by what the operator named ("" for a message).
+            let label = Some(domain.unwrap_or(""));
+            let update = self.perform(id, i as usize, decision, label, &mut notices);
+            updates.extend(update);
+        }
+        self.send_notices(id, notices);
+        let done = self.take_if_done(id);
+        self.record(id, updates, done);
+        rcpts.len()
     }
 }

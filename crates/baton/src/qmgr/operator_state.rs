@@ -9,24 +9,24 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-/// An answer to send once the snapshot it came with is written.
-pub(super) type Answer = (oneshot::Sender<serde_json::Value>, serde_json::Value);
+/// An answer (of type `A`) to send once the snapshot it came with is written.
+pub(super) type Reply<A> = (oneshot::Sender<A>, A);
 
 type Snapshot = Vec<(String, u64)>;
 
-struct Save {
+struct Save<A> {
     snapshot: Snapshot,
-    answer: Option<Answer>,
+    answer: Option<Reply<A>>,
 }
 
-pub(super) struct OperatorState {
+pub(super) struct OperatorState<A> {
     path: PathBuf,
     /// None when the thread could not start: then saves are written inline.
-    writer: Option<mpsc::Sender<Save>>,
+    writer: Option<mpsc::Sender<Save<A>>>,
 }
 
-impl OperatorState {
-    pub(super) fn new(data_dir: &Path) -> OperatorState {
+impl<A: Send + 'static> OperatorState<A> {
+    pub(super) fn new(data_dir: &Path) -> OperatorState<A> {
         let path = data_dir.join("operator-suspensions.json");
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
@@ -46,7 +46,7 @@ impl OperatorState {
     }
 
     /// Saves `snapshot`, then sends `answer`.
-    pub(super) fn save(&self, snapshot: Snapshot, answer: Option<Answer>) {
+    pub(super) fn save(&self, snapshot: Snapshot, answer: Option<Reply<A>>) {
         let save = Save { snapshot, answer };
         let unsent = match &self.writer {
             Some(tx) => tx.send(save).err().map(|mpsc::SendError(save)| save),
@@ -60,7 +60,7 @@ impl OperatorState {
 }
 
 /// The writer thread: writes the newest of whatever is waiting, then answers each.
-fn write_latest(path: &Path, rx: mpsc::Receiver<Save>) {
+fn write_latest<A>(path: &Path, rx: mpsc::Receiver<Save<A>>) {
     while let Ok(first) = rx.recv() {
         let mut snapshot = first.snapshot;
         let mut answers = vec![first.answer];
@@ -73,7 +73,7 @@ fn write_latest(path: &Path, rx: mpsc::Receiver<Save>) {
     }
 }
 
-fn answer_all(answers: impl IntoIterator<Item = Option<Answer>>) {
+fn answer_all<A>(answers: impl IntoIterator<Item = Option<Reply<A>>>) {
     for (tx, answer) in answers.into_iter().flatten() {
         let _ = tx.send(answer);
     }
