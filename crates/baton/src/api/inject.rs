@@ -1,0 +1,345 @@
+//! `POST /api/v1/messages`: the request as sent, the limits of one call, the suppressed
+//! recipients left out, and the plan of messages to build.
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InjectRequest {
+    pub(super) envelope_sender: String,
+    pub(super) content: Content,
+    pub(super) recipients: Vec<InjectRecipient>,
+    /// Defaults for every recipient's substitutions.
+    #[serde(default)]
+    pub(super) substitutions: HashMap<String, Value>,
+    pub(super) campaign: Option<String>,
+    pub(super) tenant: Option<String>,
+    pub(super) pool: Option<String>,
+    /// RFC 3339 (or RFC 5322) time before which nothing is sent.
+    pub(super) send_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Content {
+    /// A whole RFC 5322 message.
+    Raw(String),
+    Parts(Box<Parts>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Parts {
+    pub(super) from: String,
+    #[serde(default)]
+    pub(super) subject: String,
+    pub(super) text_body: Option<String>,
+    pub(super) html_body: Option<String>,
+    pub(super) reply_to: Option<String>,
+    /// `{"X-Name": "value"}`, or `[["X-Name", "value"], ...]` when a name repeats.
+    #[serde(default, deserialize_with = "header_list")]
+    pub(super) headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub(super) attachments: Vec<Attachment>,
+}
+
+/// Header fields given as an object or as a list of pairs.
+pub(super) fn header_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, String)>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Headers {
+        Map(ordered_map::Ordered),
+        Pairs(Vec<(String, String)>),
+    }
+    Ok(match Headers::deserialize(d)? {
+        Headers::Map(map) => map.0,
+        Headers::Pairs(pairs) => pairs,
+    })
+}
+
+/// A JSON object's string members in document order (serde_json's Map sorts them).
+mod ordered_map {
+    use serde::de::{MapAccess, Visitor};
+
+    pub struct Ordered(pub Vec<(String, String)>);
+
+    impl<'de> serde::Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object of header names and string values")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = map.next_entry::<String, String>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Ordered(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Attachment {
+    pub(super) filename: String,
+    pub(super) content_type: String,
+    /// Base64.
+    pub(super) content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InjectRecipient {
+    pub(super) email: String,
+    #[serde(default)]
+    pub(super) substitutions: HashMap<String, Value>,
+}
+
+pub(super) async fn inject(
+    State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Result<Json<InjectRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut request = body(request)?;
+    normalise_addresses(&mut request)?;
+    let suppressed = leave_out_suppressed(&ctx, &mut request);
+    if request.recipients.is_empty() && !suppressed.is_empty() {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"ids": [], "recipients": 0, "suppressed": suppressed})),
+        ));
+    }
+    let plan = plan_injection(&ctx, &request)?;
+    let client = peer.ip().to_canonical();
+    let shared = Shared::from(&request)?;
+    crate::policy::check_send_at(
+        shared.send_at_ms,
+        baton_spool::now_ms(),
+        &ctx.config.delivery,
+    )
+    .map_err(|why| bad_request(format!("send_at: {why}")))?;
+    // Every message is built (and so checked) before any is queued: a 4xx never leaves some
+    // of the call's messages queued behind it. What they may take is bounded, and each is
+    // rendered only as it is built (a rendered copy of every recipient's content, attachments
+    // and all, would be the call's size times its recipients).
+    let limits = CallLimits::of(&ctx);
+    let mut built = 0u64;
+    let messages = plan
+        .into_iter()
+        .map(|planned| {
+            let text = planned.render(&request);
+            let envelope = envelope_for(&ctx, &request, &shared, planned.rcpts, client);
+            let bytes = message_bytes(&ctx, &envelope, &text, client)?;
+            built = built.saturating_add(bytes.len() as u64);
+            limits.check(bytes.len() as u64, built)?;
+            Ok((envelope, bytes))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let total = messages.len();
+    for (index, (envelope, bytes)) in messages.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            let mut envelope = envelope;
+            envelope.size = bytes.len() as u64;
+            let mut writer = ctx.intake.body_writer(envelope.id);
+            writer.buf().extend_from_slice(&bytes);
+            if let Err(e) = writer.settle().await {
+                return (index, Err(e));
+            }
+            (
+                index,
+                ctx.intake.queue_message(envelope, writer, "http").await,
+            )
+        });
+    }
+    let mut ids = vec![None; total];
+    let mut failure = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((i, Ok(id))) => ids[i] = Some(id.to_string()),
+            Ok((_, Err(e))) => failure = Some(e.to_string()),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let ids: Vec<String> = ids.into_iter().flatten().collect();
+    match failure {
+        None => Ok((
+            StatusCode::ACCEPTED,
+            Json(
+                json!({"ids": ids, "recipients": request.recipients.len(), "suppressed": suppressed}),
+            ),
+        )),
+        // Some made it to disk: say which, so that a retry does not duplicate them.
+        Some(why) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} of {total} messages queued ({}); not queued: {why}",
+                ids.len(),
+                ids.join(",")
+            ),
+        )),
+    }
+}
+
+/// The size limits of one inject call: each message as SMTP's (`[limits] max_message_size`),
+/// and all of them together (`[http] max_inject_bytes`).
+pub(super) struct CallLimits {
+    pub(super) message: u64,
+    pub(super) call: u64,
+}
+
+impl CallLimits {
+    pub(super) fn of(ctx: &Context) -> CallLimits {
+        CallLimits {
+            message: ctx.config.limits.max_message_size,
+            call: ctx
+                .config
+                .http
+                .as_ref()
+                .map_or(256 << 20, |h| h.max_inject_bytes),
+        }
+    }
+
+    pub(super) fn check(&self, size: u64, built: u64) -> Result<(), ApiError> {
+        let too_large = |why: String| Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, why));
+        if size > self.message {
+            let limit = self.message;
+            return too_large(format!(
+                "a message of {size} bytes exceeds [limits] max_message_size ({limit} bytes)"
+            ));
+        }
+        if built > self.call {
+            let limit = self.call;
+            return too_large(format!(
+                "the call's messages exceed [http] max_inject_bytes ({limit} bytes); split it into smaller calls"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads every envelope address as RFC 5321 writes it (a control character or a stray `<`
+/// could otherwise become a command on the next hop's wire) and keeps its stored form.
+pub(super) fn normalise_addresses(request: &mut InjectRequest) -> Result<(), ApiError> {
+    use baton_smtp::address::parse_mailbox;
+    if !request.envelope_sender.is_empty() {
+        request.envelope_sender = parse_mailbox(&request.envelope_sender, false).map_err(|e| {
+            bad_request(format!(
+                "envelope_sender {:?}: {e}",
+                request.envelope_sender
+            ))
+        })?;
+    }
+    for (i, r) in request.recipients.iter_mut().enumerate() {
+        r.email = parse_mailbox(&r.email, false)
+            .map_err(|e| bad_request(format!("recipients[{i}].email {:?}: {e}", r.email)))?;
+    }
+    Ok(())
+}
+
+/// Takes suppressed addresses out of the call; each is a `suppression` event.
+pub(super) fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<String> {
+    let mut left_out = Vec::new();
+    request.recipients.retain(|r| {
+        if !ctx.suppressions.contains(&r.email) {
+            return true;
+        }
+        let mut e = ctx.events.new_event(
+            baton_events::EventKind::Suppression,
+            "",
+            &r.email,
+            &request.envelope_sender,
+        );
+        e.response = Some("not sent: the address is on the suppression list".into());
+        e.campaign = request.campaign.clone();
+        ctx.events.emit(e);
+        left_out.push(r.email.clone());
+        false
+    });
+    left_out
+}
+
+/// One message per distinct text: without placeholders every recipient shares one message;
+/// with them each recipient gets their own. Returns (recipient indexes, rendered content).
+pub(super) fn plan_injection(
+    ctx: &Context,
+    request: &InjectRequest,
+) -> Result<Vec<Planned>, ApiError> {
+    if request.recipients.is_empty() {
+        return Err(bad_request("recipients is empty"));
+    }
+    if request.recipients.len() > MAX_RECIPIENTS_PER_CALL {
+        return Err(bad_request(format!(
+            "at most {MAX_RECIPIENTS_PER_CALL} recipients per call"
+        )));
+    }
+    if let Some(pool) = &request.pool
+        && !ctx.config.pools.iter().any(|p| &p.name == pool)
+    {
+        return Err(bad_request(format!("no [[pool]] named {pool:?}")));
+    }
+    if !has_placeholders(&request.content) {
+        return Ok(vec![Planned {
+            rcpts: (0..request.recipients.len()).collect(),
+            personal: None,
+        }]);
+    }
+    Ok((0..request.recipients.len())
+        .map(|i| Planned {
+            rcpts: vec![i],
+            personal: Some(i),
+        })
+        .collect())
+}
+
+/// One message of a call: the recipients (indexes) it goes to, and the recipient whose
+/// substitutions fill it in (none: one message for all, with the call's defaults).
+pub(super) struct Planned {
+    pub(super) rcpts: Vec<usize>,
+    pub(super) personal: Option<usize>,
+}
+
+impl Planned {
+    pub(super) fn render(&self, request: &InjectRequest) -> Rendered {
+        let empty = HashMap::new();
+        let (own, email) = match self.personal.and_then(|i| request.recipients.get(i)) {
+            Some(r) => (&r.substitutions, r.email.as_str()),
+            None => (&empty, ""),
+        };
+        render(&request.content, own, &request.substitutions, email)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_as_an_object_or_as_pairs() {
+        let object: Parts =
+            serde_json::from_str(r#"{"from": "a@b.test", "headers": {"X-B": "2", "X-A": "1"}}"#)
+                .unwrap();
+        assert_eq!(
+            object.headers,
+            [
+                ("X-B".to_string(), "2".to_string()),
+                ("X-A".to_string(), "1".to_string())
+            ]
+        );
+        let pairs: Parts = serde_json::from_str(
+            r#"{"from": "a@b.test", "headers": [["Received-By", "x"], ["Received-By", "y"]]}"#,
+        )
+        .unwrap();
+        assert_eq!(pairs.headers.len(), 2);
+        assert!(serde_json::from_str::<Parts>(r#"{"from": "a", "headers": {"X": 1}}"#).is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! Reading what happened: the event log (`/events`), statistics (`/stats`) and the
+//! suppression list.
+
+use super::*;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventQuery {
+    /// RFC 3339 bounds.
+    pub(super) since: Option<String>,
+    pub(super) until: Option<String>,
+    pub(super) recipient: Option<String>,
+    pub(super) message_id: Option<String>,
+    pub(super) campaign: Option<String>,
+    #[serde(rename = "type")]
+    pub(super) kind: Option<String>,
+    /// Events after this one (the `next` of the previous page).
+    pub(super) after: Option<String>,
+    pub(super) limit: Option<usize>,
+    /// "newest": the latest `limit` events, newest first.
+    pub(super) order: Option<String>,
+}
+
+pub(super) async fn events(
+    State(ctx): State<Arc<Context>>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let kind = q.kind.as_deref().map(str::parse::<baton_events::EventKind>);
+    let filter = baton_events::Filter {
+        since: time_param(&q.since, "since")?,
+        until: time_param(&q.until, "until")?,
+        recipient: q.recipient,
+        message_id: q.message_id,
+        campaign: q.campaign,
+        kind: kind.as_ref().and_then(|k| k.as_ref().ok()).copied(),
+        after: q.after,
+        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+        newest_first: match q.order.as_deref() {
+            None | Some("oldest") => false,
+            Some("newest") => true,
+            Some(other) => return Err(bad_request(format!("order {other:?}: oldest or newest"))),
+        },
+    };
+    if let Some(Err(_)) = kind {
+        // A type no event has: nothing matches.
+        return Ok(Json(json!({"events": [], "next": null})));
+    }
+    ctx.events.written().await;
+    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let page = tokio::task::spawn_blocking(move || baton_events::query(&path, &filter))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(page))
+}
+
+pub(super) async fn suppressions(State(ctx): State<Arc<Context>>) -> Json<Value> {
+    Json(json!({"suppressions": ctx.suppressions.list()}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Suppress {
+    pub(super) email: String,
+    pub(super) reason: Option<String>,
+}
+
+pub(super) async fn suppress(
+    State(ctx): State<Arc<Context>>,
+    request: Result<Json<Suppress>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request = body(request)?;
+    baton_smtp::address::validate_mailbox(&request.email, false)
+        .map_err(|e| bad_request(format!("email {:?}: {e}", request.email)))?;
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "added through the API".into());
+    let added = ctx.suppressions.add(&request.email, &reason);
+    if added {
+        let mut e =
+            ctx.events
+                .new_event(baton_events::EventKind::Suppression, "", &request.email, "");
+        e.response = Some(format!("added to the suppression list: {reason}"));
+        ctx.events.emit(e);
+    }
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"email": request.email.to_ascii_lowercase(), "added": added})),
+    ))
+}
+
+pub(super) async fn unsuppress(
+    State(ctx): State<Arc<Context>>,
+    Path(email): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if ctx.suppressions.remove(&email) {
+        Ok(Json(
+            json!({"email": email.to_ascii_lowercase(), "removed": true}),
+        ))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{email} is not on the suppression list"),
+        ))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StatsQuery {
+    pub(super) since: Option<String>,
+    pub(super) until: Option<String>,
+    pub(super) by: Option<String>,
+}
+
+pub(super) async fn stats(
+    State(ctx): State<Arc<Context>>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let by = q.by.unwrap_or_else(|| "destination".into());
+    if !matches!(
+        by.as_str(),
+        "destination" | "campaign" | "tenant" | "source"
+    ) {
+        return Err(bad_request(format!(
+            "by {by:?}: destination, campaign, tenant or source"
+        )));
+    }
+    let since = time_param(&q.since, "since")?;
+    let until = time_param(&q.until, "until")?;
+    ctx.events.written().await;
+    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let answer = tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(answer))
+}
+
+/// An RFC 3339 time, or a span back from now ("1h", "7d").
+pub(super) fn time_param(
+    value: &Option<String>,
+    name: &str,
+) -> Result<Option<jiff::Timestamp>, ApiError> {
+    value
+        .as_deref()
+        .map(|text| {
+            baton_events::parse_since(text).ok_or_else(|| {
+                bad_request(format!(
+                    "{name} {text:?} is not an RFC 3339 time or a span like 24h"
+                ))
+            })
+        })
+        .transpose()
+}
