@@ -130,19 +130,57 @@ pub(super) async fn inject(
     // of the call's messages queued behind it. What they may take is bounded, and each is
     // rendered only as it is built (a rendered copy of every recipient's content, attachments
     // and all, would be the call's size times its recipients).
-    let limits = CallLimits::of(&ctx);
+    let messages = build_all(&ctx, &request, &shared, plan, client)?;
+    let total = messages.len();
+    let (ids, failure) = queue_all(&ctx, messages).await;
+    let ids: Vec<String> = ids.into_iter().flatten().collect();
+    match failure {
+        None => Ok((
+            StatusCode::ACCEPTED,
+            Json(
+                json!({"ids": ids, "recipients": request.recipients.len(), "suppressed": suppressed}),
+            ),
+        )),
+        // Some made it to disk: say which, so that a retry does not duplicate them.
+        Some(why) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} of {total} messages queued ({}); not queued: {why}",
+                ids.len(),
+                ids.join(",")
+            ),
+        )),
+    }
+}
+
+/// Builds every message of the call, each checked against the call's limits as it is built.
+fn build_all(
+    ctx: &Context,
+    request: &InjectRequest,
+    shared: &Shared,
+    plan: Vec<Planned>,
+    client: IpAddr,
+) -> Result<Vec<(Envelope, Vec<u8>)>, ApiError> {
+    let limits = CallLimits::of(ctx);
     let mut built = 0u64;
-    let messages = plan
-        .into_iter()
+    plan.into_iter()
         .map(|planned| {
-            let text = planned.render(&request);
-            let envelope = envelope_for(&ctx, &request, &shared, planned.rcpts, client);
-            let bytes = message_bytes(&ctx, &envelope, &text, client)?;
+            let text = planned.render(request);
+            let envelope = envelope_for(ctx, request, shared, planned.rcpts, client);
+            let bytes = message_bytes(ctx, &envelope, &text, client)?;
             built = built.saturating_add(bytes.len() as u64);
             limits.check(bytes.len() as u64, built)?;
             Ok((envelope, bytes))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .collect()
+}
+
+/// Queues the built messages concurrently through intake: the ids, in the call's order, of
+/// those on disk, and why one was not (if one was not).
+async fn queue_all(
+    ctx: &Arc<Context>,
+    messages: Vec<(Envelope, Vec<u8>)>,
+) -> (Vec<Option<String>>, Option<String>) {
     let mut tasks = tokio::task::JoinSet::new();
     let total = messages.len();
     for (index, (envelope, bytes)) in messages.into_iter().enumerate() {
@@ -170,24 +208,7 @@ pub(super) async fn inject(
             Err(e) => failure = Some(e.to_string()),
         }
     }
-    let ids: Vec<String> = ids.into_iter().flatten().collect();
-    match failure {
-        None => Ok((
-            StatusCode::ACCEPTED,
-            Json(
-                json!({"ids": ids, "recipients": request.recipients.len(), "suppressed": suppressed}),
-            ),
-        )),
-        // Some made it to disk: say which, so that a retry does not duplicate them.
-        Some(why) => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{} of {total} messages queued ({}); not queued: {why}",
-                ids.len(),
-                ids.join(",")
-            ),
-        )),
-    }
+    (ids, failure)
 }
 
 /// The size limits of one inject call: each message as SMTP's (`[limits] max_message_size`),
