@@ -392,7 +392,8 @@ impl BodyWriter {
 
     /// Appends the buffer to the body file (created on the first spill), then runs `finish`
     /// on it, all on a blocking thread. On failure the file is removed: the message is lost
-    /// to its sender's retry, never half-kept.
+    /// to its sender's retry, never half-kept. If the caller goes away meanwhile (a client
+    /// that disconnects), the file is removed when the write ends, as Drop would have.
     async fn spill(
         &mut self,
         finish: impl FnOnce(&File) -> io::Result<()> + Send + 'static,
@@ -402,8 +403,12 @@ impl BodyWriter {
         let path = self.path();
         let n = buf.len() as u64;
         let written = tokio::task::spawn_blocking(move || {
+            let mut spilled = Unlinking {
+                file: None,
+                path: path.clone(),
+            };
             let result = (|| {
-                let mut file = match file {
+                let file = match file {
                     Some(file) => file,
                     None => OpenOptions::new()
                         .create(true)
@@ -411,20 +416,17 @@ impl BodyWriter {
                         .write(true)
                         .open(&path)?,
                 };
+                let file = spilled.file.insert(file);
                 file.write_all(&buf)?;
-                finish(&file)?;
-                Ok::<_, io::Error>(file)
+                finish(file)
             })();
-            if result.is_err() {
-                let _ = fs::remove_file(&path);
-            }
             buf.clear();
-            result.map(|file| (file, buf))
+            result.map(|()| (spilled, buf))
         })
         .await
         .map_err(|_| SpoolError::Stopped)?;
-        let (file, buf) = written.map_err(SpoolError::classify)?;
-        self.file = Some(file);
+        let (mut spilled, buf) = written.map_err(SpoolError::classify)?;
+        self.file = spilled.file.take();
         self.buf = buf;
         self.spilled += n;
         Ok(())
@@ -432,6 +434,21 @@ impl BodyWriter {
 
     fn path(&self) -> PathBuf {
         self.bodies_dir.join(self.id.to_string())
+    }
+}
+
+/// A body file being written off the caller's thread: removed when dropped still holding the
+/// file (the write failed, or nobody took the result).
+struct Unlinking {
+    file: Option<File>,
+    path: PathBuf,
+}
+
+impl Drop for Unlinking {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 

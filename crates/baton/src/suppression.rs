@@ -162,8 +162,8 @@ fn writer() -> Option<&'static mpsc::Sender<Write>> {
 }
 
 /// Waits until every change queued so far is in its file (nothing to wait for before the
-/// writer has started).
-fn flush_writes() {
+/// writer has started). The server calls it as it stops.
+pub fn flush_writes() {
     let Some(Some(tx)) = WRITER.get() else {
         return;
     };
