@@ -29,6 +29,27 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// A size in binary units, to a tenth: "75 MiB", "1.5 GiB", "512 B".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (name, size) in UNITS {
+        if bytes >= size {
+            let whole = bytes / size;
+            let tenth = (bytes % size) * 10 / size;
+            return match tenth {
+                0 => format!("{whole} {name}"),
+                _ => format!("{whole}.{tenth} {name}"),
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
 /// "30m", "2h", "90" (seconds): a duration in seconds, for the command line.
 pub fn parse_duration(text: &str) -> Option<u64> {
     parse_with_unit(text, DURATION_UNITS).filter(|&s| s > 0 && s <= MAX_DURATION_SECS)
@@ -47,6 +68,8 @@ pub const SIZE_UNITS: &[(&str, u64)] = &[
     ("MiB", 1 << 20),
     ("GB", 1_000_000_000),
     ("GiB", 1 << 30),
+    ("TB", 1_000_000_000_000),
+    ("TiB", 1 << 40),
 ];
 
 pub fn parse_with_unit(text: &str, units: &[(&str, u64)]) -> Option<u64> {
@@ -80,5 +103,9 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(3600)), "1 hour");
         assert_eq!(human_duration(Duration::from_secs(90)), "90 seconds");
         assert_eq!(human_duration(Duration::from_millis(250)), "250 ms");
+        assert_eq!(human_size(75 << 20), "75 MiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(u64::MAX), "16777215.9 TiB");
     }
 }

@@ -21,6 +21,7 @@ use baton_tls::trust::Trust;
 use tokio::sync::watch;
 
 use crate::api;
+use crate::backpressure::{Backpressure, Thresholds};
 use crate::config::Config;
 use crate::delivery::Services;
 use crate::intake::Intake;
@@ -52,6 +53,12 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         services,
     )?;
     crate::control::listen(&config.data_dir, queue.clone())?;
+    let thresholds = Thresholds::new(
+        config.spool.min_free_space,
+        config.limits.max_message_size,
+        config.spool.max_queued_recipients,
+    );
+    let backpressure = Backpressure::start(thresholds, &config.data_dir, queue.queued());
     let intake = Intake::new(spool, events.clone(), queue.clone());
     // Listeners last: once a client can connect, the queue and the control socket are up.
     let http_listener = match &config.http {
@@ -62,6 +69,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     let reception = Arc::new(Reception::new(
         config.clone(),
         intake.clone(),
+        backpressure.clone(),
         stop.clone(),
     )?);
     if let Some(listener) = http_listener {
@@ -71,10 +79,15 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
             queue,
             events,
             suppressions,
+            backpressure,
         };
         api::serve(Arc::new(ctx), listener, stop.clone());
     }
     server::run(reception, listeners, stop).await;
+    // A suppression the API acknowledged is in its file before the process ends.
+    tokio::task::spawn_blocking(crate::suppression::flush_writes)
+        .await
+        .ok();
     Ok(())
 }
 

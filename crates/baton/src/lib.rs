@@ -9,6 +9,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backpressure;
 pub mod bounce;
 pub mod config;
 pub mod control;

@@ -20,6 +20,8 @@ use baton_shaping::ratelimit::RateLimiter;
 pub struct Reception {
     pub config: Arc<Config>,
     pub intake: Intake,
+    /// Why intake must pause now (disk nearly full, queue at its limit), if it must.
+    pub backpressure: Arc<crate::backpressure::Backpressure>,
     /// Submission users, when `[submission] users_file` is set.
     pub users: Option<Arc<crate::auth::Users>>,
     pub auth_failures: crate::auth::FailureLimiter,
@@ -71,6 +73,7 @@ impl Reception {
     pub fn new(
         config: Arc<Config>,
         intake: Intake,
+        backpressure: Arc<crate::backpressure::Backpressure>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Reception> {
         let users = config
@@ -95,6 +98,7 @@ impl Reception {
             user_messages: config.submission.message_rate.map(RateLimiter::new),
             user_recipients: config.submission.recipient_rate.map(RateLimiter::new),
             intake,
+            backpressure,
             shutdown,
             connections: Mutex::default(),
             config,

@@ -109,6 +109,12 @@ pub(super) async fn inject(
     request: Result<Json<InjectRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut request = body(request)?;
+    if let Some(why) = ctx.backpressure.refusal() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("insufficient system storage: {why}; try again later"),
+        ));
+    }
     normalise_addresses(&mut request)?;
     let suppressed = leave_out_suppressed(&ctx, &mut request);
     if request.recipients.is_empty() && !suppressed.is_empty() {

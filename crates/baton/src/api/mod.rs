@@ -137,6 +137,8 @@ pub struct Context {
     pub events: baton_events::Events,
     /// Addresses the API does not mail.
     pub suppressions: Arc<crate::suppression::Suppressions>,
+    /// Why intake must pause now, if it must (503).
+    pub backpressure: Arc<crate::backpressure::Backpressure>,
 }
 
 /// Binds the API's address (before the SMTP listeners: once mail can come in, so can API

@@ -176,6 +176,8 @@ impl Validator<'_> {
                 .segment_size
                 .and_then(|s| self.size(s))
                 .unwrap_or(64 << 20),
+            min_free_space: raw.min_free_space.and_then(|s| self.size(s)).unwrap_or(0),
+            max_queued_recipients: raw.max_queued_recipients.map(|n| self.count(Some(n), 1)),
         }
     }
 }

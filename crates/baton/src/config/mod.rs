@@ -122,6 +122,11 @@ pub struct Limits {
 pub struct SpoolConfig {
     pub fsync: bool,
     pub segment_size: u64,
+    /// Intake pauses (452 4.3.1, API 503) below this much free space on the spool's disk;
+    /// never less than 1.5 × `[limits] max_message_size` (0 when not set).
+    pub min_free_space: u64,
+    /// Intake pauses while this many recipients wait in the queue (none: no limit).
+    pub max_queued_recipients: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

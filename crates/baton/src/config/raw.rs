@@ -233,6 +233,8 @@ pub(super) struct RawLimits {
 pub(super) struct RawSpool {
     pub(super) fsync: Option<bool>,
     pub(super) segment_size: Option<Spanned<Quantity>>,
+    pub(super) min_free_space: Option<Spanned<Quantity>>,
+    pub(super) max_queued_recipients: Option<Spanned<u64>>,
 }
 
 /// A number, or a string with a unit: "30s", "5m", "50MiB".

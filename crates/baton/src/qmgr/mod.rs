@@ -19,6 +19,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_spool::{BodyLocation, DsnRet, Envelope, QueueId, Spool, StoredMessage, now_ms};
@@ -48,6 +49,7 @@ type Commanded = (OperatorCommand, tokio::sync::oneshot::Sender<Answer>);
 pub struct QueueHandle {
     tx: mpsc::UnboundedSender<StoredWithBody>,
     control: mpsc::UnboundedSender<Commanded>,
+    queued: Arc<AtomicU64>,
 }
 
 struct StoredWithBody {
@@ -56,6 +58,12 @@ struct StoredWithBody {
 }
 
 impl QueueHandle {
+    /// Recipients waiting in the queue (queued or deferred), kept current by the queue
+    /// manager.
+    pub fn queued(&self) -> Arc<AtomicU64> {
+        self.queued.clone()
+    }
+
     /// Queues a message that is already durable in the spool. `body` saves a read back.
     pub fn submit(&self, message: StoredMessage, body: Option<Bytes>) {
         let _ = self.tx.send(StoredWithBody { message, body });
@@ -105,6 +113,8 @@ pub struct QueueManager {
     /// DSN tasks report here when their commits are done.
     notices_done: mpsc::UnboundedSender<dsn::Committed>,
     notices: mpsc::UnboundedReceiver<dsn::Committed>,
+    /// Recipients waiting (not final), for intake's backpressure.
+    queued: Arc<AtomicU64>,
 }
 
 impl QueueManager {
@@ -121,6 +131,7 @@ impl QueueManager {
         let (report_tx, reports) = mpsc::unbounded_channel();
         let (control_tx, control) = mpsc::unbounded_channel();
         let (notices_done, notices) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicU64::new(0));
         let operator_state = operator_state::OperatorState::new(&config.data_dir);
         let delivery = Arc::new(DeliveryContext::new(
             config.clone(),
@@ -145,6 +156,7 @@ impl QueueManager {
             outbox: dsn::Outbox::default(),
             notices_done,
             notices,
+            queued: queued.clone(),
         };
         // Operator suspensions survive restarts.
         if let Some(saved) = qmgr.operator_state.load() {
@@ -157,6 +169,7 @@ impl QueueManager {
         Ok(QueueHandle {
             tx,
             control: control_tx,
+            queued,
         })
     }
 
@@ -208,12 +221,13 @@ impl QueueManager {
         });
         let id = env.id;
         let n = env.recipients.len();
-        baton_events::metrics::queue_depth(
-            env.recipients
-                .iter()
-                .filter(|r| !r.state.is_final())
-                .count() as i64,
-        );
+        let waiting = env
+            .recipients
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .count();
+        baton_events::metrics::queue_depth(waiting as i64);
+        self.queued.fetch_add(waiting as u64, Ordering::Relaxed);
         let attempts = env
             .recipients
             .iter()

@@ -104,6 +104,11 @@ impl QueueManager {
             baton_events::metrics::outcome(m.kind, domain, pool, &m.status, m.latency_s);
             if decision.state.is_final() {
                 baton_events::metrics::queue_depth(-1);
+                let _ = self.queued.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| Some(n.saturating_sub(1)),
+                );
             }
         }
         match decision.sticky {

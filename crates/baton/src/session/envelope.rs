@@ -61,6 +61,9 @@ impl Session {
                 ),
             );
         }
+        if let Some(why) = self.ctx.backpressure.refusal() {
+            return Reply::new(452, "4.3.1", format!("Insufficient system storage: {why}"));
+        }
         if let Some(reply) = self.user_rate(&self.ctx.user_messages, "message") {
             return reply;
         }
