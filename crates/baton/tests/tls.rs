@@ -254,16 +254,25 @@ fn check_config_reports_unusable_certificates() {
 }
 
 /// The port of the TLS mx listener (the harness's own listener has no TLS: STARTTLS gets 502).
+/// The harness's listener may answer before the others are logged: the log is read again
+/// until the line is there.
 fn tls_mx_port(server: &Server, implicit: u16) -> u16 {
-    server
-        .log()
-        .lines()
-        .filter(|l| l.contains("listening") && l.contains("tls=true"))
-        .filter_map(|l| l.split("address=127.0.0.1:").nth(1))
-        .filter_map(|p| p.split_whitespace().next())
-        .map(|p| p.parse::<u16>().unwrap())
-        .find(|&p| p != implicit)
-        .expect("the TLS mx listener")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = server
+            .log()
+            .lines()
+            .filter(|l| l.contains("listening") && l.contains("tls=true"))
+            .filter_map(|l| l.split("address=127.0.0.1:").nth(1))
+            .filter_map(|p| p.split_whitespace().next())
+            .map(|p| p.parse::<u16>().unwrap())
+            .find(|&p| p != implicit);
+        if let Some(port) = found {
+            return port;
+        }
+        assert!(std::time::Instant::now() < deadline, "the TLS mx listener");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]
