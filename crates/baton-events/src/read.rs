@@ -1,6 +1,10 @@
 //! Readers of the event log: a page of events, one message's history, statistics over a
-//! time span. Each scans the file from the start; they run on blocking threads.
+//! time span. They run on blocking threads. The log is appended in time order, so a reader
+//! whose question starts at a time (and needs nothing from before it) starts reading there,
+//! found by bisection ([`tail_since`]), instead of scanning the whole history; the others scan
+//! from the start.
 
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::EventKind;
@@ -24,7 +28,11 @@ pub struct Filter {
 /// One page of the event log, oldest first: `{"events": [...], "next": <id or null>}`;
 /// `next` is the id to pass as `after` for the following page.
 pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // A campaign filter needs the receptions before `since`; a cursor, the line it names.
+    let from = filter
+        .since
+        .filter(|_| filter.campaign.is_none() && filter.after.is_none());
+    let text = tail_since(path, from);
     let mut campaign_messages = std::collections::HashSet::new();
     let mut passed_cursor = filter.after.is_none();
     let mut events = Vec::new();
@@ -153,7 +161,9 @@ pub fn stats(
     until: Option<jiff::Timestamp>,
     by: &str,
 ) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Campaign and tenant come from the receptions, which may be older than `since`.
+    let from = since.filter(|_| !matches!(by, "campaign" | "tenant"));
+    let text = tail_since(path, from);
     // Message id → (campaign, tenant), from reception events.
     let mut tags: std::collections::HashMap<String, (String, String)> = Default::default();
     let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
@@ -259,6 +269,73 @@ impl Group {
     }
 }
 
+/// Events are stamped when made and written a moment later, so the log's order is time order
+/// only to within this much; bisection looks this far before `since`.
+const ORDER_SLACK: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
+/// The log from about `since` on (from the start without `since`, or when it cannot tell):
+/// whole lines, starting at or before the first event stamped `since` − [`ORDER_SLACK`].
+/// Callers still filter on the time: this only skips what is certainly older.
+pub fn tail_since(path: &Path, since: Option<jiff::Timestamp>) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let start = since
+        .and_then(|s| s.checked_sub(ORDER_SLACK).ok())
+        .and_then(|s| bisect(&mut file, s).ok())
+        .unwrap_or(0);
+    let mut text = String::new();
+    if file.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = file.read_to_string(&mut text);
+    }
+    text
+}
+
+/// An offset at a line's start before which every line is stamped earlier than `at` (0 when
+/// the first line is not).
+fn bisect(file: &mut std::fs::File, at: jiff::Timestamp) -> std::io::Result<u64> {
+    let (mut lo, mut hi) = (0u64, file.metadata()?.len());
+    // lo: a line start known to be before `at` (or 0); hi: an offset at or after it.
+    while hi.saturating_sub(lo) > 64 << 10 {
+        let mid = lo + (hi - lo) / 2;
+        match line_after(file, mid)? {
+            Some((start, stamp)) if start < hi && stamp.is_some_and(|t| t < at) => lo = start,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
+/// The first whole line starting after `offset`: where it starts and its timestamp (None
+/// when it has none that parses).
+fn line_after(
+    file: &mut std::fs::File,
+    offset: u64,
+) -> std::io::Result<Option<(u64, Option<jiff::Timestamp>)>> {
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = BufReader::new(&mut *file);
+    let mut skipped = Vec::new();
+    let partial = reader.read_until(b'\n', &mut skipped)? as u64;
+    let mut line = Vec::new();
+    if reader
+        .by_ref()
+        .take(64 << 10)
+        .read_until(b'\n', &mut line)?
+        == 0
+    {
+        return Ok(None);
+    }
+    let stamp = serde_json::from_slice::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|e| {
+            e.get("timestamp")?
+                .as_str()?
+                .parse::<jiff::Timestamp>()
+                .ok()
+        });
+    Ok(Some((offset + partial, stamp)))
+}
+
 /// An RFC 3339 time, or a span back from now ("90s", "30m", "24h", "7d").
 pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
@@ -286,6 +363,32 @@ pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_from_a_time_skips_only_what_is_older() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let t0 = "2026-12-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap();
+        for i in 0..20_000i64 {
+            let at = t0 + jiff::SignedDuration::from_secs(i * 10);
+            writeln!(f, r#"{{"id":"{i}","type":"delivery","timestamp":"{at}"}}"#).unwrap();
+        }
+        drop(f);
+        let since = t0 + jiff::SignedDuration::from_secs(150_000);
+        let tail = tail_since(&path, Some(since));
+        let first: serde_json::Value = serde_json::from_str(tail.lines().next().unwrap()).unwrap();
+        let first_at: jiff::Timestamp = first["timestamp"].as_str().unwrap().parse().unwrap();
+        // Nothing at or after `since` (minus the slack) is skipped, and most before it is.
+        assert!(first_at <= since - ORDER_SLACK, "{first_at}");
+        assert!(tail.lines().count() < 6_000, "{}", tail.lines().count());
+        assert!(tail.contains(r#""id":"15000""#));
+        assert_eq!(tail_since(&path, None).lines().count(), 20_000);
+        let before_all = t0 - jiff::SignedDuration::from_secs(3600);
+        assert_eq!(tail_since(&path, Some(before_all)).lines().count(), 20_000);
+        assert_eq!(tail_since(&dir.path().join("none"), Some(since)), "");
+    }
 
     #[test]
     fn spans_and_times_parse_and_nonsense_does_not() {
