@@ -100,7 +100,24 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
 /// A message's recipients and their last known state, from the event log (for messages no
 /// longer in the queue); none if the log never saw it.
 pub fn history(path: &Path, message_id: &str) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
+    // A queue id carries its arrival time: nothing of the message is older than that.
+    let arrived = message_id
+        .parse::<baton_spool::QueueId>()
+        .ok()
+        .and_then(|id| jiff::Timestamp::from_millisecond(i64::try_from(id.0 >> 20).ok()?).ok());
+    std::fs::metadata(path).ok()?;
+    if arrived.is_some()
+        && let Some(found) = history_in(&tail_since(path, arrived), message_id)
+    {
+        return Some(found);
+    }
+    // Not seen from its arrival on (a clock that stepped back, an id that is not Baton's):
+    // the whole log.
+    history_in(&tail_since(path, None), message_id)
+}
+
+/// [`history`] over the given part of the log.
+fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
     let mut sender = None;
     // (email, state, attempts, last response), in order of first appearance.
     let mut recipients: Vec<(String, &'static str, u64, Option<String>)> = Vec::new();
@@ -388,6 +405,39 @@ mod tests {
         let before_all = t0 - jiff::SignedDuration::from_secs(3600);
         assert_eq!(tail_since(&path, Some(before_all)).lines().count(), 20_000);
         assert_eq!(tail_since(&dir.path().join("none"), Some(since)), "");
+    }
+
+    #[test]
+    fn a_message_history_starts_at_its_arrival() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let t0 = "2026-12-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap();
+        let id_at = |at: jiff::Timestamp| format!("{:016X}", (at.as_millisecond() as u64) << 20);
+        for i in 0..20_000i64 {
+            let at = t0 + jiff::SignedDuration::from_secs(i * 10);
+            let (id, rcpt) = (id_at(at), format!("r{i}@dest.test"));
+            for kind in ["reception", "delivery"] {
+                writeln!(
+                    f,
+                    r#"{{"type":"{kind}","timestamp":"{at}","message_id":"{id}","recipient":"{rcpt}","sender":"s@x.test","code":250}}"#
+                )
+                .unwrap();
+            }
+        }
+        drop(f);
+        let late = id_at(t0 + jiff::SignedDuration::from_secs(190_000));
+        let h = history(&path, &late).expect("found");
+        assert_eq!(h["recipients"][0]["email"], "r19000@dest.test");
+        assert_eq!(h["recipients"][0]["state"], "delivered");
+        let early = id_at(t0);
+        assert_eq!(
+            history(&path, &early).expect("found")["recipients"][0]["email"],
+            "r0@dest.test"
+        );
+        assert!(history(&path, "0000000000000001").is_none());
+        assert!(history(&dir.path().join("none"), &early).is_none());
     }
 
     #[test]
