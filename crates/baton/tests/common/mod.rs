@@ -71,35 +71,51 @@ impl Server {
                 .find(|l| l.trim_start().starts_with("address"))?;
             line.split('"').nth(1)?.parse::<SocketAddr>().ok()
         });
-        let http =
-            own_http.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
-        let extra = if extra.contains("[http]") {
-            extra
-        } else {
-            format!("{extra}\n[http]\naddress = \"{http}\"\n")
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let config = format!(
-            "hostname = \"mx.test.example\"\ndata_dir = \"{}\"\n{extra}\n[[listener]]\naddress = \"{addr}\"\nrole = \"mx\"\n",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("baton.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut server = Server {
-            child: None,
-            file_size_limit,
-            dir,
-            addr,
-            http,
-            config_path,
-        };
-        server.spawn();
-        server
+        // The ports are picked free, then bound by the server a moment later: another test may
+        // take one in between. Then the server exits at start, and it is tried again on others.
+        for attempt in 1.. {
+            let http =
+                own_http.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+            let with_http = if extra.contains("[http]") {
+                extra.clone()
+            } else {
+                format!("{extra}\n[http]\naddress = \"{http}\"\n")
+            };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let config = format!(
+                "hostname = \"mx.test.example\"\ndata_dir = \"{}\"\n{with_http}\n[[listener]]\naddress = \"{addr}\"\nrole = \"mx\"\n",
+                dir.path().join("data").display()
+            );
+            let config_path = dir.path().join("baton.toml");
+            std::fs::write(&config_path, config).unwrap();
+            let mut server = Server {
+                child: None,
+                file_size_limit,
+                dir,
+                addr,
+                http,
+                config_path,
+            };
+            match server.try_spawn() {
+                Ok(()) => return server,
+                Err(log) if attempt < 3 && log.contains("in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     pub fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts the server and waits until it listens (it and no other process: a port taken
+    /// meanwhile by another test shows as the server's exit); the reason with its log if not.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,19 +146,22 @@ impl Server {
         let child = command.spawn().expect("spawn baton");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(self.addr).is_err() {
+        loop {
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("baton exited at start ({status}):\n{}", self.log());
+                return Err(format!("baton exited at start ({status}):\n{}", self.log()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "baton did not listen:\n{}",
-                self.log()
-            );
+            // Accepting, and this server says it listens there: not another that took the port.
+            let ours = format!("listening address={}", self.addr);
+            if TcpStream::connect(self.addr).is_ok() && self.log().contains(&ours) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("baton did not listen:\n{}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
