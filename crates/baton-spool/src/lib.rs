@@ -14,13 +14,15 @@
 //! This crate owns the files under the spool directory. It knows nothing of SMTP sessions,
 //! routing or delivery; see docs/ARCHITECTURE.md and docs/SPOOL.md.
 
+mod committer;
+pub mod compact;
 pub mod envelope;
 pub mod journal;
 mod legacy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -28,6 +30,8 @@ use std::thread;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+
+use committer::Committer;
 
 pub use envelope::{
     Attempt, DsnRet, Envelope, IdGenerator, MessageMeta, Notify, QueueId, RcptState, Recipient,
@@ -103,9 +107,30 @@ pub struct Spool {
 struct Inner {
     journal_dir: PathBuf,
     bodies_dir: PathBuf,
+    /// Bodies compaction moved (see [`Spool::load_body`]).
+    moved: committer::Moved,
     options: SpoolOptions,
     ids: IdGenerator,
-    committer: mpsc::Sender<CommitRequest>,
+    committer: Option<mpsc::Sender<CommitRequest>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Inner {
+    fn send(&self, request: CommitRequest) -> Result<(), SpoolError> {
+        let committer = self.committer.as_ref().ok_or(SpoolError::Stopped)?;
+        committer.send(request).map_err(|_| SpoolError::Stopped)
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle gone: the committer writes and syncs what it was sent, and ends; the
+    /// spool is closed when this returns (it may be opened again).
+    fn drop(&mut self) {
+        drop(self.committer.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What [`Spool::open`] found on disk.
@@ -130,22 +155,21 @@ impl Spool {
 
         let segments = journal::list_segments(&journal_dir)?;
         let (live, tail, truncated_bytes) = replay(&journal_dir, &segments)?;
-        let mut segment_live: BTreeMap<u64, usize> = segments.iter().map(|&n| (n, 0)).collect();
-        let mut live_index = HashMap::with_capacity(live.len());
-        for (id, (message, segment)) in &live {
-            *segment_live.entry(*segment).or_default() += 1;
-            live_index.insert(*id, (*segment, message.body == BodyLocation::File));
-        }
         let mut recovery = Recovery {
             truncated_bytes,
             ..Recovery::default()
         };
-        recovery.messages = live.into_values().map(|(m, _)| m).collect();
-        recovery.messages.sort_by_key(|m| m.envelope.id);
-        recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &recovery.messages)?;
+        let mut messages = Vec::with_capacity(live.len());
+        let mut tracked = Vec::with_capacity(live.len());
+        for (message, segment) in live.into_values() {
+            tracked.push((message.envelope.id, segment, message.body));
+            messages.push(message);
+        }
+        messages.sort_by_key(|m| m.envelope.id);
+        recovery.orphan_bodies_removed = remove_orphan_bodies(&bodies_dir, &messages)?;
+        recovery.messages = messages;
 
         let active = active_segment(&journal_dir, tail, &options)?;
-        segment_live.entry(active.number).or_insert(0);
         let last_id = recovery
             .messages
             .iter()
@@ -153,28 +177,33 @@ impl Spool {
             .max()
             .unwrap_or(QueueId(0));
         let (tx, rx) = mpsc::channel();
+        let moved = committer::Moved::default();
         let mut committer = Committer {
             active,
             rx,
             options: options.clone(),
             journal_dir: journal_dir.clone(),
             bodies_dir: bodies_dir.clone(),
-            live: live_index,
-            segment_live,
+            live: HashMap::with_capacity(tracked.len()),
+            segments: BTreeMap::new(),
+            moved: moved.clone(),
             dirty: false,
             last_sync: std::time::Instant::now(),
             unsynced_done: Vec::new(),
+            compact_after: std::time::Instant::now(),
         };
-        committer.remove_dead_segments();
-        thread::Builder::new()
+        committer.recover(&segments, tracked);
+        let thread = thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || committer.run())?;
         let inner = Inner {
             journal_dir,
             bodies_dir,
+            moved,
             options,
             ids: IdGenerator::after(last_id),
-            committer: tx,
+            committer: Some(tx),
+            thread: Some(thread),
         };
         Ok((
             Spool {
@@ -195,7 +224,7 @@ impl Spool {
         for number in journal::list_segments(&journal_dir)? {
             let path = journal::segment_path(&journal_dir, number);
             match journal::scan_segment(&path, number) {
-                Ok(scan) => apply_records(&mut live, scan.records, number),
+                Ok(scan) => apply_records(&mut live, scan.records, number, |_| true),
                 // Deleted by the server between listing and reading: nothing live was in it.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
@@ -257,16 +286,13 @@ impl Spool {
         };
         let head = journal::encode_message(envelope, &inline, body_in_file)?;
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .committer
-            .send(CommitRequest::Message {
-                id: envelope.id,
-                head,
-                body: inline.clone(),
-                body_in_file,
-                reply,
-            })
-            .map_err(|_| SpoolError::Stopped)?;
+        self.inner.send(CommitRequest::Message {
+            id: envelope.id,
+            head,
+            body: inline.clone(),
+            body_in_file,
+            reply,
+        })?;
         // From here the record may reach the disk whether or not this future is awaited to
         // the end (a caller that goes away drops it): the body file must outlive it. A failed
         // write gives it back to be removed; a record never written leaves an orphan that
@@ -292,13 +318,10 @@ impl Spool {
         for &id in done {
             journal::encode_done(id, &mut frames);
         }
-        self.inner
-            .committer
-            .send(CommitRequest::Records {
-                frames,
-                done: done.to_vec(),
-            })
-            .map_err(|_| SpoolError::Stopped)
+        self.inner.send(CommitRequest::Records {
+            frames,
+            done: done.to_vec(),
+        })
     }
 
     /// Replaces a message's meta (e.g. its pool after a rebind, a hold); written like
@@ -306,19 +329,30 @@ impl Spool {
     pub fn record_meta(&self, id: QueueId, meta: &MessageMeta) -> Result<(), SpoolError> {
         let mut frames = Vec::new();
         journal::encode_meta(id, meta, &mut frames)?;
-        self.inner
-            .committer
-            .send(CommitRequest::Records {
-                frames,
-                done: Vec::new(),
-            })
-            .map_err(|_| SpoolError::Stopped)
+        self.inner.send(CommitRequest::Records {
+            frames,
+            done: Vec::new(),
+        })
     }
 
     /// Reads the body of a message in this spool (for delivery of a message not in memory).
+    /// `location` is where it was committed; if compaction has moved it since, the body is
+    /// read from where it is now.
     pub fn load_body(&self, id: QueueId, location: BodyLocation) -> io::Result<Bytes> {
         let dir = self.inner.journal_dir.parent().unwrap_or(Path::new("."));
-        read_body_at(dir, id, location).map(Bytes::from)
+        let first = self.moved_to(id).unwrap_or(location);
+        match read_body_at(dir, id, first) {
+            // Moved (and its old segment deleted) between the look-up and the read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.moved_to(id) {
+                Some(now) if now != first => read_body_at(dir, id, now).map(Bytes::from),
+                _ => Err(e),
+            },
+            read => read.map(Bytes::from),
+        }
+    }
+
+    fn moved_to(&self, id: QueueId) -> Option<BodyLocation> {
+        self.inner.moved.lock().ok()?.get(&id).copied()
     }
 }
 
@@ -493,7 +527,7 @@ fn replay(journal_dir: &Path, segments: &[u64]) -> Result<Replayed, SpoolError> 
                 );
             }
         }
-        apply_records(&mut live, records, number);
+        apply_records(&mut live, records, number, |_| true);
         if last {
             tail = Some((number, valid, file_len, current));
         }
@@ -549,15 +583,19 @@ fn read_body_at(dir: &Path, id: QueueId, location: BodyLocation) -> io::Result<V
 
 /// Applies journal records in order: the latest message record for an id wins, updates change
 /// it, done removes it. Tracks the segment each live message's record is in.
+/// Records of messages `keep` refuses are skipped.
 fn apply_records(
     live: &mut HashMap<QueueId, (StoredMessage, u64)>,
     records: Vec<Record>,
     segment: u64,
+    keep: impl Fn(QueueId) -> bool,
 ) {
     for record in records {
         match record {
             Record::Message(m) => {
-                live.insert(m.envelope.id, (m, segment));
+                if keep(m.envelope.id) {
+                    live.insert(m.envelope.id, (m, segment));
+                }
             }
             Record::Update(u) => {
                 if let Some((m, _)) = live.get_mut(&u.id) {
@@ -597,249 +635,4 @@ fn remove_orphan_bodies(bodies_dir: &Path, messages: &[StoredMessage]) -> io::Re
         }
     }
     Ok(removed)
-}
-
-/// The group-commit loop, on its own thread: it is the only writer of the journal and the only
-/// one that deletes spool files.
-struct Committer {
-    active: journal::ActiveSegment,
-    rx: mpsc::Receiver<CommitRequest>,
-    options: SpoolOptions,
-    journal_dir: PathBuf,
-    bodies_dir: PathBuf,
-    /// Live message → (segment of its record, body in its own file).
-    live: HashMap<QueueId, (u64, bool)>,
-    /// Live messages per segment, every existing segment listed.
-    segment_live: BTreeMap<u64, usize>,
-    /// Records written since the last fsync.
-    dirty: bool,
-    /// When the journal was last fsynced (records wait at most RECORD_SYNC_DELAY for one).
-    last_sync: std::time::Instant,
-    /// Finished messages whose done record is written but not yet fsynced: their body files
-    /// and segments may go only once it is (after a power cut the message would come back
-    /// pointing at a missing body).
-    unsynced_done: Vec<QueueId>,
-}
-
-/// Records not followed by a message commit are fsynced after this long at the latest.
-const RECORD_SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl Committer {
-    fn run(mut self) {
-        let mut batch = Vec::new();
-        loop {
-            let first = match self.rx.recv_timeout(RECORD_SYNC_DELAY) {
-                Ok(first) => first,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.sync_if_dirty();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-            self.commit_batch(&mut batch);
-        }
-        self.sync_if_dirty();
-    }
-
-    fn sync_if_dirty(&mut self) {
-        if self.dirty && self.options.fsync {
-            match self.active.sync() {
-                Ok(()) => {
-                    self.dirty = false;
-                    self.last_sync = std::time::Instant::now();
-                }
-                Err(e) => tracing::error!(error = %e, "journal fsync failed"),
-            }
-        }
-        self.forget_durable();
-    }
-
-    /// Forgets the finished messages whose done records are on disk: their body files go, and
-    /// segments from the oldest on once nothing in them is live.
-    fn forget_durable(&mut self) {
-        if self.dirty && self.options.fsync {
-            return;
-        }
-        for id in std::mem::take(&mut self.unsynced_done) {
-            self.forget(id);
-        }
-        self.remove_dead_segments();
-    }
-
-    fn commit_batch(&mut self, batch: &mut Vec<CommitRequest>) {
-        let segment = self.active.number;
-        let result = self.write_batch(batch);
-        let ok = result.is_ok();
-        let mut results = result_per_request(result, batch.len()).into_iter();
-        let mut finished = Vec::new();
-        let mut replies = Vec::new();
-        for request in batch.drain(..) {
-            let location = results.next().unwrap_or(Err(SpoolError::Stopped));
-            match request {
-                CommitRequest::Message {
-                    id,
-                    body_in_file,
-                    reply,
-                    ..
-                } => {
-                    if location.is_ok() {
-                        self.live.insert(id, (segment, body_in_file));
-                        *self.segment_live.entry(segment).or_default() += 1;
-                    }
-                    replies.push((reply, location));
-                }
-                CommitRequest::Records { done, .. } if ok => finished.extend(done),
-                CommitRequest::Records { .. } => {}
-            }
-        }
-        self.unsynced_done.extend(finished);
-        if self.dirty && self.last_sync.elapsed() >= RECORD_SYNC_DELAY {
-            // Records keep coming (a backlog draining, no new mail): sync them anyway once a
-            // second, or finished bodies and segments would stay until the next rotation.
-            self.sync_if_dirty();
-        } else {
-            self.forget_durable();
-        }
-        // Answer last, so that whoever waits on a commit sees the batch's clean-up done too.
-        for (reply, location) in replies {
-            let _ = reply.send(location);
-        }
-    }
-
-    /// A finished message whose done record is durable: its body file goes now, its segment
-    /// once nothing in it or before it is live.
-    fn forget(&mut self, id: QueueId) {
-        if let Some((segment, in_file)) = self.live.remove(&id) {
-            if let Some(n) = self.segment_live.get_mut(&segment) {
-                *n = n.saturating_sub(1);
-            }
-            if in_file {
-                let _ = fs::remove_file(self.bodies_dir.join(id.to_string()));
-            }
-        }
-    }
-
-    /// Deletes segments from the oldest on while they hold nothing live. Only from the oldest:
-    /// a later segment may hold the done record of a message in an earlier one.
-    fn remove_dead_segments(&mut self) {
-        while let Some((&oldest, &count)) = self.segment_live.first_key_value() {
-            if count > 0 || oldest == self.active.number {
-                break;
-            }
-            let path = journal::segment_path(&self.journal_dir, oldest);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(segment = %path.display(), error = %e, "cannot delete a finished journal segment");
-                    break;
-                }
-            }
-            self.segment_live.remove(&oldest);
-        }
-    }
-
-    fn write_batch(&mut self, batch: &[CommitRequest]) -> Result<Vec<BodyLocation>, SpoolError> {
-        if self.active.len >= self.options.segment_size {
-            // Records written to the old segment must be durable before it is left behind.
-            self.sync_if_dirty();
-            self.active
-                .rotate(self.options.fsync)
-                .map_err(SpoolError::classify)?;
-            self.segment_live.entry(self.active.number).or_insert(0);
-        }
-        let any_file = batch.iter().any(|r| {
-            matches!(
-                r,
-                CommitRequest::Message {
-                    body_in_file: true,
-                    ..
-                }
-            )
-        });
-        if self.options.fsync && any_file {
-            journal::sync_dir(&self.bodies_dir).map_err(SpoolError::classify)?;
-        }
-        let mut offset = self.active.len;
-        let mut locations = Vec::with_capacity(batch.len());
-        let mut slices = Vec::with_capacity(batch.len() * 2);
-        for request in batch {
-            match request {
-                CommitRequest::Message {
-                    head,
-                    body,
-                    body_in_file,
-                    ..
-                } => {
-                    let body_offset = offset + head.len() as u64;
-                    locations.push(if *body_in_file {
-                        BodyLocation::File
-                    } else {
-                        BodyLocation::Inline {
-                            segment: self.active.number,
-                            offset: body_offset,
-                            len: body.len() as u64,
-                        }
-                    });
-                    offset = body_offset + body.len() as u64;
-                    slices.push(IoSlice::new(head));
-                    if !body.is_empty() {
-                        slices.push(IoSlice::new(body));
-                    }
-                }
-                CommitRequest::Records { frames, .. } => {
-                    // Records carry no location; a placeholder keeps results aligned.
-                    locations.push(BodyLocation::File);
-                    offset += frames.len() as u64;
-                    slices.push(IoSlice::new(frames));
-                }
-            }
-        }
-        // Only new messages wait for their fsync (a 250 hangs on it). Recipient updates and
-        // done records ride along with the next one, or are synced within a second: losing them
-        // to a power cut repeats a delivery, it never loses mail.
-        let has_message = batch
-            .iter()
-            .any(|r| matches!(r, CommitRequest::Message { .. }));
-        let sync = self.options.fsync && has_message;
-        self.active
-            .append(&mut slices, sync)
-            .map_err(SpoolError::classify)?;
-        // A synced append covers earlier unsynced records too (same file: rotation syncs first).
-        self.dirty = !sync;
-        if sync {
-            self.last_sync = std::time::Instant::now();
-        }
-        Ok(locations)
-    }
-}
-
-/// Spreads a batch result over its requests: each gets its location, or a copy of the error.
-fn result_per_request(
-    result: Result<Vec<BodyLocation>, SpoolError>,
-    n: usize,
-) -> Vec<Result<BodyLocation, SpoolError>> {
-    match result {
-        Ok(locations) => locations.into_iter().map(Ok).collect(),
-        Err(err) => {
-            tracing::error!(error = %err, "spool commit failed; {n} requests not written");
-            (0..n)
-                .map(|_| {
-                    Err(match &err {
-                        SpoolError::NoSpace(e) => {
-                            SpoolError::NoSpace(io::Error::new(e.kind(), e.to_string()))
-                        }
-                        other => SpoolError::Io(io::Error::other(other.to_string())),
-                    })
-                })
-                .collect()
-        }
-    }
 }
