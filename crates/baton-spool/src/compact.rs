@@ -46,7 +46,7 @@ pub(crate) fn current_state(
     let mut live: HashMap<QueueId, (StoredMessage, u64)> = HashMap::with_capacity(ids.len());
     for &number in segments {
         let path = journal::segment_path(journal_dir, number);
-        let scan = journal::scan_segment(&path, number)?;
+        let scan = journal::scan_segment_for(&path, number, |id| ids.contains(&id))?;
         apply_records(&mut live, scan.records, number, |id| ids.contains(&id));
     }
     let spool_dir = journal_dir.parent().unwrap_or(Path::new("."));

@@ -266,6 +266,60 @@ pub struct Envelope {
     pub meta: MessageMeta,
 }
 
+/// An envelope that waits small. A waiting message is its postcard bytes (the journal's own
+/// encoding: a few hundred bytes where the struct with its allocations takes a kilobyte);
+/// it is opened (decoded) while it is worked on and packed again when it waits.
+#[derive(Debug, Clone)]
+pub enum PackedEnvelope {
+    Packed(Box<[u8]>),
+    Open(Box<Envelope>),
+}
+
+impl PackedEnvelope {
+    pub fn new(envelope: Envelope) -> Self {
+        PackedEnvelope::Open(Box::new(envelope))
+    }
+
+    /// The envelope, decoded in place if it was packed.
+    pub fn open(&mut self) -> &mut Envelope {
+        if let PackedEnvelope::Packed(bytes) = self {
+            *self = PackedEnvelope::Open(Box::new(decode_packed(bytes)));
+        }
+        match self {
+            PackedEnvelope::Open(envelope) => envelope,
+            PackedEnvelope::Packed(_) => unreachable!("opened just above"),
+        }
+    }
+
+    /// The envelope to read, decoded if it is packed (left packed).
+    pub fn view(&self) -> std::borrow::Cow<'_, Envelope> {
+        match self {
+            PackedEnvelope::Open(envelope) => std::borrow::Cow::Borrowed(envelope),
+            PackedEnvelope::Packed(bytes) => std::borrow::Cow::Owned(decode_packed(bytes)),
+        }
+    }
+
+    /// Packs an open envelope (it stays open if it cannot be encoded, which postcard never
+    /// refuses for this type).
+    pub fn pack(&mut self) {
+        if let PackedEnvelope::Open(envelope) = self
+            && let Ok(bytes) = postcard::to_stdvec(envelope.as_ref())
+        {
+            *self = PackedEnvelope::Packed(bytes.into_boxed_slice());
+        }
+    }
+
+    pub fn is_packed(&self) -> bool {
+        matches!(self, PackedEnvelope::Packed(_))
+    }
+}
+
+/// Bytes that `PackedEnvelope::pack` encoded from an `Envelope` in this process decode back:
+/// a failure would be a bug in postcard, not something input can cause.
+fn decode_packed(bytes: &[u8]) -> Envelope {
+    postcard::from_bytes(bytes).expect("a packed envelope decodes")
+}
+
 /// A message's facts beyond the SMTP envelope, set at reception (headers, API fields) or by
 /// the operator (hold, rebind).
 ///
@@ -320,6 +374,37 @@ mod tests {
         assert!(!Notify::DELAY.wants_failure() && !Notify::FAILURE.wants_delay());
         assert_eq!((Notify::SUCCESS | Notify::DELAY).bits(), 2 | 8);
         assert!(!not_given.contains(Notify::NOT_GIVEN));
+    }
+
+    #[test]
+    fn a_packed_envelope_opens_to_what_was_packed() {
+        let mut envelope = Envelope {
+            id: QueueId(7),
+            sender: "a@example.com".into(),
+            recipients: vec![Recipient::new("b@example.net".into(), None, Notify::DELAY)],
+            dsn_ret: Some(DsnRet::Headers),
+            dsn_envid: Some("e".into()),
+            eight_bit: true,
+            smtputf8: false,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: "client".into(),
+            arrived_ms: 9,
+            size: 10,
+            meta: MessageMeta {
+                tenant: Some("t".into()),
+                hold: true,
+                ..MessageMeta::default()
+            },
+        };
+        let mut packed = PackedEnvelope::new(envelope.clone());
+        packed.pack();
+        assert!(packed.is_packed());
+        assert_eq!(*packed.view(), envelope);
+        packed.open().recipients[0].state = RcptState::Deferred;
+        assert!(!packed.is_packed());
+        envelope.recipients[0].state = RcptState::Deferred;
+        packed.pack();
+        assert_eq!(*packed.view(), envelope);
     }
 
     #[test]

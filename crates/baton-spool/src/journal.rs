@@ -161,6 +161,16 @@ pub fn encode_done(id: QueueId, out: &mut Vec<u8>) {
 
 /// Reads one segment: its records and where its valid part ends.
 pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
+    scan_segment_for(path, number, |_| true)
+}
+
+/// [`scan_segment`], keeping only the records of messages `want` takes: the others are
+/// checked but not decoded (compaction looks for a few messages in whole segments).
+pub fn scan_segment_for(
+    path: &Path,
+    number: u64,
+    want: impl Fn(QueueId) -> bool,
+) -> io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -209,6 +219,10 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
         if reader.read_exact(&mut frame).is_err() || crc32fast::hash(&frame) != crc {
             break;
         }
+        if !record_id(&frame).is_none_or(&want) {
+            offset += 8 + len;
+            continue;
+        }
         let record = match frame[0] {
             KIND_MESSAGE_INLINE
             | KIND_MESSAGE_FILE
@@ -235,6 +249,25 @@ pub fn scan_segment(path: &Path, number: u64) -> io::Result<Scan> {
     }
     scan.valid_len = offset;
     Ok(scan)
+}
+
+/// The queue id a frame is about, read without decoding the rest (every kind starts with it).
+fn record_id(frame: &[u8]) -> Option<QueueId> {
+    let id = match *frame.first()? {
+        KIND_MESSAGE_INLINE | KIND_MESSAGE_FILE | KIND_MESSAGE_INLINE_V1 | KIND_MESSAGE_FILE_V1 => {
+            postcard::take_from_bytes::<QueueId>(frame.get(5..)?)
+                .ok()?
+                .0
+        }
+        KIND_UPDATE | KIND_META | KIND_META_V1 => {
+            postcard::take_from_bytes::<QueueId>(frame.get(1..)?)
+                .ok()?
+                .0
+        }
+        KIND_DONE => QueueId(u64::from_le_bytes(frame.get(1..9)?.try_into().ok()?)),
+        _ => return None,
+    };
+    Some(id)
 }
 
 fn decode_message(frame: &[u8], segment: u64, frame_offset: u64) -> Option<StoredMessage> {

@@ -34,8 +34,8 @@ use tokio::sync::oneshot;
 use committer::Committer;
 
 pub use envelope::{
-    Attempt, DsnRet, Envelope, IdGenerator, MessageMeta, Notify, QueueId, RcptState, Recipient,
-    RecipientUpdate, now_ms,
+    Attempt, DsnRet, Envelope, IdGenerator, MessageMeta, Notify, PackedEnvelope, QueueId,
+    RcptState, Recipient, RecipientUpdate, now_ms,
 };
 pub use journal::{BodyLocation, Record, StoredMessage};
 

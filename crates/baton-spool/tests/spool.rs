@@ -717,7 +717,13 @@ async fn a_waiting_message_does_not_pin_the_journal() {
             .iter()
             .filter(|m| m.envelope.id == waiting.id)
             .collect();
-        assert_eq!(found.len(), 1, "{} {:?}", dir.display(), baton_spool::journal::list_segments(&dir.join("journal")));
+        assert_eq!(
+            found.len(),
+            1,
+            "{} {:?}",
+            dir.display(),
+            baton_spool::journal::list_segments(&dir.join("journal"))
+        );
         let r = &found[0].envelope.recipients[0];
         assert_eq!(r.state, RcptState::Deferred);
         assert_eq!(r.attempts.len(), 1);

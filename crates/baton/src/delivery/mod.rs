@@ -89,24 +89,6 @@ pub struct JobMessage {
 }
 
 impl JobMessage {
-    /// The same message, its body to be read from the spool when next needed.
-    pub fn without_body(&self) -> JobMessage {
-        JobMessage {
-            id: self.id,
-            sender: self.sender.clone(),
-            recipients: self.recipients.clone(),
-            dsn_ret: self.dsn_ret,
-            dsn_envid: self.dsn_envid.clone(),
-            eight_bit: self.eight_bit,
-            smtputf8: self.smtputf8,
-            location: self.location,
-            body: OnceCell::new(),
-            strip_baton_headers: self.strip_baton_headers,
-            tenant: self.tenant.clone(),
-            signed: OnceCell::new(),
-        }
-    }
-
     /// The body as it is to be sent: read from the spool the first time if it is not in memory,
     /// without X-Baton-* header fields.
     async fn body(&self, spool: &Spool) -> std::io::Result<Bytes> {

@@ -4,8 +4,10 @@
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use baton_spool::{QueueId, RecipientUpdate, now_ms};
+use bytes::Bytes;
 
 use super::{QueueManager, domain_of};
 use crate::config::Pool;
@@ -20,6 +22,27 @@ impl QueueManager {
     /// Sends every recipient of `id` that is due to its destination's ready queue; wakes the
     /// message again when the next of the others is due.
     pub(super) fn dispatch(&mut self, id: QueueId) {
+        self.dispatch_with(id, None);
+    }
+
+    /// [`QueueManager::dispatch`], with the body when it is at hand (a message just received).
+    /// A message left with no job out waits packed.
+    pub(super) fn dispatch_with(&mut self, id: QueueId, body: Option<Bytes>) {
+        self.dispatch_due(id, body);
+        self.settle(id);
+    }
+
+    /// A message with no job out waits packed, without its job (and the body it held).
+    pub(super) fn settle(&mut self, id: QueueId) {
+        if let Some(q) = self.messages.get_mut(&id)
+            && q.jobs_out == 0
+        {
+            q.job = None;
+            q.env.pack();
+        }
+    }
+
+    fn dispatch_due(&mut self, id: QueueId, body: Option<Bytes>) {
         if self.config.delivery.hold {
             return;
         }
@@ -27,25 +50,20 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        if q.envelope.meta.hold {
+        let env = q.env.open();
+        if env.meta.hold {
             return; // released by the operator, not by time
         }
-        let window = q
-            .envelope
+        let window = env
             .meta
             .window
             .as_deref()
             .and_then(|w| crate::schedule::Window::parse(w).ok());
-        let clock = MessageClock::new(
-            &self.config.delivery,
-            q.envelope.arrived_ms,
-            window.as_ref(),
-            now,
-        );
+        let clock = MessageClock::new(&self.config.delivery, env.arrived_ms, window.as_ref(), now);
         let mut groups = Groups::new();
         let (mut next_due, mut held, mut expired) = (None::<u64>, Vec::new(), Vec::new());
-        for (i, r) in q.envelope.recipients.iter_mut().enumerate() {
-            if r.state.is_final() || q.in_flight.get(i).copied().unwrap_or(true) {
+        for (i, r) in env.recipients.iter_mut().enumerate() {
+            if r.state.is_final() || q.rcpts.get(i).is_none_or(|m| m.in_flight) {
                 continue;
             }
             match clock.due(r.next_attempt_ms, now) {
@@ -78,7 +96,7 @@ impl QueueManager {
             // Reported as the outcome of an attempt, so that expiry takes its one path
             // (event, metrics, DSN, spool record) in `apply`.
             for &i in &expired {
-                q.in_flight[i as usize] = true;
+                q.rcpts[i as usize].in_flight = true;
             }
             q.jobs_out += 1;
             let _ = self.delivery.reports.send(expired_unattempted(id, expired));
@@ -86,7 +104,7 @@ impl QueueManager {
         if !held.is_empty() {
             self.record(id, held, false);
         }
-        self.send_jobs(id, groups);
+        self.send_jobs(id, groups, body);
         if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) && next_due.is_none() {
             // Nothing left to try (all final): the message may have arrived that way.
             self.finish_if_done(id);
@@ -94,12 +112,20 @@ impl QueueManager {
     }
 
     /// Hands the due recipients to their destinations' ready queues, a job per transaction.
-    fn send_jobs(&mut self, id: QueueId, groups: Groups) {
+    fn send_jobs(&mut self, id: QueueId, groups: Groups, body: Option<Bytes>) {
+        if groups.is_empty() {
+            return;
+        }
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
         let max_workers = self.config.delivery.max_connections_per_destination;
-        let pool = self.config.pool_for(&q.envelope).cloned();
+        let env = q.env.open();
+        let pool = self.config.pool_for(env).cloned();
+        let job = q
+            .job
+            .get_or_insert_with(|| Arc::new(super::job_message(env, q.location, body)))
+            .clone();
         for ((dest, sticky), rcpts) in groups {
             // Local delivery binds to no source; a greylisted retry binds to its first source.
             let pool = pool
@@ -122,10 +148,10 @@ impl QueueManager {
                 .clone();
             for chunk in rcpts.chunks(per_tx.max(1)) {
                 for &i in chunk {
-                    q.in_flight[i as usize] = true;
+                    q.rcpts[i as usize].in_flight = true;
                 }
                 q.jobs_out += 1;
-                let message = q.job_message.clone();
+                let message = job.clone();
                 let rcpts = chunk.to_vec();
                 queue.push(Job { message, rcpts }, &self.delivery);
             }

@@ -58,7 +58,8 @@ impl QueueManager {
         let Some(q) = self.messages.get(&id).filter(|_| !batches.is_empty()) else {
             return;
         };
-        if q.envelope.sender.is_empty() {
+        let original = q.env.view().into_owned();
+        if original.sender.is_empty() {
             for r in batches.iter().flatten() {
                 tracing::info!(id = %id, recipient = %r.address, "not returning a failed bounce (null sender)");
                 let e = self.events.new_event(
@@ -72,8 +73,8 @@ impl QueueManager {
             return;
         }
         let job = NoticeJob {
-            original: q.envelope.clone(),
-            body: q.job_message.body.get().cloned(),
+            original,
+            body: q.job.as_ref().and_then(|j| j.body.get().cloned()),
             location: q.location,
             batches,
             hostname: self.config.hostname.clone(),

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use baton_shaping::Suspendable;
 use baton_spool::{QueueId, now_ms};
 
-use super::{QueueManager, Queued, domain_of};
+use super::{QueueManager, RcptMem, domain_of};
 use crate::delivery::Destination;
 use crate::operator::{
     ControlError, Counts, DestinationExplained, MessageExplained, RecipientExplained, Summary,
     SummaryRow,
 };
+use baton_spool::{Envelope, Recipient};
 
 /// A summary row before it is shown: its counts and oldest arrival.
 #[derive(Default)]
@@ -52,12 +53,13 @@ impl QueueManager {
     fn summary_rows(&self) -> BTreeMap<(String, String), Row> {
         let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
         for q in self.messages.values() {
+            let env = q.env.view();
             let pool = self
                 .config
-                .pool_for(&q.envelope)
+                .pool_for(&env)
                 .map(|p| p.name.clone())
                 .unwrap_or_default();
-            for (i, r) in q.envelope.recipients.iter().enumerate() {
+            for (i, r) in env.recipients.iter().enumerate() {
                 if r.state.is_final() {
                     continue;
                 }
@@ -65,17 +67,17 @@ impl QueueManager {
                 let dest = Destination::for_domain(&self.config, domain).to_string();
                 let row = rows.entry((dest, pool.clone())).or_default();
                 let counts = &mut row.counts;
-                if q.in_flight[i] {
+                if q.rcpts.get(i).is_some_and(|m| m.in_flight) {
                     counts.active += 1;
-                } else if q.envelope.meta.hold {
+                } else if env.meta.hold {
                     counts.held += 1;
                 } else if r.state == baton_spool::RcptState::Deferred {
                     counts.deferred += 1;
                 } else {
                     counts.queued += 1;
                 }
-                if row.oldest_ms == 0 || q.envelope.arrived_ms < row.oldest_ms {
-                    row.oldest_ms = q.envelope.arrived_ms;
+                if row.oldest_ms == 0 || env.arrived_ms < row.oldest_ms {
+                    row.oldest_ms = env.arrived_ms;
                 }
             }
         }
@@ -87,12 +89,12 @@ impl QueueManager {
         let now = now_ms();
         let (mut waiting, mut in_flight, mut next) = (0usize, 0usize, None::<u64>);
         for q in self.messages.values() {
-            for (i, r) in q.envelope.recipients.iter().enumerate() {
+            for (i, r) in q.env.view().recipients.iter().enumerate() {
                 let at = domain_of(&r.address);
                 if r.state.is_final() || !at.eq_ignore_ascii_case(domain) {
                     continue;
                 }
-                if q.in_flight[i] {
+                if q.rcpts.get(i).is_some_and(|m| m.in_flight) {
                     in_flight += 1;
                 } else {
                     waiting += 1;
@@ -117,48 +119,58 @@ impl QueueManager {
             return Err(ControlError::new(format!("no message {id} in the queue")));
         };
         let now = now_ms();
-        let pool = self.config.pool_for(&q.envelope).map(|p| p.name.clone());
-        let recipients = (0..q.envelope.recipients.len())
-            .map(|i| self.explain_recipient(q, i, pool.as_deref(), now))
+        let env = q.env.view();
+        let pool = self.config.pool_for(&env).map(|p| p.name.clone());
+        let recipients = env
+            .recipients
+            .iter()
+            .zip(q.rcpts.iter())
+            .map(|(r, mem)| self.explain_recipient(&env, r, *mem, pool.as_deref(), now))
             .collect();
         Ok(MessageExplained {
             id,
-            sender: q.envelope.sender.clone(),
-            tenant: q.envelope.meta.tenant.clone(),
+            sender: env.sender.clone(),
+            tenant: env.meta.tenant.clone(),
             recipients,
         })
     }
 
-    /// Recipient `i` of `q` (of `pool`): its state, route and the reasons it waits.
+    /// Recipient `r` of message `env` (of `pool`): its state, route and the reasons it waits.
     fn explain_recipient(
         &self,
-        q: &Queued,
-        i: usize,
+        env: &Envelope,
+        r: &Recipient,
+        mem: RcptMem,
         pool: Option<&str>,
         now: u64,
     ) -> RecipientExplained {
-        let r = &q.envelope.recipients[i];
         let domain = domain_of(&r.address);
         RecipientExplained {
             email: r.address.clone(),
             state: r.state.as_str().to_string(),
-            attempts: q.attempts.get(i).copied().unwrap_or(0),
+            attempts: mem.attempts,
             next_attempt_ms: (r.next_attempt_ms > 0).then_some(r.next_attempt_ms),
-            in_flight: q.in_flight[i],
+            in_flight: mem.in_flight,
             destination: Destination::for_domain(&self.config, domain).to_string(),
             pool: pool.map(str::to_string),
-            reasons: self.reasons(q, i, pool, now),
+            reasons: self.reasons(env, r, mem, pool, now),
             shaping: self.delivery.shaper.describe(domain),
         }
     }
 
-    /// Why recipient `i` of `q` is not being sent right now, in words.
-    fn reasons(&self, q: &Queued, i: usize, pool: Option<&str>, now: u64) -> Vec<String> {
-        let r = &q.envelope.recipients[i];
+    /// Why recipient `r` of `env` is not being sent right now, in words.
+    fn reasons(
+        &self,
+        env: &Envelope,
+        r: &Recipient,
+        mem: RcptMem,
+        pool: Option<&str>,
+        now: u64,
+    ) -> Vec<String> {
         let mut reasons = Vec::new();
         if r.state.is_final() {
             reasons.push(format!("final: {}", r.state.as_str()));
-        } else if q.in_flight[i] {
+        } else if mem.in_flight {
             reasons.push("out with a delivery worker now".to_string());
         } else if self.config.delivery.hold {
             reasons.push("the queue is on hold ([delivery] hold = true)".to_string());
@@ -168,12 +180,12 @@ impl QueueManager {
                 (r.next_attempt_ms - now) / 1000
             ));
         }
-        if let Some(w) = &q.envelope.meta.window {
+        if let Some(w) = &env.meta.window {
             reasons.push(format!("delivery window {w}"));
         }
         let suspended =
             |what: Suspendable| self.delivery.shaper.operator_suspension(&what).is_some();
-        if let Some(t) = &q.envelope.meta.tenant
+        if let Some(t) = &env.meta.tenant
             && suspended(Suspendable::Tenant(t.clone()))
         {
             reasons.push(format!("tenant {t} is suspended by the operator"));

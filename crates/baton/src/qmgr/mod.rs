@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_spool::{BodyLocation, DsnRet, Envelope, QueueId, Spool, StoredMessage, now_ms};
+use baton_spool::{
+    BodyLocation, DsnRet, Envelope, PackedEnvelope, QueueId, Spool, StoredMessage, now_ms,
+};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
@@ -80,19 +82,27 @@ impl QueueHandle {
     }
 }
 
+/// A message in the queue. What waits is kept small: the envelope packed (its attempt
+/// history lives in the spool only), no body, no job; these come back while it is worked on.
 struct Queued {
-    envelope: Envelope,
+    env: PackedEnvelope,
     location: BodyLocation,
-    job_message: Arc<JobMessage>,
-    /// Recipients out with a worker.
-    in_flight: Vec<bool>,
+    /// What the message's jobs share, while any is out (built at dispatch, dropped after).
+    job: Option<Arc<JobMessage>>,
+    /// Per recipient: out with a worker, and attempts made.
+    rcpts: Box<[RcptMem]>,
     /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
     /// (Only greylisted recipients are in it: most messages never allocate.)
     sticky: HashMap<u32, String>,
-    /// Attempts made per recipient. The attempt history itself lives in the spool only (for
-    /// `baton queue show`): in memory it would grow with every retry of every recipient.
-    attempts: Vec<u16>,
-    jobs_out: usize,
+    jobs_out: u32,
+}
+
+/// A recipient's in-memory state besides its envelope entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct RcptMem {
+    in_flight: bool,
+    /// Attempts made; the history itself is in the spool (for `baton queue show`).
+    attempts: u16,
 }
 
 pub struct QueueManager {
@@ -190,66 +200,67 @@ impl QueueManager {
         }
     }
 
-    /// A message enters the queue: its due recipients go to their ready queues, the others
-    /// wait for their time.
+    /// A message enters the queue: its due recipients go to their ready queues (with `body`,
+    /// which saves a read back), the others wait for their time.
     fn add(&mut self, message: StoredMessage, body: Option<Bytes>) {
-        let env = &message.envelope;
-        let job_message = Arc::new(JobMessage {
-            id: env.id,
-            sender: env.sender.clone(),
-            recipients: env
-                .recipients
-                .iter()
-                .map(|r| OutRcpt {
-                    address: r.address.clone(),
-                    orcpt: r.orcpt.clone(),
-                    notify: r.notify,
-                })
-                .collect(),
-            dsn_ret: env.dsn_ret.map(|r| match r {
-                DsnRet::Full => "FULL",
-                DsnRet::Headers => "HDRS",
-            }),
-            dsn_envid: env.dsn_envid.clone(),
-            eight_bit: env.eight_bit,
-            smtputf8: env.smtputf8,
-            location: message.body,
-            body: OnceCell::new_with(body),
-            strip_baton_headers: env.meta.strip_baton_headers,
-            tenant: env.meta.tenant.clone(),
-            signed: OnceCell::new(),
-        });
-        let id = env.id;
-        let n = env.recipients.len();
-        let waiting = env
+        let mut envelope = message.envelope;
+        let id = envelope.id;
+        let waiting = envelope
             .recipients
             .iter()
             .filter(|r| !r.state.is_final())
             .count();
         baton_events::metrics::queue_depth(waiting as i64);
         self.queued.fetch_add(waiting as u64, Ordering::Relaxed);
-        let attempts = env
+        let rcpts = envelope
             .recipients
-            .iter()
-            .map(|r| r.attempts.len().min(u16::MAX as usize) as u16)
+            .iter_mut()
+            .map(|r| RcptMem {
+                in_flight: false,
+                attempts: std::mem::take(&mut r.attempts).len().min(u16::MAX as usize) as u16,
+            })
             .collect();
-        let mut envelope = message.envelope;
-        for r in &mut envelope.recipients {
-            r.attempts = Vec::new();
-        }
         self.messages.insert(
             id,
             Queued {
-                envelope,
+                env: PackedEnvelope::new(envelope),
                 location: message.body,
-                job_message,
-                in_flight: vec![false; n],
+                job: None,
+                rcpts,
                 sticky: HashMap::new(),
-                attempts,
                 jobs_out: 0,
             },
         );
-        self.dispatch(id);
+        self.dispatch_with(id, body);
+    }
+}
+
+/// What the jobs of a message need, from its envelope.
+fn job_message(env: &Envelope, location: BodyLocation, body: Option<Bytes>) -> JobMessage {
+    JobMessage {
+        id: env.id,
+        sender: env.sender.clone(),
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| OutRcpt {
+                address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                notify: r.notify,
+            })
+            .collect(),
+        dsn_ret: env.dsn_ret.map(|r| match r {
+            DsnRet::Full => "FULL",
+            DsnRet::Headers => "HDRS",
+        }),
+        dsn_envid: env.dsn_envid.clone(),
+        eight_bit: env.eight_bit,
+        smtputf8: env.smtputf8,
+        location,
+        body: OnceCell::new_with(body),
+        strip_baton_headers: env.meta.strip_baton_headers,
+        tenant: env.meta.tenant.clone(),
+        signed: OnceCell::new(),
     }
 }
 

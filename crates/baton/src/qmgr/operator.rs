@@ -131,15 +131,17 @@ impl QueueManager {
             let Some(q) = self.messages.get_mut(&id) else {
                 continue;
             };
-            if self.config.pool_for(&q.envelope).map(|p| p.name.as_str()) != Some(from.as_str()) {
+            if self.config.pool_for(&q.env.view()).map(|p| p.name.as_str()) != Some(from.as_str()) {
                 continue;
             }
-            q.envelope.meta.pool = Some(to.clone());
-            if let Err(e) = self.spool.record_meta(id, &q.envelope.meta) {
+            let env = q.env.open();
+            env.meta.pool = Some(to.clone());
+            if let Err(e) = self.spool.record_meta(id, &env.meta) {
                 tracing::error!(id = %id, error = %e, "cannot record a rebind");
             }
             moved += 1;
             self.release(id, &Target::All);
+            self.settle(id);
         }
         self.shaping_event(
             &format!("pool:{from}"),
@@ -196,31 +198,33 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return false;
         };
-        if q.envelope.meta.hold == hold {
+        let env = q.env.open();
+        if env.meta.hold == hold {
             return false;
         }
-        q.envelope.meta.hold = hold;
+        env.meta.hold = hold;
         let said = if hold {
             "held by the operator"
         } else {
             "released by the operator"
         };
-        for r in q.envelope.recipients.iter().filter(|r| !r.state.is_final()) {
+        for r in env.recipients.iter().filter(|r| !r.state.is_final()) {
             let mut e = self.events.new_event(
                 EventKind::Operator,
                 &id.to_string(),
                 &r.address,
-                &q.envelope.sender,
+                &env.sender,
             );
             e.response = Some(said.into());
             self.events.emit(e);
         }
-        if let Err(e) = self.spool.record_meta(id, &q.envelope.meta) {
+        if let Err(e) = self.spool.record_meta(id, &env.meta) {
             tracing::error!(id = %id, error = %e, "cannot record a hold");
         }
         if !hold {
             self.release(id, &Target::All);
         }
+        self.settle(id);
         true
     }
 
@@ -243,13 +247,14 @@ impl QueueManager {
         let Some(q) = self.messages.get(&id) else {
             return Vec::new();
         };
-        q.envelope
+        q.env
+            .view()
             .recipients
             .iter()
             .enumerate()
             .filter(|(i, r)| {
                 !r.state.is_final()
-                    && !q.in_flight[*i]
+                    && q.rcpts.get(*i).is_some_and(|m| !m.in_flight)
                     && domain.is_none_or(|domain| {
                         r.address
                             .rsplit_once('@')
@@ -271,10 +276,10 @@ impl QueueManager {
         let whole = match target {
             Target::Domain(domain) => return self.waiting_at(id, Some(domain)),
             Target::Pool(pool) => named(
-                self.config.pool_for(&q.envelope).map(|p| p.name.as_str()),
+                self.config.pool_for(&q.env.view()).map(|p| p.name.as_str()),
                 pool,
             ),
-            Target::Tenant(tenant) => named(q.envelope.meta.tenant.as_deref(), tenant),
+            Target::Tenant(tenant) => named(q.env.view().meta.tenant.as_deref(), tenant),
             Target::Message(named_id) => *named_id == id,
             Target::All => true,
         };
@@ -293,11 +298,12 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return 0;
         };
-        let send_at = policy::send_at_ms(q.envelope.meta.send_at_ms);
+        let env = q.env.open();
+        let send_at = policy::send_at_ms(env.meta.send_at_ms);
         let now = now_ms();
         let mut released = 0;
         for &i in &rcpts {
-            if let Some(r) = q.envelope.recipients.get_mut(i as usize) {
+            if let Some(r) = env.recipients.get_mut(i as usize) {
                 r.next_attempt_ms = policy::released(r.next_attempt_ms, send_at);
                 released += usize::from(r.next_attempt_ms <= now);
             }
@@ -343,8 +349,8 @@ impl QueueManager {
         for &i in &rcpts {
             let Some(r) = self
                 .messages
-                .get(&id)
-                .and_then(|q| q.envelope.recipients.get(i as usize))
+                .get_mut(&id)
+                .and_then(|q| q.env.open().recipients.get(i as usize))
             else {
                 continue;
             };
@@ -357,6 +363,7 @@ impl QueueManager {
         self.send_notices(id, notices);
         let done = self.take_if_done(id);
         self.record(id, updates, done);
+        self.settle(id);
         rcpts.len()
     }
 }

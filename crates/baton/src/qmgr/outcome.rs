@@ -61,15 +61,15 @@ impl QueueManager {
     fn decide(&mut self, id: QueueId, outcome: &Outcome, now: u64) -> Option<Decision> {
         let i = outcome.rcpt as usize;
         let q = self.messages.get_mut(&id)?;
-        let recipient = q.envelope.recipients.get(i)?;
-        if let Some(flag) = q.in_flight.get_mut(i) {
-            *flag = false;
-        }
+        let env = q.env.open();
+        let recipient = env.recipients.get(i)?;
+        let mem = q.rcpts.get_mut(i)?;
+        mem.in_flight = false;
         let rcpt = Rcpt {
             recipient,
-            attempts: q.attempts.get(i).copied().unwrap_or(0),
-            arrived_ms: q.envelope.arrived_ms,
-            size: q.envelope.size,
+            attempts: mem.attempts,
+            arrived_ms: env.arrived_ms,
+            size: env.size,
         };
         let domain = domain_of(&recipient.address);
         let rules = Rules {
@@ -92,12 +92,13 @@ impl QueueManager {
         notices: &mut Notices,
     ) -> Option<RecipientUpdate> {
         let q = self.messages.get_mut(&id)?;
-        let rcpt = q.envelope.recipients.get(i)?;
+        let env = q.env.open();
+        let rcpt = env.recipients.get(i)?;
         if let Some(m) = &decision.metric {
             let (domain, pool) = match operator_domain {
                 Some(domain) => (domain, ""),
                 None => {
-                    let pool = self.config.pool_for(&q.envelope).map(|p| p.name.as_str());
+                    let pool = self.config.pool_for(env).map(|p| p.name.as_str());
                     (domain_of(&rcpt.address), pool.unwrap_or(""))
                 }
             };
@@ -123,7 +124,7 @@ impl QueueManager {
         if let Some(notice) = decision.notice {
             notices.push(notice);
         }
-        let (sender, address) = (&q.envelope.sender, &rcpt.address);
+        let (sender, address) = (&env.sender, &rcpt.address);
         if let Some(reason) = &decision.suppress
             && self.suppressions.add(address, reason)
         {
@@ -143,14 +144,14 @@ impl QueueManager {
             next_attempt_ms: decision.next_attempt_ms,
             delay_notified: decision.delay_notified,
         };
-        update.apply(&mut q.envelope);
+        update.apply(env);
         if update.attempt.is_some() {
             // The attempt history lives in the spool only; memory keeps the count.
-            if let Some(r) = q.envelope.recipients.get_mut(i) {
+            if let Some(r) = env.recipients.get_mut(i) {
                 r.attempts.clear();
             }
-            if let Some(a) = q.attempts.get_mut(i) {
-                *a = a.saturating_add(1);
+            if let Some(m) = q.rcpts.get_mut(i) {
+                m.attempts = m.attempts.saturating_add(1);
             }
         }
         Some(update)
@@ -172,12 +173,9 @@ impl QueueManager {
         notices: Notices,
     ) {
         self.send_notices(id, notices);
-        if let Some(q) = self.messages.get_mut(&id)
-            && q.jobs_out == 0
-        {
-            // Whatever waits for a retry waits without its body in memory: the next
-            // attempt reads it from the spool.
-            q.job_message = std::sync::Arc::new(q.job_message.without_body());
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) {
+            // Whatever waits for a retry waits packed, without its body or job: the next
+            // attempt reads the body from the spool.
             self.dispatch(id);
         }
         let done = self.take_if_done(id);
@@ -187,7 +185,7 @@ impl QueueManager {
     /// Forgets the message if every recipient is final; true if it did.
     pub(super) fn take_if_done(&mut self, id: QueueId) -> bool {
         let done = self.messages.get(&id).is_some_and(|q| {
-            q.jobs_out == 0 && q.envelope.recipients.iter().all(|r| r.state.is_final())
+            q.jobs_out == 0 && q.env.view().recipients.iter().all(|r| r.state.is_final())
         });
         if done {
             self.messages.remove(&id);
