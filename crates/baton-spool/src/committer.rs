@@ -64,12 +64,40 @@ pub(crate) struct Committer {
     pub unsynced_done: Vec<QueueId>,
     /// No compaction before this.
     pub compact_after: Instant,
+    /// The old segments are being replayed in the background: none is deleted or compacted
+    /// until the replay says which hold live messages.
+    pub recovering: bool,
 }
 
 /// Records not followed by a message commit are fsynced after this long at the latest.
 const RECORD_SYNC_DELAY: Duration = Duration::from_secs(1);
 
 impl Committer {
+    pub fn new(
+        active: journal::ActiveSegment,
+        rx: mpsc::Receiver<CommitRequest>,
+        options: &SpoolOptions,
+        journal_dir: &std::path::Path,
+        bodies_dir: &std::path::Path,
+        moved: &Moved,
+    ) -> Committer {
+        Committer {
+            active,
+            rx,
+            options: options.clone(),
+            journal_dir: journal_dir.to_path_buf(),
+            bodies_dir: bodies_dir.to_path_buf(),
+            live: HashMap::new(),
+            segments: BTreeMap::new(),
+            moved: moved.clone(),
+            dirty: false,
+            last_sync: Instant::now(),
+            unsynced_done: Vec::new(),
+            compact_after: Instant::now(),
+            recovering: false,
+        }
+    }
+
     pub fn run(mut self) {
         let mut batch = Vec::new();
         loop {
@@ -164,6 +192,10 @@ impl Committer {
                 }
                 CommitRequest::Records { done, .. } if ok => finished.extend(done),
                 CommitRequest::Records { .. } => {}
+                CommitRequest::Recovered { segments, live } => {
+                    self.recovering = false;
+                    self.recover(&segments, live);
+                }
             }
         }
         self.unsynced_done.extend(finished);
@@ -221,6 +253,9 @@ impl Committer {
     /// Deletes segments from the oldest on while they hold nothing live. Only from the oldest:
     /// a later segment may hold the done record of a message in an earlier one.
     fn remove_dead_segments(&mut self) {
+        if self.recovering {
+            return;
+        }
         while let Some((&oldest, used)) = self.segments.first_key_value() {
             if used.live > 0 || oldest == self.active.number {
                 break;
@@ -241,6 +276,9 @@ impl Committer {
     /// Copies the live messages of the oldest segment forward when the journal has grown past
     /// what is live (see [`compact::due`]), so that the segment, and the dead ones after it, go.
     fn compact_if_due(&mut self) {
+        if self.recovering {
+            return;
+        }
         let Some((&oldest, used)) = self.segments.first_key_value() else {
             return;
         };
@@ -383,6 +421,7 @@ impl Committer {
                     offset += frames.len() as u64;
                     slices.push(IoSlice::new(frames));
                 }
+                CommitRequest::Recovered { .. } => locations.push(BodyLocation::File),
             }
         }
         // Only new messages wait for their fsync (a 250 hangs on it). Recipient updates and

@@ -251,6 +251,50 @@ pub fn scan_segment_for(
     Ok(scan)
 }
 
+/// The largest queue id of a message record in a segment, read from frame headers and the
+/// first bytes of each envelope (bodies and other records are skipped unread, nothing is
+/// checked): what a spool opened before its replay needs to hand out ids above all it holds.
+pub fn max_message_id(path: &Path) -> io::Result<Option<QueueId>> {
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; 8];
+    if reader.read_exact(&mut magic).is_err() || (&magic != MAGIC && &magic != MAGIC_J3) {
+        return Ok(None);
+    }
+    let (mut offset, mut max) = (MAGIC.len() as u64, None);
+    let mut head = [0u8; 8 + 1 + 4 + 10];
+    loop {
+        if reader.read_exact(&mut head[..9]).is_err() {
+            break;
+        }
+        let len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+        if len == 0 || offset + 8 + len > file_len {
+            break;
+        }
+        let mut read = 1;
+        if matches!(
+            head[8],
+            KIND_MESSAGE_INLINE | KIND_MESSAGE_FILE | KIND_MESSAGE_INLINE_V1 | KIND_MESSAGE_FILE_V1
+        ) {
+            let want = (len as usize).min(1 + 4 + 10);
+            if reader.read_exact(&mut head[9..8 + want]).is_err() {
+                break;
+            }
+            read = want as u64;
+            if let Some(Ok((id, _))) = head
+                .get(13..8 + want)
+                .map(postcard::take_from_bytes::<QueueId>)
+            {
+                max = max.max(Some(id));
+            }
+        }
+        reader.seek_relative((len - read) as i64)?;
+        offset += 8 + len;
+    }
+    Ok(max)
+}
+
 /// The queue id a frame is about, read without decoding the rest (every kind starts with it).
 fn record_id(frame: &[u8]) -> Option<QueueId> {
     let id = match *frame.first()? {

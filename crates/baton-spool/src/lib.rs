@@ -19,8 +19,9 @@ pub mod compact;
 pub mod envelope;
 pub mod journal;
 mod legacy;
+pub mod recover;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -96,6 +97,12 @@ enum CommitRequest {
     },
     /// Recipient updates and finished messages, already framed.
     Records { frames: Vec<u8>, done: Vec<QueueId> },
+    /// The background replay is over: the old segments and where each live message's record
+    /// is (see `recover.rs`).
+    Recovered {
+        segments: Vec<u64>,
+        live: Vec<(QueueId, u64, BodyLocation)>,
+    },
 }
 
 /// Handle to an open spool; cheap to clone.
@@ -178,20 +185,7 @@ impl Spool {
             .unwrap_or(QueueId(0));
         let (tx, rx) = mpsc::channel();
         let moved = committer::Moved::default();
-        let mut committer = Committer {
-            active,
-            rx,
-            options: options.clone(),
-            journal_dir: journal_dir.clone(),
-            bodies_dir: bodies_dir.clone(),
-            live: HashMap::with_capacity(tracked.len()),
-            segments: BTreeMap::new(),
-            moved: moved.clone(),
-            dirty: false,
-            last_sync: std::time::Instant::now(),
-            unsynced_done: Vec::new(),
-            compact_after: std::time::Instant::now(),
-        };
+        let mut committer = Committer::new(active, rx, &options, &journal_dir, &bodies_dir, &moved);
         committer.recover(&segments, tracked);
         let thread = thread::Builder::new()
             .name("spool-commit".into())
@@ -210,6 +204,60 @@ impl Spool {
                 inner: Arc::new(inner),
             },
             recovery,
+        ))
+    }
+
+    /// Opens (creating if needed) the spool under `dir` for new mail at once, and replays
+    /// what it holds in the background: the messages come on the returned channel (see
+    /// `recover.rs`). What `baton serve` uses: with a million messages queued, SMTP answers
+    /// while they are read.
+    pub fn start(
+        dir: &Path,
+        options: SpoolOptions,
+    ) -> Result<(Spool, tokio::sync::mpsc::Receiver<recover::Recovering>), SpoolError> {
+        let journal_dir = dir.join("journal");
+        let bodies_dir = dir.join("bodies");
+        fs::create_dir_all(&journal_dir)?;
+        fs::create_dir_all(&bodies_dir)?;
+        journal::sync_dir(dir)?;
+        let segments = journal::list_segments(&journal_dir)?;
+        let last_id = recover::last_id(&journal_dir, &segments)?;
+        let next = segments.last().map_or(1, |n| n + 1);
+        let active = journal::ActiveSegment::create(&journal_dir, next, options.fsync)?;
+        let (tx, rx) = mpsc::channel();
+        let moved = committer::Moved::default();
+        let mut committer = Committer::new(active, rx, &options, &journal_dir, &bodies_dir, &moved);
+        committer.recovering = !segments.is_empty();
+        committer.recover(&[], Vec::new());
+        let (out, recovering) = tokio::sync::mpsc::channel(1);
+        let replay = recover::Replay {
+            journal_dir: journal_dir.clone(),
+            bodies_dir: bodies_dir.clone(),
+            segments,
+            last_id,
+            committer: tx.clone(),
+            out,
+        };
+        let thread = thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || committer.run())?;
+        thread::Builder::new()
+            .name("spool-replay".into())
+            .spawn(move || replay.run())?;
+        let inner = Inner {
+            journal_dir,
+            bodies_dir,
+            moved,
+            options,
+            ids: IdGenerator::after(last_id),
+            committer: Some(tx),
+            thread: Some(thread),
+        };
+        Ok((
+            Spool {
+                inner: Arc::new(inner),
+            },
+            recovering,
         ))
     }
 

@@ -772,3 +772,124 @@ async fn a_waiting_message_does_not_pin_the_journal() {
     // copies forward follow the originals.
     check(union.path(), true);
 }
+
+/// `Spool::start` takes mail at once and replays in the background: new ids are above every
+/// old one, the replay hands over the live messages (packed, attempts counted), cuts the torn
+/// tail and removes orphan bodies; and only after it are old segments deleted.
+#[tokio::test]
+async fn start_takes_mail_at_once_and_replays_in_the_background() {
+    use baton_spool::recover::Recovering;
+    let dir = tempfile::tempdir().unwrap();
+    let options = SpoolOptions {
+        segment_size: 4 << 10,
+        ..SpoolOptions::default()
+    };
+    let large: Vec<u8> = vec![b'L'; 300 << 10];
+    let (deferred, big, orphan) = {
+        let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+        let deferred = store(&spool, b"deferred\r\n").await;
+        let big = store(&spool, &large).await;
+        let finished = store(&spool, b"finished\r\n").await;
+        let attempt = Attempt {
+            at_ms: 5,
+            code: 451,
+            status: "4.3.0".into(),
+            diagnostic: "later".into(),
+            remote_mta: None,
+        };
+        let update = RecipientUpdate {
+            id: deferred.id,
+            rcpt: 0,
+            state: RcptState::Deferred,
+            attempt: Some(attempt),
+            next_attempt_ms: 77,
+            delay_notified: false,
+        };
+        spool.record(&[update], &[finished.id]).unwrap();
+        for i in 0..20 {
+            let e = store(&spool, format!("through {i}\r\n").repeat(30).as_bytes()).await;
+            spool.record(&[], &[e.id]).unwrap();
+        }
+        store(&spool, b"last\r\n").await;
+        // A body left by a transaction cut off before its commit.
+        let orphan = baton_spool::QueueId(deferred.id.0 - 1);
+        std::fs::write(dir.path().join("bodies").join(orphan.to_string()), b"x").unwrap();
+        (deferred, big, orphan)
+    };
+    let journal = dir.path().join("journal");
+    let last = *baton_spool::journal::list_segments(&journal)
+        .unwrap()
+        .last()
+        .unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(baton_spool::journal::segment_path(&journal, last))
+        .unwrap();
+    f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+    drop(f);
+    let before = segment_count(dir.path());
+
+    let (spool, mut replay) = Spool::start(dir.path(), options.clone()).unwrap();
+    let fresh = store(&spool, b"new mail\r\n").await;
+    assert!(fresh.id > big.id, "new ids follow the old");
+    let mut recovered = Vec::new();
+    let report = loop {
+        match replay.recv().await.unwrap() {
+            Recovering::Messages(chunk) => recovered.extend(chunk),
+            Recovering::Done(report) => break report.unwrap(),
+        }
+    };
+    assert_eq!(report.truncated_bytes, 6);
+    assert_eq!(report.orphan_bodies_removed, 1);
+    assert!(!dir.path().join("bodies").join(orphan.to_string()).exists());
+    assert!(dir.path().join("bodies").join(big.id.to_string()).exists());
+    let ids: Vec<_> = recovered.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), 3, "deferred, big and last: {ids:?}");
+    assert_eq!(ids[..2], [deferred.id, big.id]);
+    let first = &recovered[0];
+    assert_eq!(&first.attempts[..], &[1]);
+    let env = first.envelope.view();
+    assert_eq!(env.recipients[0].state, RcptState::Deferred);
+    assert_eq!(env.recipients[0].next_attempt_ms, 77);
+    assert!(
+        env.recipients[0].attempts.is_empty(),
+        "history stays in the spool"
+    );
+    assert_eq!(recovered[1].body, BodyLocation::File);
+
+    // Once every message is done, the old segments go too.
+    let all: Vec<_> = ids.iter().copied().chain([fresh.id]).collect();
+    spool.record(&[], &all).unwrap();
+    store(&spool, b"flush\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    store(&spool, b"flush again\r\n").await;
+    let after = baton_spool::journal::list_segments(&journal).unwrap();
+    assert!(
+        after.iter().all(|&n| n > last),
+        "old segments {before} (to {last}) still there: {after:?}"
+    );
+    drop(spool);
+    let (_, rec) = Spool::open(dir.path(), options).unwrap();
+    assert_eq!(rec.messages.len(), 2, "the two flushes");
+}
+
+/// Ids handed out before the replay are above every id on disk, even one from a clock that
+/// ran ahead (a queue id's high bits are its time).
+#[tokio::test]
+async fn start_gives_ids_above_an_old_id_from_the_future() {
+    let dir = tempfile::tempdir().unwrap();
+    let future = {
+        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let mut env = envelope(&spool, 3);
+        env.id = baton_spool::QueueId(env.id.0 + (86_400_000 << 20));
+        let mut w = spool.body_writer(env.id);
+        w.buf().extend_from_slice(b"x\r\n");
+        spool.commit(&env, w).await.unwrap();
+        for _ in 0..3 {
+            store(&spool, b"later\r\n").await;
+        }
+        env.id
+    };
+    let (spool, _replay) = Spool::start(dir.path(), SpoolOptions::default()).unwrap();
+    assert!(spool.next_id() > future);
+}

@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use baton_events::Events;
-use baton_spool::{Spool, SpoolOptions, StoredMessage};
+use baton_spool::recover::Recovering;
+use baton_spool::{Spool, SpoolOptions};
 use baton_tls::trust::Trust;
+use tokio::sync::mpsc::Receiver;
 use tokio::sync::watch;
 
 use crate::api;
@@ -32,7 +34,7 @@ use crate::suppression::Suppressions;
 
 /// Builds everything and serves until `stop` turns true.
 pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let (spool, recovered) = open_spool(&config)?;
+    let (spool, replay) = open_spool(&config)?;
     let config = Arc::new(config);
     let events = Events::start(&config.data_dir, config.spool.fsync)
         .context("cannot open the event log under data_dir/events")?;
@@ -48,10 +50,13 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         config.clone(),
         spool.clone(),
         events.clone(),
-        recovered,
         suppressions.clone(),
         services,
     )?;
+    tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.recover(replay).await }
+    });
     crate::control::listen(&config.data_dir, queue.clone())?;
     let thresholds = Thresholds::new(
         config.spool.min_free_space,
@@ -91,31 +96,25 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     Ok(())
 }
 
-/// Opens the spool and recovers what it holds.
-fn open_spool(config: &Config) -> anyhow::Result<(Spool, Vec<StoredMessage>)> {
+/// Opens the spool for new mail; what it holds is replayed in the background.
+fn open_spool(config: &Config) -> anyhow::Result<(Spool, Receiver<Recovering>)> {
     let options = SpoolOptions {
         fsync: config.spool.fsync,
         segment_size: config.spool.segment_size,
         ..SpoolOptions::default()
     };
     let spool_dir = config.data_dir.join("spool");
-    let (spool, recovery) = Spool::open(&spool_dir, options).with_context(|| {
+    let (spool, replay) = Spool::start(&spool_dir, options).with_context(|| {
         format!(
             "cannot open the spool at {} (check that data_dir exists and is writable)",
             spool_dir.display()
         )
     })?;
-    tracing::info!(
-        messages = recovery.messages.len(),
-        torn_bytes_cut = recovery.truncated_bytes,
-        orphan_bodies_removed = recovery.orphan_bodies_removed,
-        dir = %spool_dir.display(),
-        "spool recovered"
-    );
+    tracing::info!(dir = %spool_dir.display(), "spool open; replaying what it holds");
     if !config.spool.fsync {
         tracing::warn!("spool fsync is off: acknowledged mail can be lost on power failure");
     }
-    Ok((spool, recovery.messages))
+    Ok((spool, replay))
 }
 
 /// Metrics are recorded from the start (they are read at GET /metrics), and sampled for the

@@ -182,6 +182,9 @@ pub struct Summary {
     pub messages: usize,
     pub recipients: Counts,
     pub destinations: Vec<SummaryRow>,
+    /// The spool is still being read after a start: the counts are rising to the full queue.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovering: bool,
 }
 
 /// Waiting recipients by what they wait for.

@@ -121,6 +121,7 @@ fn summary_answers_as_before() {
             row(Some("normal"), "a.test", None),
             row(None, "[relay.test]:25", Some("bulk")),
         ],
+        recovering: false,
     });
     let expected = json!({
         "messages": 2,

@@ -116,7 +116,7 @@ impl QueueManager {
                 self.events.emit(e);
             }
             let body = (!dsn.body.is_empty()).then_some(dsn.body);
-            self.add(dsn.message, body);
+            self.add_received(dsn.message, body);
         }
         for (updates, done) in self.outbox.release(id, committed.ticket) {
             self.write_records(id, &updates, done);

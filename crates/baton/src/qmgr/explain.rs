@@ -46,6 +46,7 @@ impl QueueManager {
             messages: self.messages.len(),
             recipients,
             destinations,
+            recovering: self.recovering,
         }
     }
 

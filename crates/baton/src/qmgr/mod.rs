@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use baton_spool::recover::{Recovered, Recovering};
 use baton_spool::{
     BodyLocation, DsnRet, Envelope, PackedEnvelope, QueueId, Spool, StoredMessage, now_ms,
 };
@@ -49,14 +50,19 @@ type Commanded = (OperatorCommand, tokio::sync::oneshot::Sender<Answer>);
 /// give it the operator's commands.
 #[derive(Clone)]
 pub struct QueueHandle {
-    tx: mpsc::UnboundedSender<StoredWithBody>,
+    tx: mpsc::UnboundedSender<Submission>,
     control: mpsc::UnboundedSender<Commanded>,
     queued: Arc<AtomicU64>,
 }
 
-struct StoredWithBody {
-    message: StoredMessage,
-    body: Option<Bytes>,
+/// What comes into the queue.
+enum Submission {
+    /// A message just received, durable in the spool; its body saves a read back.
+    Received(Box<StoredMessage>, Option<Bytes>),
+    /// Messages the spool's replay found, answered once they are in.
+    Recovered(Vec<Recovered>, tokio::sync::oneshot::Sender<()>),
+    /// The replay is over.
+    RecoveryDone,
 }
 
 impl QueueHandle {
@@ -68,7 +74,37 @@ impl QueueHandle {
 
     /// Queues a message that is already durable in the spool. `body` saves a read back.
     pub fn submit(&self, message: StoredMessage, body: Option<Bytes>) {
-        let _ = self.tx.send(StoredWithBody { message, body });
+        let _ = self.tx.send(Submission::Received(Box::new(message), body));
+    }
+
+    /// Feeds the queue what the spool's background replay finds, a chunk at a time (the next
+    /// is read from the spool once the last is in: memory holds one chunk in transit).
+    pub async fn recover(&self, mut replay: tokio::sync::mpsc::Receiver<Recovering>) {
+        while let Some(step) = replay.recv().await {
+            match step {
+                Recovering::Messages(chunk) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if self.tx.send(Submission::Recovered(chunk, tx)).is_err() {
+                        return;
+                    }
+                    let _ = rx.await;
+                }
+                Recovering::Done(Ok(report)) => {
+                    tracing::info!(
+                        messages = report.messages,
+                        torn_bytes_cut = report.truncated_bytes,
+                        orphan_bodies_removed = report.orphan_bodies_removed,
+                        "spool recovered"
+                    );
+                    break;
+                }
+                Recovering::Done(Err(why)) => {
+                    tracing::error!(%why, "the spool's replay failed; what it had read is queued, restart to read the rest");
+                    break;
+                }
+            }
+        }
+        let _ = self.tx.send(Submission::RecoveryDone);
     }
 
     /// Carries out an operator's command in the queue manager and returns its answer.
@@ -113,7 +149,7 @@ pub struct QueueManager {
     messages: HashMap<QueueId, Queued>,
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
     destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
-    submissions: mpsc::UnboundedReceiver<StoredWithBody>,
+    submissions: mpsc::UnboundedReceiver<Submission>,
     reports: mpsc::UnboundedReceiver<JobReport>,
     control: mpsc::UnboundedReceiver<Commanded>,
     suppressions: Arc<crate::suppression::Suppressions>,
@@ -125,15 +161,16 @@ pub struct QueueManager {
     notices: mpsc::UnboundedReceiver<dsn::Committed>,
     /// Recipients waiting (not final), for intake's backpressure.
     queued: Arc<AtomicU64>,
+    /// The spool's replay is still feeding the queue.
+    recovering: bool,
 }
 
 impl QueueManager {
-    /// Builds the queue from what the spool recovered and starts it.
+    /// Starts the queue, empty: what the spool holds comes through [`QueueHandle::recover`].
     pub fn start(
         config: Arc<Config>,
         spool: Spool,
         events: Events,
-        recovered: Vec<StoredMessage>,
         suppressions: Arc<crate::suppression::Suppressions>,
         services: Services,
     ) -> anyhow::Result<QueueHandle> {
@@ -150,7 +187,7 @@ impl QueueManager {
             spool.clone(),
             report_tx,
         ));
-        let mut qmgr = QueueManager {
+        let qmgr = QueueManager {
             config,
             spool,
             events,
@@ -167,13 +204,11 @@ impl QueueManager {
             notices_done,
             notices,
             queued: queued.clone(),
+            recovering: true,
         };
         // Operator suspensions survive restarts.
         if let Some(saved) = qmgr.operator_state.load() {
             qmgr.delivery.shaper.operator_restore(saved);
-        }
-        for message in recovered {
-            qmgr.add(message, None);
         }
         tokio::spawn(qmgr.run());
         Ok(QueueHandle {
@@ -188,7 +223,7 @@ impl QueueManager {
             let next_timer = self.timers.peek().map(|Reverse((due, _))| *due);
             let sleep = next_timer.map(|due| Duration::from_millis(due.saturating_sub(now_ms())));
             tokio::select! {
-                Some(s) = self.submissions.recv() => self.add(s.message, s.body),
+                Some(s) = self.submissions.recv() => self.submitted(s),
                 Some(report) = self.reports.recv() => self.apply(report),
                 Some((command, reply)) = self.control.recv() => self.handle_control(command, reply),
                 Some(committed) = self.notices.recv() => self.notices_committed(committed),
@@ -200,10 +235,41 @@ impl QueueManager {
         }
     }
 
-    /// A message enters the queue: its due recipients go to their ready queues (with `body`,
-    /// which saves a read back), the others wait for their time.
-    fn add(&mut self, message: StoredMessage, body: Option<Bytes>) {
+    fn submitted(&mut self, submission: Submission) {
+        match submission {
+            Submission::Received(message, body) => self.add_received(*message, body),
+            Submission::Recovered(chunk, done) => {
+                for r in chunk {
+                    self.add(r.envelope, &r.attempts, r.body, None);
+                }
+                let _ = done.send(());
+            }
+            Submission::RecoveryDone => self.recovering = false,
+        }
+    }
+
+    /// A message just received (or a DSN just committed) enters the queue.
+    fn add_received(&mut self, message: StoredMessage, body: Option<Bytes>) {
         let mut envelope = message.envelope;
+        let attempts = envelope
+            .recipients
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.attempts).len().min(u16::MAX as usize) as u16)
+            .collect::<Vec<_>>();
+        self.add(PackedEnvelope::new(envelope), &attempts, message.body, body);
+    }
+
+    /// A message enters the queue: its due recipients go to their ready queues (with `body`,
+    /// which saves a read back), the others wait for their time. `attempts` counts each
+    /// recipient's attempts so far (the envelope carries no history).
+    fn add(
+        &mut self,
+        mut env: PackedEnvelope,
+        attempts: &[u16],
+        location: BodyLocation,
+        body: Option<Bytes>,
+    ) {
+        let envelope = env.open();
         let id = envelope.id;
         let waiting = envelope
             .recipients
@@ -212,19 +278,17 @@ impl QueueManager {
             .count();
         baton_events::metrics::queue_depth(waiting as i64);
         self.queued.fetch_add(waiting as u64, Ordering::Relaxed);
-        let rcpts = envelope
-            .recipients
-            .iter_mut()
-            .map(|r| RcptMem {
+        let rcpts = (0..envelope.recipients.len())
+            .map(|i| RcptMem {
                 in_flight: false,
-                attempts: std::mem::take(&mut r.attempts).len().min(u16::MAX as usize) as u16,
+                attempts: attempts.get(i).copied().unwrap_or(0),
             })
             .collect();
         self.messages.insert(
             id,
             Queued {
-                env: PackedEnvelope::new(envelope),
-                location: message.body,
+                env,
+                location,
                 job: None,
                 rcpts,
                 sticky: HashMap::new(),
