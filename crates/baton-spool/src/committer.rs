@@ -25,8 +25,9 @@ pub(crate) struct Live {
     /// The segment holding its latest message record.
     pub segment: u64,
     pub in_file: bool,
-    /// The size of that record (an estimate for recovered messages).
-    pub bytes: u64,
+    /// The size of that record (an estimate for recovered messages; u32 keeps a million
+    /// entries small, and a record is at most an inline body and its envelope).
+    pub bytes: u32,
 }
 
 /// One segment: its size on disk and the live messages whose record it holds.
@@ -220,19 +221,19 @@ impl Committer {
         let live = Live {
             segment,
             in_file,
-            bytes,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
         };
         self.live.insert(id, live);
         let used = self.segments.entry(segment).or_default();
         used.live += 1;
-        used.live_bytes = used.live_bytes.saturating_add(bytes);
+        used.live_bytes = used.live_bytes.saturating_add(u64::from(live.bytes));
     }
 
     fn untrack(&mut self, id: QueueId) -> Option<Live> {
         let live = self.live.remove(&id)?;
         if let Some(used) = self.segments.get_mut(&live.segment) {
             used.live = used.live.saturating_sub(1);
-            used.live_bytes = used.live_bytes.saturating_sub(live.bytes);
+            used.live_bytes = used.live_bytes.saturating_sub(u64::from(live.bytes));
         }
         Some(live)
     }

@@ -171,6 +171,21 @@ pub fn scan_segment_for(
     number: u64,
     want: impl Fn(QueueId) -> bool,
 ) -> io::Result<Scan> {
+    let mut records = Vec::new();
+    let mut scan = scan_segment_each(path, number, want, |r| records.push(r))?;
+    scan.records = records;
+    Ok(scan)
+}
+
+/// [`scan_segment_for`], handing each record to `each` as it is read instead of collecting
+/// them (the replay of a large spool keeps one decoded record at a time, not a segment's).
+/// The returned scan's `records` is empty.
+pub fn scan_segment_each(
+    path: &Path,
+    number: u64,
+    want: impl Fn(QueueId) -> bool,
+    mut each: impl FnMut(Record),
+) -> io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -203,7 +218,6 @@ pub fn scan_segment_for(
     }
     scan.current = &magic == MAGIC;
     let mut offset = MAGIC.len() as u64;
-    let records = &mut scan.records;
     let mut frame = Vec::new();
     loop {
         let mut header = [0u8; 8];
@@ -242,7 +256,7 @@ pub fn scan_segment_for(
             _ => None,
         };
         match record {
-            Some(r) => records.push(r),
+            Some(r) => each(r),
             None => break,
         }
         offset += 8 + len;

@@ -25,7 +25,8 @@ use crate::{CommitRequest, PackedEnvelope, QueueId, SpoolError};
 /// Messages per chunk handed over.
 const CHUNK: usize = 10_000;
 
-/// A message recovered from the journal, packed, with its attempts counted per recipient.
+/// A message recovered from the journal, packed, with its attempts counted per recipient
+/// (empty when none was attempted).
 #[derive(Debug)]
 pub struct Recovered {
     pub id: QueueId,
@@ -51,10 +52,12 @@ pub enum Recovering {
     Done(Result<RecoveryReport, String>),
 }
 
-/// One message during the replay.
+/// One message during the replay (boxed in the map: a million of them take their bytes,
+/// not twice that in a half-empty table).
 struct Replaying {
     envelope: PackedEnvelope,
-    attempts: Vec<u16>,
+    /// Attempts per recipient; empty while none was attempted.
+    attempts: Box<[u16]>,
     segment: u64,
     body: BodyLocation,
 }
@@ -80,11 +83,16 @@ impl Replay {
     }
 
     fn replay_and_hand_over(&self) -> Result<RecoveryReport, SpoolError> {
-        let mut live: HashMap<QueueId, Replaying> = HashMap::new();
+        let mut live: HashMap<QueueId, Box<Replaying>> = HashMap::new();
         let mut report = RecoveryReport::default();
         for (i, &number) in self.segments.iter().enumerate() {
             let path = journal::segment_path(&self.journal_dir, number);
-            let scan = journal::scan_segment(&path, number)?;
+            let scan = journal::scan_segment_each(
+                &path,
+                number,
+                |_| true,
+                |r| apply(&mut live, r, number),
+            )?;
             if scan.file_len > scan.valid_len {
                 if i + 1 == self.segments.len() {
                     // Never appended to again: the torn tail goes now, not at the next start.
@@ -97,9 +105,6 @@ impl Replay {
                     tracing::error!(segment = %path.display(), bad_bytes = scan.file_len - scan.valid_len,
                         "corrupt record in a sealed journal segment; records after it are skipped");
                 }
-            }
-            for record in scan.records {
-                apply(&mut live, record, number);
             }
         }
         report.messages = live.len();
@@ -114,18 +119,26 @@ impl Replay {
                 live: tracked,
             })
             .map_err(|_| SpoolError::Stopped)?;
-        let mut messages: Vec<(QueueId, Replaying)> = live.into_iter().collect();
-        messages.sort_unstable_by_key(|(id, _)| *id);
-        let mut messages = messages.into_iter().peekable();
-        while messages.peek().is_some() {
-            let chunk = messages
-                .by_ref()
-                .take(CHUNK)
-                .map(|(id, m)| Recovered {
-                    id,
-                    envelope: m.envelope,
-                    attempts: m.attempts.into_boxed_slice(),
-                    body: m.body,
+        // In id order (arrival), moved out of the map chunk by chunk.
+        let mut ids: Vec<QueueId> = live.keys().copied().collect();
+        ids.sort_unstable();
+        for chunk in ids.chunks(CHUNK) {
+            let chunk = chunk
+                .iter()
+                .filter_map(|&id| live.remove(&id).map(|m| (id, m)))
+                .map(|(id, m)| {
+                    let Replaying {
+                        envelope,
+                        attempts,
+                        body,
+                        ..
+                    } = *m;
+                    Recovered {
+                        id,
+                        envelope,
+                        attempts,
+                        body,
+                    }
                 })
                 .collect();
             self.out
@@ -136,7 +149,7 @@ impl Replay {
     }
 
     /// Body files of old ids that no recovered message refers to (a crash mid-DATA).
-    fn remove_orphan_bodies(&self, live: &HashMap<QueueId, Replaying>) -> io::Result<usize> {
+    fn remove_orphan_bodies(&self, live: &HashMap<QueueId, Box<Replaying>>) -> io::Result<usize> {
         let referenced: HashSet<QueueId> = live
             .iter()
             .filter(|(_, m)| m.body == BodyLocation::File)
@@ -159,26 +172,31 @@ impl Replay {
 }
 
 /// Applies one record to the messages being replayed (as `apply_records` does, packed).
-fn apply(live: &mut HashMap<QueueId, Replaying>, record: Record, segment: u64) {
+fn apply(live: &mut HashMap<QueueId, Box<Replaying>>, record: Record, segment: u64) {
     match record {
         Record::Message(m) => {
             let mut envelope = m.envelope;
             let id = envelope.id;
-            let attempts = envelope
+            let attempts: Box<[u16]> = envelope
                 .recipients
                 .iter_mut()
                 .map(|r| std::mem::take(&mut r.attempts).len().min(u16::MAX as usize) as u16)
                 .collect();
+            let attempts = if attempts.iter().all(|&n| n == 0) {
+                Box::default()
+            } else {
+                attempts
+            };
             let mut envelope = PackedEnvelope::new(envelope);
             envelope.pack();
             live.insert(
                 id,
-                Replaying {
+                Box::new(Replaying {
                     envelope,
                     attempts,
                     segment,
                     body: m.body,
-                },
+                }),
             );
         }
         Record::Update(u) => {
@@ -188,6 +206,9 @@ fn apply(live: &mut HashMap<QueueId, Replaying>, record: Record, segment: u64) {
                 if u.attempt.is_some() {
                     if let Some(r) = envelope.recipients.get_mut(u.rcpt as usize) {
                         r.attempts.clear();
+                    }
+                    if m.attempts.is_empty() {
+                        m.attempts = vec![0; envelope.recipients.len()].into_boxed_slice();
                     }
                     if let Some(n) = m.attempts.get_mut(u.rcpt as usize) {
                         *n = n.saturating_add(1);

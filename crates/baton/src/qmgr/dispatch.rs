@@ -32,13 +32,10 @@ impl QueueManager {
         self.settle(id);
     }
 
-    /// A message with no job out waits packed, without its job (and the body it held).
+    /// See [`super::Queued::settle`].
     pub(super) fn settle(&mut self, id: QueueId) {
-        if let Some(q) = self.messages.get_mut(&id)
-            && q.jobs_out == 0
-        {
-            q.job = None;
-            q.env.pack();
+        if let Some(q) = self.messages.get_mut(&id) {
+            q.settle();
         }
     }
 
@@ -51,6 +48,7 @@ impl QueueManager {
             return;
         };
         let env = q.env.open();
+        let n = env.recipients.len();
         if env.meta.hold {
             return; // released by the operator, not by time
         }
@@ -63,7 +61,7 @@ impl QueueManager {
         let mut groups = Groups::new();
         let (mut next_due, mut held, mut expired) = (None::<u64>, Vec::new(), Vec::new());
         for (i, r) in env.recipients.iter_mut().enumerate() {
-            if r.state.is_final() || q.rcpts.get(i).is_none_or(|m| m.in_flight) {
+            if r.state.is_final() || q.rcpts.get(i).in_flight {
                 continue;
             }
             match clock.due(r.next_attempt_ms, now) {
@@ -84,7 +82,7 @@ impl QueueManager {
                 }
                 Due::Now => {
                     let dest = Destination::for_domain(&self.config, domain_of(&r.address));
-                    let sticky = q.sticky.get(&(i as u32)).cloned();
+                    let sticky = super::sticky_source(&q.work, i as u32);
                     groups.entry((dest, sticky)).or_default().push(i as u32);
                 }
             }
@@ -96,16 +94,18 @@ impl QueueManager {
             // Reported as the outcome of an attempt, so that expiry takes its one path
             // (event, metrics, DSN, spool record) in `apply`.
             for &i in &expired {
-                q.rcpts[i as usize].in_flight = true;
+                if let Some(m) = q.rcpts.get_mut(i as usize, n) {
+                    m.in_flight = true;
+                }
             }
-            q.jobs_out += 1;
+            q.work.get_or_insert_default().jobs_out += 1;
             let _ = self.delivery.reports.send(expired_unattempted(id, expired));
         }
         if !held.is_empty() {
             self.record(id, held, false);
         }
         self.send_jobs(id, groups, body);
-        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) && next_due.is_none() {
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out() == 0) && next_due.is_none() {
             // Nothing left to try (all final): the message may have arrived that way.
             self.finish_if_done(id);
         }
@@ -121,8 +121,10 @@ impl QueueManager {
         };
         let max_workers = self.config.delivery.max_connections_per_destination;
         let env = q.env.open();
+        let n = env.recipients.len();
         let pool = self.config.pool_for(env).cloned();
-        let job = q
+        let work = q.work.get_or_insert_default();
+        let job = work
             .job
             .get_or_insert_with(|| Arc::new(super::job_message(env, q.location, body)))
             .clone();
@@ -148,9 +150,11 @@ impl QueueManager {
                 .clone();
             for chunk in rcpts.chunks(per_tx.max(1)) {
                 for &i in chunk {
-                    q.rcpts[i as usize].in_flight = true;
+                    if let Some(m) = q.rcpts.get_mut(i as usize, n) {
+                        m.in_flight = true;
+                    }
                 }
-                q.jobs_out += 1;
+                work.jobs_out += 1;
                 let message = job.clone();
                 let rcpts = chunk.to_vec();
                 queue.push(Job { message, rcpts }, &self.delivery);

@@ -74,7 +74,11 @@ impl QueueManager {
         }
         let job = NoticeJob {
             original,
-            body: q.job.as_ref().and_then(|j| j.body.get().cloned()),
+            body: q
+                .work
+                .as_ref()
+                .and_then(|w| w.job.as_ref())
+                .and_then(|j| j.body.get().cloned()),
             location: q.location,
             batches,
             hostname: self.config.hostname.clone(),

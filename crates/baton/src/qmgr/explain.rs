@@ -68,7 +68,7 @@ impl QueueManager {
                 let dest = Destination::for_domain(&self.config, domain).to_string();
                 let row = rows.entry((dest, pool.clone())).or_default();
                 let counts = &mut row.counts;
-                if q.rcpts.get(i).is_some_and(|m| m.in_flight) {
+                if q.rcpts.get(i).in_flight {
                     counts.active += 1;
                 } else if env.meta.hold {
                     counts.held += 1;
@@ -95,7 +95,7 @@ impl QueueManager {
                 if r.state.is_final() || !at.eq_ignore_ascii_case(domain) {
                     continue;
                 }
-                if q.rcpts.get(i).is_some_and(|m| m.in_flight) {
+                if q.rcpts.get(i).in_flight {
                     in_flight += 1;
                 } else {
                     waiting += 1;
@@ -125,8 +125,8 @@ impl QueueManager {
         let recipients = env
             .recipients
             .iter()
-            .zip(q.rcpts.iter())
-            .map(|(r, mem)| self.explain_recipient(&env, r, *mem, pool.as_deref(), now))
+            .enumerate()
+            .map(|(i, r)| self.explain_recipient(&env, r, q.rcpts.get(i), pool.as_deref(), now))
             .collect();
         Ok(MessageExplained {
             id,

@@ -123,22 +123,90 @@ impl QueueHandle {
 struct Queued {
     env: PackedEnvelope,
     location: BodyLocation,
+    /// Per recipient: out with a worker, and attempts made.
+    rcpts: RcptMems,
+    /// Jobs out, and greylisting's pinned sources: none for most waiting messages.
+    work: Option<Box<Work>>,
+}
+
+/// What a message being worked on needs besides its envelope.
+#[derive(Default)]
+struct Work {
     /// What the message's jobs share, while any is out (built at dispatch, dropped after).
     job: Option<Arc<JobMessage>>,
-    /// Per recipient: out with a worker, and attempts made.
-    rcpts: Box<[RcptMem]>,
-    /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
-    /// (Only greylisted recipients are in it: most messages never allocate.)
-    sticky: HashMap<u32, String>,
     jobs_out: u32,
+    /// The source a greylisted recipient must be retried from (greylisting keys on the IP).
+    sticky: Vec<(u32, String)>,
+}
+
+impl Queued {
+    fn jobs_out(&self) -> u32 {
+        self.work.as_ref().map_or(0, |w| w.jobs_out)
+    }
+
+    /// A message with no job out waits packed, without its job (and the body it held).
+    fn settle(&mut self) {
+        if self.jobs_out() > 0 {
+            return;
+        }
+        if let Some(work) = &mut self.work {
+            work.job = None;
+            if work.sticky.is_empty() {
+                self.work = None;
+            }
+        }
+        self.env.pack();
+        self.rcpts.trim();
+    }
 }
 
 /// A recipient's in-memory state besides its envelope entry.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct RcptMem {
     in_flight: bool,
     /// Attempts made; the history itself is in the spool (for `baton queue show`).
     attempts: u16,
+}
+
+/// Every recipient's [`RcptMem`]; empty (nothing allocated) while all have the defaults, as
+/// a fresh or held message's do.
+#[derive(Debug, Default)]
+struct RcptMems(Box<[RcptMem]>);
+
+impl RcptMems {
+    fn from_attempts(attempts: &[u16]) -> RcptMems {
+        if attempts.iter().all(|&n| n == 0) {
+            return RcptMems::default();
+        }
+        RcptMems(
+            attempts
+                .iter()
+                .map(|&attempts| RcptMem {
+                    in_flight: false,
+                    attempts,
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, i: usize) -> RcptMem {
+        self.0.get(i).copied().unwrap_or_default()
+    }
+
+    /// Recipient `i` of `n`, to change.
+    fn get_mut(&mut self, i: usize, n: usize) -> Option<&mut RcptMem> {
+        if self.0.is_empty() {
+            self.0 = vec![RcptMem::default(); n].into_boxed_slice();
+        }
+        self.0.get_mut(i)
+    }
+
+    /// Gives the memory back once every recipient is at the defaults again.
+    fn trim(&mut self) {
+        if self.0.iter().all(|m| *m == RcptMem::default()) {
+            self.0 = Box::default();
+        }
+    }
 }
 
 pub struct QueueManager {
@@ -146,7 +214,8 @@ pub struct QueueManager {
     spool: Spool,
     events: Events,
     delivery: Arc<DeliveryContext>,
-    messages: HashMap<QueueId, Queued>,
+    /// Boxed: the table of a million entries stays small (and grows cheaply).
+    messages: HashMap<QueueId, Box<Queued>>,
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
     destinations: HashMap<(Destination, Option<String>), Arc<DestQueue>>,
     submissions: mpsc::UnboundedReceiver<Submission>,
@@ -264,39 +333,39 @@ impl QueueManager {
     /// recipient's attempts so far (the envelope carries no history).
     fn add(
         &mut self,
-        mut env: PackedEnvelope,
+        env: PackedEnvelope,
         attempts: &[u16],
         location: BodyLocation,
         body: Option<Bytes>,
     ) {
-        let envelope = env.open();
+        // A recovered envelope stays packed unless dispatch has work for it.
+        let envelope = env.view();
         let id = envelope.id;
         let waiting = envelope
             .recipients
             .iter()
             .filter(|r| !r.state.is_final())
             .count();
+        drop(envelope);
         baton_events::metrics::queue_depth(waiting as i64);
         self.queued.fetch_add(waiting as u64, Ordering::Relaxed);
-        let rcpts = (0..envelope.recipients.len())
-            .map(|i| RcptMem {
-                in_flight: false,
-                attempts: attempts.get(i).copied().unwrap_or(0),
-            })
-            .collect();
         self.messages.insert(
             id,
-            Queued {
+            Box::new(Queued {
                 env,
                 location,
-                job: None,
-                rcpts,
-                sticky: HashMap::new(),
-                jobs_out: 0,
-            },
+                rcpts: RcptMems::from_attempts(attempts),
+                work: None,
+            }),
         );
         self.dispatch_with(id, body);
     }
+}
+
+/// The source recipient `i` must be retried from, if greylisting pinned one.
+fn sticky_source(work: &Option<Box<Work>>, i: u32) -> Option<String> {
+    let (_, source) = work.as_ref()?.sticky.iter().find(|(r, _)| *r == i)?;
+    Some(source.clone())
 }
 
 /// What the jobs of a message need, from its envelope.

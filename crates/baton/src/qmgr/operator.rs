@@ -254,7 +254,7 @@ impl QueueManager {
             .enumerate()
             .filter(|(i, r)| {
                 !r.state.is_final()
-                    && q.rcpts.get(*i).is_some_and(|m| !m.in_flight)
+                    && !q.rcpts.get(*i).in_flight
                     && domain.is_none_or(|domain| {
                         r.address
                             .rsplit_once('@')

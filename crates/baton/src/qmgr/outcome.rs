@@ -45,7 +45,9 @@ impl QueueManager {
         let Some(q) = self.messages.get_mut(&id) else {
             return;
         };
-        q.jobs_out = q.jobs_out.saturating_sub(1);
+        if let Some(work) = &mut q.work {
+            work.jobs_out = work.jobs_out.saturating_sub(1);
+        }
         let mut updates = Vec::with_capacity(report.outcomes.len());
         let mut notices = Notices::default();
         for outcome in &report.outcomes {
@@ -63,7 +65,7 @@ impl QueueManager {
         let q = self.messages.get_mut(&id)?;
         let env = q.env.open();
         let recipient = env.recipients.get(i)?;
-        let mem = q.rcpts.get_mut(i)?;
+        let mem = q.rcpts.get_mut(i, env.recipients.len())?;
         mem.in_flight = false;
         let rcpt = Rcpt {
             recipient,
@@ -115,10 +117,14 @@ impl QueueManager {
         match decision.sticky {
             Sticky::Keep => {}
             Sticky::Pin(source) => {
-                q.sticky.insert(i as u32, source);
+                let sticky = &mut q.work.get_or_insert_default().sticky;
+                sticky.retain(|(r, _)| *r != i as u32);
+                sticky.push((i as u32, source));
             }
             Sticky::Clear => {
-                q.sticky.remove(&(i as u32));
+                if let Some(work) = &mut q.work {
+                    work.sticky.retain(|(r, _)| *r != i as u32);
+                }
             }
         }
         if let Some(notice) = decision.notice {
@@ -150,7 +156,8 @@ impl QueueManager {
             if let Some(r) = env.recipients.get_mut(i) {
                 r.attempts.clear();
             }
-            if let Some(m) = q.rcpts.get_mut(i) {
+            let n = env.recipients.len();
+            if let Some(m) = q.rcpts.get_mut(i, n) {
                 m.attempts = m.attempts.saturating_add(1);
             }
         }
@@ -173,7 +180,7 @@ impl QueueManager {
         notices: Notices,
     ) {
         self.send_notices(id, notices);
-        if self.messages.get(&id).is_some_and(|q| q.jobs_out == 0) {
+        if self.messages.get(&id).is_some_and(|q| q.jobs_out() == 0) {
             // Whatever waits for a retry waits packed, without its body or job: the next
             // attempt reads the body from the spool.
             self.dispatch(id);
@@ -185,7 +192,7 @@ impl QueueManager {
     /// Forgets the message if every recipient is final; true if it did.
     pub(super) fn take_if_done(&mut self, id: QueueId) -> bool {
         let done = self.messages.get(&id).is_some_and(|q| {
-            q.jobs_out == 0 && q.env.view().recipients.iter().all(|r| r.state.is_final())
+            q.jobs_out() == 0 && q.env.view().recipients.iter().all(|r| r.state.is_final())
         });
         if done {
             self.messages.remove(&id);
