@@ -1,5 +1,6 @@
 //! The event log: every reception, delivery, transient failure, bounce and expiration as one
-//! JSON line in `data_dir/events/events.jsonl`.
+//! JSON line in `data_dir/events/` (files rotated by size and age, `events.jsonl` the link to
+//! the newest; see [`files`]).
 //!
 //! Producers call [`Events::emit`], which never blocks or wakes anyone; a writer thread wakes
 //! every 20 ms, appends whatever arrived in one write, and fdatasyncs at most once a second (an
@@ -7,7 +8,8 @@
 //! that file, the webhooks' offsets and the metrics registry; it must not decide anything
 //! about mail.
 //!
-//! - `writer`: the log file and the thread that appends to it;
+//! - `writer`: the thread that appends to the log and rotates its files;
+//! - `files`: the log's files, reading across them, retention;
 //! - `read`: queries over the log (events, a message's history, statistics);
 //! - `webhooks`: batches of events POSTed to receivers, from a saved offset;
 //! - `metrics`: the Prometheus counters and gauges.
@@ -17,13 +19,14 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+pub mod files;
 pub mod metrics;
 mod read;
 pub mod webhooks;
 mod writer;
 
 pub use read::{Filter, history, parse_since, query, stats};
-pub use writer::Events;
+pub use writer::{Events, LogOptions};
 
 /// One event. Field names are the HTTP API's and webhooks' (issue "Observe").
 #[derive(Debug, Clone, Serialize)]

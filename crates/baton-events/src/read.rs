@@ -1,13 +1,13 @@
-//! Readers of the event log: a page of events, one message's history, statistics over a
-//! time span. They run on blocking threads. The log is appended in time order, so a reader
-//! whose question starts at a time (and needs nothing from before it) starts reading there,
-//! found by bisection ([`tail_since`]), instead of scanning the whole history; the others scan
-//! from the start.
+//! Readers of the event log (the directory of its files): a page of events, one message's
+//! history, statistics over a time span. They run on blocking threads. The log is appended in
+//! time order, so a reader whose question starts at a time (and needs nothing from before it)
+//! starts reading there ([`tail_since`]), instead of scanning the whole history; the others
+//! scan from the oldest file kept.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::EventKind;
+use crate::files::tail_since;
 
 /// What `GET /api/v1/events` asks for.
 pub struct Filter {
@@ -27,12 +27,12 @@ pub struct Filter {
 
 /// One page of the event log, oldest first: `{"events": [...], "next": <id or null>}`;
 /// `next` is the id to pass as `after` for the following page.
-pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
+pub fn query(dir: &Path, filter: &Filter) -> serde_json::Value {
     // A campaign filter needs the receptions before `since`; a cursor, the line it names.
     let from = filter
         .since
         .filter(|_| filter.campaign.is_none() && filter.after.is_none());
-    let text = tail_since(path, from);
+    let text = tail_since(dir, from);
     let mut campaign_messages = std::collections::HashSet::new();
     let mut passed_cursor = filter.after.is_none();
     let mut events = Vec::new();
@@ -99,21 +99,21 @@ pub fn query(path: &Path, filter: &Filter) -> serde_json::Value {
 
 /// A message's recipients and their last known state, from the event log (for messages no
 /// longer in the queue); none if the log never saw it.
-pub fn history(path: &Path, message_id: &str) -> Option<serde_json::Value> {
+pub fn history(dir: &Path, message_id: &str) -> Option<serde_json::Value> {
     // A queue id carries its arrival time: nothing of the message is older than that.
     let arrived = message_id
         .parse::<baton_spool::QueueId>()
         .ok()
         .and_then(|id| jiff::Timestamp::from_millisecond(i64::try_from(id.0 >> 20).ok()?).ok());
-    std::fs::metadata(path).ok()?;
+    std::fs::metadata(dir).ok()?;
     if arrived.is_some()
-        && let Some(found) = history_in(&tail_since(path, arrived), message_id)
+        && let Some(found) = history_in(&tail_since(dir, arrived), message_id)
     {
         return Some(found);
     }
     // Not seen from its arrival on (a clock that stepped back, an id that is not Baton's):
     // the whole log.
-    history_in(&tail_since(path, None), message_id)
+    history_in(&tail_since(dir, None), message_id)
 }
 
 /// [`history`] over the given part of the log.
@@ -173,14 +173,14 @@ fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
 /// ("destination", "campaign", "tenant" or "source"): attempts' outcomes and delivery-latency
 /// percentiles (reception to delivery).
 pub fn stats(
-    path: &Path,
+    dir: &Path,
     since: Option<jiff::Timestamp>,
     until: Option<jiff::Timestamp>,
     by: &str,
 ) -> serde_json::Value {
     // Campaign and tenant come from the receptions, which may be older than `since`.
     let from = since.filter(|_| !matches!(by, "campaign" | "tenant"));
-    let text = tail_since(path, from);
+    let text = tail_since(dir, from);
     // Message id → (campaign, tenant), from reception events.
     let mut tags: std::collections::HashMap<String, (String, String)> = Default::default();
     let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
@@ -286,73 +286,6 @@ impl Group {
     }
 }
 
-/// Events are stamped when made and written a moment later, so the log's order is time order
-/// only to within this much; bisection looks this far before `since`.
-const ORDER_SLACK: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
-
-/// The log from about `since` on (from the start without `since`, or when it cannot tell):
-/// whole lines, starting at or before the first event stamped `since` − [`ORDER_SLACK`].
-/// Callers still filter on the time: this only skips what is certainly older.
-pub fn tail_since(path: &Path, since: Option<jiff::Timestamp>) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let start = since
-        .and_then(|s| s.checked_sub(ORDER_SLACK).ok())
-        .and_then(|s| bisect(&mut file, s).ok())
-        .unwrap_or(0);
-    let mut text = String::new();
-    if file.seek(SeekFrom::Start(start)).is_ok() {
-        let _ = file.read_to_string(&mut text);
-    }
-    text
-}
-
-/// An offset at a line's start before which every line is stamped earlier than `at` (0 when
-/// the first line is not).
-fn bisect(file: &mut std::fs::File, at: jiff::Timestamp) -> std::io::Result<u64> {
-    let (mut lo, mut hi) = (0u64, file.metadata()?.len());
-    // lo: a line start known to be before `at` (or 0); hi: an offset at or after it.
-    while hi.saturating_sub(lo) > 64 << 10 {
-        let mid = lo + (hi - lo) / 2;
-        match line_after(file, mid)? {
-            Some((start, stamp)) if start < hi && stamp.is_some_and(|t| t < at) => lo = start,
-            _ => hi = mid,
-        }
-    }
-    Ok(lo)
-}
-
-/// The first whole line starting after `offset`: where it starts and its timestamp (None
-/// when it has none that parses).
-fn line_after(
-    file: &mut std::fs::File,
-    offset: u64,
-) -> std::io::Result<Option<(u64, Option<jiff::Timestamp>)>> {
-    file.seek(SeekFrom::Start(offset))?;
-    let mut reader = BufReader::new(&mut *file);
-    let mut skipped = Vec::new();
-    let partial = reader.read_until(b'\n', &mut skipped)? as u64;
-    let mut line = Vec::new();
-    if reader
-        .by_ref()
-        .take(64 << 10)
-        .read_until(b'\n', &mut line)?
-        == 0
-    {
-        return Ok(None);
-    }
-    let stamp = serde_json::from_slice::<serde_json::Value>(&line)
-        .ok()
-        .and_then(|e| {
-            e.get("timestamp")?
-                .as_str()?
-                .parse::<jiff::Timestamp>()
-                .ok()
-        });
-    Ok(Some((offset + partial, stamp)))
-}
-
 /// An RFC 3339 time, or a span back from now ("90s", "30m", "24h", "7d").
 pub fn parse_since(text: &str) -> Option<jiff::Timestamp> {
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
@@ -382,36 +315,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reading_from_a_time_skips_only_what_is_older() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events.jsonl");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let t0 = "2026-12-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap();
-        for i in 0..20_000i64 {
-            let at = t0 + jiff::SignedDuration::from_secs(i * 10);
-            writeln!(f, r#"{{"id":"{i}","type":"delivery","timestamp":"{at}"}}"#).unwrap();
-        }
-        drop(f);
-        let since = t0 + jiff::SignedDuration::from_secs(150_000);
-        let tail = tail_since(&path, Some(since));
-        let first: serde_json::Value = serde_json::from_str(tail.lines().next().unwrap()).unwrap();
-        let first_at: jiff::Timestamp = first["timestamp"].as_str().unwrap().parse().unwrap();
-        // Nothing at or after `since` (minus the slack) is skipped, and most before it is.
-        assert!(first_at <= since - ORDER_SLACK, "{first_at}");
-        assert!(tail.lines().count() < 6_000, "{}", tail.lines().count());
-        assert!(tail.contains(r#""id":"15000""#));
-        assert_eq!(tail_since(&path, None).lines().count(), 20_000);
-        let before_all = t0 - jiff::SignedDuration::from_secs(3600);
-        assert_eq!(tail_since(&path, Some(before_all)).lines().count(), 20_000);
-        assert_eq!(tail_since(&dir.path().join("none"), Some(since)), "");
-    }
-
-    #[test]
     fn a_message_history_starts_at_its_arrival() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events.jsonl");
+        let path = crate::files::prepare(dir.path()).unwrap().path;
         let mut f = std::fs::File::create(&path).unwrap();
         let t0 = "2026-12-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap();
         let id_at = |at: jiff::Timestamp| format!("{:016X}", (at.as_millisecond() as u64) << 20);
@@ -428,15 +335,15 @@ mod tests {
         }
         drop(f);
         let late = id_at(t0 + jiff::SignedDuration::from_secs(190_000));
-        let h = history(&path, &late).expect("found");
+        let h = history(dir.path(), &late).expect("found");
         assert_eq!(h["recipients"][0]["email"], "r19000@dest.test");
         assert_eq!(h["recipients"][0]["state"], "delivered");
         let early = id_at(t0);
         assert_eq!(
-            history(&path, &early).expect("found")["recipients"][0]["email"],
+            history(dir.path(), &early).expect("found")["recipients"][0]["email"],
             "r0@dest.test"
         );
-        assert!(history(&path, "0000000000000001").is_none());
+        assert!(history(dir.path(), "0000000000000001").is_none());
         assert!(history(&dir.path().join("none"), &early).is_none());
     }
 

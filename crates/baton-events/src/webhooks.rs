@@ -8,7 +8,7 @@
 //!
 //! Owns the senders and their offsets; it must not write the event log.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub fn start(
     }
     let dir = data_dir.join("webhooks");
     std::fs::create_dir_all(&dir)?;
-    let log = data_dir.join("events/events.jsonl");
+    let log = data_dir.join("events");
     for hook in hooks {
         let key = hex::encode(
             &ring::digest::digest(&ring::digest::SHA256, hook.url.as_bytes()).as_ref()[..8],
@@ -170,9 +170,16 @@ impl Sender {
 
     /// Up to `batch_size` wanted events (raw JSON lines) from `offset`, and the offset just
     /// past the last line looked at. An unfinished last line is left for later.
+    /// Reads within one of the log's files; an offset in a file the retention deleted moves
+    /// on to the oldest kept.
     fn read_batch(&self, offset: u64) -> std::io::Result<(Vec<String>, u64)> {
-        let mut file = std::fs::File::open(&self.log)?;
-        file.seek(SeekFrom::Start(offset))?;
+        let Some((mut file, at)) = crate::files::open_at(&self.log, offset)? else {
+            return Ok((Vec::new(), offset));
+        };
+        if at != offset {
+            tracing::warn!(url = %self.hook.url, offset, now = at, "webhook offset in an event log file deleted by the retention; continuing with the oldest kept");
+            return Ok((Vec::new(), at));
+        }
         let mut chunk = Vec::with_capacity(64 << 10);
         (&mut file)
             .take(READ_CHUNK as u64)

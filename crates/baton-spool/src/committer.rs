@@ -297,11 +297,14 @@ impl Committer {
         {
             return;
         }
+        let started = Instant::now();
         match self.compact(oldest) {
             Ok(moved) => {
+                let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(
                     segment = oldest,
                     moved,
+                    ms,
                     "journal compacted: live messages copied forward"
                 );
             }

@@ -36,7 +36,7 @@ use crate::suppression::Suppressions;
 pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let (spool, replay) = open_spool(&config)?;
     let config = Arc::new(config);
-    let events = Events::start(&config.data_dir, config.spool.fsync)
+    let events = Events::start(&config.data_dir, config.events.clone())
         .context("cannot open the event log under data_dir/events")?;
     start_metrics();
     // One CA store (the system's certificates are read once) for delivery, MTA-STS and webhooks.

@@ -24,7 +24,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Serves the control socket until the process ends.
 pub fn listen(data_dir: &Path, queue: QueueHandle) -> anyhow::Result<()> {
-    let events = data_dir.join("events/events.jsonl");
+    let events = data_dir.join("events");
     let path = socket_path(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)

@@ -19,7 +19,7 @@ pub(super) async fn message(
     }
     // Gone from the queue: every recipient reached a final state; the event log says which.
     ctx.events.written().await;
-    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let path = ctx.config.data_dir.join("events");
     let wanted = qid.to_string();
     let found = tokio::task::spawn_blocking(move || baton_events::history(&path, &wanted))
         .await

@@ -47,7 +47,7 @@ pub(super) async fn events(
         return Ok(Json(json!({"events": [], "next": null})));
     }
     ctx.events.written().await;
-    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let path = ctx.config.data_dir.join("events");
     let page = tokio::task::spawn_blocking(move || baton_events::query(&path, &filter))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -135,7 +135,7 @@ pub(super) async fn stats(
     let since = time_param(&q.since, "since")?;
     let until = time_param(&q.until, "until")?;
     ctx.events.written().await;
-    let path = ctx.config.data_dir.join("events/events.jsonl");
+    let path = ctx.config.data_dir.join("events");
     let answer = tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;

@@ -1,4 +1,5 @@
-//! The receiving side's sections: `[[listener]]`, `[relay]`, `[limits]` and `[spool]`.
+//! The receiving side's sections: `[[listener]]`, `[relay]`, `[limits]`, `[spool]`, and
+//! `[events]` (the log the spool's outcomes go to).
 //!
 //! Owns their checks and defaults. A listener's certificate and key are only recorded (for
 //! `Config::check_files`), never opened here.
@@ -7,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use super::files::ConfigFile;
-use super::raw::{RawLimits, RawListener, RawRelay, RawSpool};
+use super::raw::{Quantity, RawEvents, RawLimits, RawListener, RawRelay, RawSpool};
 use super::validate::{Validator, parse_network};
 use super::{DEFAULT_LISTEN, Limits, ListenerConfig, RelayConfig, Role, SpoolConfig};
 
@@ -166,6 +167,28 @@ impl Validator<'_> {
             command_rate_per_ip: self.rate_or(raw.command_rate_per_ip, "6000/m"),
             error_delay_after: self.count(raw.error_delay_after, 5) as u32,
             error_delay: self.duration_or(raw.error_delay, 1),
+        }
+    }
+
+    /// `[events]`: the event log's files (fsync follows `[spool]`).
+    pub(super) fn events(&mut self, raw: RawEvents, fsync: bool) -> baton_events::LogOptions {
+        let defaults = baton_events::LogOptions::default();
+        let retention = match raw.retention {
+            Some(q) if matches!(q.get_ref(), Quantity::Text(t) if t == "forever") => None,
+            Some(q) => self.duration(q).or(defaults.retention),
+            None => defaults.retention,
+        };
+        baton_events::LogOptions {
+            fsync,
+            file_size: raw
+                .file_size
+                .and_then(|s| self.size(s))
+                .unwrap_or(defaults.file_size),
+            file_age: raw
+                .file_age
+                .and_then(|d| self.duration(d))
+                .unwrap_or(defaults.file_age),
+            retention,
         }
     }
 

@@ -139,6 +139,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub limits: Limits,
     pub spool: SpoolConfig,
+    /// `[events]`: how the event log is cut into files and how long they are kept.
+    pub events: baton_events::LogOptions,
     pub dns: DnsConfig,
     pub delivery: DeliveryConfig,
     pub local: LocalConfig,

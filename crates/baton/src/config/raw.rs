@@ -22,6 +22,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) spool: RawSpool,
     #[serde(default)]
+    pub(super) events: RawEvents,
+    #[serde(default)]
     pub(super) dns: RawDns,
     #[serde(default)]
     pub(super) delivery: RawDelivery,
@@ -235,6 +237,14 @@ pub(super) struct RawSpool {
     pub(super) segment_size: Option<Spanned<Quantity>>,
     pub(super) min_free_space: Option<Spanned<Quantity>>,
     pub(super) max_queued_recipients: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvents {
+    pub(super) file_size: Option<Spanned<Quantity>>,
+    pub(super) file_age: Option<Spanned<Quantity>>,
+    pub(super) retention: Option<Spanned<Quantity>>,
 }
 
 /// A number, or a string with a unit: "30s", "5m", "50MiB".

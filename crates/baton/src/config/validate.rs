@@ -124,6 +124,7 @@ impl Validator<'_> {
         let relay = self.relay(raw.relay, &hostname);
         let limits = self.limits(raw.limits);
         let spool = self.spool(raw.spool);
+        let events = self.events(raw.events, spool.fsync);
         let dns = self.dns(raw.dns);
         let delivery = self.delivery(raw.delivery);
         let local = self.local(raw.local, &data_dir);
@@ -156,6 +157,7 @@ impl Validator<'_> {
             relay,
             limits,
             spool,
+            events,
             dns,
             delivery,
             local,
