@@ -104,6 +104,8 @@ pub struct Client {
     pub(crate) replies_this_send: usize,
     /// How long one block of message data may take to go out.
     pub(crate) data_block_timeout: Duration,
+    /// How long the reply to the end of the data may take.
+    pub(crate) data_end_timeout: Duration,
     /// Longer lines are broken before sending (0: sent as stored).
     pub(crate) line_limit: usize,
 }
@@ -126,6 +128,8 @@ pub struct ConnectOptions<'a> {
     pub policy: &'a str,
     /// How long one block (1 MiB) of message data may take to go out.
     pub data_block_timeout: Duration,
+    /// How long the reply to the end of the data may take (RFC 5321 §4.5.3.2.6: 10 minutes).
+    pub data_end_timeout: Duration,
     /// Lines longer than this are broken before sending (0: sent as stored).
     pub line_limit: usize,
 }
@@ -198,6 +202,7 @@ impl Client {
             needs_rset: false,
             replies_this_send: 0,
             data_block_timeout: Duration::from_secs(180),
+            data_end_timeout: crate::DATA_END_TIMEOUT,
             line_limit: crate::downgrade::MAX_LINE,
         }
     }
@@ -208,6 +213,7 @@ impl Client {
         host: &str,
     ) -> Result<(), ClientError> {
         self.data_block_timeout = options.data_block_timeout;
+        self.data_end_timeout = options.data_end_timeout;
         self.line_limit = options.line_limit;
         let greeting = self
             .read_reply(GREETING_TIMEOUT, "waiting for the greeting")

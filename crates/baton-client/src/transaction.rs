@@ -5,7 +5,7 @@ use baton_spool::Notify;
 use bytes::Bytes;
 
 use crate::connection::Client;
-use crate::{COMMAND_TIMEOUT, ClientError, DATA_END_TIMEOUT, DATA_INIT_TIMEOUT, Reply};
+use crate::{COMMAND_TIMEOUT, ClientError, DATA_INIT_TIMEOUT, Reply};
 
 /// One message's envelope as the client sends it.
 #[derive(Clone, Copy)]
@@ -183,7 +183,7 @@ impl Client {
             // (RFC 2920 §3.1), never the message to nobody.
             self.command(".").await?;
             let _ = self
-                .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                .read_reply(self.data_end_timeout, "after the end of data")
                 .await?;
             self.needs_rset = false;
             return Ok(Sent::Finished(rcpt_replies));
@@ -236,17 +236,17 @@ impl Client {
         let mut results = rcpt_replies;
         if accepted.is_empty() {
             // Only reachable with BDAT pipelined after refused recipients: its one refusal.
-            let _ = self.read_reply(DATA_END_TIMEOUT, "after BDAT").await?;
+            let _ = self.read_reply(self.data_end_timeout, "after BDAT").await?;
         } else if self.lmtp {
             // LMTP: one reply per accepted recipient, in RCPT order (RFC 2033 §4.2).
             for &i in &accepted {
                 results[i] = self
-                    .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                    .read_reply(self.data_end_timeout, "after the end of data")
                     .await?;
             }
         } else {
             let end = self
-                .read_reply(DATA_END_TIMEOUT, "after the end of data")
+                .read_reply(self.data_end_timeout, "after the end of data")
                 .await?;
             for &i in &accepted {
                 results[i] = end.clone();

@@ -183,7 +183,11 @@ fn kill_9_twenty_times_while_receiving_and_delivering() {
         "max_connections_per_destination = 4",
         "[spool]\nsegment_size = \"16KiB\"\n[events]\nfile_size = \"16KiB\"\n",
     );
-    let waiting = send(&server, &["late@stuck.test"], b"Subject: stuck\r\n\r\nwaits\r\n");
+    let waiting = send(
+        &server,
+        &["late@stuck.test"],
+        b"Subject: stuck\r\n\r\nwaits\r\n",
+    );
 
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -236,4 +240,130 @@ fn kill_9_twenty_times_while_receiving_and_delivering() {
     let log = server.log();
     assert!(log.contains("journal compacted"), "no compaction ran");
     assert!(log.contains("event log: new file"), "no rotation ran");
+}
+
+/// Waits (at most `secs`) until `n` messages have reached `mx`.
+fn wait_messages(mx: &FakeMx, n: usize, secs: u64) -> Vec<common::mx::Received> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = mx.messages();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} messages arrived",
+            got.len()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every recipient in `rcpts` ends as configured for a destination that never takes mail:
+/// deferred until `max_age`, then expired with a bounce to the sender.
+fn expires_with_a_bounce(server: &common::Server, sender_mx: &FakeMx, rcpts: &[&str]) {
+    for r in rcpts {
+        server.wait_event(60, |e| e["type"] == "expiration" && e["recipient"] == *r);
+    }
+    let dsns = wait_messages(sender_mx, rcpts.len(), 60);
+    for r in rcpts {
+        assert!(
+            dsns.iter().any(|m| m.rcpts == ["alice@sender.test"]
+                && String::from_utf8_lossy(&m.body).contains(r)),
+            "no bounce for {r}"
+        );
+    }
+    assert!(
+        !server
+            .events()
+            .iter()
+            .any(|e| e["type"] == "delivery" && e["recipient"] != "alice@sender.test"),
+        "nothing was delivered"
+    );
+}
+
+/// A receiving server that takes the data and never answers it: each attempt gives up after
+/// `data_end_timeout`, is deferred (the message may have been taken), and the recipients
+/// expire at `max_age` with a bounce. No worker stays stuck: SMTP still answers meanwhile.
+#[test]
+fn a_server_that_hangs_after_data_is_given_up_on() {
+    let hang = Script {
+        data_delay: Duration::from_secs(120),
+        ..Script::default()
+    };
+    let (world, mx) = common::world::destination("dest.test", hang);
+    let sender_mx = world.sender_mx();
+    let server = world.server("data_end_timeout = \"1s\"\nmax_age = \"6s\"", "");
+    let rcpts = ["a@dest.test", "b@dest.test"];
+    for r in rcpts {
+        send(
+            &server,
+            &[r],
+            b"Subject: hang\r\n\r\nwaits for an answer\r\n",
+        );
+    }
+    let deferral = server.wait_event(30, |e| e["type"] == "transient_failure");
+    assert!(
+        deferral["response"]
+            .as_str()
+            .unwrap_or("")
+            .contains("end of data"),
+        "{deferral}"
+    );
+    expires_with_a_bounce(&server, &sender_mx, &rcpts);
+    assert!(mx.connections() >= 2, "the hanging server was tried");
+    let mut c = server.connect();
+    assert_eq!(c.hello().code, 250);
+}
+
+/// A receiving server that drops the connection after every command it answers: never a
+/// transaction, so every attempt is deferred, retried on the schedule (not in a loop), and the
+/// recipients expire with a bounce.
+#[test]
+fn a_server_that_closes_after_every_command_is_retried_on_schedule() {
+    let closing = Script {
+        close_after_commands: Some(1),
+        ..Script::default()
+    };
+    let (world, mx) = common::world::destination("dest.test", closing);
+    let sender_mx = world.sender_mx();
+    let server = world.server("max_age = \"6s\"", "");
+    let rcpts = ["a@dest.test", "b@dest.test"];
+    for r in rcpts {
+        send(&server, &[r], b"Subject: close\r\n\r\nnever taken\r\n");
+    }
+    expires_with_a_bounce(&server, &sender_mx, &rcpts);
+    assert!(mx.messages().is_empty());
+    // Retries 1-2 s apart over 6 s, a connection or two each: tens, not thousands.
+    let connections = mx.connections();
+    assert!((2..60).contains(&connections), "{connections} connections");
+}
+
+/// The DNS server gone (queries dropped) for a while: deliveries are deferred, not bounced,
+/// and go out once it answers again.
+#[test]
+fn deliveries_wait_out_a_dns_outage() {
+    let (world, mx) = common::world::destination("dest.test", Script::default());
+    world.dns.set_down(true);
+    let server = world.server("", "");
+    let rcpts: Vec<String> = (0..5).map(|i| format!("r{i}@dest.test")).collect();
+    for r in &rcpts {
+        send(
+            &server,
+            &[r.as_str()],
+            b"Subject: dns\r\n\r\nafter the outage\r\n",
+        );
+    }
+    let deferral = server.wait_event(60, |e| e["type"] == "transient_failure");
+    thread::sleep(Duration::from_secs(5));
+    assert!(mx.messages().is_empty());
+    assert!(
+        !server.events().iter().any(|e| e["type"] == "bounce"),
+        "a DNS outage bounced mail: {deferral}"
+    );
+    world.dns.set_down(false);
+    let got = wait_messages(&mx, rcpts.len(), 60);
+    let mut delivered: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    delivered.sort();
+    assert_eq!(delivered, rcpts);
 }

@@ -84,6 +84,7 @@ impl Validator<'_> {
                 as usize,
             connect_timeout,
             data_timeout: self.duration_or(raw.data_timeout, 180),
+            data_end_timeout: self.duration_or(raw.data_end_timeout, 600),
             line_length_limit: self.line_length_limit(raw.line_length_limit),
             idle_timeout,
             hold: raw.hold.unwrap_or(false),

@@ -228,6 +228,10 @@ pub struct DeliveryConfig {
     /// How long one 1 MiB block of message data may take to reach the next hop (RFC 5321's
     /// 3-minute data-block timeout; Postfix's smtp_data_xfer_timeout).
     pub data_timeout: Duration,
+    /// How long the next hop may take to answer the end of the data (RFC 5321's 10 minutes;
+    /// Postfix's smtp_data_done_timeout). After it the attempt is deferred: the message may
+    /// have been taken, and may arrive twice.
+    pub data_end_timeout: Duration,
     /// Lines of a message longer than this are broken (CRLF SPACE inserted) before sending, as
     /// Postfix's smtp_line_length_limit; 0 sends them as stored.
     pub line_length_limit: usize,

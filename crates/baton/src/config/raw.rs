@@ -162,6 +162,7 @@ pub(super) struct RawDelivery {
     pub(super) max_recipients_per_transaction: Option<Spanned<u64>>,
     pub(super) connect_timeout: Option<Spanned<Quantity>>,
     pub(super) data_timeout: Option<Spanned<Quantity>>,
+    pub(super) data_end_timeout: Option<Spanned<Quantity>>,
     pub(super) line_length_limit: Option<Spanned<u64>>,
     pub(super) idle_timeout: Option<Spanned<Quantity>>,
     pub(super) hold: Option<bool>,

@@ -194,6 +194,7 @@ pub(super) async fn connect(
             .unwrap_or(&config.hostname),
         connect_timeout: config.delivery.connect_timeout,
         data_block_timeout: config.delivery.data_timeout,
+        data_end_timeout: config.delivery.data_end_timeout,
         line_limit: config.delivery.line_length_limit,
         tls: plan.mode,
         auth: auth.map(|(u, p)| (u.as_str(), p.as_str())),

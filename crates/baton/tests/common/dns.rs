@@ -19,6 +19,8 @@ struct Zone {
     servfail: HashSet<String>,
     /// Names whose answers carry the AD bit, as a validating resolver's would (DNSSEC).
     secure: HashSet<String>,
+    /// No answers at all (see `DnsServer::set_down`).
+    down: bool,
 }
 
 pub struct DnsServer {
@@ -125,6 +127,11 @@ impl DnsServer {
     pub fn servfail(&self, name: &str) {
         self.zone.lock().unwrap().servfail.insert(key(name));
     }
+
+    /// While down, queries are read and dropped unanswered (the server gone: timeouts).
+    pub fn set_down(&self, down: bool) {
+        self.zone.lock().unwrap().down = down;
+    }
 }
 
 impl Drop for DnsServer {
@@ -153,6 +160,9 @@ fn serve(
             log.lock()
                 .unwrap()
                 .push(format!("{} {}", q.name, q.query_type));
+        }
+        if zone.lock().unwrap().down {
+            continue;
         }
         let response = answer(&request, &zone.lock().unwrap());
         match response.to_vec() {

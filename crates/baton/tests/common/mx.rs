@@ -54,6 +54,9 @@ pub struct Script {
     /// Drop the connection, without a word, after this many transactions (a server that
     /// closed an idle connection, or restarted).
     pub close_after: Option<usize>,
+    /// Drop the connection after answering this many commands (a server that closes after
+    /// every command: 1, after EHLO).
+    pub close_after_commands: Option<usize>,
     /// Pause this long before each read of at most 8 KiB (a slow reader: 4 ms is ~2 MB/s).
     pub read_pace: Duration,
     /// Answer DATA with 354 even when no RCPT was accepted (as some servers do to a pipelined
@@ -84,6 +87,7 @@ impl Default for Script {
             auth: None,
             no_ehlo: false,
             close_after: None,
+            close_after_commands: None,
             read_pace: Duration::ZERO,
             data_without_rcpts: false,
         }
@@ -282,13 +286,17 @@ fn converse(stream: TcpStream, stats: &Mutex<Stats>, script: &Script) -> std::io
     let mut tx: Option<Received> = None;
     let mut auth_user: Option<String> = None;
     let mut done = 0;
+    let mut commands = 0;
     loop {
-        if script.close_after.is_some_and(|n| done >= n) {
+        if script.close_after.is_some_and(|n| done >= n)
+            || script.close_after_commands.is_some_and(|n| commands >= n)
+        {
             return Ok(false);
         }
         let Some(line) = conn.read_line()? else {
             return Ok(false);
         };
+        commands += 1;
         let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let tls_on = matches!(conn.io, Io::Tls(_));
