@@ -367,3 +367,86 @@ fn deliveries_wait_out_a_dns_outage() {
     delivered.sort();
     assert_eq!(delivered, rcpts);
 }
+
+/// The disk fills while mail is delivered and bounced (RLIMIT_FSIZE on the server: a write
+/// past it fails as on a full disk): a DSN returning a large message in full cannot be
+/// written while the small outcome records can. Its recipient must not be recorded bounced
+/// without its notice: after space comes back (a restart without the limit) every refused
+/// recipient is bounced with a DSN, and every accepted one delivered.
+#[test]
+fn a_full_disk_while_bouncing_loses_no_notice() {
+    let world = World::new(&["127.0.0.2", "127.0.0.3"]);
+    world.dns.mx("dest.test", 10, "mx.dest.test");
+    world.dns.a("mx.dest.test", "127.0.0.2");
+    world.dns.mx("refuses.test", 10, "mx.refuses.test");
+    world.dns.a("mx.refuses.test", "127.0.0.3");
+    let mx = world.mx("127.0.0.2", Script::default());
+    let refusing = Script {
+        rcpt: Arc::new(|_, _| "550 5.1.1 no such user".into()),
+        ..Script::default()
+    };
+    let _refusing_mx = world.mx("127.0.0.3", refusing);
+    let sender_mx = world.sender_mx();
+    // The originals (300 kB, in body files of their own) fit; their DSNs, which return them
+    // in full, do not.
+    let mut server = world.server_with_limit("", "", Some(295_000));
+    let mut c = server.connect();
+    c.hello();
+    let delivered: HashSet<String> = (0..3).map(|i| format!("d{i}@dest.test")).collect();
+    for to in &delivered {
+        assert_eq!(
+            c.send_mail(
+                "alice@sender.test",
+                &[to.as_str()],
+                b"Subject: d\r\n\r\nsmall\r\n"
+            )
+            .code,
+            250
+        );
+    }
+    let refused = ["r0@refuses.test", "r1@refuses.test"];
+    let large = format!(
+        "Subject: large\r\n\r\n{}",
+        "0123456789012345678\r\n".repeat(14_000)
+    );
+    for to in refused {
+        assert_eq!(c.cmd("MAIL FROM:<alice@sender.test> RET=FULL").code, 250);
+        assert_eq!(c.cmd(&format!("RCPT TO:<{to}>")).code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(large.as_bytes());
+        c.send(b".\r\n");
+        assert_eq!(c.reply().code, 250);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.log().matches("cannot queue a DSN").count() < 2 {
+        assert!(Instant::now() < deadline, "no DSN met the full disk");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Retried (and failing again) for a moment, then space comes back.
+    thread::sleep(Duration::from_secs(2));
+    server.kill9();
+    server.file_size_limit = None;
+    server.spawn();
+    delivered_all(&mx, &delivered, 60);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dsns: String = sender_mx
+            .messages()
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        let missing: Vec<&str> = refused
+            .iter()
+            .copied()
+            .filter(|r| !dsns.contains(r))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refused recipients never bounced: {missing:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -14,8 +14,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use baton_spool::{
-    BodyLocation, Envelope, QueueId, Recipient, RecipientUpdate, Spool, SpoolError, StoredMessage,
-    now_ms,
+    BodyLocation, Envelope, QueueId, RcptState, Recipient, RecipientUpdate, Spool, SpoolError,
+    StoredMessage, now_ms,
 };
 use bytes::Bytes;
 
@@ -29,6 +29,8 @@ pub(super) struct Committed {
     id: QueueId,
     ticket: u64,
     dsns: Vec<Result<Dsn, SpoolError>>,
+    /// The recipients each DSN (in the same order) reports on.
+    batches: Vec<Vec<String>>,
 }
 
 /// A committed DSN, to be queued.
@@ -72,6 +74,10 @@ impl QueueManager {
             }
             return;
         }
+        let addresses = batches
+            .iter()
+            .map(|b| b.iter().map(|r| r.address.clone()).collect())
+            .collect();
         let job = NoticeJob {
             original,
             body: q
@@ -91,19 +97,27 @@ impl QueueManager {
             let dsns = tokio::spawn(commit_notices(id, job))
                 .await
                 .unwrap_or_else(|e| vec![Err(SpoolError::Io(std::io::Error::other(e)))]);
-            let _ = done.send(Committed { id, ticket, dsns });
+            let _ = done.send(Committed {
+                id,
+                ticket,
+                dsns,
+                batches: addresses,
+            });
         });
     }
 
     /// A DSN task is done: its DSNs join the queue, and the records held behind them go to
-    /// the spool.
+    /// the spool. A failure notice that could not be committed (a full disk) is not lost: its
+    /// recipients wait for another attempt instead of being recorded final without it.
     pub(super) fn notices_committed(&mut self, committed: Committed) {
         let id = committed.id;
-        for dsn in committed.dsns {
+        let mut unnoticed = Vec::new();
+        for (dsn, batch) in committed.dsns.into_iter().zip(committed.batches) {
             let dsn = match dsn {
                 Ok(dsn) => dsn,
                 Err(e) => {
-                    tracing::error!(original = %id, error = %e, "cannot queue a DSN");
+                    tracing::error!(original = %id, error = %e, recipients = batch.len(), "cannot queue a DSN; its recipients are tried again later");
+                    unnoticed.extend(batch);
                     continue;
                 }
             };
@@ -122,9 +136,53 @@ impl QueueManager {
             let body = (!dsn.body.is_empty()).then_some(dsn.body);
             self.add_received(dsn.message, body);
         }
-        for (updates, done) in self.outbox.release(id, committed.ticket) {
+        let retry_at = now_ms().saturating_add(self.config.delivery.retry_min.as_millis() as u64);
+        for (mut updates, done) in self.outbox.release(id, committed.ticket) {
+            self.unfinish(id, &mut updates, &unnoticed, retry_at);
             self.write_records(id, &updates, done);
         }
+        if !unnoticed.is_empty() {
+            // Not dispatched now: an expired recipient would fail again at once.
+            self.timers.push(std::cmp::Reverse((retry_at, id)));
+        }
+        if !self.outbox.holds(id) {
+            self.finish_if_done(id);
+        }
+    }
+
+    /// Turns the failed (bounced, expired) recipients among `updates` whose notice could not
+    /// be committed back into deferred ones, due at `retry_at`, in the updates and in memory.
+    fn unfinish(
+        &mut self,
+        id: QueueId,
+        updates: &mut [RecipientUpdate],
+        unnoticed: &[String],
+        retry_at: u64,
+    ) {
+        if unnoticed.is_empty() {
+            return;
+        }
+        let Some(q) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let env = q.env.open();
+        for u in updates.iter_mut() {
+            let Some(r) = env.recipients.get_mut(u.rcpt as usize) else {
+                continue;
+            };
+            let failed = matches!(u.state, RcptState::Bounced | RcptState::Expired);
+            if !failed || !unnoticed.contains(&r.address) {
+                continue;
+            }
+            u.state = RcptState::Deferred;
+            u.next_attempt_ms = retry_at;
+            r.state = RcptState::Deferred;
+            r.next_attempt_ms = retry_at;
+            baton_events::metrics::queue_depth(1);
+            self.queued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        q.settle();
     }
 
     /// Records recipient updates of message `id` (and that it is done) in the spool, after any
@@ -257,7 +315,7 @@ impl Outbox {
         ticket
     }
 
-    fn holds(&self, id: QueueId) -> bool {
+    pub(super) fn holds(&self, id: QueueId) -> bool {
         self.waiting.contains_key(&id)
     }
 

@@ -189,11 +189,13 @@ impl QueueManager {
         self.record(id, updates, done);
     }
 
-    /// Forgets the message if every recipient is final; true if it did.
+    /// Forgets the message if every recipient is final; true if it did. Not while a DSN of
+    /// it is being committed: if that fails, its recipients are tried again.
     pub(super) fn take_if_done(&mut self, id: QueueId) -> bool {
-        let done = self.messages.get(&id).is_some_and(|q| {
-            q.jobs_out() == 0 && q.env.view().recipients.iter().all(|r| r.state.is_final())
-        });
+        let done = !self.outbox.holds(id)
+            && self.messages.get(&id).is_some_and(|q| {
+                q.jobs_out() == 0 && q.env.view().recipients.iter().all(|r| r.state.is_final())
+            });
         if done {
             self.messages.remove(&id);
         }

@@ -48,6 +48,12 @@ impl Server {
         Self::start_raw(extra, None)
     }
 
+    /// A delivering server (see [`Server::start_delivering`]) with files limited to
+    /// `file_size_limit` bytes (a full disk).
+    pub fn start_delivering_with(extra: &str, file_size_limit: Option<u64>) -> Server {
+        Self::start_raw(extra, file_size_limit)
+    }
+
     /// A held server (see [`Server::start`]) with files limited to `file_size_limit` bytes.
     pub fn start_with(extra: &str, file_size_limit: Option<u64>) -> Server {
         Self::start_raw(

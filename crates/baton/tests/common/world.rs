@@ -36,11 +36,24 @@ impl World {
 
     /// Baton configured for this world; `delivery` adds keys to [delivery], `extra` whole tables.
     pub fn server(&self, delivery: &str, extra: &str) -> Server {
-        Server::start_delivering(&format!(
-            "{}\n[delivery]\nsmtp_port = {}\nretry_min = \"1s\"\nretry_max = \"2s\"\nidle_timeout = \"1s\"\nconnect_timeout = \"2s\"\n{delivery}\n{extra}\n",
-            self.dns.config(),
-            self.port
-        ))
+        self.server_with_limit(delivery, extra, None)
+    }
+
+    /// [`World::server`] with its files limited to `file_size_limit` bytes (a full disk).
+    pub fn server_with_limit(
+        &self,
+        delivery: &str,
+        extra: &str,
+        file_size_limit: Option<u64>,
+    ) -> Server {
+        Server::start_delivering_with(
+            &format!(
+                "{}\n[delivery]\nsmtp_port = {}\nretry_min = \"1s\"\nretry_max = \"2s\"\nidle_timeout = \"1s\"\nconnect_timeout = \"2s\"\n{delivery}\n{extra}\n",
+                self.dns.config(),
+                self.port
+            ),
+            file_size_limit,
+        )
     }
 }
 
