@@ -85,6 +85,9 @@ def main():
         peak_inject = max(peak_inject, status_kb(p.pid, "VmRSS"))
     inject_s = time.perf_counter() - t0
     assert queued() == total, queued()
+    t0 = time.perf_counter()
+    queued()
+    summary_s = time.perf_counter() - t0
     rss, hwm = status_kb(p.pid, "VmRSS"), status_kb(p.pid, "VmHWM")
     p.terminate()
     p.wait()
@@ -100,7 +103,7 @@ def main():
     print(f"recipients={total} inject_s={inject_s:.1f} rss={mb(rss)} peak={mb(hwm)} "
           f"restart_smtp_s={smtp_s:.2f} restart_queue_s={back_s:.2f} "
           f"rss_after_restart={mb(rss2)} peak_during_recovery={mb(hwm2)} "
-          f"bytes_per_rcpt={rss * 1024 // total}")
+          f"bytes_per_rcpt={rss * 1024 // total} queue_summary_s={summary_s:.2f}")
 
 
 if __name__ == "__main__":
