@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod backpressure;
 pub mod bounce;
+pub mod bounces;
 pub mod config;
 pub mod control;
 pub mod delivery;

@@ -75,12 +75,32 @@ enum Cmd {
         #[command(subcommand)]
         command: EventsCmd,
     },
+    /// Bounce intelligence.
+    Bounce {
+        #[command(subcommand)]
+        command: BounceCmd,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BounceCmd {
+    /// Read one stored email (a DSN, a feedback report, an automatic reply) and print, per
+    /// recipient, its status, class and whether it is hard; or class one reply with --reply.
+    Classify {
+        /// The email (raw RFC 5322 message).
+        file: Option<PathBuf>,
+        /// Class this SMTP reply instead ("550 5.1.1 user unknown").
+        #[arg(long, value_name = "TEXT")]
+        reply: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -181,6 +201,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve { config } => load_config(config.as_deref()).and_then(serve),
         Cmd::CheckConfig { file } => return check_config(&file),
+        Cmd::Bounce {
+            command: BounceCmd::Classify { file, reply, json },
+        } => baton::bounces::classify_command(file.as_deref(), reply.as_deref(), json),
         Cmd::Stats {
             since,
             until,

@@ -1,0 +1,345 @@
+//! Reading a report that came back: a DSN (RFC 3464, or the free text many MTAs write), a
+//! feedback report (ARF, RFC 5965) or an automatic reply (RFC 3834), into one record per
+//! recipient. Works on the raw text: the shapes in the wild are too many for one MIME model.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+use serde::Serialize;
+
+use crate::Class;
+use crate::rules::{Rules, classify_with, parse_status};
+
+/// Largest report read.
+const MAX_REPORT: usize = 4 << 20;
+/// Most recipients taken from one report.
+const MAX_RECIPIENTS: usize = 1000;
+
+/// One recipient's outcome, as a report tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    pub recipient: String,
+    /// Enhanced status code ("" when the report gives none).
+    pub status: String,
+    pub class: Class,
+    /// The address itself is bad: suppress it.
+    pub hard: bool,
+    /// What the remote side said (or the report's text).
+    pub diagnostic: String,
+    /// ARF Feedback-Type (`abuse`, `opt-out`, ...), for feedback reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_type: Option<String>,
+}
+
+fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
+    cell.get_or_init(|| match Regex::new(pattern) {
+        Ok(re) => re,
+        Err(e) => panic!("bad built-in pattern {pattern}: {e}"),
+    })
+}
+
+fn status_re() -> &'static Regex {
+    static R: OnceLock<Regex> = OnceLock::new();
+    re(&R, r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+}
+
+fn address_re() -> &'static Regex {
+    static R: OnceLock<Regex> = OnceLock::new();
+    re(&R, r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+}
+
+/// Reads the report in `raw` (with operator rules `extra` tried first).
+pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
+    let raw = &raw[..raw.len().min(MAX_REPORT)];
+    let text = decode_qp(&String::from_utf8_lossy(raw));
+    let (head, body) = split_head(&text);
+    if let Some(records) = feedback(&text, head, body) {
+        return records;
+    }
+    let mut records = delivery_status(&text, extra);
+    if records.is_empty() {
+        if let Some(record) = auto_reply(head, body) {
+            return vec![record];
+        }
+        records = free_text(head, body, extra);
+    }
+    records.truncate(MAX_RECIPIENTS);
+    records
+}
+
+/// The header section and the body of a message.
+fn split_head(text: &str) -> (&str, &str) {
+    match text.find("\n\n") {
+        Some(i) => (&text[..i], &text[i + 2..]),
+        None => (text, ""),
+    }
+}
+
+/// The value of header `name` in `head` (unfolded), case-insensitive.
+fn header<'a>(head: &'a str, name: &str) -> Option<String> {
+    let mut lines = head.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !key.trim().eq_ignore_ascii_case(name) {
+            continue;
+        }
+        let mut value = value.trim().to_string();
+        while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+            value.push(' ');
+            value.push_str(next.trim());
+            lines.next();
+        }
+        return Some(value);
+    }
+    None
+}
+
+/// An ARF feedback report: one record per original recipient.
+fn feedback(text: &str, head: &str, body: &str) -> Option<Vec<Record>> {
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("message/feedback-report")?;
+    let fields = &text[at..];
+    let fields = fields.split_once("\n\n").map_or(fields, |(_, rest)| rest);
+    let fields = fields.split("\n\n").next().unwrap_or("");
+    let kind = header(fields, "Feedback-Type").map(|k| k.to_ascii_lowercase());
+    let class = match kind.as_deref() {
+        Some("opt-out") | Some("unsubscribe") => Class::Unsubscribe,
+        Some("auth-failure") => Class::AuthPolicy,
+        _ => Class::Complaint,
+    };
+    let mut recipients: Vec<String> = Vec::new();
+    for line in fields.lines() {
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("Original-Rcpt-To")
+            && let Some(a) = address_re().find(v)
+        {
+            recipients.push(a.as_str().to_string());
+        }
+    }
+    if recipients.is_empty() {
+        // The original message's To:, after the report part.
+        let original = &text[at..];
+        recipients.extend(
+            original
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("to:"))
+                .filter_map(|l| address_re().find(l).map(|m| m.as_str().to_string()))
+                .take(1),
+        );
+    }
+    if recipients.is_empty() {
+        recipients.push(header(head, "To").unwrap_or_default());
+    }
+    let diagnostic = cut_line(body);
+    Some(
+        recipients
+            .into_iter()
+            .map(|recipient| Record {
+                recipient,
+                status: String::new(),
+                class,
+                hard: false,
+                diagnostic: diagnostic.clone(),
+                feedback_type: kind.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// The per-recipient blocks of every message/delivery-status part.
+fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
+    let lower = text.to_ascii_lowercase();
+    let mut records = Vec::new();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("final-recipient:") {
+        let start = from + i;
+        let block_end = text[start..]
+            .find("\n\n")
+            .map_or(text.len(), |e| start + e);
+        let block = &text[start..block_end];
+        from = block_end.max(start + 1);
+        let Some(recipient) = header(block, "Final-Recipient")
+            .or_else(|| header(block, "Original-Recipient"))
+            .and_then(|v| address_re().find(&v).map(|m| m.as_str().to_string()))
+        else {
+            continue;
+        };
+        let action = header(block, "Action").unwrap_or_default().to_ascii_lowercase();
+        let diagnostic = header(block, "Diagnostic-Code")
+            .map(|d| d.split_once(';').map_or(d.clone(), |(_, t)| t.trim().to_string()))
+            .unwrap_or_default();
+        let status_field = header(block, "Status").unwrap_or_default();
+        let mut status = status_re()
+            .find(&diagnostic)
+            .filter(|m| !m.as_str().starts_with('2') || action.starts_with("deliver"))
+            .or_else(|| status_re().find(&status_field))
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default();
+        if status.is_empty() && action.starts_with("deliver") {
+            status = "2.0.0".into();
+        }
+        let context = if diagnostic.is_empty() {
+            human_text(text)
+        } else {
+            diagnostic.clone()
+        };
+        records.push(record(recipient, status, &context, diagnostic, &action, extra));
+    }
+    records
+}
+
+/// An automatic reply (RFC 3834's Auto-Submitted, or the usual subjects).
+fn auto_reply(head: &str, body: &str) -> Option<Record> {
+    let auto = header(head, "Auto-Submitted").is_some_and(|v| v.to_ascii_lowercase().starts_with("auto-replied"));
+    let subject = header(head, "Subject").unwrap_or_default();
+    let looks = classify_with(None, None, &subject) == Class::AutoReply;
+    if !auto && !looks && header(head, "X-Autoreply").is_none() {
+        return None;
+    }
+    let recipient = header(head, "From")
+        .and_then(|f| address_re().find(&f).map(|m| m.as_str().to_string()))
+        .unwrap_or_default();
+    Some(Record {
+        recipient,
+        status: String::new(),
+        class: Class::AutoReply,
+        hard: false,
+        diagnostic: cut_line(if subject.is_empty() { body } else { &subject }),
+        feedback_type: None,
+    })
+}
+
+/// A bounce written as prose (qmail, Exchange, older Sendmail...): the addresses named next to
+/// an error, and the status and words around them.
+fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
+    let human = body;
+    let own: Vec<String> = ["From", "To", "Return-Path", "Sender"]
+        .iter()
+        .filter_map(|h| header(head, h))
+        .flat_map(|v| address_re().find_iter(&v).map(|m| m.as_str().to_ascii_lowercase()).collect::<Vec<_>>())
+        .collect();
+    let mut recipients: Vec<String> = Vec::new();
+    for line in human.lines().take(400) {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("from:") || lower.starts_with("return-path") || lower.starts_with("message-id") || lower.starts_with("received:") || lower.contains("postmaster@") || lower.contains("mailer-daemon@") {
+            continue;
+        }
+        if lower.starts_with("to:") && !recipients.is_empty() {
+            continue;
+        }
+        for m in address_re().find_iter(line) {
+            let a = m.as_str().trim_end_matches('.').to_string();
+            if !own.contains(&a.to_ascii_lowercase()) && !recipients.iter().any(|r| r.eq_ignore_ascii_case(&a)) {
+                recipients.push(a);
+            }
+        }
+        if !recipients.is_empty() {
+            break;
+        }
+    }
+    if recipients.is_empty() {
+        return Vec::new();
+    }
+    let status = status_re()
+        .find_iter(human)
+        .map(|m| m.as_str().to_string())
+        .find(|s| !s.starts_with('2'))
+        .unwrap_or_default();
+    let diagnostic = error_lines(human);
+    recipients
+        .into_iter()
+        .take(1)
+        .map(|r| record(r, status.clone(), &diagnostic, diagnostic.clone(), "", extra))
+        .collect()
+}
+
+/// The lines of a prose bounce that carry the error (up to the returned message).
+fn error_lines(body: &str) -> String {
+    let mut out = String::new();
+    for line in body.lines() {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("content-type: message/rfc822") || lower.starts_with("--- below this line") || lower.starts_with("------ this is a copy") || lower.contains("original message follows") {
+            break;
+        }
+        out.push_str(line.trim());
+        out.push(' ');
+        if out.len() > 8192 {
+            break;
+        }
+    }
+    out
+}
+
+/// The report's human-readable text (its first part, before the delivery-status part).
+fn human_text(text: &str) -> String {
+    let (_, body) = split_head(text);
+    let end = body.to_ascii_lowercase().find("message/delivery-status").unwrap_or(body.len());
+    error_lines(&body[..end])
+}
+
+fn record(recipient: String, status: String, context: &str, diagnostic: String, action: &str, extra: Option<&Rules>) -> Record {
+    let code = parse_status(&status);
+    let mut class = classify_with(extra, (!status.is_empty()).then_some(status.as_str()), context);
+    if action.starts_with("delayed") && class == Class::Uncategorized {
+        class = Class::Expired;
+    }
+    let permanent = match code {
+        Some((d, ..)) => d == 5,
+        None => reply_code(context).is_some_and(|c| c >= 500) || action.starts_with("failed"),
+    };
+    Record {
+        recipient,
+        status,
+        class,
+        hard: class.hard(permanent),
+        diagnostic: cut_line(&diagnostic),
+        feedback_type: None,
+    }
+}
+
+/// The first SMTP reply code in `text`.
+fn reply_code(text: &str) -> Option<u16> {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let m = re(&R, r"\b([245][0-9][0-9])[ -]").captures(text)?;
+    m.get(1)?.as_str().parse().ok()
+}
+
+/// Undoes quoted-printable soft breaks and =XX escapes (bounces quote their text so).
+fn decode_qp(text: &str) -> String {
+    if !text.contains("=\n") && !text.contains("=20") && !text.contains("=3D") {
+        return text.replace("\r\n", "\n");
+    }
+    let text = text.replace("\r\n", "\n").replace("=\n", "");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// At most 1,000 characters of `text` on one line.
+fn cut_line(text: &str) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    flat.chars().take(1000).collect()
+}
