@@ -144,7 +144,10 @@ mod tests {
         }
         assert!(Class::InvalidRecipient.hard(true));
         assert!(!Class::InvalidRecipient.hard(false), "a 4xx is never hard");
-        assert!(!Class::Reputation.hard(true), "a block says nothing of the address");
+        assert!(
+            !Class::Reputation.hard(true),
+            "a block says nothing of the address"
+        );
         assert!(!Class::AuthPolicy.hard(true));
     }
 }

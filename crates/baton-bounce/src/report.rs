@@ -45,7 +45,10 @@ fn status_re() -> &'static Regex {
 
 fn address_re() -> &'static Regex {
     static R: OnceLock<Regex> = OnceLock::new();
-    re(&R, r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+    re(
+        &R,
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+",
+    )
 }
 
 /// Reads the report in `raw` (with operator rules `extra` tried first).
@@ -58,7 +61,10 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
     }
     let mut records = delivery_status(&text, extra);
     if records.is_empty() {
-        if let Some(record) = auto_reply(head, body) {
+        // Exim marks its bounces Auto-Submitted too: a bounce is read as one.
+        if !is_bounce(head)
+            && let Some(record) = auto_reply(head, body)
+        {
             return vec![record];
         }
         records = free_text(head, body, extra);
@@ -106,7 +112,7 @@ fn feedback(text: &str, head: &str, body: &str) -> Option<Vec<Record>> {
     let kind = header(fields, "Feedback-Type").map(|k| k.to_ascii_lowercase());
     let class = match kind.as_deref() {
         Some("opt-out") | Some("unsubscribe") => Class::Unsubscribe,
-        Some("auth-failure") => Class::AuthPolicy,
+        // auth-failure reports too: a receiver's report on mail it was sent.
         _ => Class::Complaint,
     };
     let mut recipients: Vec<String> = Vec::new();
@@ -155,9 +161,7 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
     let mut from = 0;
     while let Some(i) = lower[from..].find("final-recipient:") {
         let start = from + i;
-        let block_end = text[start..]
-            .find("\n\n")
-            .map_or(text.len(), |e| start + e);
+        let block_end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
         let block = &text[start..block_end];
         from = block_end.max(start + 1);
         let Some(recipient) = header(block, "Final-Recipient")
@@ -166,9 +170,14 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         else {
             continue;
         };
-        let action = header(block, "Action").unwrap_or_default().to_ascii_lowercase();
+        let action = header(block, "Action")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let diagnostic = header(block, "Diagnostic-Code")
-            .map(|d| d.split_once(';').map_or(d.clone(), |(_, t)| t.trim().to_string()))
+            .map(|d| {
+                d.split_once(';')
+                    .map_or(d.clone(), |(_, t)| t.trim().to_string())
+            })
             .unwrap_or_default();
         let status_field = header(block, "Status").unwrap_or_default();
         let mut status = status_re()
@@ -185,14 +194,30 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         } else {
             diagnostic.clone()
         };
-        records.push(record(recipient, status, &context, diagnostic, &action, extra));
+        records.push(record(
+            recipient, status, &context, diagnostic, &action, extra,
+        ));
     }
     records
 }
 
+/// Whether the message is a bounce by its sender or subject.
+fn is_bounce(head: &str) -> bool {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let bounce = re(
+        &R,
+        r"(?i)mailer-daemon|postmaster|mail delivery|undeliver|delivery (?:status|failure|failed|notification|report|problem)|returned mail|failure notice|non-?delivery|could not be delivered|undelivered|delivery has failed|returning message|mail system error|error sending",
+    );
+    ["From", "Subject", "Sender"]
+        .iter()
+        .filter_map(|h| header(head, h))
+        .any(|v| bounce.is_match(&v))
+}
+
 /// An automatic reply (RFC 3834's Auto-Submitted, or the usual subjects).
 fn auto_reply(head: &str, body: &str) -> Option<Record> {
-    let auto = header(head, "Auto-Submitted").is_some_and(|v| v.to_ascii_lowercase().starts_with("auto-replied"));
+    let auto = header(head, "Auto-Submitted")
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("auto-replied"));
     let subject = header(head, "Subject").unwrap_or_default();
     let looks = classify_with(None, None, &subject) == Class::AutoReply;
     if !auto && !looks && header(head, "X-Autoreply").is_none() {
@@ -218,24 +243,49 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
     let own: Vec<String> = ["From", "To", "Return-Path", "Sender"]
         .iter()
         .filter_map(|h| header(head, h))
-        .flat_map(|v| address_re().find_iter(&v).map(|m| m.as_str().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            address_re()
+                .find_iter(&v)
+                .map(|m| m.as_str().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     let mut recipients: Vec<String> = Vec::new();
-    for line in human.lines().take(400) {
+    let mut found_at = None;
+    for (n, line) in human.lines().take(400).enumerate() {
+        if found_at.is_some_and(|at| n > at + 12) {
+            break;
+        }
         let lower = line.to_ascii_lowercase();
-        if lower.starts_with("from:") || lower.starts_with("return-path") || lower.starts_with("message-id") || lower.starts_with("received:") || lower.contains("postmaster@") || lower.contains("mailer-daemon@") {
+        if lower.starts_with("from:")
+            || lower.starts_with("return-path")
+            || lower.starts_with("message-id")
+            || lower.starts_with("received:")
+            || lower.contains("postmaster@")
+            || lower.contains("mailer-daemon@")
+        {
             continue;
         }
         if lower.starts_with("to:") && !recipients.is_empty() {
             continue;
         }
+        // Recipients start their line (after spaces or "<"): an address inside an error
+        // text is usually a host's or the sender's.
+        let leading = line.trim_start().trim_start_matches(['<', '"']);
         for m in address_re().find_iter(line) {
             let a = m.as_str().trim_end_matches('.').to_string();
-            if !own.contains(&a.to_ascii_lowercase()) && !recipients.iter().any(|r| r.eq_ignore_ascii_case(&a)) {
+            let first = leading.starts_with(m.as_str());
+            if (first || recipients.is_empty())
+                && !own.contains(&a.to_ascii_lowercase())
+                && !recipients.iter().any(|r| r.eq_ignore_ascii_case(&a))
+            {
                 recipients.push(a);
+                found_at.get_or_insert(n);
             }
         }
-        if !recipients.is_empty() {
+        let original =
+            lower.contains("original message") || lower.starts_with("content-type: message/rfc822");
+        if original && !recipients.is_empty() {
             break;
         }
     }
@@ -250,8 +300,17 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
     let diagnostic = error_lines(human);
     recipients
         .into_iter()
-        .take(1)
-        .map(|r| record(r, status.clone(), &diagnostic, diagnostic.clone(), "", extra))
+        .take(20)
+        .map(|r| {
+            record(
+                r,
+                status.clone(),
+                &diagnostic,
+                diagnostic.clone(),
+                "",
+                extra,
+            )
+        })
         .collect()
 }
 
@@ -260,7 +319,11 @@ fn error_lines(body: &str) -> String {
     let mut out = String::new();
     for line in body.lines() {
         let lower = line.to_ascii_lowercase();
-        if lower.starts_with("content-type: message/rfc822") || lower.starts_with("--- below this line") || lower.starts_with("------ this is a copy") || lower.contains("original message follows") {
+        if lower.starts_with("content-type: message/rfc822")
+            || lower.starts_with("--- below this line")
+            || lower.starts_with("------ this is a copy")
+            || lower.contains("original message follows")
+        {
             break;
         }
         out.push_str(line.trim());
@@ -275,14 +338,33 @@ fn error_lines(body: &str) -> String {
 /// The report's human-readable text (its first part, before the delivery-status part).
 fn human_text(text: &str) -> String {
     let (_, body) = split_head(text);
-    let end = body.to_ascii_lowercase().find("message/delivery-status").unwrap_or(body.len());
+    let end = body
+        .to_ascii_lowercase()
+        .find("message/delivery-status")
+        .unwrap_or(body.len());
     error_lines(&body[..end])
 }
 
-fn record(recipient: String, status: String, context: &str, diagnostic: String, action: &str, extra: Option<&Rules>) -> Record {
+fn record(
+    recipient: String,
+    status: String,
+    context: &str,
+    diagnostic: String,
+    action: &str,
+    extra: Option<&Rules>,
+) -> Record {
     let code = parse_status(&status);
-    let mut class = classify_with(extra, (!status.is_empty()).then_some(status.as_str()), context);
-    if action.starts_with("delayed") && class == Class::Uncategorized {
+    let mut class = classify_with(
+        extra,
+        (!status.is_empty()).then_some(status.as_str()),
+        context,
+    );
+    // A temporary status on a final failure: the queue gave up on it.
+    let gave_up = action.starts_with("failed") && status.starts_with('4');
+    let vague = matches!(class, Class::Uncategorized | Class::SystemError);
+    let timed_out =
+        class == Class::Connection && context.to_ascii_lowercase().contains("timed out");
+    if (vague && (gave_up || action.starts_with("delayed"))) || (gave_up && timed_out) {
         class = Class::Expired;
     }
     let permanent = match code {

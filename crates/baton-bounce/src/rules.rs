@@ -89,7 +89,10 @@ fn parse_line(line: &str) -> Result<Rule, String> {
     let mut parts = line.splitn(3, char::is_whitespace);
     let kind = parts.next().unwrap_or("");
     let a = parts.next().ok_or("a rule needs a class and a pattern")?;
-    let b = parts.next().ok_or("a rule needs a class and a pattern")?.trim();
+    let b = parts
+        .next()
+        .ok_or("a rule needs a class and a pattern")?
+        .trim();
     match kind {
         "text" => {
             let class: Class = a.parse()?;
@@ -155,22 +158,78 @@ mod tests {
     #[test]
     fn provider_replies_are_classed_as_by_hand() {
         let cases = [
-            ("5.1.1", "550-5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address", Class::InvalidRecipient),
-            ("5.1.1", "550 5.1.1 <x@yahoo.com>: Recipient address rejected: User unknown in virtual alias table", Class::InvalidRecipient),
-            ("5.5.0", "550 5.5.0 Requested action not taken: mailbox unavailable", Class::InvalidRecipient),
-            ("5.1.10", "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", Class::InvalidRecipient),
-            ("5.2.2", "552-5.2.2 The email account that you tried to reach is over quota", Class::Quota),
+            (
+                "5.1.1",
+                "550-5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address",
+                Class::InvalidRecipient,
+            ),
+            (
+                "5.1.1",
+                "550 5.1.1 <x@yahoo.com>: Recipient address rejected: User unknown in virtual alias table",
+                Class::InvalidRecipient,
+            ),
+            (
+                "5.5.0",
+                "550 5.5.0 Requested action not taken: mailbox unavailable",
+                Class::InvalidRecipient,
+            ),
+            (
+                "5.1.10",
+                "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+                Class::InvalidRecipient,
+            ),
+            (
+                "5.2.2",
+                "552-5.2.2 The email account that you tried to reach is over quota",
+                Class::Quota,
+            ),
             ("4.2.2", "452 4.2.2 Mailbox full", Class::Quota),
-            ("5.7.1", "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", Class::Reputation),
-            ("5.7.1", "550 5.7.1 Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam", Class::SpamContent),
-            ("4.7.0", "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints", Class::RateLimited),
-            ("4.7.28", "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail", Class::RateLimited),
-            ("5.7.26", "550-5.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy", Class::AuthPolicy),
-            ("5.7.1", "550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150)", Class::Reputation),
+            (
+                "5.7.1",
+                "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+                Class::Reputation,
+            ),
+            (
+                "5.7.1",
+                "550 5.7.1 Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam",
+                Class::SpamContent,
+            ),
+            (
+                "4.7.0",
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+                Class::RateLimited,
+            ),
+            (
+                "4.7.28",
+                "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail",
+                Class::RateLimited,
+            ),
+            (
+                "5.7.26",
+                "550-5.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy",
+                Class::AuthPolicy,
+            ),
+            (
+                "5.7.1",
+                "550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150)",
+                Class::Reputation,
+            ),
             ("5.7.1", "550 5.7.1 Relaying denied", Class::RelayingDenied),
-            ("5.3.4", "552 5.3.4 Message size exceeds fixed limit", Class::TooLarge),
-            ("", "421 Too many concurrent SMTP connections from this IP address; please try again later", Class::RateLimited),
-            ("5.2.1", "550 5.2.1 The email account that you tried to reach is disabled", Class::InactiveMailbox),
+            (
+                "5.3.4",
+                "552 5.3.4 Message size exceeds fixed limit",
+                Class::TooLarge,
+            ),
+            (
+                "",
+                "421 Too many concurrent SMTP connections from this IP address; please try again later",
+                Class::RateLimited,
+            ),
+            (
+                "5.2.1",
+                "550 5.2.1 The email account that you tried to reach is disabled",
+                Class::InactiveMailbox,
+            ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),
             ("", "hello", Class::Uncategorized),
@@ -183,7 +242,10 @@ mod tests {
     #[test]
     fn operator_rules_come_first_and_bad_ones_name_their_line() {
         let mine = Rules::parse("# mine\ntext quota (?:stuffed)\nstatus 5.9.9 virus\n").unwrap();
-        assert_eq!(classify_with(Some(&mine), Some("5.1.1"), "mailbox is stuffed"), Class::Quota);
+        assert_eq!(
+            classify_with(Some(&mine), Some("5.1.1"), "mailbox is stuffed"),
+            Class::Quota
+        );
         assert_eq!(classify_with(Some(&mine), Some("5.9.9"), "?"), Class::Virus);
         let err = Rules::parse("text quota (\n").err().unwrap();
         assert!(err.starts_with("line 1:"), "{err}");

@@ -7,7 +7,11 @@ use anyhow::{Context as _, bail};
 use baton_bounce::Record;
 
 /// Reads `file` (or classes `reply`) and prints one line, or one JSON object, per recipient.
-pub fn classify_command(file: Option<&Path>, reply: Option<&str>, json: bool) -> anyhow::Result<()> {
+pub fn classify_command(
+    file: Option<&Path>,
+    reply: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     let records = match (file, reply) {
         (_, Some(reply)) => {
             let (class, hard) = baton_bounce::classify_reply(reply);
@@ -26,8 +30,8 @@ pub fn classify_command(file: Option<&Path>, reply: Option<&str>, json: bool) ->
             }]
         }
         (Some(file), None) => {
-            let raw = std::fs::read(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let raw =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
             baton_bounce::read(&raw, None)
         }
         (None, None) => bail!("name a FILE to read, or give --reply TEXT"),
@@ -43,7 +47,11 @@ pub fn classify_command(file: Option<&Path>, reply: Option<&str>, json: bool) ->
     for r in &records {
         let verdict = if r.hard { "hard" } else { "soft" };
         let status = if r.status.is_empty() { "-" } else { &r.status };
-        writeln!(out, "{}  {status}  {}  {verdict}  {}", r.recipient, r.class, r.diagnostic)?;
+        writeln!(
+            out,
+            "{}  {status}  {}  {verdict}  {}",
+            r.recipient, r.class, r.diagnostic
+        )?;
     }
     Ok(())
 }
