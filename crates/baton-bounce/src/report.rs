@@ -82,7 +82,7 @@ fn split_head(text: &str) -> (&str, &str) {
 }
 
 /// The value of header `name` in `head` (unfolded), case-insensitive.
-fn header<'a>(head: &'a str, name: &str) -> Option<String> {
+fn header(head: &str, name: &str) -> Option<String> {
     let mut lines = head.lines().peekable();
     while let Some(line) = lines.next() {
         let Some((key, value)) = line.split_once(':') else {
