@@ -173,12 +173,10 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         let action = header(block, "Action")
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let diagnostic = header(block, "Diagnostic-Code")
-            .map(|d| {
-                d.split_once(';')
-                    .map_or(d.clone(), |(_, t)| t.trim().to_string())
-            })
-            .unwrap_or_default();
+        let raw_diagnostic = header(block, "Diagnostic-Code").unwrap_or_default();
+        let diagnostic = raw_diagnostic
+            .split_once(';')
+            .map_or(raw_diagnostic.clone(), |(_, t)| t.trim().to_string());
         let status_field = header(block, "Status").unwrap_or_default();
         let mut status = status_re()
             .find(&diagnostic)
@@ -189,10 +187,11 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         if status.is_empty() && action.starts_with("deliver") {
             status = "2.0.0".into();
         }
+        // With its type: "X-Unix; 255" is a local delivery agent's exit code.
         let context = if diagnostic.is_empty() {
             human_text(text)
         } else {
-            diagnostic.clone()
+            raw_diagnostic
         };
         records.push(record(
             recipient, status, &context, diagnostic, &action, extra,
@@ -250,10 +249,11 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut recipients: Vec<String> = Vec::new();
-    let mut found_at = None;
-    for (n, line) in human.lines().take(400).enumerate() {
-        if found_at.is_some_and(|at| n > at + 12) {
+    let lines: Vec<&str> = human.lines().take(400).collect();
+    // Each recipient with the line it was found on.
+    let mut recipients: Vec<(String, usize)> = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        if recipients.first().is_some_and(|(_, at)| n > at + 12) {
             break;
         }
         let lower = line.to_ascii_lowercase();
@@ -277,10 +277,9 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
             let first = leading.starts_with(m.as_str());
             if (first || recipients.is_empty())
                 && !own.contains(&a.to_ascii_lowercase())
-                && !recipients.iter().any(|r| r.eq_ignore_ascii_case(&a))
+                && !recipients.iter().any(|(r, _)| r.eq_ignore_ascii_case(&a))
             {
-                recipients.push(a);
-                found_at.get_or_insert(n);
+                recipients.push((a, n));
             }
         }
         let original =
@@ -289,29 +288,46 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
             break;
         }
     }
-    if recipients.is_empty() {
-        return Vec::new();
-    }
-    let status = status_re()
-        .find_iter(human)
-        .map(|m| m.as_str().to_string())
-        .find(|s| !s.starts_with('2'))
-        .unwrap_or_default();
-    let diagnostic = error_lines(human);
+    let whole = error_lines(human);
+    let first_status = |text: &str| {
+        status_re()
+            .find_iter(text)
+            .map(|m| m.as_str().to_string())
+            .find(|s| !s.starts_with('2'))
+    };
+    let status = first_status(human).unwrap_or_default();
     recipients
         .into_iter()
         .take(20)
-        .map(|r| {
-            record(
-                r,
-                status.clone(),
-                &diagnostic,
-                diagnostic.clone(),
-                "",
-                extra,
-            )
+        .map(|(r, at)| {
+            // The block under the address (qmail, Exim): the reply that refused it.
+            let block = own_block(&lines, at);
+            let context = if block.chars().filter(|c| c.is_alphabetic()).count() > 8 {
+                block
+            } else {
+                whole.clone()
+            };
+            let status = first_status(&context).unwrap_or_else(|| status.clone());
+            record(r, status, &context, context.clone(), "", extra)
         })
         .collect()
+}
+
+/// The rest of line `at` and the lines under it, up to a blank line (at most ten).
+fn own_block(lines: &[&str], at: usize) -> String {
+    let mut block = String::new();
+    if let Some(line) = lines.get(at) {
+        let rest = line.split_once(['>', ':']).map_or("", |(_, r)| r);
+        block.push_str(rest.trim());
+    }
+    for line in lines.iter().skip(at + 1).take(10) {
+        if line.trim().is_empty() {
+            break;
+        }
+        block.push(' ');
+        block.push_str(line.trim());
+    }
+    block
 }
 
 /// The lines of a prose bounce that carry the error (up to the returned message).
