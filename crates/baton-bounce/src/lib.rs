@@ -16,7 +16,7 @@ pub use rules::{Rules, classify_with};
 
 /// The class and hard/soft verdict of one SMTP reply (`"550 5.1.1 user unknown"`).
 pub fn classify_reply(reply: &str) -> (Class, bool) {
-    let status = report_status(reply);
+    let status = reply_status(reply);
     let class = classify_with(None, status.as_deref(), reply);
     let permanent = match &status {
         Some(s) => s.starts_with('5'),
@@ -26,7 +26,7 @@ pub fn classify_reply(reply: &str) -> (Class, bool) {
 }
 
 /// The enhanced status code in a reply, if it has one.
-fn report_status(reply: &str) -> Option<String> {
+pub fn reply_status(reply: &str) -> Option<String> {
     reply
         .split(|c: char| c.is_whitespace() || c == '-')
         .find(|w| rules::parse_status(w).is_some())

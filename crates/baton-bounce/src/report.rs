@@ -136,7 +136,10 @@ fn feedback(text: &str, head: &str, body: &str) -> Option<Vec<Record>> {
         );
     }
     if recipients.is_empty() {
-        recipients.push(header(head, "To").unwrap_or_default());
+        // The report's own To: (a display name is not an address).
+        let to = header(head, "To").unwrap_or_default();
+        let address = address_re().find(&to).map_or(to.as_str(), |m| m.as_str());
+        recipients.push(address.to_string());
     }
     let diagnostic = cut_line(body);
     Some(

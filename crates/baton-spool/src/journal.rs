@@ -196,24 +196,7 @@ pub fn scan_segment_each(
         file_len,
         current: false,
     };
-    if reader.read_exact(&mut magic).is_err() {
-        return Ok(scan);
-    }
-    if &magic != MAGIC && &magic != MAGIC_J3 {
-        if magic.starts_with(b"BATONJ") {
-            // Another format version: never take it for a torn file and overwrite it.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is spool format {:?}; this Baton reads {:?} and {:?} (drain the queue \
-                     with the version that wrote it, or move the spool aside)",
-                    path.display(),
-                    String::from_utf8_lossy(&magic[..7]),
-                    String::from_utf8_lossy(&MAGIC[..7]),
-                    String::from_utf8_lossy(&MAGIC_J3[..7])
-                ),
-            ));
-        }
+    if reader.read_exact(&mut magic).is_err() || !known_magic(path, &magic)? {
         return Ok(scan);
     }
     scan.current = &magic == MAGIC;
@@ -273,7 +256,7 @@ pub fn max_message_id(path: &Path) -> io::Result<Option<QueueId>> {
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
-    if reader.read_exact(&mut magic).is_err() || (&magic != MAGIC && &magic != MAGIC_J3) {
+    if reader.read_exact(&mut magic).is_err() || !known_magic(path, &magic)? {
         return Ok(None);
     }
     let (mut offset, mut max) = (MAGIC.len() as u64, None);
@@ -307,6 +290,28 @@ pub fn max_message_id(path: &Path) -> io::Result<Option<QueueId>> {
         offset += 8 + len;
     }
     Ok(max)
+}
+
+/// Whether a segment starts with a magic this version reads (false: no header, a torn file);
+/// another version's magic is an error: never take it for a torn file and overwrite it.
+fn known_magic(path: &Path, magic: &[u8; 8]) -> io::Result<bool> {
+    if magic == MAGIC || magic == MAGIC_J3 {
+        return Ok(true);
+    }
+    if !magic.starts_with(b"BATONJ") {
+        return Ok(false);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{} is spool format {:?}; this Baton reads {:?} and {:?} (drain the queue \
+             with the version that wrote it, or move the spool aside)",
+            path.display(),
+            String::from_utf8_lossy(&magic[..7]),
+            String::from_utf8_lossy(&MAGIC[..7]),
+            String::from_utf8_lossy(&MAGIC_J3[..7])
+        ),
+    ))
 }
 
 /// The queue id a frame is about, read without decoding the rest (every kind starts with it).

@@ -187,6 +187,28 @@ impl Spool {
         let moved = committer::Moved::default();
         let mut committer = Committer::new(active, rx, &options, &journal_dir, &bodies_dir, &moved);
         committer.recover(&segments, tracked);
+        let spool = Spool::launch(
+            committer,
+            tx,
+            journal_dir,
+            bodies_dir,
+            moved,
+            options,
+            last_id,
+        )?;
+        Ok((spool, recovery))
+    }
+
+    /// Starts the committer thread and makes the handle that feeds it.
+    fn launch(
+        committer: Committer,
+        tx: mpsc::Sender<CommitRequest>,
+        journal_dir: PathBuf,
+        bodies_dir: PathBuf,
+        moved: committer::Moved,
+        options: SpoolOptions,
+        last_id: QueueId,
+    ) -> Result<Spool, SpoolError> {
         let thread = thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || committer.run())?;
@@ -199,12 +221,9 @@ impl Spool {
             committer: Some(tx),
             thread: Some(thread),
         };
-        Ok((
-            Spool {
-                inner: Arc::new(inner),
-            },
-            recovery,
-        ))
+        Ok(Spool {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Opens (creating if needed) the spool under `dir` for new mail at once, and replays
@@ -235,30 +254,22 @@ impl Spool {
             bodies_dir: bodies_dir.clone(),
             segments,
             last_id,
-            committer: tx.clone(),
+            committer: Some(tx.clone()),
             out,
         };
-        let thread = thread::Builder::new()
-            .name("spool-commit".into())
-            .spawn(move || committer.run())?;
-        thread::Builder::new()
-            .name("spool-replay".into())
-            .spawn(move || replay.run())?;
-        let inner = Inner {
+        let spool = Spool::launch(
+            committer,
+            tx,
             journal_dir,
             bodies_dir,
             moved,
             options,
-            ids: IdGenerator::after(last_id),
-            committer: Some(tx),
-            thread: Some(thread),
-        };
-        Ok((
-            Spool {
-                inner: Arc::new(inner),
-            },
-            recovering,
-        ))
+            last_id,
+        )?;
+        thread::Builder::new()
+            .name("spool-replay".into())
+            .spawn(move || replay.run())?;
+        Ok((spool, recovering))
     }
 
     /// Reads the spool under `dir` without changing anything (for `baton queue` while a server

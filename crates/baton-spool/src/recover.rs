@@ -70,19 +70,20 @@ pub(crate) struct Replay {
     pub segments: Vec<u64>,
     /// Ids above this are the new process's: their body files are not the replay's business.
     pub last_id: QueueId,
-    pub committer: mpsc::Sender<CommitRequest>,
+    /// Taken when the replay reports to the committer (see `replay_and_hand_over`).
+    pub committer: Option<mpsc::Sender<CommitRequest>>,
     pub out: async_mpsc::Sender<Recovering>,
 }
 
 impl Replay {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let result = self.replay_and_hand_over();
         let _ = self
             .out
             .blocking_send(Recovering::Done(result.map_err(|e| e.to_string())));
     }
 
-    fn replay_and_hand_over(&self) -> Result<RecoveryReport, SpoolError> {
+    fn replay_and_hand_over(&mut self) -> Result<RecoveryReport, SpoolError> {
         let mut live: HashMap<QueueId, Box<Replaying>> = HashMap::new();
         let mut report = RecoveryReport::default();
         for (i, &number) in self.segments.iter().enumerate() {
@@ -113,12 +114,16 @@ impl Replay {
             .iter()
             .map(|(id, m)| (*id, m.segment, m.body))
             .collect();
-        self.committer
+        let committer = self.committer.take().ok_or(SpoolError::Stopped)?;
+        committer
             .send(CommitRequest::Recovered {
                 segments: self.segments.clone(),
                 live: tracked,
             })
             .map_err(|_| SpoolError::Stopped)?;
+        // Let go of the committer before blocking on the hand-over: the last spool handle
+        // waits for the committer to end, and it ends only once every sender is gone.
+        drop(committer);
         // In id order (arrival), moved out of the map chunk by chunk.
         let mut ids: Vec<QueueId> = live.keys().copied().collect();
         ids.sort_unstable();

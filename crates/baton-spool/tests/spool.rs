@@ -893,3 +893,41 @@ async fn start_gives_ids_above_an_old_id_from_the_future() {
     let (spool, _replay) = Spool::start(dir.path(), SpoolOptions::default()).unwrap();
     assert!(spool.next_id() > future);
 }
+
+/// A spool of another format version is refused at start, before anything is appended to it
+/// (as `Spool::open` refuses it), not found out later by the background replay.
+#[test]
+fn start_refuses_a_spool_of_another_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let segment = baton_spool::journal::segment_path(&journal, 1);
+    std::fs::write(&segment, b"BATONJ9\nwhatever comes next").unwrap();
+    let err = Spool::start(dir.path(), SpoolOptions::default())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("spool format"), "{err}");
+    assert_eq!(baton_spool::journal::list_segments(&journal).unwrap(), [1]);
+}
+
+/// The last handle dropped while the replay waits for its messages to be taken (a server
+/// stopped during recovery) returns: the replay does not keep the committer alive meanwhile.
+#[tokio::test]
+async fn dropping_the_spool_while_the_replay_waits_does_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        store(&spool, b"waiting\r\n").await;
+    }
+    let (spool, replay) = Spool::start(dir.path(), SpoolOptions::default()).unwrap();
+    // Give the replay time to hand its one chunk over and block on the report after it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(spool);
+        let _ = done_tx.send(());
+    });
+    let dropped = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+    drop(replay);
+    assert!(dropped.is_ok(), "dropping the spool hung");
+}

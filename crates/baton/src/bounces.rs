@@ -15,11 +15,7 @@ pub fn classify_command(
     let records = match (file, reply) {
         (_, Some(reply)) => {
             let (class, hard) = baton_bounce::classify_reply(reply);
-            let status = reply
-                .split(|c: char| c.is_whitespace() || c == '-')
-                .find(|w| baton_bounce::rules::parse_status(w).is_some())
-                .unwrap_or("")
-                .to_string();
+            let status = baton_bounce::reply_status(reply).unwrap_or_default();
             vec![Record {
                 recipient: String::new(),
                 status,
