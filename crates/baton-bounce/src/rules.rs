@@ -25,6 +25,12 @@ pub struct Rules {
     rules: Vec<Rule>,
 }
 
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rules({} rules)", self.rules.len())
+    }
+}
+
 impl Rules {
     /// Parses rules in `rules.txt`'s format; the error names the line.
     pub fn parse(text: &str) -> Result<Rules, String> {

@@ -25,7 +25,7 @@ mod read;
 pub mod webhooks;
 mod writer;
 
-pub use read::{Filter, history, parse_since, query, stats};
+pub use read::{Filter, Received, history, parse_since, query, received, stats};
 pub use writer::{Events, LogOptions};
 
 /// One event. Field names are the HTTP API's and webhooks' (issue "Observe").
@@ -71,6 +71,17 @@ pub struct Event {
     /// On delivery events: milliseconds from reception to delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
+    /// On failures, complaints and automatic replies: the failure class (`invalid_recipient`,
+    /// `reputation`, ...; see baton-bounce).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    /// On failures: whether the address itself is bad.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard: Option<bool>,
+    /// True on what a report that came back later says (a DSN, a feedback report, an
+    /// automatic reply, an unsubscribe), as opposed to a reply during the attempt.
+    #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
+    pub is_async: Option<bool>,
 }
 
 /// An event's `type`. Its name ([`EventKind::as_str`]) is what the log, the API, webhooks and
@@ -99,11 +110,17 @@ pub enum EventKind {
     /// An operator held or released a message (bounce, delete, suspend and resume have their
     /// own events: bounce, deleted, shaping).
     Operator,
+    /// A recipient reported the message as spam (a feedback report came back).
+    Complaint,
+    /// An automatic reply (vacation, out of office) came back for a recipient.
+    AutoReply,
+    /// A recipient asked to be taken off the list (one-click, mailto or a feedback report).
+    Unsubscribe,
 }
 
 impl EventKind {
     /// Every kind, in the order the documentation lists them.
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::Reception,
         EventKind::Delivery,
         EventKind::TransientFailure,
@@ -116,6 +133,9 @@ impl EventKind {
         EventKind::Held,
         EventKind::Suppression,
         EventKind::Operator,
+        EventKind::Complaint,
+        EventKind::AutoReply,
+        EventKind::Unsubscribe,
     ];
 
     /// The `type` field's value.
@@ -133,6 +153,9 @@ impl EventKind {
             EventKind::Held => "held",
             EventKind::Suppression => "suppression",
             EventKind::Operator => "operator",
+            EventKind::Complaint => "complaint",
+            EventKind::AutoReply => "auto_reply",
+            EventKind::Unsubscribe => "unsubscribe",
         }
     }
 

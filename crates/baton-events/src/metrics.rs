@@ -112,12 +112,14 @@ pub fn outcome_label(kind: EventKind) -> Option<&'static str> {
     }
 }
 
-/// One recipient's attempt outcome (or operator's bounce or delete), by its event kind.
+/// One recipient's attempt outcome (or operator's bounce or delete), by its event kind;
+/// `bounce_class` is the failure's class ("" for a delivery).
 pub fn outcome(
     kind: EventKind,
     destination: &str,
     pool: &str,
     status: &str,
+    bounce_class: &'static str,
     latency_s: Option<f64>,
 ) {
     let Some(outcome) = outcome_label(kind) else {
@@ -135,6 +137,7 @@ pub fn outcome(
         "destination" => destination.to_string(),
         "pool" => pool.to_string(),
         "class" => class,
+        "bounce_class" => bounce_class,
     )
     .increment(1);
     if let Some(seconds) = latency_s {

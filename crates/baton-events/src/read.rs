@@ -116,11 +116,23 @@ pub fn history(dir: &Path, message_id: &str) -> Option<serde_json::Value> {
     history_in(&tail_since(dir, None), message_id)
 }
 
+/// One recipient in [`history`].
+struct Seen {
+    email: String,
+    state: &'static str,
+    attempts: u64,
+    response: Option<String>,
+    /// The last failure's class.
+    class: Option<String>,
+    /// Reports that came back later: `bounce`, `complaint`, `auto_reply`, `unsubscribe`.
+    reports: Vec<&'static str>,
+}
+
 /// [`history`] over the given part of the log.
 fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
     let mut sender = None;
-    // (email, state, attempts, last response), in order of first appearance.
-    let mut recipients: Vec<(String, &'static str, u64, Option<String>)> = Vec::new();
+    // In order of first appearance.
+    let mut recipients: Vec<Seen> = Vec::new();
     for line in text.lines() {
         if !line.contains(message_id) {
             continue;
@@ -133,45 +145,120 @@ fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
             continue;
         }
         sender.get_or_insert_with(|| field("sender").to_string());
-        let state = match EventKind::of(&event) {
-            Some(EventKind::Reception | EventKind::Held) => "queued",
-            Some(EventKind::TransientFailure) => "deferred",
-            Some(EventKind::Delivery) => "delivered",
-            Some(EventKind::Bounce) => "bounced",
-            Some(EventKind::Expiration) => "expired",
-            Some(EventKind::Deleted) => "deleted",
+        let Some(kind) = EventKind::of(&event) else {
+            continue;
+        };
+        let is_async = event.get("async").and_then(|v| v.as_bool()) == Some(true);
+        let (state, report) = match kind {
+            EventKind::Reception | EventKind::Held => (Some("queued"), None),
+            EventKind::TransientFailure if is_async => (None, Some("delay")),
+            EventKind::TransientFailure => (Some("deferred"), None),
+            EventKind::Delivery => (Some("delivered"), None),
+            EventKind::Bounce if is_async => (Some("bounced"), Some("bounce")),
+            EventKind::Bounce => (Some("bounced"), None),
+            EventKind::Expiration => (Some("expired"), None),
+            EventKind::Deleted => (Some("deleted"), None),
+            EventKind::Complaint => (None, Some("complaint")),
+            EventKind::AutoReply => (None, Some("auto_reply")),
+            EventKind::Unsubscribe => (None, Some("unsubscribe")),
             _ => continue,
         };
         let email = field("recipient").to_string();
-        let at = match recipients.iter().position(|r| r.0 == email) {
+        let at = match recipients.iter().position(|r| r.email == email) {
             Some(i) => i,
             None => {
-                recipients.push((email, "queued", 0, None));
+                recipients.push(Seen {
+                    email,
+                    state: "queued",
+                    attempts: 0,
+                    response: None,
+                    class: None,
+                    reports: Vec::new(),
+                });
                 recipients.len() - 1
             }
         };
         let r = &mut recipients[at];
-        r.1 = state;
+        if let Some(state) = state {
+            r.state = state;
+        }
+        r.reports.extend(report);
         if let Some(n) = event.get("attempt").and_then(|a| a.as_u64()) {
-            r.2 = r.2.max(n);
+            r.attempts = r.attempts.max(n);
         }
         if let Some(response) = event.get("response").and_then(|v| v.as_str()) {
-            r.3 = Some(response.to_string());
+            r.response = Some(response.to_string());
+        }
+        if let Some(class) = event.get("class").and_then(|v| v.as_str()) {
+            r.class = Some(class.to_string());
         }
     }
     let sender = sender?;
     let recipients: Vec<serde_json::Value> = recipients
         .into_iter()
-        .map(|(email, state, attempts, response)| {
-            serde_json::json!({"email": email, "state": state, "attempts": attempts, "response": response})
+        .map(|r| {
+            let mut v = serde_json::json!({
+                "email": r.email,
+                "state": r.state,
+                "attempts": r.attempts,
+                "response": r.response,
+            });
+            if let Some(class) = r.class {
+                v["class"] = class.into();
+            }
+            if !r.reports.is_empty() {
+                v["reports"] = r.reports.into();
+            }
+            v
         })
         .collect();
     Some(serde_json::json!({"id": message_id, "sender": sender, "recipients": recipients}))
 }
 
+/// A message as its reception events logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub sender: String,
+    /// In the envelope's order.
+    pub recipients: Vec<String>,
+    pub campaign: Option<String>,
+    pub tenant: Option<String>,
+}
+
+/// The reception of `message_id`, from the log (none once retention has removed it).
+pub fn received(dir: &Path, message_id: &str) -> Option<Received> {
+    let arrived = message_id
+        .parse::<baton_spool::QueueId>()
+        .ok()
+        .and_then(|id| jiff::Timestamp::from_millisecond(i64::try_from(id.0 >> 20).ok()?).ok())?;
+    std::fs::metadata(dir).ok()?;
+    let text = tail_since(dir, Some(arrived));
+    let mut found: Option<Received> = None;
+    for line in text.lines().filter(|l| l.contains(message_id)) {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |name: &str| event.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        if EventKind::of(&event) != Some(EventKind::Reception)
+            || field("message_id").as_deref() != Some(message_id)
+        {
+            continue;
+        }
+        let r = found.get_or_insert_with(|| Received {
+            sender: field("sender").unwrap_or_default(),
+            recipients: Vec::new(),
+            campaign: field("campaign"),
+            tenant: field("tenant"),
+        });
+        r.recipients.push(field("recipient").unwrap_or_default());
+    }
+    found
+}
+
 /// Delivery statistics over `[since, until)` from the event log, grouped by `by`
-/// ("destination", "campaign", "tenant" or "source"): attempts' outcomes and delivery-latency
-/// percentiles (reception to delivery).
+/// ("destination", "campaign", "tenant", "source" or "class"): attempts' outcomes, what came
+/// back later (bounces, complaints, automatic replies, unsubscribes), the complaint rate and
+/// delivery-latency percentiles (reception to delivery).
 pub fn stats(
     dir: &Path,
     since: Option<jiff::Timestamp>,
@@ -206,6 +293,9 @@ pub fn stats(
                 | EventKind::TransientFailure
                 | EventKind::Bounce
                 | EventKind::Expiration
+                | EventKind::Complaint
+                | EventKind::AutoReply
+                | EventKind::Unsubscribe
         );
         let at = field("timestamp").parse::<jiff::Timestamp>().ok();
         let in_range = since.is_none_or(|s| at.is_some_and(|t| t >= s))
@@ -218,14 +308,23 @@ pub fn stats(
             "campaign" => campaign,
             "tenant" => tenant,
             "source" => field("source").to_string(),
+            "class" => match field("class") {
+                "" if kind == EventKind::Delivery => "delivered".to_string(),
+                "" => "uncategorized".to_string(),
+                class => class.to_string(),
+            },
             _ => field("recipient")
                 .rsplit_once('@')
                 .map(|(_, d)| d.to_ascii_lowercase())
                 .unwrap_or_default(),
         };
         let latency = event.get("latency_ms").and_then(|v| v.as_u64());
-        groups.entry(key).or_default().count(kind, latency);
-        total.count(kind, latency);
+        let is_async = event.get("async").and_then(|v| v.as_bool()) == Some(true);
+        groups
+            .entry(key)
+            .or_default()
+            .count(kind, is_async, latency);
+        total.count(kind, is_async, latency);
     }
     let groups: Vec<serde_json::Value> = groups
         .iter_mut()
@@ -245,18 +344,28 @@ struct Group {
     deferred: u64,
     bounced: u64,
     expired: u64,
+    /// Bounces that came back after a delivery.
+    async_bounced: u64,
+    complaints: u64,
+    auto_replies: u64,
+    unsubscribes: u64,
     latencies: Vec<u64>,
 }
 
 impl Group {
-    fn count(&mut self, kind: EventKind, latency: Option<u64>) {
+    fn count(&mut self, kind: EventKind, is_async: bool, latency: Option<u64>) {
         match kind {
             EventKind::Delivery => {
                 self.delivered += 1;
                 self.latencies.extend(latency);
             }
+            EventKind::TransientFailure if is_async => {}
             EventKind::TransientFailure => self.deferred += 1,
+            EventKind::Bounce if is_async => self.async_bounced += 1,
             EventKind::Bounce => self.bounced += 1,
+            EventKind::Complaint => self.complaints += 1,
+            EventKind::AutoReply => self.auto_replies += 1,
+            EventKind::Unsubscribe => self.unsubscribes += 1,
             _ => self.expired += 1,
         }
     }
@@ -275,7 +384,17 @@ impl Group {
         } else {
             0.0
         };
+        let complaint_rate = if self.delivered > 0 {
+            self.complaints as f64 / self.delivered as f64
+        } else {
+            0.0
+        };
         serde_json::json!({
+            "async_bounced": self.async_bounced,
+            "complaints": self.complaints,
+            "complaint_rate": complaint_rate,
+            "auto_replies": self.auto_replies,
+            "unsubscribes": self.unsubscribes,
             "delivered": self.delivered,
             "deferred": self.deferred,
             "bounced": self.bounced,

@@ -109,6 +109,9 @@ impl Events {
             tenant: None,
             source: None,
             latency_ms: None,
+            class: None,
+            hard: None,
+            is_async: None,
         }
     }
 

@@ -356,6 +356,7 @@ mod tests {
             code: Some(421),
             status: None,
             pattern: Regex::new("(?i)rate limit").ok(),
+            class: None,
             action: BackoffAction::Throttle { factor: 0.25 },
             duration: Duration::from_secs(3600),
         };
@@ -384,6 +385,23 @@ mod tests {
         assert!(limits.suspended_until().is_some());
     }
 
+    #[test]
+    fn a_backoff_rule_can_match_a_failure_class() {
+        let blocked = BackoffRule {
+            code: None,
+            status: None,
+            pattern: None,
+            class: Some(baton_bounce::Class::Reputation),
+            action: BackoffAction::Suspend,
+            duration: Duration::from_secs(3600),
+        };
+        let spamhaus =
+            "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org";
+        assert!(blocked.matches(554, "5.7.1", spamhaus));
+        assert!(!blocked.matches(550, "5.1.1", "550 5.1.1 user unknown"));
+        assert!(!blocked.matches(452, "4.2.2", "452 4.2.2 mailbox full"));
+    }
+
     #[tokio::test]
     async fn a_throttle_cuts_connections_too() {
         let limits = Arc::new(Limits::new(rule(Matcher::Domain("x.test".into())), None, 4));
@@ -391,6 +409,7 @@ mod tests {
             code: None,
             status: None,
             pattern: None,
+            class: None,
             action: BackoffAction::Throttle { factor: 0.25 },
             duration: Duration::from_secs(60),
         });

@@ -23,6 +23,8 @@ pub struct BackoffRule {
     /// Enhanced status code prefix, e.g. "4.7".
     pub status: Option<String>,
     pub pattern: Option<Regex>,
+    /// The reply's failure class (baton-bounce's built-in rules), e.g. `reputation`.
+    pub class: Option<baton_bounce::Class>,
     pub action: BackoffAction,
     pub duration: Duration,
 }
@@ -32,6 +34,10 @@ impl BackoffRule {
         self.code.is_none_or(|c| c == code)
             && self.status.as_deref().is_none_or(|s| status.starts_with(s))
             && self.pattern.as_ref().is_none_or(|p| p.is_match(text))
+            && self.class.is_none_or(|c| {
+                let status = (!status.is_empty()).then_some(status);
+                baton_bounce::classify_with(None, status, text) == c
+            })
     }
 }
 

@@ -45,7 +45,14 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     start_webhooks(&config, &events, &trust, stop.clone())?;
     let suppressions =
         Arc::new(Suppressions::open(&config.data_dir).context("cannot read the suppression list")?);
-    let services = delivery_services(&config, trust)?;
+    let tokens = Arc::new(crate::returns::token::Tokens::new(&bounce_key(&config)?));
+    let returns = Arc::new(crate::returns::Returns::new(
+        &config,
+        tokens,
+        suppressions.clone(),
+        events.clone(),
+    ));
+    let services = delivery_services(&config, trust, returns.clone())?;
     let queue = QueueManager::start(
         config.clone(),
         spool.clone(),
@@ -85,6 +92,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
             events,
             suppressions,
             backpressure,
+            returns,
         };
         api::serve(Arc::new(ctx), listener, stop.clone());
     }
@@ -150,7 +158,11 @@ fn start_webhooks(
 
 /// What delivery uses: DKIM keys, the resolver, the shaper (with its warm-up ledger), the
 /// trust store and the MTA-STS cache.
-fn delivery_services(config: &Config, trust: Arc<Trust>) -> anyhow::Result<Services> {
+fn delivery_services(
+    config: &Config,
+    trust: Arc<Trust>,
+    returns: Arc<crate::returns::Returns>,
+) -> anyhow::Result<Services> {
     let mut dkim = HashMap::new();
     for d in &config.dkim {
         let key = crate::dkim::DkimKey::load(&d.domain, &d.selector, &d.key)
@@ -179,7 +191,46 @@ fn delivery_services(config: &Config, trust: Arc<Trust>) -> anyhow::Result<Servi
         shaper: shaper(config),
         trust,
         mta_sts,
+        returns,
     })
+}
+
+/// The key that signs return paths and unsubscribe links: `[bounces] secret`, else
+/// `data_dir/bounces.key` (made on first start, readable by Baton's user only), so that
+/// tokens stay valid across restarts.
+fn bounce_key(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if let Some(secret) = &config.bounces.secret {
+        return Ok(secret.as_bytes().to_vec());
+    }
+    let path = config.data_dir.join("bounces.key");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(key) = hex::decode(text.trim())
+        && key.len() >= 16
+    {
+        return Ok(key);
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("no random numbers for data_dir/bounces.key"))?;
+    write_private(&path, hex::encode(key).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(key.to_vec())
+}
+
+/// Writes a file only its owner can read, fsynced.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.

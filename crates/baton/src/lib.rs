@@ -23,6 +23,7 @@ pub mod policy;
 pub mod qmgr;
 pub mod queue;
 pub mod reception;
+pub mod returns;
 pub mod schedule;
 pub mod server;
 pub mod session;

@@ -60,7 +60,7 @@ enum Cmd {
         since: String,
         #[arg(long)]
         until: Option<String>,
-        /// destination, campaign, tenant or source.
+        /// destination, campaign, tenant, source or class (the failure class).
         #[arg(long, default_value = "destination")]
         by: String,
         #[arg(long)]

@@ -223,19 +223,25 @@ pub fn print_summary(answer: &Summary, json: bool) -> anyhow::Result<()> {
 }
 
 /// `baton stats`: outcomes and latency percentiles per group.
+/// A complaint rate past this is flagged (0.3%: Gmail's and Yahoo's bulk-sender line).
+pub const COMPLAINT_LINE: f64 = 0.003;
+
 pub fn print_stats(answer: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(answer)?);
         return Ok(());
     }
     println!(
-        "{:<32} {:>10} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8}",
+        "{:<32} {:>10} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}",
         answer["by"].as_str().unwrap_or("").to_uppercase(),
         "DELIVERED",
         "DEFERRED",
         "BOUNCED",
         "EXPIRED",
         "BOUNCE%",
+        "LATE BNC",
+        "COMPLAINTS",
+        "COMPL%",
         "P50 ms",
         "P90 ms",
         "P99 ms"
@@ -247,14 +253,24 @@ pub fn print_stats(answer: &serde_json::Value, json: bool) -> anyhow::Result<()>
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "-".into())
         };
+        let complaint_rate = g["complaint_rate"].as_f64().unwrap_or(0.0);
+        // Gmail's and Yahoo's line for bulk senders.
+        let flag = if complaint_rate > COMPLAINT_LINE {
+            "!"
+        } else {
+            " "
+        };
         println!(
-            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>6.1}% {:>8} {:>8} {:>8}",
+            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>6.1}% {:>9} {:>10} {:>6.2}%{flag} {:>8} {:>8} {:>8}",
             if key.is_empty() { "(none)" } else { key },
             g["delivered"],
             g["deferred"],
             g["bounced"],
             g["expired"],
             g["bounce_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            g["async_bounced"],
+            g["complaints"],
+            complaint_rate * 100.0,
             ms("p50"),
             ms("p90"),
             ms("p99")

@@ -1,27 +1,146 @@
-//! The suppression list: addresses that must not be mailed again through the HTTP API, because
-//! they bounced as non-existent (a permanent 5.1.x reply) or an operator said so. Injection
-//! leaves them out and says which; each is a `suppression` event. SMTP traffic is not
-//! filtered: an MX or relay passes on what it is given.
+//! The suppression list: addresses (or whole domains) that must not be mailed again, each in a
+//! scope: everyone's mail (`global`), one tenant's (`tenant:NAME`) or one list or campaign's
+//! (`list:NAME`). An entry says why (a hard bounce's class, `complaint`, `unsubscribe`,
+//! `soft_bounces`, `manual`), which event caused it, since when, and until when if it expires.
+//! The HTTP API's intake leaves suppressed recipients out and says which; each is a
+//! `suppression` event. SMTP traffic is not filtered: an MX or relay passes on what it is given.
 //!
 //! Kept in `data_dir/suppressions.jsonl`, an append-only log of additions and removals that is
-//! replayed at start. Owns that list only.
+//! replayed at start. Owns that list and the soft-bounce counts (in memory) only.
 //!
 //! The set in memory changes at once (a suppressed address is refused from that moment); the
 //! file is appended by a writer thread, in the order of the changes, so that no caller (the
 //! queue manager's loop, an API request) waits on the disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, mpsc};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Addresses whose soft bounces are counted at once; past it, the oldest counts are dropped.
+const MAX_SOFT_COUNTED: usize = 1_000_000;
+
+/// Who an entry keeps mail from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Global,
+    Tenant(String),
+    /// A mailing list or campaign.
+    List(String),
+}
+
+impl Scope {
+    /// `global`, `tenant:NAME` or `list:NAME` (names in lower case).
+    pub fn parse(text: &str) -> Result<Scope, String> {
+        let text = text.trim();
+        let named = |name: &str| {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            ok.then(|| name.to_ascii_lowercase()).ok_or_else(|| {
+                format!("scope {text:?}: a name is up to 64 letters, digits, '-', '_' or '.'")
+            })
+        };
+        if text.is_empty() || text.eq_ignore_ascii_case("global") {
+            Ok(Scope::Global)
+        } else if let Some(name) = text.strip_prefix("tenant:") {
+            Ok(Scope::Tenant(named(name)?))
+        } else if let Some(name) = text.strip_prefix("list:") {
+            Ok(Scope::List(named(name)?))
+        } else {
+            Err(format!(
+                "scope {text:?}: write global, tenant:NAME or list:NAME"
+            ))
+        }
+    }
+
+    /// The narrowest scope a message's tags give: its list (campaign), else its tenant, else
+    /// global. What an unsubscribe applies to.
+    pub fn narrowest(tenant: Option<&str>, campaign: Option<&str>) -> Scope {
+        match (campaign, tenant) {
+            (Some(c), _) if !c.is_empty() => Scope::List(c.to_ascii_lowercase()),
+            (_, Some(t)) if !t.is_empty() => Scope::Tenant(t.to_ascii_lowercase()),
+            _ => Scope::Global,
+        }
+    }
+
+    /// The tenant's scope when there is one, else global: what a complaint applies to.
+    pub fn of_tenant(tenant: Option<&str>) -> Scope {
+        match tenant {
+            Some(t) if !t.is_empty() => Scope::Tenant(t.to_ascii_lowercase()),
+            _ => Scope::Global,
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Global => f.write_str("global"),
+            Scope::Tenant(t) => write!(f, "tenant:{t}"),
+            Scope::List(l) => write!(f, "list:{l}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
+    /// An address, or `@domain` for a whole domain; lower case.
     pub email: String,
+    #[serde(default = "global")]
+    pub scope: String,
+    /// A bounce class (`invalid_recipient`, `bad_domain`), `complaint`, `unsubscribe`,
+    /// `soft_bounces` or `manual` (older entries: the reply that caused them).
     pub reason: String,
+    /// The reply or report text behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The event (or `api`, `import`) that added it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// RFC 3339.
     pub since: String,
+    /// RFC 3339; none: kept until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+fn global() -> String {
+    "global".into()
+}
+
+impl Entry {
+    /// A new entry from now on, with no detail, source or expiry.
+    pub fn new(email: &str, scope: &Scope, reason: &str) -> Entry {
+        Entry {
+            email: normalise(email),
+            scope: scope.to_string(),
+            reason: reason.to_string(),
+            detail: None,
+            source: None,
+            since: jiff::Timestamp::now().to_string(),
+            expires: None,
+        }
+    }
+
+    fn expired_at(&self, now: jiff::Timestamp) -> bool {
+        self.expires
+            .as_deref()
+            .and_then(|e| e.parse::<jiff::Timestamp>().ok())
+            .is_some_and(|e| e <= now)
+    }
+}
+
+/// An address in the form the list keys it by: lower case; `*@d` and `@d` name domain `d`.
+pub fn normalise(email: &str) -> String {
+    let e = email.trim().to_ascii_lowercase();
+    match e.strip_prefix('*') {
+        Some(rest) if rest.starts_with('@') => rest.to_string(),
+        _ => e,
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -32,9 +151,28 @@ struct LogLine {
     entry: Entry,
 }
 
+type Key = (String, String);
+
+fn key(email: &str, scope: &str) -> Key {
+    (scope.to_string(), normalise(email))
+}
+
+/// What to list: every filter given must hold. Pages go by `(scope, email)` after `after`.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    pub scope: Option<String>,
+    pub reason: Option<String>,
+    /// A substring of the address.
+    pub email: Option<String>,
+    /// `scope|email` of the last entry of the previous page.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
 pub struct Suppressions {
     path: PathBuf,
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<HashMap<Key, Entry>>,
+    soft: Mutex<HashMap<String, VecDeque<u64>>>,
 }
 
 impl Suppressions {
@@ -49,47 +187,88 @@ impl Suppressions {
                 let Ok(l) = serde_json::from_str::<LogLine>(line) else {
                     continue;
                 };
-                let key = l.entry.email.to_ascii_lowercase();
+                let k = key(&l.entry.email, &l.entry.scope);
                 if l.removed {
-                    entries.remove(&key);
+                    entries.remove(&k);
                 } else {
-                    entries.insert(key, l.entry);
+                    entries.insert(k, l.entry);
                 }
             }
         }
         Ok(Suppressions {
             path,
             entries: Mutex::new(entries),
+            soft: Mutex::new(HashMap::new()),
         })
     }
 
+    /// Whether the address is suppressed for everyone's mail.
     pub fn contains(&self, email: &str) -> bool {
-        self.lock().contains_key(&email.to_ascii_lowercase())
+        self.find(email, None, None).is_some()
     }
 
-    /// Adds an address; false if it was already there.
+    /// The entry that keeps mail of `tenant` and list `campaign` from `email`, if any: the
+    /// address or its domain, in the global, the tenant's or the list's scope; expired entries
+    /// do not count.
+    pub fn find(&self, email: &str, tenant: Option<&str>, campaign: Option<&str>) -> Option<Entry> {
+        let email = normalise(email);
+        let domain = email.rsplit_once('@').map(|(_, d)| format!("@{d}"));
+        let mut scopes = vec![Scope::Global];
+        scopes.extend(
+            tenant
+                .filter(|t| !t.is_empty())
+                .map(|t| Scope::Tenant(t.to_ascii_lowercase())),
+        );
+        scopes.extend(
+            campaign
+                .filter(|c| !c.is_empty())
+                .map(|c| Scope::List(c.to_ascii_lowercase())),
+        );
+        let now = jiff::Timestamp::now();
+        let entries = self.lock();
+        scopes.iter().find_map(|scope| {
+            let scope = scope.to_string();
+            std::iter::once(&email)
+                .chain(domain.as_ref())
+                .find_map(|e| entries.get(&(scope.clone(), e.clone())))
+                .filter(|entry| !entry.expired_at(now))
+                .cloned()
+        })
+    }
+
+    /// Adds a manual global entry; false if the address was already there.
     pub fn add(&self, email: &str, reason: &str) -> bool {
-        let entry = Entry {
-            email: email.to_ascii_lowercase(),
-            reason: reason.to_string(),
-            since: jiff::Timestamp::now().to_string(),
-        };
+        self.insert(Entry::new(email, &Scope::Global, reason))
+    }
+
+    /// Adds an entry; false if its address was already suppressed in its scope (an expired
+    /// entry is replaced).
+    pub fn insert(&self, entry: Entry) -> bool {
+        let k = key(&entry.email, &entry.scope);
         let mut entries = self.lock();
-        if entries.contains_key(&entry.email) {
+        if entries
+            .get(&k)
+            .is_some_and(|e| !e.expired_at(jiff::Timestamp::now()))
+        {
             return false;
         }
         self.append(&LogLine {
             removed: false,
             entry: entry.clone(),
         });
-        entries.insert(entry.email.clone(), entry);
+        entries.insert(k, entry);
         true
     }
 
-    /// Removes an address; false if it was not there.
+    /// Removes a global entry; false if it was not there.
     pub fn remove(&self, email: &str) -> bool {
+        self.remove_in(email, &Scope::Global)
+    }
+
+    /// Removes an entry of `scope`; false if it was not there.
+    pub fn remove_in(&self, email: &str, scope: &Scope) -> bool {
         let mut entries = self.lock();
-        let Some(entry) = entries.remove(&email.to_ascii_lowercase()) else {
+        let Some(entry) = entries.remove(&key(email, &scope.to_string())) else {
             return false;
         };
         self.append(&LogLine {
@@ -99,10 +278,68 @@ impl Suppressions {
         true
     }
 
+    /// Every entry, by scope then address.
     pub fn list(&self) -> Vec<Entry> {
-        let mut all: Vec<Entry> = self.lock().values().cloned().collect();
-        all.sort_by(|a, b| a.email.cmp(&b.email));
-        all
+        self.page(&ListFilter {
+            limit: usize::MAX,
+            ..Default::default()
+        })
+    }
+
+    /// One page of the entries that pass `filter`, by scope then address.
+    pub fn page(&self, filter: &ListFilter) -> Vec<Entry> {
+        let after = filter
+            .after
+            .as_deref()
+            .and_then(|a| a.split_once('|'))
+            .map(|(s, e)| (s.to_string(), e.to_string()));
+        let entries = self.lock();
+        let mut keys: Vec<&Key> = entries
+            .iter()
+            .filter(|(k, e)| {
+                after.as_ref().is_none_or(|a| *k > a)
+                    && filter.scope.as_deref().is_none_or(|s| e.scope == s)
+                    && filter.reason.as_deref().is_none_or(|r| e.reason == r)
+                    && filter
+                        .email
+                        .as_deref()
+                        .is_none_or(|m| e.email.contains(&m.to_ascii_lowercase()))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .take(filter.limit)
+            .filter_map(|k| entries.get(k).cloned())
+            .collect()
+    }
+
+    /// Counts a soft bounce of `email` at `now_ms`; true when it makes `limit` within
+    /// `window_ms` (the caller suppresses the address). In memory: a restart starts the
+    /// counts again.
+    pub fn soft_bounce(&self, email: &str, now_ms: u64, limit: u32, window_ms: u64) -> bool {
+        if limit == 0 {
+            return false;
+        }
+        let mut soft = self.soft.lock().unwrap_or_else(|e| e.into_inner());
+        if soft.len() >= MAX_SOFT_COUNTED && !soft.contains_key(&normalise(email)) {
+            let horizon = now_ms.saturating_sub(window_ms);
+            soft.retain(|_, times| times.back().is_some_and(|&t| t > horizon));
+            if soft.len() >= MAX_SOFT_COUNTED {
+                return false;
+            }
+        }
+        let times = soft.entry(normalise(email)).or_default();
+        times.push_back(now_ms);
+        let horizon = now_ms.saturating_sub(window_ms);
+        while times.front().is_some_and(|&t| t <= horizon) || times.len() > limit as usize {
+            times.pop_front();
+        }
+        let reached = times.len() >= limit as usize;
+        if reached {
+            soft.remove(&normalise(email));
+        }
+        reached
     }
 
     /// Queues a line for the file; called under the lock, so lines go in the order of the
@@ -129,7 +366,7 @@ impl Suppressions {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -191,13 +428,6 @@ fn perform(write: Write) {
     }
 }
 
-/// Whether a permanent failure says the address does not exist (RFC 3463 5.1.x: bad
-/// mailbox, bad domain, null MX), which is what suppression is for; policy refusals (5.7.x)
-/// and full mailboxes are not.
-pub fn means_no_such_address(status: &str) -> bool {
-    status.starts_with("5.1.")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +462,76 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("suppressions.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 101);
         assert!(text.lines().all(|l| l.starts_with('{') && l.ends_with('}')));
+    }
+
+    #[test]
+    fn scopes_domains_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path()).unwrap();
+        let list = Scope::parse("list:Spring").unwrap();
+        assert!(s.insert(Entry::new("ann@example.com", &list, "unsubscribe")));
+        assert!(s.find("ann@example.com", None, Some("spring")).is_some());
+        assert!(
+            s.find("ann@example.com", Some("acme"), Some("autumn"))
+                .is_none()
+        );
+        assert!(!s.contains("ann@example.com"), "only that list");
+        let tenant = Scope::parse("tenant:acme").unwrap();
+        assert!(s.insert(Entry::new("*@Dead.example", &tenant, "manual")));
+        assert!(s.find("x@dead.example", Some("acme"), None).is_some());
+        assert!(s.find("x@dead.example", Some("other"), None).is_none());
+        let mut gone = Entry::new("old@example.com", &Scope::Global, "manual");
+        gone.expires = Some("2020-01-01T00:00:00Z".into());
+        assert!(s.insert(gone));
+        assert!(!s.contains("old@example.com"), "expired");
+        assert!(
+            s.add("old@example.com", "manual"),
+            "an expired entry is replaced"
+        );
+        let reopened = Suppressions::open(dir.path()).unwrap();
+        assert_eq!(reopened.list().len(), 3);
+        assert!(reopened.remove_in("ann@example.com", &list));
+        assert!(!reopened.remove_in("ann@example.com", &list));
+        for bad in ["tenant:", "list:a b", "team:x"] {
+            assert!(Scope::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_follow_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path()).unwrap();
+        for i in 0..25 {
+            s.add(&format!("u{i:02}@example.com"), "manual");
+        }
+        let mut filter = ListFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = s.page(&filter);
+            let Some(last) = page.last() else { break };
+            filter.after = Some(format!("{}|{}", last.scope, last.email));
+            seen.extend(page.into_iter().map(|e| e.email));
+        }
+        assert_eq!(seen.len(), 25);
+        assert_eq!(seen[0], "u00@example.com");
+        assert_eq!(seen[24], "u24@example.com");
+    }
+
+    #[test]
+    fn soft_bounces_count_within_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path()).unwrap();
+        let day = 86_400_000;
+        assert!(!s.soft_bounce("a@x.example", 0, 3, 7 * day));
+        assert!(!s.soft_bounce("a@x.example", 3 * day, 3, 7 * day));
+        // The first has left the window by day 8.
+        assert!(!s.soft_bounce("a@x.example", 8 * day, 3, 7 * day));
+        assert!(s.soft_bounce("A@x.example", 9 * day, 3, 7 * day));
+        // Counting starts again after a verdict; a limit of 0 never suppresses.
+        assert!(!s.soft_bounce("a@x.example", 9 * day, 3, 7 * day));
+        assert!(!s.soft_bounce("b@x.example", 0, 0, day));
     }
 }

@@ -731,8 +731,13 @@ fn addresses_that_bounce_as_unknown_are_suppressed() {
         list["suppressions"][0]["email"], "nobody@dest.test",
         "{list}"
     );
+    assert_eq!(
+        list["suppressions"][0]["reason"], "invalid_recipient",
+        "{list}"
+    );
+    assert_eq!(list["suppressions"][0]["scope"], "global", "{list}");
     assert!(
-        list["suppressions"][0]["reason"]
+        list["suppressions"][0]["detail"]
             .as_str()
             .unwrap()
             .contains("5.1.1")

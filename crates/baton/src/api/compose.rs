@@ -189,6 +189,7 @@ pub(super) fn message_bytes(
     envelope: &Envelope,
     text: &Rendered,
     client: IpAddr,
+    extra_fields: &str,
 ) -> Result<Vec<u8>, ApiError> {
     let host = &ctx.config.hostname;
     let id = envelope.id;
@@ -199,6 +200,7 @@ pub(super) fn message_bytes(
         "Received: from api ([{client}])\r\n\tby {host} (Baton) with HTTP id {id};\r\n\t{date}\r\n"
     )
     .into_bytes();
+    out.extend_from_slice(extra_fields.as_bytes());
     match text {
         Rendered::Raw(raw) => {
             let content = crlf(raw);

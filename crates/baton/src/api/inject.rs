@@ -17,6 +17,10 @@ pub(super) struct InjectRequest {
     pub(super) pool: Option<String>,
     /// RFC 3339 (or RFC 5322) time before which nothing is sent.
     pub(super) send_at: Option<String>,
+    /// Add List-Unsubscribe (an HTTPS one-click link and, with a return-path domain, a mailto)
+    /// and List-Unsubscribe-Post (RFC 8058): one message per recipient.
+    #[serde(default)]
+    pub(super) list_unsubscribe: bool,
 }
 
 #[derive(Deserialize)]
@@ -173,7 +177,11 @@ fn build_all(
         .map(|planned| {
             let text = planned.render(request);
             let envelope = envelope_for(ctx, request, shared, planned.rcpts, client);
-            let bytes = message_bytes(ctx, &envelope, &text, client)?;
+            let extra = match request.list_unsubscribe {
+                true => list_unsubscribe(ctx, &envelope),
+                false => String::new(),
+            };
+            let bytes = message_bytes(ctx, &envelope, &text, client, &extra)?;
             built = built.saturating_add(bytes.len() as u64);
             limits.check(bytes.len() as u64, built)?;
             Ok((envelope, bytes))
@@ -277,22 +285,68 @@ pub(super) fn normalise_addresses(request: &mut InjectRequest) -> Result<(), Api
 pub(super) fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<String> {
     let mut left_out = Vec::new();
     request.recipients.retain(|r| {
-        if !ctx.suppressions.contains(&r.email) {
+        let Some(entry) = ctx.suppressions.find(
+            &r.email,
+            request.tenant.as_deref(),
+            request.campaign.as_deref(),
+        ) else {
             return true;
-        }
+        };
         let mut e = ctx.events.new_event(
             baton_events::EventKind::Suppression,
             "",
             &r.email,
             &request.envelope_sender,
         );
-        e.response = Some("not sent: the address is on the suppression list".into());
+        e.response = Some(format!(
+            "not sent: the address is on the suppression list ({}: {})",
+            entry.scope, entry.reason
+        ));
         e.campaign = request.campaign.clone();
         ctx.events.emit(e);
         left_out.push(r.email.clone());
         false
     });
     left_out
+}
+
+/// The List-Unsubscribe fields for a message to one recipient (RFC 2369, RFC 8058): a signed
+/// one-click link to this server's API and, when the message has a return-path domain, a
+/// mailto address there. Both carry the same token; both end in an `unsubscribe` event and a
+/// suppression in the message's list (or tenant) scope.
+pub(super) fn list_unsubscribe(ctx: &Context, envelope: &Envelope) -> String {
+    use crate::returns::token::{Purpose, UNSUBSCRIBE_PREFIX};
+    let token = ctx
+        .returns
+        .tokens
+        .make(Purpose::Unsubscribe, envelope.id, 0);
+    let base = ctx
+        .config
+        .bounces
+        .unsubscribe_url
+        .clone()
+        .unwrap_or_else(|| {
+            let address = ctx
+                .config
+                .http
+                .as_ref()
+                .map(|h| h.address.to_string())
+                .unwrap_or_default();
+            format!("http://{address}")
+        });
+    let mut uris = vec![format!("<{base}/unsubscribe/{token}>")];
+    let meta = &envelope.meta;
+    if let Some(domain) = ctx
+        .config
+        .bounces
+        .domain_for(meta.tenant.as_deref(), meta.pool.as_deref())
+    {
+        uris.push(format!("<mailto:{UNSUBSCRIBE_PREFIX}{token}@{domain}>"));
+    }
+    format!(
+        "List-Unsubscribe: {}\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        uris.join(", ")
+    )
 }
 
 /// One message per distinct text: without placeholders every recipient shares one message;
@@ -314,7 +368,7 @@ pub(super) fn plan_injection(
     {
         return Err(bad_request(format!("no [[pool]] named {pool:?}")));
     }
-    if !has_placeholders(&request.content) {
+    if !has_placeholders(&request.content) && !request.list_unsubscribe {
         return Ok(vec![Planned {
             rcpts: (0..request.recipients.len()).collect(),
             personal: None,

@@ -11,7 +11,8 @@
 //! - `inject`: `POST /api/v1/messages`: the request, its limits, the plan of messages;
 //! - `compose`: building each message (placeholders, MIME parts, the envelope);
 //! - `operate`: message status, the queue summary and operator actions;
-//! - `read`: events, statistics and the suppression list.
+//! - `read`: events and statistics;
+//! - `lists`: the suppression list and the one-click unsubscribe.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,11 +36,13 @@ use crate::operator::{ControlError, OperatorCommand};
 
 mod compose;
 mod inject;
+mod lists;
 mod operate;
 mod read;
 
 use compose::*;
 use inject::*;
+use lists::*;
 use operate::*;
 use read::*;
 
@@ -116,12 +119,18 @@ pub fn router(ctx: Arc<Context>) -> Router {
             get(|| async { Json(baton_events::metrics::history()) }),
         )
         .route("/api/v1/suppressions", get(suppressions).post(suppress))
+        .route("/api/v1/suppressions/import", post(import))
         .route(
             "/api/v1/suppressions/{email}",
             axum::routing::delete(unsuppress),
         )
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(access, authorize))
+        // The one-click unsubscribe is for recipients: no token, its link is signed.
+        .merge(Router::new().route(
+            "/unsubscribe/{token}",
+            get(unsubscribe_page).post(one_click),
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
 }
@@ -139,6 +148,8 @@ pub struct Context {
     pub suppressions: Arc<crate::suppression::Suppressions>,
     /// Why intake must pause now, if it must (503).
     pub backpressure: Arc<crate::backpressure::Backpressure>,
+    /// Unsubscribe links: made at injection, applied by the one-click POST.
+    pub returns: Arc<crate::returns::Returns>,
 }
 
 /// Binds the API's address (before the SMTP listeners: once mail can come in, so can API

@@ -54,62 +54,6 @@ pub(super) async fn events(
     Ok(Json(page))
 }
 
-pub(super) async fn suppressions(State(ctx): State<Arc<Context>>) -> Json<Value> {
-    Json(json!({"suppressions": ctx.suppressions.list()}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Suppress {
-    pub(super) email: String,
-    pub(super) reason: Option<String>,
-}
-
-pub(super) async fn suppress(
-    State(ctx): State<Arc<Context>>,
-    request: Result<Json<Suppress>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let request = body(request)?;
-    baton_smtp::address::validate_mailbox(&request.email, false)
-        .map_err(|e| bad_request(format!("email {:?}: {e}", request.email)))?;
-    let reason = request
-        .reason
-        .unwrap_or_else(|| "added through the API".into());
-    let added = ctx.suppressions.add(&request.email, &reason);
-    if added {
-        let mut e =
-            ctx.events
-                .new_event(baton_events::EventKind::Suppression, "", &request.email, "");
-        e.response = Some(format!("added to the suppression list: {reason}"));
-        ctx.events.emit(e);
-    }
-    let status = if added {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        Json(json!({"email": request.email.to_ascii_lowercase(), "added": added})),
-    ))
-}
-
-pub(super) async fn unsuppress(
-    State(ctx): State<Arc<Context>>,
-    Path(email): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    if ctx.suppressions.remove(&email) {
-        Ok(Json(
-            json!({"email": email.to_ascii_lowercase(), "removed": true}),
-        ))
-    } else {
-        Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("{email} is not on the suppression list"),
-        ))
-    }
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StatsQuery {
@@ -126,10 +70,10 @@ pub(super) async fn stats(
     let by = q.by.unwrap_or_else(|| "destination".into());
     if !matches!(
         by.as_str(),
-        "destination" | "campaign" | "tenant" | "source"
+        "destination" | "campaign" | "tenant" | "source" | "class"
     ) {
         return Err(bad_request(format!(
-            "by {by:?}: destination, campaign, tenant or source"
+            "by {by:?}: destination, campaign, tenant, source or class"
         )));
     }
     let since = time_param(&q.since, "since")?;

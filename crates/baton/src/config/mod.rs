@@ -33,6 +33,7 @@ use baton_shaping::{BackoffRule, Rate, ShapingRule};
 pub use baton_shaping::{Pool, Source};
 pub use baton_units::{human_duration, parse_duration, parse_size};
 
+mod bounces;
 mod delivery;
 mod error;
 mod files;
@@ -156,9 +157,58 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     pub webhooks: Vec<WebhookConfig>,
     pub dkim: Vec<DkimConfig>,
+    pub bounces: BouncesConfig,
     /// The certificates, keys and CA file named above, each with the line naming it: read by
     /// [`Config::check_files`], never by parsing.
     pub files: Vec<NamedFile>,
+}
+
+/// `[bounces]`: return paths (VERP) and what comes back to them.
+#[derive(Debug, Clone)]
+pub struct BouncesConfig {
+    /// The default return-path domain: mail sent with a sender leaves with
+    /// `bounces+<token>@<domain>`, and the MX listener takes reports for it. None: senders
+    /// leave unchanged.
+    pub domain: Option<String>,
+    /// Per-tenant and per-pool return-path domains (before `domain`).
+    pub tenant_domains: std::collections::BTreeMap<String, String>,
+    pub pool_domains: std::collections::BTreeMap<String, String>,
+    /// Key for return-path and unsubscribe tokens; none: `data_dir/bounces.key`.
+    pub secret: Option<String>,
+    /// Operator classification rules, tried before the built-in ones.
+    pub rules: Option<std::sync::Arc<baton_bounce::Rules>>,
+    /// Soft bounces (full, disabled mailbox) of one address within `soft_bounce_window` that
+    /// suppress it as inactive; 0: never.
+    pub soft_bounce_limit: u32,
+    pub soft_bounce_window: Duration,
+    /// Public base URL of the HTTP API for one-click unsubscribe links.
+    pub unsubscribe_url: Option<String>,
+}
+
+impl BouncesConfig {
+    /// Every return-path domain, for the MX listener and routing.
+    pub fn is_return_domain(&self, domain: &str) -> bool {
+        self.domain
+            .as_deref()
+            .is_some_and(|d| d.eq_ignore_ascii_case(domain))
+            || self
+                .tenant_domains
+                .values()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+            || self
+                .pool_domains
+                .values()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The return-path domain for a message of `tenant` leaving through `pool`.
+    pub fn domain_for(&self, tenant: Option<&str>, pool: Option<&str>) -> Option<&str> {
+        tenant
+            .and_then(|t| self.tenant_domains.get(t))
+            .or_else(|| pool.and_then(|p| self.pool_domains.get(p)))
+            .or(self.domain.as_ref())
+            .map(String::as_str)
+    }
 }
 
 /// A DKIM signing key for a domain.

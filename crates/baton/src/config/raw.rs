@@ -49,6 +49,23 @@ pub(super) struct RawConfig {
     pub(super) webhook: Vec<RawWebhook>,
     #[serde(default)]
     pub(super) dkim: Vec<RawDkim>,
+    #[serde(default)]
+    pub(super) bounces: RawBounces,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBounces {
+    pub(super) domain: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) tenant_domains: std::collections::BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub(super) pool_domains: std::collections::BTreeMap<String, Spanned<String>>,
+    pub(super) secret: Option<Spanned<String>>,
+    pub(super) rules: Option<Vec<Spanned<String>>>,
+    pub(super) soft_bounce_limit: Option<Spanned<u64>>,
+    pub(super) soft_bounce_window: Option<Spanned<Quantity>>,
+    pub(super) unsubscribe_url: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +117,7 @@ pub(super) struct RawBackoff {
     pub(super) code: Option<Spanned<u64>>,
     pub(super) status: Option<Spanned<String>>,
     pub(super) pattern: Option<Spanned<String>>,
+    pub(super) class: Option<Spanned<String>>,
     pub(super) action: Spanned<String>,
     pub(super) factor: Option<Spanned<f64>>,
     pub(super) duration: Option<Spanned<Quantity>>,

@@ -72,17 +72,31 @@ impl Validator<'_> {
                 );
             }
         };
-        if raw.code.is_none() && raw.status.is_none() && pattern.is_none() {
+        let class = match &raw.class {
+            Some(c) => match c.get_ref().parse::<baton_bounce::Class>() {
+                Ok(class) => Some(class),
+                Err(why) => {
+                    return self.error(
+                        c.span(),
+                        why,
+                        "a class of docs/bounce-classes.json, e.g. \"reputation\" or \"rate_limited\"",
+                    );
+                }
+            },
+            None => None,
+        };
+        if raw.code.is_none() && raw.status.is_none() && pattern.is_none() && class.is_none() {
             return self.error(
                 raw.action.span(),
                 "this backoff rule matches every reply".into(),
-                "give at least one of code, status or pattern",
+                "give at least one of code, status, pattern or class",
             );
         }
         Some(BackoffRule {
             code: raw.code.map(|c| *c.get_ref() as u16),
             status: raw.status.map(|s| s.into_inner()),
             pattern,
+            class,
             action,
             duration: self.duration_or(raw.duration, 600),
         })

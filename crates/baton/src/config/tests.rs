@@ -24,7 +24,8 @@ fn webhook_events_are_event_kinds() {
         errors[0].hint.as_deref(),
         Some(
             "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, \
-             bounce_dropped, shaping, deleted, held, suppression, operator"
+             bounce_dropped, shaping, deleted, held, suppression, operator, complaint, \
+             auto_reply, unsubscribe"
         )
     );
 }

@@ -138,6 +138,7 @@ impl Validator<'_> {
         let http = self.http(raw.http);
         let webhooks = self.each(raw.webhook, Self::webhook);
         let submission = self.submission(raw.submission, sender_policy);
+        let bounces = self.bounces(raw.bounces);
         self.default_pool_exists(&delivery, &pools);
         Config {
             hostname,
@@ -162,6 +163,7 @@ impl Validator<'_> {
             delivery,
             local,
             routes,
+            bounces,
             files: std::mem::take(&mut self.files),
         }
     }

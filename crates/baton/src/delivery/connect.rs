@@ -43,7 +43,7 @@ async fn tls_plan(ctx: &DeliveryContext, dest: &Destination) -> TlsPlan {
     };
     let domain = match dest {
         Destination::Smarthost(relay) => return fixed(relay.tls, "route"),
-        Destination::Local => return fixed(TlsMode::Disabled, "local"),
+        Destination::Local | Destination::Returns => return fixed(TlsMode::Disabled, "local"),
         Destination::Mx(domain) => domain,
     };
     if let Some(mode) = ctx.config.route_tls(domain) {
@@ -161,7 +161,7 @@ pub(super) fn suspension(
     let domain = match dest {
         Destination::Mx(d) => d.as_str(),
         Destination::Smarthost(relay) => relay.host.as_str(),
-        Destination::Local => "local",
+        Destination::Local | Destination::Returns => "local",
     };
     ctx.shaper
         .operator_suspended(domain, pool)
@@ -228,7 +228,7 @@ pub(super) async fn connect(
     let limits = match dest {
         Destination::Mx(domain) => Some(ctx.shaper.limits_for(source, domain, &hosts)),
         Destination::Smarthost(relay) => Some(ctx.shaper.limits_for(source, &relay.host, &hosts)),
-        Destination::Local => None,
+        Destination::Local | Destination::Returns => None,
     };
     if let Some((until, by)) = suspension(ctx, dest, limits.as_deref(), pool) {
         return Err(ConnectFailure::suspended(dest, until, by));
@@ -298,6 +298,11 @@ async fn mail_hosts(ctx: &DeliveryContext, dest: &Destination) -> Result<Hosts, 
                 "no LMTP target configured".into(),
             )),
         },
+        Destination::Returns => Err(ConnectFailure::new(
+            451,
+            "4.3.5",
+            "reports are read here, not relayed".into(),
+        )),
     }
 }
 

@@ -25,6 +25,7 @@ use baton_shaping::Shaper;
 mod connect;
 mod maildir;
 mod queue;
+mod returns;
 mod worker;
 
 pub use queue::DestQueue;
@@ -46,10 +47,15 @@ pub enum Destination {
     Smarthost(Smarthost),
     /// Local mailboxes.
     Local,
+    /// Reports to a return-path domain (`[bounces]`): read here, not delivered.
+    Returns,
 }
 
 impl Destination {
     pub fn for_domain(config: &Config, domain: &str) -> Destination {
+        if config.bounces.is_return_domain(domain) {
+            return Destination::Returns;
+        }
         match config.transport_for(domain) {
             Transport::Mx => Destination::Mx(domain.to_ascii_lowercase()),
             Transport::Smarthost(relay) => Destination::Smarthost(relay),
@@ -64,6 +70,7 @@ impl std::fmt::Display for Destination {
             Destination::Mx(d) => write!(f, "{d}"),
             Destination::Smarthost(relay) => write!(f, "[{}]:{}", relay.host, relay.port),
             Destination::Local => write!(f, "local"),
+            Destination::Returns => write!(f, "returns"),
         }
     }
 }
@@ -80,6 +87,9 @@ pub struct JobMessage {
     pub smtputf8: bool,
     pub location: BodyLocation,
     pub body: OnceCell<Bytes>,
+    /// The return-path domain: each recipient's transaction leaves with its own signed
+    /// `bounces+<token>@<domain>` sender (VERP). None: the sender as given.
+    pub return_domain: Option<String>,
     /// Drop X-Baton-* header fields before sending.
     pub strip_baton_headers: bool,
     /// X-Baton-Tenant, lower case.
@@ -132,7 +142,7 @@ impl JobMessage {
             .cloned()
     }
 
-    async fn stored_body(&self, spool: &Spool) -> std::io::Result<Bytes> {
+    pub(super) async fn stored_body(&self, spool: &Spool) -> std::io::Result<Bytes> {
         self.body
             .get_or_try_init(|| async {
                 let spool = spool.clone();
@@ -189,6 +199,8 @@ pub struct Services {
     pub trust: Arc<baton_tls::trust::Trust>,
     /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
     pub mta_sts: Option<baton_dns::mta_sts::MtaSts>,
+    /// Return paths and the reader of what comes back to them.
+    pub returns: Arc<crate::returns::Returns>,
 }
 
 impl DeliveryContext {
@@ -206,6 +218,7 @@ impl DeliveryContext {
             shaper,
             trust,
             mta_sts,
+            returns,
         } = services;
         DeliveryContext {
             config,
@@ -218,6 +231,7 @@ impl DeliveryContext {
             connections_opened: AtomicU64::new(0),
             trust,
             mta_sts,
+            returns,
         }
     }
 }
@@ -237,6 +251,7 @@ pub struct DeliveryContext {
     pub trust: Arc<baton_tls::trust::Trust>,
     /// Recipient domains' MTA-STS policies (none when `[delivery] mta_sts = false`).
     pub mta_sts: Option<baton_dns::mta_sts::MtaSts>,
+    pub returns: Arc<crate::returns::Returns>,
 }
 
 /// Reports the same reply for every recipient of a job.

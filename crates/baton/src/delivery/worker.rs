@@ -65,6 +65,10 @@ pub(super) async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
             deliver_maildir(&w.ctx, job).await;
             continue;
         }
+        if w.dest.key == Destination::Returns {
+            super::returns::take_reports(&w.ctx, job).await;
+            continue;
+        }
         w.retire_if_used_up().await;
         if w.conn.is_none() {
             w.open_connection(job).await;
@@ -232,8 +236,19 @@ impl Worker {
             .iter()
             .filter_map(|&i| job.message.recipients.get(i as usize).cloned())
             .collect();
+        // VERP: one recipient per transaction (see `send_jobs`), leaving with its own
+        // return path.
+        let verp = match (&job.message.return_domain, job.rcpts.first()) {
+            (Some(domain), Some(&rcpt)) if self.dest.key != Destination::Local => Some(
+                self.ctx
+                    .returns
+                    .tokens
+                    .return_path(domain, job.message.id, rcpt),
+            ),
+            _ => None,
+        };
         let outgoing = Outgoing {
-            sender: &job.message.sender,
+            sender: verp.as_deref().unwrap_or(&job.message.sender),
             recipients: &recipients,
             size: body.len() as u64,
             eight_bit: job.message.eight_bit,

@@ -176,8 +176,8 @@ impl From<SuspendFor> for u64 {
     }
 }
 
-/// Which events `stats` counts, and how it groups them: destination, campaign, tenant or
-/// source (`baton_events::stats` groups any other word by destination).
+/// Which events `stats` counts, and how it groups them: destination, campaign, tenant,
+/// source or class (`baton_events::stats` groups any other word by destination).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsQuery {
     #[serde(with = "timestamp_text")]

@@ -21,6 +21,7 @@ use crate::bounce::{Action, ReportedRecipient};
 use crate::config::DeliveryConfig;
 use crate::delivery::Outcome;
 use crate::schedule::Window;
+use baton_bounce::Class;
 use baton_events::EventKind;
 
 pub use retry::{GREYLIST_TRIES, expiry_ms};
@@ -45,6 +46,8 @@ pub struct Rules<'a> {
     /// The recipient domain's shaping rule's `retry_interval` (the backoff's base instead of
     /// `retry_min`).
     pub retry_interval: Option<Duration>,
+    /// `[bounces] rules`: tried before the built-in classification rules.
+    pub bounce_rules: Option<&'a baton_bounce::Rules>,
 }
 
 /// Which DSN a notice goes in: one per kind per job.
@@ -86,6 +89,9 @@ pub struct EventFields {
     pub latency_ms: Option<u64>,
     /// Written as an RFC 3339 time.
     pub next_attempt_ms: Option<u64>,
+    /// On failures: the failure's class and whether the address itself is bad.
+    pub class: Option<Class>,
+    pub hard: Option<bool>,
 }
 
 impl EventFields {
@@ -102,6 +108,8 @@ impl EventFields {
             source: None,
             latency_ms: None,
             next_attempt_ms: None,
+            class: None,
+            hard: None,
         }
     }
 }
@@ -112,6 +120,8 @@ pub struct Metric {
     pub kind: EventKind,
     pub status: String,
     pub latency_s: Option<f64>,
+    /// The failure's class; none for a delivery.
+    pub class: Option<Class>,
 }
 
 /// What becomes of a recipient after an outcome.
@@ -128,9 +138,51 @@ pub struct Decision {
     pub event: EventFields,
     /// None when nothing was attempted.
     pub metric: Option<Metric>,
-    /// Add the address to the suppression list, for this reason.
-    pub suppress: Option<String>,
+    /// Add the address to the suppression list: a hard bounce.
+    pub suppress: Option<Suppress>,
+    /// A soft bounce of the recipient's own mailbox (full, disabled): counted towards
+    /// `[bounces] soft_bounce_limit`.
+    pub soft_bounce: bool,
     pub sticky: Sticky,
+}
+
+/// Why an address is to be suppressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppress {
+    /// The hard class (`invalid_recipient`, `bad_domain`).
+    pub class: Class,
+    /// The reply.
+    pub detail: String,
+}
+
+/// The class of a failed outcome and whether the address itself is bad: the reply's, except
+/// that a recipient given up on has expired, and only the recipient's own refusal by a
+/// remote server condemns the address (a refused sender or a refused DATA is no verdict on
+/// it, nor is Baton's own local error).
+pub fn classify(
+    outcome: &Outcome,
+    state: RcptState,
+    rules: Option<&baton_bounce::Rules>,
+) -> (Class, bool) {
+    let reply = &outcome.reply;
+    let status = (!reply.status.is_empty()).then_some(reply.status.as_str());
+    let status = status
+        .map(str::to_string)
+        .or_else(|| baton_bounce::reply_status(&reply.text));
+    let class = match state {
+        RcptState::Expired => Class::Expired,
+        _ => baton_bounce::classify_with(rules, status.as_deref(), &reply.line()),
+    };
+    let hard = state == RcptState::Bounced
+        && outcome.remote.is_some()
+        && reply.to_rcpt
+        && class.hard(true);
+    (class, hard)
+}
+
+/// Soft bounces that say something about the mailbox itself, not the sender or the path.
+pub fn is_mailbox_soft_bounce(class: Class) -> bool {
+    matches!(class, Class::Quota | Class::InactiveMailbox)
 }
 
 /// The decision on one recipient's outcome at `now`.
@@ -165,6 +217,20 @@ pub fn decide(rcpt: &Rcpt, outcome: &Outcome, now: u64, rules: &Rules) -> Decisi
     event.source = outcome.source.clone();
     event.latency_ms = delivered.then_some(now.saturating_sub(rcpt.arrived_ms));
     event.next_attempt_ms = (state == RcptState::Deferred).then_some(next);
+    let (class, hard) = if delivered {
+        (None, false)
+    } else {
+        let (class, hard) = classify(outcome, state, rules.bounce_rules);
+        (Some(class), hard)
+    };
+    event.class = class;
+    event.hard = class.map(|_| hard);
+    let mailbox_class = match state {
+        RcptState::Expired => {
+            class.map(|_| classify(outcome, RcptState::Bounced, rules.bounce_rules).0)
+        }
+        _ => class,
+    };
     Decision {
         state,
         next_attempt_ms: next,
@@ -182,8 +248,15 @@ pub fn decide(rcpt: &Rcpt, outcome: &Outcome, now: u64, rules: &Rules) -> Decisi
             kind: event_kind(state),
             status: reply.status.clone(),
             latency_s: delivered.then_some(age.as_secs_f64()),
+            class,
         }),
-        suppress: suppresses(state, outcome).then(|| reply.line()),
+        suppress: class.filter(|_| hard).map(|class| Suppress {
+            class,
+            detail: reply.line(),
+        }),
+        soft_bounce: state.is_final()
+            && outcome.remote.is_some()
+            && mailbox_class.is_some_and(is_mailbox_soft_bounce),
         sticky: match (greylisted, &outcome.source) {
             (true, Some(source)) => Sticky::Pin(source.clone()),
             _ => Sticky::Clear,
@@ -209,6 +282,7 @@ fn held(rcpt: &Rcpt, outcome: &Outcome, now: u64) -> Decision {
         event,
         metric: None,
         suppress: None,
+        soft_bounce: false,
         sticky: Sticky::Keep,
     }
 }
@@ -302,15 +376,6 @@ fn notice(
     (Some(Notice { kind, recipient }), delay_notified)
 }
 
-/// Only the recipient's own refusal says the address is bad: a refused sender (553 5.1.8) or
-/// a refused DATA is no verdict on it.
-fn suppresses(state: RcptState, outcome: &Outcome) -> bool {
-    state == RcptState::Bounced
-        && outcome.remote.is_some()
-        && outcome.reply.to_rcpt
-        && crate::suppression::means_no_such_address(&outcome.reply.status)
-}
-
 fn event_kind(state: RcptState) -> EventKind {
     match state {
         RcptState::Delivered => EventKind::Delivery,
@@ -363,8 +428,10 @@ pub fn operator_final(recipient: &Recipient, bounce: bool, now: u64) -> Decision
             kind: event_kind(state),
             status: status.into(),
             latency_s: None,
+            class: None,
         }),
         suppress: None,
+        soft_bounce: false,
         sticky: Sticky::Keep,
     }
 }

@@ -71,6 +71,7 @@ fn decide_with(
     let rules = Rules {
         delivery: d,
         retry_interval,
+        bounce_rules: None,
     };
     decide(&rcpt, o, now, &rules)
 }
@@ -323,7 +324,15 @@ fn replies_decide_the_state_event_and_metric() {
     assert_eq!(bounced.event.kind, EventKind::Bounce);
     assert_eq!(bounced.event.attempt, Some(3));
     assert_eq!(bounced.event.latency_ms, None);
-    assert_eq!(bounced.suppress.as_deref(), Some("550 5.1.1 no such user"));
+    let suppress = bounced.suppress.clone().expect("a hard bounce");
+    assert_eq!(suppress.class, baton_bounce::Class::InvalidRecipient);
+    assert_eq!(suppress.detail, "550 5.1.1 no such user");
+    assert_eq!(
+        bounced.event.class,
+        Some(baton_bounce::Class::InvalidRecipient)
+    );
+    assert_eq!(bounced.event.hard, Some(true));
+    assert!(!bounced.soft_bounce);
     let notice = bounced.notice.expect("a failure notice");
     assert_eq!(
         notice.recipient.remote_mta.as_deref(),
@@ -344,6 +353,25 @@ fn replies_decide_the_state_event_and_metric() {
             .suppress
             .is_none()
     );
+    // A reputation block worded as an unknown user is no verdict on the address.
+    let blocked = outcome(
+        550,
+        "5.1.1",
+        "5.1.1 Service unavailable; client host [192.0.2.1] blocked using Spamhaus",
+    );
+    let verdict = decide_with(&recipient(0), 0, &blocked, now, &d, None);
+    assert_eq!(verdict.event.class, Some(baton_bounce::Class::Reputation));
+    assert!(verdict.suppress.is_none() && !verdict.soft_bounce);
+    // A full mailbox, given up on: a soft bounce of the mailbox, counted, not suppressed.
+    let full = outcome(552, "5.2.2", "5.2.2 mailbox full");
+    let verdict = decide_with(&recipient(0), 0, &full, now, &d, None);
+    assert_eq!(verdict.event.class, Some(baton_bounce::Class::Quota));
+    assert_eq!(verdict.event.hard, Some(false));
+    assert!(verdict.suppress.is_none() && verdict.soft_bounce);
+    let full_now = outcome(452, "4.2.2", "4.2.2 mailbox full");
+    let verdict = decide_with(&recipient(0), 0, &full_now, now, &d, None);
+    assert!(!verdict.soft_bounce, "a deferral is not a bounce");
+    assert_eq!(verdict.event.class, Some(baton_bounce::Class::Quota));
 
     let deferred = decide_with(&recipient(0), 0, &deferral(), now, &d, None);
     assert_eq!(deferred.event.kind, EventKind::TransientFailure);

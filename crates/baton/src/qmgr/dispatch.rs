@@ -124,9 +124,20 @@ impl QueueManager {
         let n = env.recipients.len();
         let pool = self.config.pool_for(env).cloned();
         let work = q.work.get_or_insert_default();
+        let return_domain = (!env.sender.is_empty())
+            .then(|| {
+                let pool = pool.as_ref().map(|p| p.name.as_str());
+                self.config
+                    .bounces
+                    .domain_for(env.meta.tenant.as_deref(), pool)
+            })
+            .flatten()
+            .map(str::to_string);
         let job = work
             .job
-            .get_or_insert_with(|| Arc::new(super::job_message(env, q.location, body)))
+            .get_or_insert_with(|| {
+                Arc::new(super::job_message(env, q.location, body, return_domain))
+            })
             .clone();
         for ((dest, sticky), rcpts) in groups {
             // Local delivery binds to no source; a greylisted retry binds to its first source.
@@ -142,6 +153,12 @@ impl QueueManager {
                 _ => None,
             }
             .unwrap_or(self.config.delivery.max_recipients_per_transaction);
+            // Each recipient has its own return path: one per transaction.
+            let per_tx = if job.return_domain.is_some() {
+                1
+            } else {
+                per_tx
+            };
             let key = (dest.clone(), pool.as_ref().map(|p| p.name.clone()));
             let queue = self
                 .destinations

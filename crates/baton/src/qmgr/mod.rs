@@ -369,7 +369,12 @@ fn sticky_source(work: &Option<Box<Work>>, i: u32) -> Option<String> {
 }
 
 /// What the jobs of a message need, from its envelope.
-fn job_message(env: &Envelope, location: BodyLocation, body: Option<Bytes>) -> JobMessage {
+fn job_message(
+    env: &Envelope,
+    location: BodyLocation,
+    body: Option<Bytes>,
+    return_domain: Option<String>,
+) -> JobMessage {
     JobMessage {
         id: env.id,
         sender: env.sender.clone(),
@@ -392,6 +397,7 @@ fn job_message(env: &Envelope, location: BodyLocation, body: Option<Bytes>) -> J
         location,
         body: OnceCell::new_with(body),
         strip_baton_headers: env.meta.strip_baton_headers,
+        return_domain,
         tenant: env.meta.tenant.clone(),
         signed: OnceCell::new(),
     }
@@ -414,6 +420,8 @@ fn emit(events: &Events, fields: EventFields, id: QueueId, recipient: &str, send
     e.tls = fields.tls;
     e.source = fields.source;
     e.latency_ms = fields.latency_ms;
+    e.class = fields.class.map(|c| c.as_str());
+    e.hard = fields.hard;
     e.next_attempt = fields
         .next_attempt_ms
         .and_then(|ms| i64::try_from(ms).ok())

@@ -77,6 +77,7 @@ impl QueueManager {
         let rules = Rules {
             delivery: &self.config.delivery,
             retry_interval: self.delivery.shaper.domain_rule(domain).retry_interval,
+            bounce_rules: self.config.bounces.rules.as_deref(),
         };
         Some(policy::decide(&rcpt, outcome, now, &rules))
     }
@@ -104,7 +105,8 @@ impl QueueManager {
                     (domain_of(&rcpt.address), pool.unwrap_or(""))
                 }
             };
-            baton_events::metrics::outcome(m.kind, domain, pool, &m.status, m.latency_s);
+            let class = m.class.map_or("", |c| c.as_str());
+            baton_events::metrics::outcome(m.kind, domain, pool, &m.status, class, m.latency_s);
             if decision.state.is_final() {
                 baton_events::metrics::queue_depth(-1);
                 let _ = self.queued.fetch_update(
@@ -131,15 +133,35 @@ impl QueueManager {
             notices.push(notice);
         }
         let (sender, address) = (&env.sender, &rcpt.address);
-        if let Some(reason) = &decision.suppress
-            && self.suppressions.add(address, reason)
-        {
-            let mut s =
-                self.events
-                    .new_event(EventKind::Suppression, &id.to_string(), address, sender);
-            s.status = decision.event.status.clone();
-            s.response = Some(format!("added to the suppression list: {reason}"));
-            self.events.emit(s);
+        let bounces = &self.config.bounces;
+        let suppress = decision
+            .suppress
+            .as_ref()
+            .map(|s| (s.class.as_str(), Some(s.detail.clone())))
+            .or_else(|| {
+                (decision.soft_bounce
+                    && self.suppressions.soft_bounce(
+                        address,
+                        now_ms(),
+                        bounces.soft_bounce_limit,
+                        bounces.soft_bounce_window.as_millis() as u64,
+                    ))
+                .then(|| ("soft_bounces", decision.event.response.clone()))
+            });
+        if let Some((reason, detail)) = suppress {
+            let mut entry =
+                crate::suppression::Entry::new(address, &crate::suppression::Scope::Global, reason);
+            entry.detail = detail;
+            entry.source = Some(format!("{id}"));
+            if self.suppressions.insert(entry) {
+                let mut s =
+                    self.events
+                        .new_event(EventKind::Suppression, &id.to_string(), address, sender);
+                s.status = decision.event.status.clone();
+                s.class = decision.event.class.map(|c| c.as_str());
+                s.response = Some(format!("added to the suppression list: {reason}"));
+                self.events.emit(s);
+            }
         }
         super::emit(&self.events, decision.event, id, address, sender);
         let update = RecipientUpdate {

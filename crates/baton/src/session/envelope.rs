@@ -115,9 +115,23 @@ impl Session {
                 "Error: non-ASCII recipient address requires SMTPUTF8",
             );
         }
+        let domain = domain_of(&rcpt.address);
+        let returns = domain
+            .as_deref()
+            .is_some_and(|d| self.ctx.config.bounces.is_return_domain(d));
+        if returns && !takes_reports(&rcpt.address) {
+            return Reply::new(
+                550,
+                "5.1.1",
+                format!(
+                    "<{}>: Recipient address rejected: this domain takes only bounces and feedback reports",
+                    printable(&rcpt.address)
+                ),
+            );
+        }
         let local = rcpt.address == "postmaster"
-            || domain_of(&rcpt.address)
-                .is_some_and(|d| self.ctx.config.relay.local_domains.contains(&d));
+            || returns
+            || domain.is_some_and(|d| self.ctx.config.relay.local_domains.contains(&d));
         if !local && !relay_allowed {
             return Reply::new(
                 554,
@@ -173,4 +187,19 @@ impl Session {
             .iter()
             .any(|n| n.contains(&ip))
     }
+}
+
+/// The local parts a return-path domain takes: signed return paths and unsubscribe addresses
+/// (their tokens are checked when the report is read) and the usual role addresses that
+/// feedback loops and people write to.
+fn takes_reports(address: &str) -> bool {
+    use crate::returns::token::{BOUNCE_PREFIX, UNSUBSCRIBE_PREFIX};
+    let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+    let local = local.to_ascii_lowercase();
+    local.starts_with(BOUNCE_PREFIX)
+        || local.starts_with(UNSUBSCRIBE_PREFIX)
+        || matches!(
+            local.as_str(),
+            "postmaster" | "abuse" | "fbl" | "unsubscribe"
+        )
 }

@@ -1,0 +1,67 @@
+//! The delivery agent for return-path domains: each recipient's report is handed to
+//! [`crate::returns::Returns`], off the async threads (it reads the event log and may keep a
+//! file). A report that cannot even be kept is deferred, never dropped.
+
+use std::sync::Arc;
+
+use baton_client::Reply;
+
+use super::{DeliveryContext, Job, JobReport, Outcome, report_all};
+use crate::returns::Taken;
+
+pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
+    let body = match job.message.stored_body(&ctx.spool).await {
+        Ok(b) => b,
+        Err(e) => {
+            let reply = Reply::local(451, "4.3.0", format!("cannot read the queued message: {e}"));
+            report_all(ctx, &job, &reply, None);
+            return;
+        }
+    };
+    let returns = ctx.returns.clone();
+    let message = job.message.clone();
+    let rcpts = job.rcpts.clone();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        rcpts
+            .iter()
+            .map(|&rcpt| {
+                let address = message
+                    .recipients
+                    .get(rcpt as usize)
+                    .map(|r| r.address.as_str())
+                    .unwrap_or_default();
+                let reply = match returns.take(address, &body) {
+                    Ok(Taken::Applied(kinds)) => {
+                        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                        Reply::local(
+                            250,
+                            "2.0.0",
+                            format!("report applied: {}", kinds.join(", ")),
+                        )
+                    }
+                    Ok(Taken::Unmatched(why)) => {
+                        Reply::local(250, "2.0.0", format!("report kept as unmatched: {why}"))
+                    }
+                    Err(e) => Reply::local(451, "4.3.0", format!("cannot keep the report: {e}")),
+                };
+                Outcome {
+                    rcpt,
+                    reply,
+                    remote: None,
+                    dsn_passed: true,
+                    local: true,
+                    tls: None,
+                    not_before: None,
+                    hold: false,
+                    source: None,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let _ = ctx.reports.send(JobReport {
+        id: job.message.id,
+        outcomes,
+    });
+}
