@@ -65,6 +65,10 @@ try {
               clientWidth: document.documentElement.clientWidth },
     };
   });
+  await page.waitForFunction(() => document.querySelectorAll("#classes tr").length > 0, null,
+                             { timeout: 30000 });
+  const classes = await page.$$eval("#classes tr", rows => rows.map(r => r.innerText));
+  const complaints = await page.$$eval("#complaints tr", rows => rows.map(r => r.innerText));
   let lookup = null;
   if (messageId) {
     await page.fill("#message-id", messageId);
@@ -75,7 +79,8 @@ try {
   }
   await page.screenshot({ path: screenshot, fullPage: true });
   const foreign = requests.filter(u => !u.startsWith(new URL(url).origin));
-  console.log(JSON.stringify({ state, destinations, status, foreign, lookup, axes, small, bounces }));
+  console.log(JSON.stringify({ state, destinations, status, foreign, lookup, axes, small, bounces,
+                               classes, complaints }));
 } finally {
   await browser.close();
 }

@@ -207,6 +207,25 @@ fn reports_that_come_back_land_on_their_recipient() {
         "an automatic reply suppresses nothing: {list}"
     );
 
+    // Stats count what came back, per campaign, and flag the complaint rate (1 in 3 > 0.3%).
+    let stats = get(server.http, "/api/v1/stats?by=campaign&since=1h").json();
+    let spring = stats["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "spring")
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert_eq!(spring["delivered"], 3, "{stats}");
+    assert_eq!(spring["async_bounced"], 1, "{stats}");
+    assert_eq!(spring["complaints"], 1, "{stats}");
+    assert_eq!(spring["auto_replies"], 1, "{stats}");
+    let out = server.cli(&["stats", "--by", "campaign", "--since", "1h"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("COMPLAINTS") && text.contains("33.33%!"),
+        "{text}"
+    );
+
     // The webhook saw them.
     let seen = hooks.wait_for(&["bounce", "complaint", "auto_reply"], &server);
     assert!(

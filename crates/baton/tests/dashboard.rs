@@ -216,4 +216,21 @@ fn dashboard_charts_move_under_load() {
         num(&b["page"]["scrollWidth"]) <= num(&b["page"]["clientWidth"]),
         "the page scrolls sideways: {b}"
     );
+
+    // The refusal is counted under its class, and listed with it.
+    let classes = seen["classes"].as_array().unwrap();
+    assert!(
+        classes
+            .iter()
+            .any(|r| r.as_str().unwrap().starts_with("other_policy")),
+        "{classes:?}"
+    );
+    assert!(
+        b["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("other_policy")),
+        "{b}"
+    );
 }
