@@ -70,7 +70,44 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
         records = free_text(head, body, extra);
     }
     records.truncate(MAX_RECIPIENTS);
+    if refused_after_data(&text) {
+        records.iter_mut().for_each(filtered_after_data);
+    }
     records
+}
+
+/// "User unknown" in reply to the message's data, with no 5.1.x status, is a content
+/// filter's verdict, not the address's (the server took the RCPT): another policy, never a
+/// hard bounce. Baton's own
+/// delivery judges its replies the same way (only a refused RCPT suppresses).
+fn filtered_after_data(record: &mut Record) {
+    // A 5.1.x status still names the address ("bad destination mailbox"): pipelined RCPT
+    // replies are often shown after DATA.
+    if record.class == Class::InvalidRecipient && !record.status.starts_with("5.1.") {
+        record.class = Class::OtherPolicy;
+        record.hard = false;
+    }
+}
+
+/// Whether the report says the refusal came in reply to DATA (or the end of the data): the
+/// first phase marker it has decides (Postfix's "in reply to end of DATA command", Exim's
+/// "after end of data", a Sendmail transcript's `>>> DATA` answered by `<<< 5xx`).
+fn refused_after_data(text: &str) -> bool {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let phase = re(
+        &R,
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)|after (end of data|data|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^
+]*
+<<< [45]\d\d",
+    );
+    let Some(m) = phase.captures(text) else {
+        return false;
+    };
+    let word = (1..=3)
+        .find_map(|i| m.get(i))
+        .map_or("", |g| g.as_str())
+        .to_ascii_lowercase();
+    word.starts_with("data") || word == "end of data" || word == "."
 }
 
 /// The header section and the body of a message.
@@ -299,12 +336,12 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
             .find(|s| !s.starts_with('2'))
     };
     let status = first_status(human).unwrap_or_default();
-    recipients
+    with_failed_header(head, recipients)
         .into_iter()
         .take(20)
         .map(|(r, at)| {
             // The block under the address (qmail, Exim): the reply that refused it.
-            let block = own_block(&lines, at);
+            let block = at.map(|at| own_block(&lines, at)).unwrap_or_default();
             let context = if block.chars().filter(|c| c.is_alphabetic()).count() > 8 {
                 block
             } else {
@@ -312,6 +349,32 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
             };
             let status = first_status(&context).unwrap_or_else(|| status.clone());
             record(r, status, &context, context.clone(), "", extra)
+        })
+        .collect()
+}
+
+/// The recipients an `X-Failed-Recipients:` field names (Exim, Google), each with the line
+/// the text names it on, if it does; without the field, those the text names.
+fn with_failed_header(head: &str, found: Vec<(String, usize)>) -> Vec<(String, Option<usize>)> {
+    let failed: Vec<String> = header(head, "X-Failed-Recipients")
+        .map(|v| {
+            address_re()
+                .find_iter(&v)
+                .map(|m| m.as_str().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if failed.is_empty() {
+        return found.into_iter().map(|(r, at)| (r, Some(at))).collect();
+    }
+    failed
+        .into_iter()
+        .map(|r| {
+            let at = found
+                .iter()
+                .find(|(f, _)| f.eq_ignore_ascii_case(&r))
+                .map(|(_, at)| *at);
+            (r, at)
         })
         .collect()
 }
@@ -338,10 +401,12 @@ fn error_lines(body: &str) -> String {
     let mut out = String::new();
     for line in body.lines() {
         let lower = line.to_ascii_lowercase();
+        let separator = lower.trim_start().starts_with("--");
         if lower.starts_with("content-type: message/rfc822")
             || lower.starts_with("--- below this line")
             || lower.starts_with("------ this is a copy")
             || lower.contains("original message follows")
+            || (separator && lower.contains("original message"))
         {
             break;
         }
@@ -381,9 +446,11 @@ fn record(
     // A temporary status on a final failure: the queue gave up on it.
     let gave_up = action.starts_with("failed") && status.starts_with('4');
     let vague = matches!(class, Class::Uncategorized | Class::SystemError);
-    let timed_out =
-        class == Class::Connection && context.to_ascii_lowercase().contains("timed out");
-    if (vague && (gave_up || action.starts_with("delayed"))) || (gave_up && timed_out) {
+    // A connection failure is temporary: a bounce for one says the queue gave up on it.
+    let final_failure = !action.starts_with("delayed") && !status.starts_with('5');
+    if (vague && (gave_up || action.starts_with("delayed")))
+        || (class == Class::Connection && final_failure)
+    {
         class = Class::Expired;
     }
     let permanent = match code {

@@ -85,10 +85,16 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
     if status.is_some_and(|s| s.starts_with('2')) {
         return Class::Delivered;
     }
-    extra
+    let class = extra
         .and_then(|r| r.classify(status, text))
         .or_else(|| Rules::builtin().classify(status, text))
-        .unwrap_or(Class::Uncategorized)
+        .unwrap_or(Class::Uncategorized);
+    // Words of an unknown user under a security or policy status (5.7.x) are a filter's
+    // ("550 5.7.1 User unknown" from a gateway that refuses what it will not relay).
+    if class == Class::InvalidRecipient && status.is_some_and(|s| s.starts_with("5.7.")) {
+        return Class::OtherPolicy;
+    }
+    class
 }
 
 fn parse_line(line: &str) -> Result<Rule, String> {
