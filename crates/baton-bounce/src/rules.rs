@@ -94,6 +94,11 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
     if class == Class::InvalidRecipient && status.is_some_and(|s| s.starts_with("5.7.")) {
         return Class::OtherPolicy;
     }
+    // A domain that does not exist is a permanent verdict: with a temporary status it is a
+    // lookup that failed ("Host not found, try again").
+    if class == Class::BadDomain && status.is_some_and(|s| s.starts_with('4')) {
+        return Class::Routing;
+    }
     class
 }
 
