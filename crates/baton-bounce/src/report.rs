@@ -340,17 +340,45 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
         .into_iter()
         .take(20)
         .map(|(r, at)| {
-            // The block under the address (qmail, Exim): the reply that refused it.
-            let block = at.map(|at| own_block(&lines, at)).unwrap_or_default();
-            let context = if block.chars().filter(|c| c.is_alphabetic()).count() > 8 {
-                block
-            } else {
-                whole.clone()
-            };
+            let context = context_of(&lines, &r, at, extra).unwrap_or_else(|| whole.clone());
             let status = first_status(&context).unwrap_or_else(|| status.clone());
             record(r, status, &context, context.clone(), "", extra)
         })
         .collect()
+}
+
+/// The words about recipient `r`: the block under the line it is first named on (qmail,
+/// Exim: the reply that refused it), or under a later line naming it when the first block
+/// says nothing classifiable (Exchange names the address in a "To:" summary first). None
+/// when no block says anything.
+fn context_of(lines: &[&str], r: &str, first: Option<usize>, extra: Option<&Rules>) -> Option<String> {
+    let lower = r.to_ascii_lowercase();
+    let later = lines
+        .iter()
+        .enumerate()
+        .skip(first.map_or(0, |at| at + 1))
+        .take_while(|(_, l)| !is_original_boundary(l))
+        .filter(|(_, l)| {
+            let l = l.to_ascii_lowercase();
+            let header_like = l.split_once(':').is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+            l.contains(&lower) && !header_like
+        })
+        .map(|(n, _)| n)
+        .take(5);
+    let mut fallback = None;
+    for at in first.into_iter().chain(later) {
+        let block = own_block(lines, at);
+        if block.chars().filter(|c| c.is_alphabetic()).count() <= 8 {
+            continue;
+        }
+        if classify_with(extra, None, &block) != Class::Uncategorized {
+            return Some(block);
+        }
+        fallback.get_or_insert(block);
+    }
+    fallback
 }
 
 /// The recipients an `X-Failed-Recipients:` field names (Exim, Google), each with the line
@@ -396,18 +424,22 @@ fn own_block(lines: &[&str], at: usize) -> String {
     block
 }
 
+/// Whether a line starts the returned original message.
+fn is_original_boundary(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    let separator = lower.trim_start().starts_with("--");
+    lower.starts_with("content-type: message/rfc822")
+        || lower.starts_with("--- below this line")
+        || lower.starts_with("------ this is a copy")
+        || lower.contains("original message follows")
+        || (separator && lower.contains("original message"))
+}
+
 /// The lines of a prose bounce that carry the error (up to the returned message).
 fn error_lines(body: &str) -> String {
     let mut out = String::new();
     for line in body.lines() {
-        let lower = line.to_ascii_lowercase();
-        let separator = lower.trim_start().starts_with("--");
-        if lower.starts_with("content-type: message/rfc822")
-            || lower.starts_with("--- below this line")
-            || lower.starts_with("------ this is a copy")
-            || lower.contains("original message follows")
-            || (separator && lower.contains("original message"))
-        {
+        if is_original_boundary(line) {
             break;
         }
         out.push_str(line.trim());
