@@ -54,7 +54,7 @@ fn address_re() -> &'static Regex {
 /// Reads the report in `raw` (with operator rules `extra` tried first).
 pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
     let raw = &raw[..raw.len().min(MAX_REPORT)];
-    let text = decode_qp(&String::from_utf8_lossy(raw));
+    let text = decode_base64_parts(&decode_qp(&String::from_utf8_lossy(raw)));
     let (head, body) = split_head(&text);
     if let Some(records) = feedback(&text, head, body) {
         return records;
@@ -96,9 +96,7 @@ fn refused_after_data(text: &str) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
     let phase = re(
         &R,
-        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)|after (end of data|data|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^
-]*
-<<< [45]\d\d",
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d",
     );
     let Some(m) = phase.captures(text) else {
         return false;
@@ -351,7 +349,12 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
 /// Exim: the reply that refused it), or under a later line naming it when the first block
 /// says nothing classifiable (Exchange names the address in a "To:" summary first). None
 /// when no block says anything.
-fn context_of(lines: &[&str], r: &str, first: Option<usize>, extra: Option<&Rules>) -> Option<String> {
+fn context_of(
+    lines: &[&str],
+    r: &str,
+    first: Option<usize>,
+    extra: Option<&Rules>,
+) -> Option<String> {
     let lower = r.to_ascii_lowercase();
     let later = lines
         .iter()
@@ -530,6 +533,52 @@ fn decode_qp(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Replaces the body of each base64-encoded MIME part with its decoded text (Google and
+/// others encode their bounce text so).
+fn decode_base64_parts(text: &str) -> String {
+    use base64::Engine;
+    if !text.to_ascii_lowercase().contains("base64") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        let lower = line.to_ascii_lowercase();
+        if !(lower.starts_with("content-transfer-encoding:") && lower.contains("base64")) {
+            continue;
+        }
+        // The rest of the part's header section, then its body up to a blank line or boundary.
+        while let Some(h) = lines.next_if(|l| !l.trim().is_empty()) {
+            out.push_str(h);
+        }
+        if let Some(blank) = lines.next() {
+            out.push_str(blank);
+        }
+        let mut encoded = String::new();
+        while let Some(l) = lines.next_if(|l| {
+            let t = l.trim();
+            !t.is_empty()
+                && !t.starts_with("--")
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+        }) {
+            encoded.push_str(l.trim());
+        }
+        match base64::engine::general_purpose::STANDARD.decode(encoded.as_bytes()) {
+            Ok(bytes) => {
+                out.push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n"));
+                out.push('\n');
+            }
+            Err(_) => {
+                out.push_str(&encoded);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -543,3 +592,6 @@ fn cut_line(text: &str) -> String {
     let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     flat.chars().take(1000).collect()
 }
+
+#[cfg(test)]
+mod tests;
