@@ -25,7 +25,7 @@ mod read;
 pub mod webhooks;
 mod writer;
 
-pub use read::{Filter, Received, history, parse_since, query, received, stats};
+pub use read::{Filter, Received, history, parse_since, query, received, stats, stats_of_class};
 pub use writer::{Events, LogOptions};
 
 /// One event. Field names are the HTTP API's and webhooks' (issue "Observe").

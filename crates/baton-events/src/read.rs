@@ -265,6 +265,19 @@ pub fn stats(
     until: Option<jiff::Timestamp>,
     by: &str,
 ) -> serde_json::Value {
+    stats_of_class(dir, since, until, by, None)
+}
+
+/// [`stats`], with the failures (deferrals, bounces, expiries) of failure class `class` only:
+/// a class per destination, campaign or tenant. Deliveries are all counted (the rates'
+/// denominators).
+pub fn stats_of_class(
+    dir: &Path,
+    since: Option<jiff::Timestamp>,
+    until: Option<jiff::Timestamp>,
+    by: &str,
+    class: Option<&str>,
+) -> serde_json::Value {
     // Campaign and tenant come from the receptions, which may be older than `since`.
     let from = since.filter(|_| !matches!(by, "campaign" | "tenant"));
     let text = tail_since(dir, from);
@@ -300,7 +313,11 @@ pub fn stats(
         let at = field("timestamp").parse::<jiff::Timestamp>().ok();
         let in_range = since.is_none_or(|s| at.is_some_and(|t| t >= s))
             && until.is_none_or(|u| at.is_some_and(|t| t < u));
-        if !counted || !in_range {
+        let other_class = class.is_some_and(|c| {
+            !matches!(kind, EventKind::Delivery)
+                && event.get("class").and_then(|v| v.as_str()) != Some(c)
+        });
+        if !counted || !in_range || other_class {
             continue;
         }
         let (campaign, tenant) = tags.get(field("message_id")).cloned().unwrap_or_default();
@@ -334,7 +351,11 @@ pub fn stats(
             v
         })
         .collect();
-    serde_json::json!({"by": by, "total": total.render(), "groups": groups})
+    let mut answer = serde_json::json!({"by": by, "total": total.render(), "groups": groups});
+    if let Some(class) = class {
+        answer["class"] = class.into();
+    }
+    answer
 }
 
 /// One row of the statistics.

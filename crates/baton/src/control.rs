@@ -100,11 +100,18 @@ impl Client {
 /// `stats`, from the event log.
 async fn stats(events: &Path, query: StatsQuery) -> Answer {
     let path = events.to_path_buf();
-    let StatsQuery { since, until, by } = query;
-    tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
-        .await
-        .map(Reply::Stats)
-        .map_err(|e| ControlError::new(e.to_string()))
+    let StatsQuery {
+        since,
+        until,
+        by,
+        class,
+    } = query;
+    tokio::task::spawn_blocking(move || {
+        baton_events::stats_of_class(&path, since, until, &by, class.as_deref())
+    })
+    .await
+    .map(Reply::Stats)
+    .map_err(|e| ControlError::new(e.to_string()))
 }
 
 /// While a request runs longer than a second (bouncing a large queue, say), shows how long it

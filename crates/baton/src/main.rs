@@ -63,6 +63,9 @@ enum Cmd {
         /// destination, campaign, tenant, source or class (the failure class).
         #[arg(long, default_value = "destination")]
         by: String,
+        /// Count only failures of this class (e.g. reputation).
+        #[arg(long)]
+        class: Option<String>,
         #[arg(long)]
         json: bool,
         #[arg(long, value_name = "FILE")]
@@ -208,10 +211,21 @@ fn main() -> ExitCode {
             since,
             until,
             by,
+            class,
             json,
             config,
         } => load_config(config.as_deref()).and_then(|c| {
-            let command = || OperatorCommand::stats(Some(&since), until.as_deref(), &by);
+            let command = || {
+                if let Some(c) = &class {
+                    c.parse::<baton_bounce::Class>()
+                        .map_err(ControlError::new)?;
+                }
+                let mut query = OperatorCommand::stats(Some(&since), until.as_deref(), &by)?;
+                if let OperatorCommand::Stats(q) = &mut query {
+                    q.class = class.clone();
+                }
+                Ok(query)
+            };
             match ask(&c, command)? {
                 Reply::Stats(answer) => queue::print_stats(&answer, json),
                 other => print(&other),

@@ -328,6 +328,24 @@ fn a_reputation_block_suppresses_nothing_but_a_dead_mailbox_does() {
     };
     assert_eq!(class("reputation"), Some(json!(1)), "{stats}");
     assert_eq!(class("invalid_recipient"), Some(json!(1)), "{stats}");
+    // One class per campaign.
+    let reputation = get(
+        server.http,
+        "/api/v1/stats?by=campaign&class=reputation&since=1h",
+    )
+    .json();
+    let spring = reputation["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "spring")
+        .unwrap_or_else(|| panic!("{reputation}"));
+    assert_eq!(spring["bounced"], 1, "{reputation}");
+    assert_eq!(
+        reputation["total"]["bounced"], 1,
+        "only the reputation block: {reputation}"
+    );
+    assert_eq!(get(server.http, "/api/v1/stats?class=nonsense").status, 400);
     let metrics = get(server.http, "/metrics").body;
     assert!(metrics.contains("bounce_class=\"reputation\""), "{metrics}");
 }

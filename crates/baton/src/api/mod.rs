@@ -94,6 +94,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/suppressions"),
     ("delete", "/api/v1/suppressions/{email}"),
     ("get", "/api/v1/history"),
+    ("post", "/api/v1/suppressions/import"),
+    ("get", "/unsubscribe/{token}"),
+    ("post", "/unsubscribe/{token}"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {

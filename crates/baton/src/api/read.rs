@@ -60,6 +60,8 @@ pub(super) struct StatsQuery {
     pub(super) since: Option<String>,
     pub(super) until: Option<String>,
     pub(super) by: Option<String>,
+    /// Count only failures of this class.
+    pub(super) class: Option<String>,
 }
 
 pub(super) async fn stats(
@@ -80,9 +82,15 @@ pub(super) async fn stats(
     let until = time_param(&q.until, "until")?;
     ctx.events.written().await;
     let path = ctx.config.data_dir.join("events");
-    let answer = tokio::task::spawn_blocking(move || baton_events::stats(&path, since, until, &by))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let class = q.class;
+    if let Some(c) = &class {
+        c.parse::<baton_bounce::Class>().map_err(bad_request)?;
+    }
+    let answer = tokio::task::spawn_blocking(move || {
+        baton_events::stats_of_class(&path, since, until, &by, class.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(answer))
 }
 

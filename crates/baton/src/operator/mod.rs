@@ -133,6 +133,7 @@ impl OperatorCommand {
             since: time("since", since)?,
             until: time("until", until)?,
             by: by.to_string(),
+            class: None,
         }))
     }
 }
@@ -185,6 +186,9 @@ pub struct StatsQuery {
     #[serde(with = "timestamp_text")]
     pub until: Option<jiff::Timestamp>,
     pub by: String,
+    /// Count only failures of this class.
+    #[serde(default)]
+    pub class: Option<String>,
 }
 
 /// A time as RFC 3339 text (jiff's own form, to the nanosecond).
