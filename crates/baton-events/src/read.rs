@@ -128,6 +128,27 @@ struct Seen {
     reports: Vec<&'static str>,
 }
 
+/// What an event says of its recipient in [`history`]: its new state, and the report that
+/// came back, if it is one; None for events that say neither.
+type StateAndReport = (Option<&'static str>, Option<&'static str>);
+
+fn seen_as(kind: EventKind, is_async: bool) -> Option<StateAndReport> {
+    Some(match kind {
+        EventKind::Reception | EventKind::Held => (Some("queued"), None),
+        EventKind::TransientFailure if is_async => (None, Some("delay")),
+        EventKind::TransientFailure => (Some("deferred"), None),
+        EventKind::Delivery => (Some("delivered"), None),
+        EventKind::Bounce if is_async => (Some("bounced"), Some("bounce")),
+        EventKind::Bounce => (Some("bounced"), None),
+        EventKind::Expiration => (Some("expired"), None),
+        EventKind::Deleted => (Some("deleted"), None),
+        EventKind::Complaint => (None, Some("complaint")),
+        EventKind::AutoReply => (None, Some("auto_reply")),
+        EventKind::Unsubscribe => (None, Some("unsubscribe")),
+        _ => return None,
+    })
+}
+
 /// [`history`] over the given part of the log.
 fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
     let mut sender = None;
@@ -149,19 +170,8 @@ fn history_in(text: &str, message_id: &str) -> Option<serde_json::Value> {
             continue;
         };
         let is_async = event.get("async").and_then(|v| v.as_bool()) == Some(true);
-        let (state, report) = match kind {
-            EventKind::Reception | EventKind::Held => (Some("queued"), None),
-            EventKind::TransientFailure if is_async => (None, Some("delay")),
-            EventKind::TransientFailure => (Some("deferred"), None),
-            EventKind::Delivery => (Some("delivered"), None),
-            EventKind::Bounce if is_async => (Some("bounced"), Some("bounce")),
-            EventKind::Bounce => (Some("bounced"), None),
-            EventKind::Expiration => (Some("expired"), None),
-            EventKind::Deleted => (Some("deleted"), None),
-            EventKind::Complaint => (None, Some("complaint")),
-            EventKind::AutoReply => (None, Some("auto_reply")),
-            EventKind::Unsubscribe => (None, Some("unsubscribe")),
-            _ => continue,
+        let Some((state, report)) = seen_as(kind, is_async) else {
+            continue;
         };
         let email = field("recipient").to_string();
         let at = match recipients.iter().position(|r| r.email == email) {
@@ -324,16 +334,7 @@ pub fn stats_of_class(
         let key = match by {
             "campaign" => campaign,
             "tenant" => tenant,
-            "source" => field("source").to_string(),
-            "class" => match field("class") {
-                "" if kind == EventKind::Delivery => "delivered".to_string(),
-                "" => "uncategorized".to_string(),
-                class => class.to_string(),
-            },
-            _ => field("recipient")
-                .rsplit_once('@')
-                .map(|(_, d)| d.to_ascii_lowercase())
-                .unwrap_or_default(),
+            _ => group_key(by, kind, &event),
         };
         let latency = event.get("latency_ms").and_then(|v| v.as_u64());
         let is_async = event.get("async").and_then(|v| v.as_bool()) == Some(true);
@@ -356,6 +357,23 @@ pub fn stats_of_class(
         answer["class"] = class.into();
     }
     answer
+}
+
+/// The group of an event by source, class or (any other `by`) recipient domain.
+fn group_key(by: &str, kind: EventKind, event: &serde_json::Value) -> String {
+    let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("");
+    match by {
+        "source" => field("source").to_string(),
+        "class" => match field("class") {
+            "" if kind == EventKind::Delivery => "delivered".to_string(),
+            "" => "uncategorized".to_string(),
+            class => class.to_string(),
+        },
+        _ => field("recipient")
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default(),
+    }
 }
 
 /// One row of the statistics.

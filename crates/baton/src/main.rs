@@ -215,17 +215,7 @@ fn main() -> ExitCode {
             json,
             config,
         } => load_config(config.as_deref()).and_then(|c| {
-            let command = || {
-                if let Some(c) = &class {
-                    c.parse::<baton_bounce::Class>()
-                        .map_err(ControlError::new)?;
-                }
-                let mut query = OperatorCommand::stats(Some(&since), until.as_deref(), &by)?;
-                if let OperatorCommand::Stats(q) = &mut query {
-                    q.class = class.clone();
-                }
-                Ok(query)
-            };
+            let command = || stats_command(&since, until.as_deref(), &by, class.as_deref());
             match ask(&c, command)? {
                 Reply::Stats(answer) => queue::print_stats(&answer, json),
                 other => print(&other),
@@ -506,4 +496,22 @@ async fn wait_for_signal() {
         }
         _ => std::future::pending().await,
     }
+}
+
+/// `baton stats`'s command: the time span, the grouping and the one class to count, checked.
+fn stats_command(
+    since: &str,
+    until: Option<&str>,
+    by: &str,
+    class: Option<&str>,
+) -> Result<OperatorCommand, ControlError> {
+    if let Some(c) = class {
+        c.parse::<baton_bounce::Class>()
+            .map_err(ControlError::new)?;
+    }
+    let mut query = OperatorCommand::stats(Some(since), until, by)?;
+    if let OperatorCommand::Stats(q) = &mut query {
+        q.class = class.map(str::to_string);
+    }
+    Ok(query)
 }

@@ -225,8 +225,23 @@ impl Worker {
         None
     }
 
+    /// VERP: the job's one recipient's own signed return path (see `send_jobs`), when its
+    /// message has a return-path domain and leaves this server.
+    fn return_path(&self, job: &Job) -> Option<String> {
+        match (&job.message.return_domain, job.rcpts.first()) {
+            (Some(domain), Some(&rcpt)) if self.dest.key != Destination::Local => Some(
+                self.ctx
+                    .returns
+                    .tokens
+                    .return_path(domain, job.message.id, rcpt),
+            ),
+            _ => None,
+        }
+    }
+
     /// One transaction; its replies go to the queue manager and the adaptive flow.
     async fn transact(&mut self, job: Job, body: bytes::Bytes) {
+        let verp = self.return_path(&job);
         let Some(connection) = self.conn.as_mut() else {
             self.dest.retry_first(job);
             return;
@@ -236,17 +251,6 @@ impl Worker {
             .iter()
             .filter_map(|&i| job.message.recipients.get(i as usize).cloned())
             .collect();
-        // VERP: one recipient per transaction (see `send_jobs`), leaving with its own
-        // return path.
-        let verp = match (&job.message.return_domain, job.rcpts.first()) {
-            (Some(domain), Some(&rcpt)) if self.dest.key != Destination::Local => Some(
-                self.ctx
-                    .returns
-                    .tokens
-                    .return_path(domain, job.message.id, rcpt),
-            ),
-            _ => None,
-        };
         let outgoing = Outgoing {
             sender: verp.as_deref().unwrap_or(&job.message.sender),
             recipients: &recipients,

@@ -116,6 +116,12 @@ impl QueueManager {
                 );
             }
         }
+        let ctx = SuppressionContext {
+            suppressions: &self.suppressions,
+            events: &self.events,
+            bounces: &self.config.bounces,
+        };
+        ctx.after(id, &rcpt.address, &env.sender, &decision);
         match decision.sticky {
             Sticky::Keep => {}
             Sticky::Pin(source) => {
@@ -133,36 +139,6 @@ impl QueueManager {
             notices.push(notice);
         }
         let (sender, address) = (&env.sender, &rcpt.address);
-        let bounces = &self.config.bounces;
-        let suppress = decision
-            .suppress
-            .as_ref()
-            .map(|s| (s.class.as_str(), Some(s.detail.clone())))
-            .or_else(|| {
-                (decision.soft_bounce
-                    && self.suppressions.soft_bounce(
-                        address,
-                        now_ms(),
-                        bounces.soft_bounce_limit,
-                        bounces.soft_bounce_window.as_millis() as u64,
-                    ))
-                .then(|| ("soft_bounces", decision.event.response.clone()))
-            });
-        if let Some((reason, detail)) = suppress {
-            let mut entry =
-                crate::suppression::Entry::new(address, &crate::suppression::Scope::Global, reason);
-            entry.detail = detail;
-            entry.source = Some(format!("{id}"));
-            if self.suppressions.insert(entry) {
-                let mut s =
-                    self.events
-                        .new_event(EventKind::Suppression, &id.to_string(), address, sender);
-                s.status = decision.event.status.clone();
-                s.class = decision.event.class.map(|c| c.as_str());
-                s.response = Some(format!("added to the suppression list: {reason}"));
-                self.events.emit(s);
-            }
-        }
         super::emit(&self.events, decision.event, id, address, sender);
         let update = RecipientUpdate {
             id,
@@ -227,6 +203,50 @@ impl QueueManager {
     pub(super) fn finish_if_done(&mut self, id: QueueId) {
         if self.take_if_done(id) {
             self.record(id, Vec::new(), true);
+        }
+    }
+}
+
+/// What suppressing an address after an outcome needs.
+struct SuppressionContext<'a> {
+    suppressions: &'a crate::suppression::Suppressions,
+    events: &'a baton_events::Events,
+    bounces: &'a crate::config::BouncesConfig,
+}
+
+impl SuppressionContext<'_> {
+    /// Suppresses the address (globally) after a hard bounce, or once its mailbox soft
+    /// bounces reach `[bounces] soft_bounce_limit`; a `suppression` event if it was not there.
+    fn after(&self, id: QueueId, address: &str, sender: &str, decision: &Decision) {
+        let soft_limit_reached = || {
+            decision.soft_bounce
+                && self.suppressions.soft_bounce(
+                    address,
+                    now_ms(),
+                    self.bounces.soft_bounce_limit,
+                    self.bounces.soft_bounce_window.as_millis() as u64,
+                )
+        };
+        let suppress = match &decision.suppress {
+            Some(s) => Some((s.class.as_str(), Some(s.detail.clone()))),
+            None if soft_limit_reached() => Some(("soft_bounces", decision.event.response.clone())),
+            None => None,
+        };
+        let Some((reason, detail)) = suppress else {
+            return;
+        };
+        let mut entry =
+            crate::suppression::Entry::new(address, &crate::suppression::Scope::Global, reason);
+        entry.detail = detail;
+        entry.source = Some(id.to_string());
+        if self.suppressions.insert(entry) {
+            let mut s =
+                self.events
+                    .new_event(EventKind::Suppression, &id.to_string(), address, sender);
+            s.status = decision.event.status.clone();
+            s.class = decision.event.class.map(|c| c.as_str());
+            s.response = Some(format!("added to the suppression list: {reason}"));
+            self.events.emit(s);
         }
     }
 }
