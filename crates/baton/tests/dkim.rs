@@ -141,6 +141,64 @@ fn rsa_and_ed25519_signatures_verify_with_dkimpy() {
 }
 
 #[test]
+fn one_click_unsubscribe_fields_are_inside_the_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, txt) = keygen(dir.path(), "rsa.test", "s1", false);
+    let records = serde_json::json!({ "s1._domainkey.rsa.test": txt });
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("dest.test", 10, "mx.dest.test");
+    dns.a("mx.dest.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script::default(),
+    );
+    let server = Server::start_delivering(&format!(
+        "{}\n[delivery]\nsmtp_port = {port}\n\
+         [bounces]\ndomain = \"bounces.rsa.test\"\n\
+         [[dkim]]\ndomain = \"rsa.test\"\nselector = \"s1\"\nkey = \"{key}\"\n",
+        dns.config()
+    ));
+    let r = common::http::post(
+        server.http,
+        "/api/v1/inject",
+        &serde_json::json!({
+            "envelope_sender": "news@rsa.test",
+            "content": "From: news@rsa.test\r\nTo: x@dest.test\r\nSubject: news\r\n\r\nhello\r\n",
+            "recipients": [{"email": "x@dest.test"}],
+            "list_unsubscribe": true,
+        }),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let got = mx.wait_for(1, 20);
+    let text = String::from_utf8_lossy(&got[0].body).to_string();
+    let signature: String = text
+        .split("\r\n")
+        .skip_while(|l| !l.starts_with("DKIM-Signature:"))
+        .take_while(|l| l.starts_with("DKIM-Signature:") || l.starts_with([' ', '\t']))
+        .collect();
+    let signed = signature.to_ascii_lowercase().replace([' ', '\t'], "");
+    assert!(
+        signed.contains("list-unsubscribe:list-unsubscribe-post")
+            || signed.contains("list-unsubscribe-post"),
+        "{signature}"
+    );
+    assert!(
+        text.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+        "{text}"
+    );
+    assert!(
+        got[0].mail_from.starts_with("bounces+"),
+        "VERP: {}",
+        got[0].mail_from
+    );
+    assert!(dkimpy_verifies(&got[0].body, &records), "rejected:\n{text}");
+    // Another link in List-Unsubscribe no longer verifies: the field is signed.
+    let tampered = text.replacen("/unsubscribe/", "/unsubscribe/x", 1);
+    assert!(!dkimpy_verifies(tampered.as_bytes(), &records));
+}
+
+#[test]
 fn keygen_never_overwrites_and_check_config_reports_bad_keys() {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path(), "x.test", "k", true);
