@@ -198,10 +198,13 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
     let mut records = Vec::new();
     let mut from = 0;
     while let Some(i) = lower[from..].find("final-recipient:") {
-        let start = from + i;
-        let block_end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+        let at = from + i;
+        // The whole per-recipient group: some MTAs put Status and Diagnostic-Code before
+        // Final-Recipient.
+        let start = text[from..at].rfind("\n\n").map_or(from, |b| from + b + 2);
+        let block_end = text[at..].find("\n\n").map_or(text.len(), |e| at + e);
         let block = &text[start..block_end];
-        from = block_end.max(start + 1);
+        from = block_end.max(at + 1);
         let Some(recipient) = header(block, "Final-Recipient")
             .or_else(|| header(block, "Original-Recipient"))
             .and_then(|v| address_re().find(&v).map(|m| m.as_str().to_string()))
@@ -348,7 +351,7 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
 /// The words about recipient `r`: the block under the line it is first named on (qmail,
 /// Exim: the reply that refused it), or under a later line naming it when the first block
 /// says nothing classifiable (Exchange names the address in a "To:" summary first). None
-/// when no block says anything.
+/// when no block says anything classifiable: the whole error text is read instead.
 fn context_of(
     lines: &[&str],
     r: &str,
@@ -370,18 +373,11 @@ fn context_of(
         })
         .map(|(n, _)| n)
         .take(5);
-    let mut fallback = None;
-    for at in first.into_iter().chain(later) {
-        let block = own_block(lines, at);
-        if block.chars().filter(|c| c.is_alphabetic()).count() <= 8 {
-            continue;
-        }
-        if classify_with(extra, None, &block) != Class::Uncategorized {
-            return Some(block);
-        }
-        fallback.get_or_insert(block);
-    }
-    fallback
+    first
+        .into_iter()
+        .chain(later)
+        .map(|at| own_block(lines, at))
+        .find(|block| classify_with(extra, None, block) != Class::Uncategorized)
 }
 
 /// The recipients an `X-Failed-Recipients:` field names (Exim, Google), each with the line
