@@ -312,7 +312,13 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
         }
         // Recipients start their line (after spaces or "<"): an address inside an error
         // text is usually a host's or the sender's.
-        let leading = line.trim_start().trim_start_matches(['<', '"']);
+        // Sendmail's transcript starts the line with the reply: "554 <a@b>... Host unknown".
+        let trimmed = line.trim_start();
+        let after_code = match trimmed.split_once(' ') {
+            Some((code, rest)) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => rest,
+            _ => trimmed,
+        };
+        let leading = after_code.trim_start().trim_start_matches(['<', '"']);
         for m in address_re().find_iter(line) {
             let a = m.as_str().trim_end_matches('.').to_string();
             let first = leading.starts_with(m.as_str());

@@ -96,10 +96,24 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
     }
     // A domain that does not exist is a permanent verdict: with a temporary status it is a
     // lookup that failed ("Host not found, try again").
-    if class == Class::BadDomain && status.is_some_and(|s| s.starts_with('4')) {
+    if class == Class::BadDomain && status.is_some_and(|s| s.starts_with('4')) && !takes_no_mail(text)
+    {
         return Class::Routing;
     }
     class
+}
+
+/// Whether the text says the domain takes no mail at all (a null MX, RFC 7505): permanent,
+/// whatever status the reporter gave it.
+fn takes_no_mail(text: &str) -> bool {
+    static R: OnceLock<Regex> = OnceLock::new();
+    R.get_or_init(|| {
+        RegexBuilder::new(r"null mx|does(?:n't| not) (?:receive|accept) (?:e-?)?mail")
+            .case_insensitive(true)
+            .build()
+            .unwrap_or_else(|e| panic!("bad built-in pattern: {e}"))
+    })
+    .is_match(cut(text, MAX_TEXT))
 }
 
 fn parse_line(line: &str) -> Result<Rule, String> {
