@@ -70,17 +70,17 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
         records = free_text(head, body, extra);
     }
     records.truncate(MAX_RECIPIENTS);
-    if refused_after_data(&text) {
-        records.iter_mut().for_each(filtered_after_data);
+    if !refused_at_rcpt(&text) {
+        records.iter_mut().for_each(unproven_unknown_user);
     }
     records
 }
 
-/// "User unknown" in reply to the message's data, with no 5.1.x status, is a content
-/// filter's verdict, not the address's (the server took the RCPT): another policy, never a
-/// hard bounce. Baton's own
-/// delivery judges its replies the same way (only a refused RCPT suppresses).
-fn filtered_after_data(record: &mut Record) {
+/// "User unknown" in a report is a verdict on the address only where the report shows it
+/// answered RCPT, or carries a 5.1.x status: after DATA it is a content filter's (the server
+/// took the RCPT), and with no phase nothing says which. Otherwise it is another policy and
+/// never hard, as Baton judges its own attempts (only a refused RCPT suppresses).
+fn unproven_unknown_user(record: &mut Record) {
     // A 5.1.x status still names the address ("bad destination mailbox"): pipelined RCPT
     // replies are often shown after DATA.
     if record.class == Class::InvalidRecipient && !record.status.starts_with("5.1.") {
@@ -89,23 +89,21 @@ fn filtered_after_data(record: &mut Record) {
     }
 }
 
-/// Whether the report says the refusal came in reply to DATA (or the end of the data): the
-/// first phase marker it has decides (Postfix's "in reply to end of DATA command", Exim's
-/// "after end of data", a Sendmail transcript's `>>> DATA` answered by `<<< 5xx`).
-fn refused_after_data(text: &str) -> bool {
+/// Whether the report shows the refusal was the answer to RCPT.
+fn refused_at_rcpt(text: &str) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
     let phase = re(
         &R,
-        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d",
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO)",
     );
     let Some(m) = phase.captures(text) else {
         return false;
     };
-    let word = (1..=3)
+    let word = (1..=4)
         .find_map(|i| m.get(i))
         .map_or("", |g| g.as_str())
         .to_ascii_lowercase();
-    word.starts_with("data") || word == "end of data" || word == "."
+    word == "rcpt" || word.contains("recipient") || word == "rcpt to"
 }
 
 /// The header section and the body of a message.

@@ -43,7 +43,7 @@ fn a_delivery_status_report_gives_one_record_per_recipient() {
 }
 
 #[test]
-fn an_unknown_user_after_data_is_a_filter_not_a_dead_address() {
+fn an_unknown_user_is_hard_only_at_rcpt_or_with_a_5_1_status() {
     let raw = dsn(
         "<someone@example.org>: host mx.example.org[192.0.2.1] said: 550 Unknown user \
          someone@example.org (in reply to end of DATA command)",
@@ -55,6 +55,9 @@ fn an_unknown_user_after_data_is_a_filter_not_a_dead_address() {
     // The same words in reply to RCPT, or with a 5.1.1 status, condemn the address.
     let at_rcpt = raw.replace("end of DATA", "RCPT TO");
     assert_eq!(one(&at_rcpt).class, Class::InvalidRecipient);
+    // With no phase at all, the words alone do not condemn it either.
+    let no_phase = raw.replace(" (in reply to end of DATA command)", "");
+    assert_eq!((one(&no_phase).class, one(&no_phase).hard), (Class::OtherPolicy, false));
     let coded = raw
         .replace("Status: 5.0.0", "Status: 5.1.1")
         .replace("550 Unknown", "550 5.1.1 Unknown");
@@ -126,7 +129,7 @@ fn feedback_reports_and_automatic_replies() {
 fn base64_text_parts_are_read_decoded() {
     use base64::Engine;
     let text = "Delivery to the following recipient failed permanently:\r\n\r\n     lost@example.org\r\n\r\n\
-        The email account that you tried to reach does not exist.\r\n";
+        550 5.1.1 The email account that you tried to reach does not exist.\r\n";
     let encoded = base64::engine::general_purpose::STANDARD.encode(text);
     let wrapped: Vec<&str> = encoded
         .as_bytes()
