@@ -313,7 +313,9 @@ fn free_text(head: &str, body: &str, extra: Option<&Rules>) -> Vec<Record> {
         // Sendmail's transcript starts the line with the reply: "554 <a@b>... Host unknown".
         let trimmed = line.trim_start();
         let after_code = match trimmed.split_once(' ') {
-            Some((code, rest)) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => rest,
+            Some((code, rest)) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => {
+                rest
+            }
             _ => trimmed,
         };
         let leading = after_code.trim_start().trim_start_matches(['<', '"']);

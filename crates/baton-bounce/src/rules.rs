@@ -96,7 +96,9 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
     }
     // A domain that does not exist is a permanent verdict: with a temporary status it is a
     // lookup that failed ("Host not found, try again").
-    if class == Class::BadDomain && status.is_some_and(|s| s.starts_with('4')) && !takes_no_mail(text)
+    if class == Class::BadDomain
+        && status.is_some_and(|s| s.starts_with('4'))
+        && !takes_no_mail(text)
     {
         return Class::Routing;
     }
@@ -228,7 +230,7 @@ mod tests {
             (
                 "4.7.0",
                 "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
-                Class::RateLimited,
+                Class::Reputation,
             ),
             (
                 "4.7.28",
@@ -260,6 +262,31 @@ mod tests {
                 "5.2.1",
                 "550 5.2.1 The email account that you tried to reach is disabled",
                 Class::InactiveMailbox,
+            ),
+            (
+                "5.7.0",
+                "554 5.7.0 <a@example.org>: Recipient address rejected: Spam detected",
+                Class::SpamContent,
+            ),
+            (
+                "5.7.1",
+                "550 5.7.1 This system is not configured to relay mail from <s@example.net> to <a@example.org>",
+                Class::RelayingDenied,
+            ),
+            (
+                "5.7.1",
+                "550 5.7.1 <a@example.org>: Recipient address rejected: Access denied",
+                Class::OtherPolicy,
+            ),
+            (
+                "4.0.0",
+                "DNS type 'mx' lookup of example.org responded with code NOERROR: the domain doesn't receive email (null MX)",
+                Class::BadDomain,
+            ),
+            (
+                "4.4.3",
+                "451 4.4.3 Host not found, try again",
+                Class::Routing,
             ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),

@@ -57,7 +57,10 @@ fn an_unknown_user_is_hard_only_at_rcpt_or_with_a_5_1_status() {
     assert_eq!(one(&at_rcpt).class, Class::InvalidRecipient);
     // With no phase at all, the words alone do not condemn it either.
     let no_phase = raw.replace(" (in reply to end of DATA command)", "");
-    assert_eq!((one(&no_phase).class, one(&no_phase).hard), (Class::OtherPolicy, false));
+    assert_eq!(
+        (one(&no_phase).class, one(&no_phase).hard),
+        (Class::OtherPolicy, false)
+    );
     let coded = raw
         .replace("Status: 5.0.0", "Status: 5.1.1")
         .replace("550 Unknown", "550 5.1.1 Unknown");
