@@ -12,7 +12,7 @@ seconds=${SECONDS_PER_TARGET:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 cargo fuzz build -O -s none
 log=$(mktemp)
-for target in command data_reader config operator_text; do
+for target in command data_reader config operator_text bounce_report; do
   # Start from the committed seeds (valid commands, bodies, configurations).
   mkdir -p "fuzz/corpus/$target"
   cp -n fuzz/seeds/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
