@@ -56,7 +56,8 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
     let raw = &raw[..raw.len().min(MAX_REPORT)];
     let text = decode_base64_parts(&decode_qp(&String::from_utf8_lossy(raw)));
     let (head, body) = split_head(&text);
-    if let Some(records) = feedback(&text, head, body) {
+    if let Some(mut records) = feedback(&text, head, body) {
+        records.truncate(MAX_RECIPIENTS);
         return records;
     }
     let mut records = delivery_status(&text, extra);

@@ -159,21 +159,7 @@ pub fn tail_since(dir: &Path, since: Option<jiff::Timestamp>) -> String {
         return String::new();
     };
     let at = since.and_then(|s| s.checked_sub(ORDER_SLACK).ok());
-    // The last file whose first event is older than `at`: everything before it is too.
-    let first = match at {
-        Some(at) => files
-            .iter()
-            .rposition(|f| {
-                File::open(&f.path)
-                    .and_then(|mut file| line_after(&mut file, 0, true))
-                    .ok()
-                    .flatten()
-                    .and_then(|(_, stamp)| stamp)
-                    .is_some_and(|t| t < at)
-            })
-            .unwrap_or(0),
-        None => 0,
-    };
+    let first = first_file(&files, at);
     let mut text = String::new();
     for (i, f) in files.iter().enumerate().skip(first) {
         let Ok(mut file) = File::open(&f.path) else {
@@ -188,6 +174,62 @@ pub fn tail_since(dir: &Path, since: Option<jiff::Timestamp>) -> String {
         }
     }
     text
+}
+
+/// The lines of the log from about `since` on (as [`tail_since`]), one at a time, until `f`
+/// says to stop: memory for one line, whatever the span.
+pub fn each_line_since(
+    dir: &Path,
+    since: jiff::Timestamp,
+    mut f: impl FnMut(&str) -> std::ops::ControlFlow<()>,
+) {
+    let Ok(files) = list(dir) else {
+        return;
+    };
+    let at = since.checked_sub(ORDER_SLACK).ok();
+    let first = first_file(&files, at);
+    for (i, lf) in files.iter().enumerate().skip(first) {
+        let Ok(mut file) = File::open(&lf.path) else {
+            continue; // deleted by retention meanwhile
+        };
+        let start = match at {
+            Some(at) if i == first => bisect(&mut file, at).unwrap_or(0),
+            _ => 0,
+        };
+        if file.seek(SeekFrom::Start(start)).is_err() {
+            continue;
+        }
+        let mut reader = BufReader::new(file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            // A line longer than 1 MiB is no event of Baton's: read no further in this file.
+            match (&mut reader).take(1 << 20).read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if f(line.trim_end()).is_break() => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// The last file whose first event is older than `at` (everything before it is too); 0
+/// without `at`.
+fn first_file(files: &[LogFile], at: Option<jiff::Timestamp>) -> usize {
+    let Some(at) = at else {
+        return 0;
+    };
+    files
+        .iter()
+        .rposition(|f| {
+            File::open(&f.path)
+                .and_then(|mut file| line_after(&mut file, 0, true))
+                .ok()
+                .flatten()
+                .and_then(|(_, stamp)| stamp)
+                .is_some_and(|t| t < at)
+        })
+        .unwrap_or(0)
 }
 
 /// An offset at a line's start before which every line is stamped earlier than `at` (0 when

@@ -235,34 +235,61 @@ pub struct Received {
     pub tenant: Option<String>,
 }
 
-/// The reception of `message_id`, from the log (none once retention has removed it).
+/// How long after a message's queue id was made its reception events can be: its data was
+/// still arriving (a large message on a slow link), then it was committed.
+const RECEPTION_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(3600);
+
+/// The reception of `message_id`, from the log (none once retention has removed it). Reads
+/// the log from the id's time for at most [`RECEPTION_WINDOW`], a line at a time: what a
+/// report that comes back costs does not grow with the log.
 pub fn received(dir: &Path, message_id: &str) -> Option<Received> {
     let arrived = message_id
         .parse::<baton_spool::QueueId>()
         .ok()
         .and_then(|id| jiff::Timestamp::from_millisecond(i64::try_from(id.0 >> 20).ok()?).ok())?;
-    std::fs::metadata(dir).ok()?;
-    let text = tail_since(dir, Some(arrived));
+    let end = arrived.checked_add(RECEPTION_WINDOW).ok()?;
     let mut found: Option<Received> = None;
-    for line in text.lines().filter(|l| l.contains(message_id)) {
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let field = |name: &str| event.get(name).and_then(|v| v.as_str()).map(str::to_string);
-        if EventKind::of(&event) != Some(EventKind::Reception)
-            || field("message_id").as_deref() != Some(message_id)
-        {
-            continue;
+    let mut seen = 0u64;
+    crate::files::each_line_since(dir, arrived, |line| {
+        seen += 1;
+        // Now and then, whether the log has gone past the window.
+        if seen.is_multiple_of(512) && stamp_of(line).is_some_and(|t| t > end) {
+            return std::ops::ControlFlow::Break(());
         }
-        let r = found.get_or_insert_with(|| Received {
-            sender: field("sender").unwrap_or_default(),
-            recipients: Vec::new(),
-            campaign: field("campaign"),
-            tenant: field("tenant"),
-        });
+        if line.contains(message_id) {
+            take_reception(line, message_id, &mut found);
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    found
+}
+
+/// An event line's timestamp.
+fn stamp_of(line: &str) -> Option<jiff::Timestamp> {
+    let rest = &line[line.find("\"timestamp\":\"")? + 13..];
+    rest[..rest.find('"')?].parse().ok()
+}
+
+/// Adds a reception event of `message_id` in `line` to `found`.
+fn take_reception(line: &str, message_id: &str, found: &mut Option<Received>) {
+    let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+        return;
+    };
+    let field = |name: &str| event.get(name).and_then(|v| v.as_str()).map(str::to_string);
+    if EventKind::of(&event) != Some(EventKind::Reception)
+        || field("message_id").as_deref() != Some(message_id)
+    {
+        return;
+    }
+    let r = found.get_or_insert_with(|| Received {
+        sender: field("sender").unwrap_or_default(),
+        recipients: Vec::new(),
+        campaign: field("campaign"),
+        tenant: field("tenant"),
+    });
+    if r.recipients.len() < 100_000 {
         r.recipients.push(field("recipient").unwrap_or_default());
     }
-    found
 }
 
 /// Delivery statistics over `[since, until)` from the event log, grouped by `by`

@@ -203,11 +203,21 @@ fn bounce_key(config: &Config) -> anyhow::Result<Vec<u8>> {
         return Ok(secret.as_bytes().to_vec());
     }
     let path = config.data_dir.join("bounces.key");
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(key) = hex::decode(text.trim())
-        && key.len() >= 16
-    {
-        return Ok(key);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            // A new key would void every token already sent: a damaged one is an error.
+            return match hex::decode(text.trim()) {
+                Ok(key) if key.len() >= 16 => Ok(key),
+                _ => anyhow::bail!(
+                    "{} is not a key Baton wrote (hex, 16+ bytes): restore it, or delete it to make a new one (tokens already sent stop working)",
+                    path.display()
+                ),
+            };
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot read {}", path.display()));
+        }
+        Err(_) => {}
     }
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)

@@ -35,11 +35,17 @@ impl Scope {
     pub fn parse(text: &str) -> Result<Scope, String> {
         let text = text.trim();
         let named = |name: &str| {
+            // A list may be a tenant's: "acme/spring".
             let ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                && name.len() <= 129
+                && name.split('/').count() <= 2
+                && name.split('/').all(|part| {
+                    !part.is_empty()
+                        && part.len() <= 64
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                });
             ok.then(|| name.to_ascii_lowercase()).ok_or_else(|| {
                 format!("scope {text:?}: a name is up to 64 letters, digits, '-', '_' or '.'")
             })
@@ -61,9 +67,19 @@ impl Scope {
     /// global. What an unsubscribe applies to.
     pub fn narrowest(tenant: Option<&str>, campaign: Option<&str>) -> Scope {
         match (campaign, tenant) {
-            (Some(c), _) if !c.is_empty() => Scope::List(c.to_ascii_lowercase()),
+            (Some(c), _) if !c.is_empty() => Scope::list(tenant, c),
             (_, Some(t)) if !t.is_empty() => Scope::Tenant(t.to_ascii_lowercase()),
             _ => Scope::Global,
+        }
+    }
+
+    /// Campaign `campaign`'s list: `list:TENANT/CAMPAIGN` for a tenant's (two tenants' lists
+    /// of one name are not one list), `list:CAMPAIGN` without a tenant.
+    pub fn list(tenant: Option<&str>, campaign: &str) -> Scope {
+        let campaign = campaign.to_ascii_lowercase();
+        match tenant.filter(|t| !t.is_empty()) {
+            Some(t) => Scope::List(format!("{}/{campaign}", t.to_ascii_lowercase())),
+            None => Scope::List(campaign),
         }
     }
 
@@ -181,6 +197,7 @@ impl Suppressions {
         // What an earlier handle on this file queued is in it before it is read.
         flush_writes();
         let mut entries = HashMap::new();
+        end_torn_line(&path)?;
         if let Ok(text) = std::fs::read_to_string(&path) {
             for line in text.lines() {
                 // A torn last line after a crash is skipped.
@@ -219,21 +236,28 @@ impl Suppressions {
                 .filter(|t| !t.is_empty())
                 .map(|t| Scope::Tenant(t.to_ascii_lowercase())),
         );
-        scopes.extend(
-            campaign
-                .filter(|c| !c.is_empty())
-                .map(|c| Scope::List(c.to_ascii_lowercase())),
-        );
+        if let Some(c) = campaign.filter(|c| !c.is_empty()) {
+            scopes.push(Scope::list(tenant, c));
+        }
         let now = jiff::Timestamp::now();
         let entries = self.lock();
         scopes.iter().find_map(|scope| {
             let scope = scope.to_string();
             std::iter::once(&email)
                 .chain(domain.as_ref())
-                .find_map(|e| entries.get(&(scope.clone(), e.clone())))
-                .filter(|entry| !entry.expired_at(now))
+                .filter_map(|e| entries.get(&(scope.clone(), e.clone())))
+                .find(|entry| !entry.expired_at(now))
                 .cloned()
         })
+    }
+
+    /// The live entry of exactly `email` in `scope`, if any.
+    pub fn entry(&self, email: &str, scope: &Scope) -> Option<Entry> {
+        let now = jiff::Timestamp::now();
+        self.lock()
+            .get(&key(email, &scope.to_string()))
+            .filter(|e| !e.expired_at(now))
+            .cloned()
     }
 
     /// Adds a manual global entry; false if the address was already there.
@@ -371,6 +395,32 @@ impl Suppressions {
     }
 }
 
+/// Ends a last line torn by a crash with a newline, so that the next append starts a line of
+/// its own (the torn line is skipped at replay; the next one must not be spoiled with it).
+fn end_torn_line(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() == 0 {
+        return Ok(());
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
 /// What the writer thread does, in the order received.
 enum Write {
     Append {
@@ -390,7 +440,14 @@ fn writer() -> Option<&'static mpsc::Sender<Write>> {
             let (tx, rx) = mpsc::channel::<Write>();
             std::thread::Builder::new()
                 .name("suppressions".into())
-                .spawn(move || rx.into_iter().for_each(perform))
+                .spawn(move || {
+                    while let Ok(first) = rx.recv() {
+                        // Whatever else is waiting goes in the same fdatasync.
+                        let batch: Vec<Write> =
+                            std::iter::once(first).chain(rx.try_iter()).collect();
+                        perform_all(batch);
+                    }
+                })
                 .map_err(|e| tracing::warn!(error = %e, "suppression writes are inline"))
                 .ok()?;
             Some(tx)
@@ -411,20 +468,38 @@ pub fn flush_writes() {
 }
 
 fn perform(write: Write) {
-    match write {
-        Write::Append { path, text } => {
-            let written = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()));
-            if let Err(e) = written {
-                tracing::error!(path = %path.display(), error = %e, "cannot write the suppression list");
-            }
+    perform_all(vec![write]);
+}
+
+/// Appends a batch of lines (each file opened once, fdatasynced once), then answers the
+/// flushes in it: a flush answered means every change before it is on disk.
+fn perform_all(batch: Vec<Write>) {
+    let mut texts: Vec<(PathBuf, String)> = Vec::new();
+    let mut flushes = Vec::new();
+    for write in batch {
+        match write {
+            Write::Append { path, text } => match texts.iter_mut().find(|(p, _)| *p == path) {
+                Some((_, all)) => all.push_str(&text),
+                None => texts.push((path, text)),
+            },
+            Write::Flush(done) => flushes.push(done),
         }
-        Write::Flush(done) => {
-            let _ = done.send(());
+    }
+    for (path, text) in texts {
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| {
+                std::io::Write::write_all(&mut file, text.as_bytes())?;
+                file.sync_data()
+            });
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the suppression list");
         }
+    }
+    for done in flushes {
+        let _ = done.send(());
     }
 }
 
@@ -495,6 +570,45 @@ mod tests {
         for bad in ["tenant:", "list:a b", "team:x"] {
             assert!(Scope::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_expired_address_entry_hides_no_domain_entry_and_torn_lines_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path()).unwrap();
+        let mut gone = Entry::new("ann@x.example", &Scope::Global, "manual");
+        gone.expires = Some("2020-01-01T00:00:00Z".into());
+        assert!(s.insert(gone));
+        assert!(s.insert(Entry::new("@x.example", &Scope::Global, "bad_domain")));
+        assert_eq!(
+            s.find("ann@x.example", None, None).unwrap().email,
+            "@x.example"
+        );
+        // Two tenants' lists of one name are two lists.
+        let acme = Scope::narrowest(Some("acme"), Some("news"));
+        assert_eq!(acme.to_string(), "list:acme/news");
+        assert!(s.insert(Entry::new("bo@y.example", &acme, "unsubscribe")));
+        assert!(s.find("bo@y.example", Some("acme"), Some("news")).is_some());
+        assert!(
+            s.find("bo@y.example", Some("other"), Some("news"))
+                .is_none()
+        );
+        assert_eq!(Scope::parse("list:acme/news"), Ok(acme));
+        assert!(Scope::parse("list:a/b/c").is_err() && Scope::parse("list:/b").is_err());
+        flush_writes();
+        // A crash tore the last line: the next addition still reads back.
+        let path = dir.path().join("suppressions.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"{\"email\":\"torn").unwrap();
+        drop(file);
+        let s = Suppressions::open(dir.path()).unwrap();
+        assert!(s.add("cy@z.example", "manual"));
+        flush_writes();
+        let s = Suppressions::open(dir.path()).unwrap();
+        assert!(s.contains("cy@z.example"));
     }
 
     #[test]

@@ -278,6 +278,20 @@ fn a_forged_return_path_is_kept_but_not_applied() {
         metrics.contains("baton_returns_total{result=\"unmatched\"} 2"),
         "{metrics}"
     );
+    // Mail Baton only relays (SMTP from a relay client, no tenant) keeps its own sender.
+    let mut c = server.connect();
+    c.hello();
+    let r = c.send_mail(
+        "alice@sender.test",
+        &["relayed@dest.test"],
+        b"Subject: r\r\n\r\nr\r\n",
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    let (relayed_rp, _) = {
+        mx.wait_for(2, 30);
+        received_for(&mx, "relayed@dest.test")
+    };
+    assert_eq!(relayed_rp, "alice@sender.test");
     // Other local parts at the return-path domain are refused at RCPT.
     let mut c = Client::connect_from(server.addr, Ipv4Addr::new(127, 0, 0, 5));
     c.hello();
@@ -386,6 +400,9 @@ fn one_click_unsubscribes_from_its_list_only() {
         Some(b"List-Unsubscribe=One-Click".as_slice()),
     );
     assert_eq!(r.status, 200, "{}", r.body);
+    // A second click is answered the same, and counted once.
+    let again = http::request(server.http, None, "POST", &link, &[], None);
+    assert_eq!(again.status, 200, "{}", again.body);
     let e = server.wait_event(10, |e| {
         e["type"] == "unsubscribe" && e["recipient"] == "eve@dest.test"
     });
@@ -395,7 +412,22 @@ fn one_click_unsubscribes_from_its_list_only() {
     assert_eq!(again["suppressed"], json!(["eve@dest.test"]), "{again}");
     let other = inject(&server, &["eve@dest.test"], "autumn");
     assert_eq!(other["suppressed"], json!([]), "{other}");
-    let list = get(server.http, "/api/v1/suppressions?scope=list:spring").json();
+    let unsubscribes = server
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "unsubscribe")
+        .count();
+    assert_eq!(unsubscribes, 1);
+    // Content with its own List-Unsubscribe cannot have Baton's too.
+    let own = post(
+        server.http,
+        "/api/v1/inject",
+        &json!({"envelope_sender": "n@sender.test", "recipients": [{"email": "x@dest.test"}],
+                "content": "List-Unsubscribe: <mailto:u@sender.test>\r\nSubject: x\r\n\r\nx\r\n",
+                "list_unsubscribe": true}),
+    );
+    assert_eq!(own.status, 400, "{}", own.body);
+    let list = get(server.http, "/api/v1/suppressions?scope=list:acme/spring").json();
     assert_eq!(list["suppressions"][0]["reason"], "unsubscribe", "{list}");
     assert_eq!(
         get(server.http, "/api/v1/suppressions?scope=global").json()["suppressions"],

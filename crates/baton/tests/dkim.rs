@@ -155,7 +155,7 @@ fn one_click_unsubscribe_fields_are_inside_the_signature() {
     );
     let server = Server::start_delivering(&format!(
         "{}\n[delivery]\nsmtp_port = {port}\n\
-         [bounces]\ndomain = \"bounces.rsa.test\"\n\
+[bounces]\ndomain = \"bounces.rsa.test\"\nunsubscribe_url = \"https://mail.rsa.test\"\n\
          [[dkim]]\ndomain = \"rsa.test\"\nselector = \"s1\"\nkey = \"{key}\"\n",
         dns.config()
     ));

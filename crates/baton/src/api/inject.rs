@@ -127,6 +127,7 @@ pub(super) async fn inject(
             Json(json!({"ids": [], "recipients": 0, "suppressed": suppressed})),
         ));
     }
+    check_list_unsubscribe(&ctx, &request)?;
     let plan = plan_injection(&ctx, &request)?;
     let client = peer.ip().to_canonical();
     let shared = Shared::from(&request)?;
@@ -310,6 +311,37 @@ pub(super) fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -
     left_out
 }
 
+/// `list_unsubscribe` needs the public address its links point at, and content that does
+/// not already carry the fields.
+fn check_list_unsubscribe(ctx: &Context, request: &InjectRequest) -> Result<(), ApiError> {
+    if !request.list_unsubscribe {
+        return Ok(());
+    }
+    if ctx.config.bounces.unsubscribe_url.is_none() {
+        return Err(bad_request(
+            "list_unsubscribe needs [bounces] unsubscribe_url, the public https address of this API",
+        ));
+    }
+    let has_own = match &request.content {
+        Content::Raw(raw) => {
+            let head = raw.split("\r\n\r\n").next().unwrap_or(raw);
+            let head = head.split("\n\n").next().unwrap_or(head);
+            head.lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("list-unsubscribe"))
+        }
+        Content::Parts(p) => p
+            .headers
+            .iter()
+            .any(|(n, _)| n.to_ascii_lowercase().starts_with("list-unsubscribe")),
+    };
+    if has_own {
+        return Err(bad_request(
+            "the content has its own List-Unsubscribe: drop it or list_unsubscribe",
+        ));
+    }
+    Ok(())
+}
+
 /// The List-Unsubscribe fields for a message to one recipient (RFC 2369, RFC 8058): a signed
 /// one-click link to this server's API and, when the message has a return-path domain, a
 /// mailto address there. Both carry the same token; both end in an `unsubscribe` event and a
@@ -325,15 +357,7 @@ pub(super) fn list_unsubscribe(ctx: &Context, envelope: &Envelope) -> String {
         .bounces
         .unsubscribe_url
         .clone()
-        .unwrap_or_else(|| {
-            let address = ctx
-                .config
-                .http
-                .as_ref()
-                .map(|h| h.address.to_string())
-                .unwrap_or_default();
-            format!("http://{address}")
-        });
+        .unwrap_or_default();
     let mut uris = vec![format!("<{base}/unsubscribe/{token}>")];
     let meta = &envelope.meta;
     if let Some(domain) = ctx

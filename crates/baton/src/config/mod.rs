@@ -201,6 +201,28 @@ impl BouncesConfig {
                 .any(|d| d.eq_ignore_ascii_case(domain))
     }
 
+    /// The return-path domain of a message leaving through `pool`: its tenant's or pool's
+    /// domain, or the default `domain` for mail injected through the HTTP API or tagged with
+    /// a tenant. Mail Baton only relays (an MX's inbound mail, a relay client's) keeps its
+    /// sender: its bounces are that sender's, not Baton's to read. None for a null sender.
+    pub fn return_domain(
+        &self,
+        envelope: &baton_spool::Envelope,
+        pool: Option<&str>,
+    ) -> Option<&str> {
+        if envelope.sender.is_empty() {
+            return None;
+        }
+        let tenant = envelope.meta.tenant.as_deref();
+        let own = tenant
+            .and_then(|t| self.tenant_domains.get(t))
+            .or_else(|| pool.and_then(|p| self.pool_domains.get(p)));
+        // The API marks what it injects so (see `api::compose::envelope_for`).
+        let injected = envelope.helo == "http" || tenant.is_some();
+        own.or(self.domain.as_ref().filter(|_| injected))
+            .map(String::as_str)
+    }
+
     /// The return-path domain for a message of `tenant` leaving through `pool`.
     pub fn domain_for(&self, tenant: Option<&str>, pool: Option<&str>) -> Option<&str> {
         tenant

@@ -30,7 +30,7 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
                     .get(rcpt as usize)
                     .map(|r| r.address.as_str())
                     .unwrap_or_default();
-                let reply = match returns.take(address, &body) {
+                let reply = match returns.take(message.id, address, &body) {
                     Ok(Taken::Applied(kinds)) => {
                         let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
                         Reply::local(
@@ -58,8 +58,30 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
             })
             .collect::<Vec<_>>()
     })
-    .await
-    .unwrap_or_default();
+    .await;
+    // A panic while reading the report must not leave its recipients out with no outcome.
+    let outcomes = outcomes.unwrap_or_else(|e| {
+        tracing::error!(id = %job.message.id, error = %e, "reading a report failed");
+        let reply = Reply::local(
+            451,
+            "4.3.0",
+            "reading the report failed; it will be tried again",
+        );
+        job.rcpts
+            .iter()
+            .map(|&rcpt| Outcome {
+                rcpt,
+                reply: reply.clone(),
+                remote: None,
+                dsn_passed: true,
+                local: true,
+                tls: None,
+                not_before: None,
+                hold: false,
+                source: None,
+            })
+            .collect()
+    });
     let _ = ctx.reports.send(JobReport {
         id: job.message.id,
         outcomes,

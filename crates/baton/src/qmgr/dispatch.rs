@@ -124,14 +124,10 @@ impl QueueManager {
         let n = env.recipients.len();
         let pool = self.config.pool_for(env).cloned();
         let work = q.work.get_or_insert_default();
-        let return_domain = (!env.sender.is_empty())
-            .then(|| {
-                let pool = pool.as_ref().map(|p| p.name.as_str());
-                self.config
-                    .bounces
-                    .domain_for(env.meta.tenant.as_deref(), pool)
-            })
-            .flatten()
+        let return_domain = self
+            .config
+            .bounces
+            .return_domain(env, pool.as_ref().map(|p| p.name.as_str()))
             .map(str::to_string);
         let job = work
             .job

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use baton_bounce::{Class, Record};
 use baton_events::{EventKind, Events};
+use baton_spool::QueueId;
 
 use crate::suppression::{Entry, Scope, Suppressions};
 use token::{Purpose, TokenRef, Tokens};
@@ -54,6 +55,10 @@ pub struct Returns {
 
 static UNMATCHED_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Most reports the unmatched folder keeps; past it, unmatched reports are counted and
+/// dropped (an operator reads and empties the folder).
+pub const MAX_UNMATCHED: usize = 10_000;
+
 impl Returns {
     pub fn new(
         config: &crate::config::Config,
@@ -71,10 +76,11 @@ impl Returns {
         }
     }
 
-    /// Reads the report `body` sent to `rcpt` (an address at a return-path domain) and applies
-    /// it. Blocking: it reads the event log and may write a file. Err only when an unmatched
-    /// report cannot be kept (the caller defers it).
-    pub fn take(&self, rcpt: &str, body: &[u8]) -> std::io::Result<Taken> {
+    /// Reads the report `body` of message `id`, sent to `rcpt` (an address at a return-path
+    /// domain), and applies it; its suppressions are on disk when this returns. Blocking: it
+    /// reads the event log and may write a file. Err only when an unmatched report cannot be
+    /// kept (the caller defers it).
+    pub fn take(&self, id: QueueId, rcpt: &str, body: &[u8]) -> std::io::Result<Taken> {
         let taken = self.read_and_apply(rcpt, body);
         let label = match &taken {
             Taken::Applied(kinds) => kinds.first().map_or("ignored", |k| k.as_str()),
@@ -82,9 +88,21 @@ impl Returns {
         };
         metrics::counter!("baton_returns_total", "result" => label).increment(1);
         if let Taken::Unmatched(why) = &taken {
-            let path = self.keep_unmatched(body)?;
-            tracing::info!(rcpt, path = %path.display(), "report kept as unmatched: {why}");
+            match self.keep_unmatched(id, body)? {
+                Some(path) => {
+                    tracing::info!(rcpt, path = %path.display(), "report kept as unmatched: {why}")
+                }
+                None => {
+                    metrics::counter!("baton_returns_total", "result" => "unmatched_dropped")
+                        .increment(1);
+                    tracing::warn!(
+                        rcpt,
+                        "unmatched report dropped: the folder is at its limit ({why})"
+                    );
+                }
+            }
         }
+        crate::suppression::flush_writes();
         Ok(taken)
     }
 
@@ -138,6 +156,11 @@ impl Returns {
         if kind == EventKind::Unsubscribe {
             return Some(self.unsubscribe(original, "feedback report"));
         }
+        let scope = Scope::of_tenant(original.tenant.as_deref());
+        if kind == EventKind::Complaint && self.already(original, &scope, "complaint") {
+            // The same complaint again (a resent report): counted once.
+            return Some(kind);
+        }
         let mut e = self.event(kind, original);
         e.status = (!record.status.is_empty()).then(|| record.status.clone());
         e.response = Some(cut(&record.diagnostic, 1000));
@@ -147,9 +170,7 @@ impl Returns {
         self.events.emit(e);
         let suppress = match kind {
             EventKind::Bounce if record.hard => Some((Scope::Global, record.class.as_str())),
-            EventKind::Complaint => {
-                Some((Scope::of_tenant(original.tenant.as_deref()), "complaint"))
-            }
+            EventKind::Complaint if Self::is_spam_complaint(record) => Some((scope, "complaint")),
             _ => None,
         };
         if let Some((scope, reason)) = suppress {
@@ -158,9 +179,22 @@ impl Returns {
         Some(kind)
     }
 
+    /// Whether a complaint of this feedback type is the recipient calling the mail spam (not
+    /// `not-spam`, an authentication or virus report): only those suppress.
+    fn is_spam_complaint(record: &Record) -> bool {
+        matches!(
+            record.feedback_type.as_deref(),
+            None | Some("abuse" | "fraud")
+        )
+    }
+
     /// A recipient asked off the list: suppressed in the message's list (or tenant) scope.
     fn unsubscribe(&self, original: &Original, how: &str) -> EventKind {
         let scope = Scope::narrowest(original.tenant.as_deref(), original.campaign.as_deref());
+        if self.already(original, &scope, "unsubscribe") {
+            // A second click, or the mailto after the link: counted once.
+            return EventKind::Unsubscribe;
+        }
         let mut e = self.event(EventKind::Unsubscribe, original);
         e.response = Some(format!("unsubscribed by {how} from {scope}"));
         e.class = Some(Class::Unsubscribe.as_str());
@@ -185,6 +219,13 @@ impl Returns {
         }
     }
 
+    /// Whether the recipient is already suppressed in `scope` for `reason`.
+    fn already(&self, o: &Original, scope: &Scope, reason: &str) -> bool {
+        self.suppressions
+            .entry(&o.recipient, scope)
+            .is_some_and(|e| e.reason == reason)
+    }
+
     fn event(&self, kind: EventKind, o: &Original) -> baton_events::Event {
         let mut e = self
             .events
@@ -206,17 +247,30 @@ impl Returns {
         }
     }
 
-    /// Writes a report to the unmatched folder (fsynced); its path.
-    fn keep_unmatched(&self, body: &[u8]) -> std::io::Result<PathBuf> {
+    /// Writes report `id` to the unmatched folder, once however many of its recipients are
+    /// unmatched (fsynced, and its directory entry); its path, or None when the folder holds
+    /// [`MAX_UNMATCHED`] files already (anyone can send mail to `postmaster@`).
+    fn keep_unmatched(&self, id: QueueId, body: &[u8]) -> std::io::Result<Option<PathBuf>> {
         use std::io::Write;
         std::fs::create_dir_all(&self.unmatched_dir)?;
+        let path = self.unmatched_dir.join(format!("{id}.eml"));
+        if path.exists() {
+            return Ok(Some(path));
+        }
+        let held = std::fs::read_dir(&self.unmatched_dir)?
+            .take(MAX_UNMATCHED)
+            .count();
+        if held >= MAX_UNMATCHED {
+            return Ok(None);
+        }
         let seq = UNMATCHED_SEQ.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{}-{seq}.eml", baton_spool::now_ms(), std::process::id());
-        let path = self.unmatched_dir.join(name);
-        let mut file = std::fs::File::create(&path)?;
+        let tmp = self.unmatched_dir.join(format!(".{id}.{seq}.tmp"));
+        let mut file = std::fs::File::create(&tmp)?;
         file.write_all(body)?;
         file.sync_all()?;
-        Ok(path)
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.unmatched_dir)?.sync_all()?;
+        Ok(Some(path))
     }
 }
 
