@@ -82,6 +82,8 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
             })
             .collect()
     });
+    // What the reports say is in the event log before they leave the queue.
+    ctx.events.written().await;
     let _ = ctx.reports.send(JobReport {
         id: job.message.id,
         outcomes,
