@@ -213,16 +213,21 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         let action = header(block, "Action")
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let raw_diagnostic = header(block, "Diagnostic-Code").unwrap_or_default();
+        // Without a Diagnostic-Code, the human part's line about the recipient (OpenSMTPD).
+        let raw_diagnostic = header(block, "Diagnostic-Code")
+            .or_else(|| line_about(text, &recipient))
+            .unwrap_or_default();
         let diagnostic = raw_diagnostic
             .split_once(';')
             .map_or(raw_diagnostic.clone(), |(_, t)| t.trim().to_string());
         let status_field = header(block, "Status").unwrap_or_default();
-        let mut status = status_re()
-            .find(&diagnostic)
-            .filter(|m| !m.as_str().starts_with('2') || action.starts_with("deliver"))
-            .or_else(|| status_re().find(&status_field))
-            .map(|m| m.as_str().to_string())
+        let mut status = reply_status_in(&diagnostic)
+            .filter(|s| !s.starts_with('2') || action.starts_with("deliver"))
+            .or_else(|| {
+                status_re()
+                    .find(&status_field)
+                    .map(|m| m.as_str().to_string())
+            })
             .unwrap_or_default();
         if status.is_empty() && action.starts_with("deliver") {
             status = "2.0.0".into();
@@ -238,6 +243,32 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
         ));
     }
     records
+}
+
+/// The enhanced status in a diagnostic: the one that follows an SMTP reply code (the remote
+/// server's, "550-'5.7.1"), else the first.
+fn reply_status_in(diagnostic: &str) -> Option<String> {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let after_code = re(&R, r"\b[245]\d\d[ -]'?([245]\.\d{1,3}\.\d{1,3})\b");
+    after_code
+        .captures(diagnostic)
+        .and_then(|c| c.get(1))
+        .or_else(|| status_re().find(diagnostic))
+        .map(|m| m.as_str().to_string())
+}
+
+/// The first line of the human-readable part that names `recipient` and carries a reply.
+fn line_about(text: &str, recipient: &str) -> Option<String> {
+    let end = text
+        .to_ascii_lowercase()
+        .find("message/delivery-status")
+        .unwrap_or(text.len());
+    let lower = recipient.to_ascii_lowercase();
+    text[..end]
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains(&lower))
+        .find(|l| reply_code(l).is_some())
+        .map(|l| l.trim().to_string())
 }
 
 /// Whether the message is a bounce by its sender or subject.

@@ -172,3 +172,38 @@ fn hostile_reports_are_bounded() {
         let _ = read(raw, None);
     }
 }
+
+#[test]
+fn without_a_diagnostic_code_each_recipient_gets_its_own_line() {
+    // OpenSMTPD writes the replies in the human part and only "Status: 5.0.0" below.
+    let raw = dsn(
+        "a@example.org: 550 5.1.1 <a@example.org>: Recipient address rejected: User unknown\r\n\
+         b@example.org: 552 5.2.2 <b@example.org>: Recipient address rejected: Mailbox full",
+        "Final-Recipient: rfc822; a@example.org\r\nAction: failed\r\nStatus: 5.0.0\r\n\r\n\
+         Final-Recipient: rfc822; b@example.org\r\nAction: failed\r\nStatus: 5.0.0\r\n",
+    );
+    let records = read(raw.as_bytes(), None);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(
+        (
+            records[0].status.as_str(),
+            records[0].class,
+            records[0].hard
+        ),
+        ("5.1.1", Class::InvalidRecipient, true)
+    );
+    assert_eq!(
+        (records[1].status.as_str(), records[1].class),
+        ("5.2.2", Class::Quota)
+    );
+}
+
+#[test]
+fn the_remote_servers_status_beats_the_relays_own() {
+    let raw = dsn(
+        "failed",
+        "Final-Recipient: rfc822; a@example.org\r\nAction: failed\r\nStatus: 5.0.0\r\n\
+         Diagnostic-Code: smtp; 5.1.0 - Unknown address error 550-'5.7.1 Access denied'\r\n",
+    );
+    assert_eq!(one(&raw).status, "5.7.1");
+}
