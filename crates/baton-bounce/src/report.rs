@@ -90,12 +90,17 @@ fn unproven_unknown_user(record: &mut Record) {
     }
 }
 
-/// Whether the report shows the refusal was the answer to RCPT.
+/// Whether the report shows the refusal was the answer to RCPT: the first phase marker
+/// decides (Postfix's "in reply to RCPT TO command", Exim's "after RCPT TO", a Sendmail
+/// transcript's `>>> RCPT`, qmail's "does not like recipient"), and the words servers give
+/// at RCPT count as one (RFC 5321's "mailbox unavailable", Postfix's "Recipient address
+/// rejected", "no such user", "does not exist"). A bare "user unknown" is not: content
+/// filters say it after DATA.
 fn refused_at_rcpt(text: &str) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
     let phase = re(
         &R,
-        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO)",
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO|recipient name is not recognized|unknown recipient|mailbox unavailable|does(?:n't| not) have an? \S+ account|does not exist|no such (?:user|mailbox|recipient)|invalid recipient)",
     );
     let Some(m) = phase.captures(text) else {
         return false;
@@ -104,7 +109,7 @@ fn refused_at_rcpt(text: &str) -> bool {
         .find_map(|i| m.get(i))
         .map_or("", |g| g.as_str())
         .to_ascii_lowercase();
-    word == "rcpt" || word.contains("recipient") || word == "rcpt to"
+    !matches!(word.as_str(), "data" | "end of data" | "." | "mail")
 }
 
 /// The header section and the body of a message.

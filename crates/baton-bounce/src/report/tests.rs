@@ -55,6 +55,12 @@ fn an_unknown_user_is_hard_only_at_rcpt_or_with_a_5_1_status() {
     // The same words in reply to RCPT, or with a 5.1.1 status, condemn the address.
     let at_rcpt = raw.replace("end of DATA", "RCPT TO");
     assert_eq!(one(&at_rcpt).class, Class::InvalidRecipient);
+    // RFC 5321's words for a refused RCPT are evidence enough.
+    let rcpt_words = raw.replace(
+        "550 Unknown user someone@example.org (in reply to end of DATA command)",
+        "550 Requested action not taken: mailbox unavailable",
+    );
+    assert!(one(&rcpt_words).hard, "{:?}", one(&rcpt_words));
     // With no phase at all, the words alone do not condemn it either.
     let no_phase = raw.replace(" (in reply to end of DATA command)", "");
     assert_eq!(
