@@ -519,7 +519,7 @@ fn record(
     );
     // A temporary status on a final failure: the queue gave up on it.
     let gave_up = action.starts_with("failed") && status.starts_with('4');
-    let vague = matches!(class, Class::Uncategorized | Class::SystemError);
+    let vague = matches!(class, Class::Uncategorized);
     // A connection failure is temporary: a bounce for one says the queue gave up on it.
     let final_failure = !action.starts_with("delayed") && !status.starts_with('5');
     if (vague && (gave_up || action.starts_with("delayed")))
