@@ -56,6 +56,10 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
     let raw = &raw[..raw.len().min(MAX_REPORT)];
     let text = decode_base64_parts(&decode_qp(&String::from_utf8_lossy(raw)));
     let (head, body) = split_head(&text);
+    if let Some(mut records) = ses_notification(body, extra) {
+        records.truncate(MAX_RECIPIENTS);
+        return records;
+    }
     if let Some(mut records) = feedback(&text, head, body) {
         records.truncate(MAX_RECIPIENTS);
         return records;
@@ -139,6 +143,75 @@ fn header(head: &str, name: &str) -> Option<String> {
         return Some(value);
     }
     None
+}
+
+/// An Amazon SES notification (JSON, as SNS mails it): a delivery, bounce or complaint
+/// with its recipients.
+fn ses_notification(body: &str, extra: Option<&Rules>) -> Option<Vec<Record>> {
+    let line = body
+        .lines()
+        .take(50)
+        .find(|l| l.trim_start().starts_with("{\"notificationType\""))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let record = |recipient: String, status: String, class: Class, diagnostic: String| Record {
+        recipient,
+        status,
+        class,
+        hard: false,
+        diagnostic: cut_line(&diagnostic),
+        feedback_type: None,
+    };
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let records = match v.get("notificationType")?.as_str()? {
+        "Delivery" => {
+            let d = v.get("delivery")?;
+            let reply = text(&d["smtpResponse"]);
+            let status = status_re()
+                .find(&reply)
+                .map_or("2.0.0".to_string(), |m| m.as_str().to_string());
+            list(&d["recipients"])
+                .iter()
+                .map(|r| record(text(r), status.clone(), Class::Delivered, reply.clone()))
+                .collect()
+        }
+        "Bounce" => list(&v["bounce"]["bouncedRecipients"])
+            .iter()
+            .map(|r| {
+                let diagnostic = text(&r["diagnosticCode"]);
+                let status = text(&r["status"]);
+                let action = text(&r["action"]);
+                let context = format!("{diagnostic} {}", text(&v["bounce"]["bounceSubType"]));
+                self::record(
+                    text(&r["emailAddress"]),
+                    status,
+                    &context,
+                    diagnostic,
+                    &action,
+                    extra,
+                )
+            })
+            .collect(),
+        "Complaint" => {
+            let kind = v["complaint"]["complaintFeedbackType"]
+                .as_str()
+                .map(str::to_string);
+            list(&v["complaint"]["complainedRecipients"])
+                .iter()
+                .map(|r| Record {
+                    feedback_type: kind.clone(),
+                    ..record(
+                        text(&r["emailAddress"]),
+                        String::new(),
+                        Class::Complaint,
+                        "complaint".into(),
+                    )
+                })
+                .collect()
+        }
+        _ => return None,
+    };
+    Some(records)
 }
 
 /// An ARF feedback report: one record per original recipient.

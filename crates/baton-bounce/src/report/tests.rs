@@ -213,3 +213,39 @@ fn the_remote_servers_status_beats_the_relays_own() {
     );
     assert_eq!(one(&raw).status, "5.7.1");
 }
+
+#[test]
+fn amazon_ses_notifications_are_read() {
+    let wrap = |json: &str| {
+        format!(
+            "From: no-reply@sns.example\r\nSubject: AWS Notification Message\r\n\r\n{json}\r\n\r\n--\r\nunsubscribe link\r\n"
+        )
+    };
+    let delivery = wrap(
+        r#"{"notificationType":"Delivery","delivery":{"recipients":["ok@example.org"],"smtpResponse":"250 2.6.0 Message received"}}"#,
+    );
+    let r = one(&delivery);
+    assert_eq!(
+        (r.recipient.as_str(), r.status.as_str(), r.class),
+        ("ok@example.org", "2.6.0", Class::Delivered)
+    );
+    let bounce = wrap(
+        r#"{"notificationType":"Bounce","bounce":{"bounceType":"Permanent","bounceSubType":"General","bouncedRecipients":[{"emailAddress":"gone@example.org","action":"failed","status":"5.1.1","diagnosticCode":"smtp; 550 5.1.1 user unknown"}]}}"#,
+    );
+    let r = one(&bounce);
+    assert_eq!(
+        (r.class, r.hard, r.status.as_str()),
+        (Class::InvalidRecipient, true, "5.1.1")
+    );
+    let complaint = wrap(
+        r#"{"notificationType":"Complaint","complaint":{"complainedRecipients":[{"emailAddress":"angry@example.org"}],"complaintFeedbackType":"abuse"}}"#,
+    );
+    let r = one(&complaint);
+    assert_eq!(
+        (r.recipient.as_str(), r.class),
+        ("angry@example.org", Class::Complaint)
+    );
+    assert_eq!(r.feedback_type.as_deref(), Some("abuse"));
+    // Not JSON after all: read as anything else.
+    assert!(read(wrap("{\"notificationType\": nonsense").as_bytes(), None).len() <= 1);
+}
