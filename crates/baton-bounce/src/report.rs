@@ -75,7 +75,7 @@ pub fn read(raw: &[u8], extra: Option<&Rules>) -> Vec<Record> {
         records = free_text(head, body, extra);
     }
     records.truncate(MAX_RECIPIENTS);
-    if !refused_at_rcpt(&text) {
+    if !refused_at_rcpt(&text) || from_filter_gateway(head) {
         records.iter_mut().for_each(unproven_unknown_user);
     }
     records
@@ -104,7 +104,7 @@ fn refused_at_rcpt(text: &str) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
     let phase = re(
         &R,
-        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO|recipient name is not recognized|unknown recipient|mailbox unavailable|does(?:n't| not) have an? \S+ account|does not exist|no such (?:user|mailbox|recipient)|invalid recipient)",
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO|recipient name is not recognized|unknown recipient|mailbox unavailable|does(?:n't| not) have an? \S+ account|does not exist|no such (?:user|mailbox|recipient)|invalid recipient|<[^>\s]+@[^>\s]+>:? user unknown|unknown user: \S+@)",
     );
     let Some(m) = phase.captures(text) else {
         return false;
@@ -114,6 +114,17 @@ fn refused_at_rcpt(text: &str) -> bool {
         .map_or("", |g| g.as_str())
         .to_ascii_lowercase();
     !matches!(word.as_str(), "data" | "end of data" | "." | "mail")
+}
+
+/// Whether the report comes from a content-filter gateway (McAfee, m-FILTER, SurfControl,
+/// MailFoundry, InterScan): its "no such user" is the filter's verdict on the message.
+fn from_filter_gateway(head: &str) -> bool {
+    static R: OnceLock<Regex> = OnceLock::new();
+    re(
+        &R,
+        r"(?i)mcafee email gateway|\bby m-filter\b|surfcontrol|\(mailfoundry\)|interscan|activehunter",
+    )
+    .is_match(head)
 }
 
 /// The header section and the body of a message.
@@ -602,7 +613,11 @@ fn record(
     }
     let permanent = match code {
         Some((d, ..)) => d == 5,
-        None => reply_code(context).is_some_and(|c| c >= 500) || action.starts_with("failed"),
+        // A report with no code says it failed unless it says it is a delay.
+        None => match reply_code(context) {
+            Some(c) => c >= 500,
+            None => !action.starts_with("delayed"),
+        },
     };
     Record {
         recipient,

@@ -85,9 +85,16 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
     if status.is_some_and(|s| s.starts_with('2')) {
         return Class::Delivered;
     }
-    let class = extra
-        .and_then(|r| r.classify(status, text))
-        .or_else(|| Rules::builtin().classify(status, text))
+    let by_rules = |text: &str| {
+        extra
+            .and_then(|r| r.classify(status, text))
+            .or_else(|| Rules::builtin().classify(status, text))
+    };
+    // Postfix puts "Recipient address rejected:" before every RCPT refusal, whatever its
+    // reason: the words after it decide, when they say anything.
+    let class = strip_rejected_prefix(text)
+        .and_then(|rest| by_rules(&rest))
+        .or_else(|| by_rules(text))
         .unwrap_or(Class::Uncategorized);
     // Words of an unknown user under a security or policy status (5.7.x) are a filter's
     // ("550 5.7.1 User unknown" from a gateway that refuses what it will not relay).
@@ -103,6 +110,21 @@ pub fn classify_with(extra: Option<&Rules>, status: Option<&str>, text: &str) ->
         return Class::Routing;
     }
     class
+}
+
+/// The text without Postfix's "Recipient address rejected:" prefix; None without one.
+fn strip_rejected_prefix(text: &str) -> Option<String> {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let prefix = R.get_or_init(|| {
+        RegexBuilder::new(r"recipient address rejected:")
+            .case_insensitive(true)
+            .build()
+            .unwrap_or_else(|e| panic!("bad built-in pattern: {e}"))
+    });
+    let text = cut(text, MAX_TEXT);
+    prefix
+        .is_match(text)
+        .then(|| prefix.replace_all(text, " ").into_owned())
 }
 
 /// Whether the text says the domain takes no mail at all (a null MX, RFC 7505): permanent,
@@ -287,6 +309,16 @@ mod tests {
                 "4.4.3",
                 "451 4.4.3 Host not found, try again",
                 Class::Routing,
+            ),
+            (
+                "5.4.1",
+                "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)",
+                Class::InvalidRecipient,
+            ),
+            (
+                "5.3.0",
+                "550 5.3.0 <a@example.org>: Recipient address rejected: Internal system error",
+                Class::SystemError,
             ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),

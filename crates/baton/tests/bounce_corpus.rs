@@ -2,18 +2,19 @@
 //! automatic replies in `../shared/bounce-corpus` (scored by its own `score.py`, with
 //! `docs/bounce-classes.json` mapping Baton's classes to the corpus's reasons).
 //!
-//! The targets are status ≥ 0.97, hard/soft ≥ 0.93, reason ≥ 0.85; the classifier is
-//! not there yet, so this test holds the ground reached (a ratchet: raise the floors as the
+//! The targets are status ≥ 0.97, hard/soft ≥ 0.93, reason ≥ 0.85; the first two are
+//! met, reason is not yet, so this test holds the ground reached (a ratchet: raise the floors as the
 //! rules improve, never lower them). Skipped, by name, where the corpus is absent.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// What the classifier reaches now (2026-12-03: 0.9812 / 0.9136 / 0.7886).
+/// What the classifier reaches now (2026-12-03: 0.9812 / 0.9306 / 0.8071): status and
+/// hard/soft at the targets, reason below.
 const FLOORS: [(&str, f64); 3] = [
     ("status_acc", 0.98),
-    ("hard_acc", 0.91),
-    ("reason_acc", 0.78),
+    ("hard_acc", 0.93),
+    ("reason_acc", 0.80),
 ];
 
 #[test]

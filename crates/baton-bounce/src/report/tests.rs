@@ -249,3 +249,20 @@ fn amazon_ses_notifications_are_read() {
     // Not JSON after all: read as anything else.
     assert!(read(wrap("{\"notificationType\": nonsense").as_bytes(), None).len() <= 1);
 }
+
+#[test]
+fn a_filter_gateways_no_such_user_is_its_verdict_on_the_message() {
+    let raw = "From: <>\r\nX-NAI-Header: Modified by McAfee Email Gateway (4500)\r\n\
+        Subject: Delivery Status Notification\r\n\r\n\
+        a@example.org\r\n    550 No such user\r\n";
+    let r = one(raw);
+    assert_eq!((r.class, r.hard), (Class::OtherPolicy, false));
+    // The same words from a mail server, naming the address as servers answer RCPT: hard.
+    let server = "From: MAILER-DAEMON@mx.example.net\r\nSubject: Returned mail\r\n\r\n\
+        550 <a@example.org>: User unknown\r\n";
+    let r = one(server);
+    assert_eq!(
+        (r.recipient.as_str(), r.class, r.hard),
+        ("a@example.org", Class::InvalidRecipient, true)
+    );
+}
