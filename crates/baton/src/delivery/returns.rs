@@ -44,17 +44,7 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
                     }
                     Err(e) => Reply::local(451, "4.3.0", format!("cannot keep the report: {e}")),
                 };
-                Outcome {
-                    rcpt,
-                    reply,
-                    remote: None,
-                    dsn_passed: true,
-                    local: true,
-                    tls: None,
-                    not_before: None,
-                    hold: false,
-                    source: None,
-                }
+                outcome(rcpt, reply)
             })
             .collect::<Vec<_>>()
     })
@@ -69,17 +59,7 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
         );
         job.rcpts
             .iter()
-            .map(|&rcpt| Outcome {
-                rcpt,
-                reply: reply.clone(),
-                remote: None,
-                dsn_passed: true,
-                local: true,
-                tls: None,
-                not_before: None,
-                hold: false,
-                source: None,
-            })
+            .map(|&rcpt| outcome(rcpt, reply.clone()))
             .collect()
     });
     // What the reports say is in the event log before they leave the queue.
@@ -88,4 +68,19 @@ pub(super) async fn take_reports(ctx: &Arc<DeliveryContext>, job: Job) {
         id: job.message.id,
         outcomes,
     });
+}
+
+/// A report's outcome: read here, not relayed.
+fn outcome(rcpt: u32, reply: Reply) -> Outcome {
+    Outcome {
+        rcpt,
+        reply,
+        remote: None,
+        dsn_passed: true,
+        local: true,
+        tls: None,
+        not_before: None,
+        hold: false,
+        source: None,
+    }
 }
