@@ -320,6 +320,21 @@ mod tests {
                 "550 5.3.0 <a@example.org>: Recipient address rejected: Internal system error",
                 Class::SystemError,
             ),
+            (
+                "5.2.1",
+                "550-5.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered",
+                Class::RateLimited,
+            ),
+            (
+                "5.1.1",
+                "550 5.1.1 <a@example.org>: inactive email address",
+                Class::InactiveMailbox,
+            ),
+            (
+                "4.1.9",
+                "I'm not going to try again; this message has been in the queue too long.",
+                Class::Expired,
+            ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),
             ("", "hello", Class::Uncategorized),
