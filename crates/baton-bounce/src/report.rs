@@ -159,11 +159,11 @@ fn header(head: &str, name: &str) -> Option<String> {
 /// An Amazon SES notification (JSON, as SNS mails it): a delivery, bounce or complaint
 /// with its recipients.
 fn ses_notification(body: &str, extra: Option<&Rules>) -> Option<Vec<Record>> {
-    let line = body
-        .lines()
-        .take(50)
-        .find(|l| l.trim_start().starts_with("{\"notificationType\""))?;
-    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let start = body.find("{\"notificationType\"")?;
+    // The JSON up to the first blank line, unfolded (long lines come folded, as headers are).
+    let json = &body[start..];
+    let json = json.split("\n\n").next().unwrap_or(json).replace("\n ", "");
+    let v: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let record = |recipient: String, status: String, class: Class, diagnostic: String| Record {
         recipient,

@@ -335,6 +335,11 @@ mod tests {
                 "I'm not going to try again; this message has been in the queue too long.",
                 Class::Expired,
             ),
+            (
+                "5.7.25",
+                "550-5.7.25 The IP address sending this message does not have a PTR record setup",
+                Class::Reputation,
+            ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),
             ("", "hello", Class::Uncategorized),
