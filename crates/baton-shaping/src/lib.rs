@@ -212,7 +212,11 @@ impl Shaper {
 
     /// The first backoff rule a reply matches.
     pub fn backoff_for(&self, code: u16, status: &str, text: &str) -> Option<&BackoffRule> {
-        self.backoff.iter().find(|r| r.matches(code, status, text))
+        let class = std::cell::OnceCell::new();
+        let class = || *class.get_or_init(|| rules::reply_class(status, text));
+        self.backoff
+            .iter()
+            .find(|r| r.matches_classed(code, status, text, &class))
     }
 
     /// The rule for a domain known by name alone (before its MX hosts are known).

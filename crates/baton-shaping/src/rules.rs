@@ -31,14 +31,29 @@ pub struct BackoffRule {
 
 impl BackoffRule {
     pub fn matches(&self, code: u16, status: &str, text: &str) -> bool {
+        self.matches_classed(code, status, text, &|| reply_class(status, text))
+    }
+
+    /// [`BackoffRule::matches`], with the reply's class given (worked out once for all the
+    /// rules, and only if one of them asks).
+    pub fn matches_classed(
+        &self,
+        code: u16,
+        status: &str,
+        text: &str,
+        class: &dyn Fn() -> baton_bounce::Class,
+    ) -> bool {
         self.code.is_none_or(|c| c == code)
             && self.status.as_deref().is_none_or(|s| status.starts_with(s))
             && self.pattern.as_ref().is_none_or(|p| p.is_match(text))
-            && self.class.is_none_or(|c| {
-                let status = (!status.is_empty()).then_some(status);
-                baton_bounce::classify_with(None, status, text) == c
-            })
+            && self.class.is_none_or(|c| class() == c)
     }
+}
+
+/// A reply's class by Baton's built-in rules.
+pub fn reply_class(status: &str, text: &str) -> baton_bounce::Class {
+    let status = (!status.is_empty()).then_some(status);
+    baton_bounce::classify_with(None, status, text)
 }
 
 /// "10/s", "500/h": `count` events per `per`.

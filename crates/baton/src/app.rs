@@ -222,25 +222,9 @@ fn bounce_key(config: &Config) -> anyhow::Result<Vec<u8>> {
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("no random numbers for data_dir/bounces.key"))?;
-    write_private(&path, hex::encode(key).as_bytes())
+    crate::auth::write_private(&path, hex::encode(key).as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(key.to_vec())
-}
-
-/// Writes a file only its owner can read, fsynced.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The shaper, with the warm-up ledger in `data_dir` when a source has a warm-up plan.

@@ -100,22 +100,24 @@ pub fn add_user(path: &Path, name: &str, password: &str) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     users.push((name, hash));
-    let tmp = path.with_extension("tmp");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        for (n, h) in &users {
-            writeln!(f, "{n}:{h}")?;
-        }
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    let text: String = users.iter().map(|(n, h)| format!("{n}:{h}\n")).collect();
+    write_private(path, text.as_bytes())?;
     Ok(())
+}
+
+/// Writes a file only its owner can read: a temporary file, fsynced, renamed into place.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// SASL PLAIN (RFC 4616): base64 of `authzid NUL authcid NUL password` → (user, password).

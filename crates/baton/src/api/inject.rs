@@ -324,10 +324,11 @@ fn check_list_unsubscribe(ctx: &Context, request: &InjectRequest) -> Result<(), 
     }
     let has_own = match &request.content {
         Content::Raw(raw) => {
-            let head = raw.split("\r\n\r\n").next().unwrap_or(raw);
-            let head = head.split("\n\n").next().unwrap_or(head);
-            head.lines()
-                .any(|l| l.to_ascii_lowercase().starts_with("list-unsubscribe"))
+            let content = crlf(raw);
+            let head_end = find_blank_line(&content).unwrap_or(content.len());
+            crate::schedule::header_fields(&content[..head_end])
+                .iter()
+                .any(|(n, _)| n.to_ascii_lowercase().starts_with("list-unsubscribe"))
         }
         Content::Parts(p) => p
             .headers

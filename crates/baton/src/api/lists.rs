@@ -187,9 +187,11 @@ fn expires_at(text: &str) -> Option<jiff::Timestamp> {
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
         return Some(t);
     }
-    let back = baton_events::parse_since(text)?;
-    let now = jiff::Timestamp::now();
-    now.checked_add(now.duration_since(back)).ok()
+    let secs = crate::config::parse_duration(text)?;
+    let secs = i64::try_from(secs).ok()?;
+    jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .ok()
 }
 
 /// Adds an entry with its `suppression` event; false if it was there.
