@@ -104,7 +104,7 @@ fn refused_at_rcpt(text: &str) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
     let phase = re(
         &R,
-        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO|recipient name is not recognized|unknown recipient|mailbox unavailable|does(?:n't| not) have an? \S+ account|does not exist|no such (?:user|mailbox|recipient)|invalid recipient|<[^>\s]+@[^>\s]+>:? user unknown|unknown user: \S+@)",
+        r"(?im)in reply to (?:end of )?(DATA|RCPT|MAIL)\b|after (end of data|data\b|RCPT|MAIL)|^>>> (DATA|RCPT|MAIL|\.)[^\n]*\n<<< [45]\d\d|(does not like recipient|recipient address rejected|RCPT TO|\[RCPT_TO\]|recipient name is not recognized|unknown recipient|mailbox unavailable|does(?:n't| not) have an? \S+ account|does not exist|no such (?:user|mailbox|recipient)|invalid recipient|<[^>\s]+@[^>\s]+>:? user unknown|unknown user: \S+@)",
     );
     let Some(m) = phase.captures(text) else {
         return false;
@@ -322,11 +322,16 @@ fn delivery_status(text: &str, extra: Option<&Rules>) -> Vec<Record> {
             status = "2.0.0".into();
         }
         // With its type: "X-Unix; 255" is a local delivery agent's exit code.
-        let context = if diagnostic.is_empty() {
+        let mut context = if diagnostic.is_empty() {
             human_text(text)
         } else {
             raw_diagnostic
         };
+        // The reporter's comment on its status ("4.0.0 (host name lookup failure)").
+        if let Some((_, comment)) = status_field.split_once('(') {
+            context.push(' ');
+            context.push_str(comment.trim_end_matches([')', ' ']));
+        }
         records.push(record(
             recipient, status, &context, diagnostic, &action, extra,
         ));
@@ -603,12 +608,15 @@ fn record(
     );
     // A temporary status on a final failure: the queue gave up on it.
     let gave_up = action.starts_with("failed") && status.starts_with('4');
+    let delayed = action.starts_with("delayed");
     let vague = matches!(class, Class::Uncategorized);
-    // A connection failure is temporary: a bounce for one says the queue gave up on it.
-    let final_failure = !action.starts_with("delayed") && !status.starts_with('5');
-    if (vague && (gave_up || action.starts_with("delayed")))
-        || (class == Class::Connection && final_failure)
-    {
+    // A delay notice whose words name no cause (only its status code): still trying.
+    let wordless_delay = delayed && classify_with(extra, None, context) == Class::Uncategorized;
+    // A host that never answered is temporary: a bounce for one says the queue gave up on
+    // it. A connection that was made and then lost is a network error, whenever it happened.
+    let final_failure = !delayed && !status.starts_with('5');
+    let never_answered = class == Class::Connection && !lost_connection(context);
+    if (vague && (gave_up || delayed)) || wordless_delay || (never_answered && final_failure) {
         class = Class::Expired;
     }
     let permanent = match code {
@@ -627,6 +635,16 @@ fn record(
         diagnostic: cut_line(&diagnostic),
         feedback_type: None,
     }
+}
+
+/// Whether the text says a connection was made and then lost (not refused or timed out).
+fn lost_connection(text: &str) -> bool {
+    static R: OnceLock<Regex> = OnceLock::new();
+    re(
+        &R,
+        r"(?i)lost connection|network error|connection (?:reset|dropped|closed)",
+    )
+    .is_match(text)
 }
 
 /// The first SMTP reply code in `text`.

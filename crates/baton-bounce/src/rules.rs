@@ -340,6 +340,63 @@ mod tests {
                 "550-5.7.25 The IP address sending this message does not have a PTR record setup",
                 Class::Reputation,
             ),
+            ("5.7.9", "554 5.7.9 Header error", Class::Protocol),
+            (
+                "5.5.4",
+                "504 5.5.4 Command parameter not implemented",
+                Class::Protocol,
+            ),
+            (
+                "",
+                "550-Please turn on SMTP Authentication in your mail client.",
+                Class::AuthPolicy,
+            ),
+            ("5.7.6", "550 5.7.6 Failed to deliver", Class::AuthPolicy),
+            (
+                "4.7.650",
+                "451 4.7.650 The mail server [192.0.2.25] has been temporarily rate limited due to IP reputation.",
+                Class::Reputation,
+            ),
+            (
+                "5.5.0",
+                "550 domain [example.com] mismatches client ip 192.0.2.225.",
+                Class::Reputation,
+            ),
+            (
+                "",
+                "554 mx.example.org ESMTP not accepting connections",
+                Class::Reputation,
+            ),
+            (
+                "",
+                "550 Client host blocked for spamming issues.",
+                Class::Reputation,
+            ),
+            (
+                "5.0.0",
+                "Connected to 192.0.2.1 but my name was rejected. Remote host said: 501 5.0.0 Invalid domain name",
+                Class::Reputation,
+            ),
+            (
+                "",
+                "550-REJECTED - Blacklisted URL in message.",
+                Class::SpamContent,
+            ),
+            (
+                "4.3.0",
+                "In: RCPT TO:<a@example.org> ORCPT=rfc822;a@example.org Out: 451 4.3.0 Error: queue file write error",
+                Class::SystemError,
+            ),
+            (
+                "5.4.4",
+                "Name service error for name=example.org type=MX: Malformed or unexpected name server reply",
+                Class::Routing,
+            ),
+            (
+                "",
+                "an MX or SRV record indicated no SMTP service",
+                Class::BadDomain,
+            ),
             ("4.4.7", "Delivery time expired", Class::Expired),
             ("2.0.0", "250 2.0.0 OK", Class::Delivered),
             ("", "hello", Class::Uncategorized),

@@ -2,19 +2,19 @@
 //! automatic replies in `../shared/bounce-corpus` (scored by its own `score.py`, with
 //! `docs/bounce-classes.json` mapping Baton's classes to the corpus's reasons).
 //!
-//! The targets are status ≥ 0.97, hard/soft ≥ 0.93, reason ≥ 0.85; the first two are
-//! met, reason is not yet, so this test holds the ground reached (a ratchet: raise the floors as the
-//! rules improve, never lower them). Skipped, by name, where the corpus is absent.
+//! The targets are status ≥ 0.97, hard/soft ≥ 0.93, reason ≥ 0.85; all three are met,
+//! and this test holds the ground reached (a ratchet: raise the floors as the rules improve,
+//! never lower them below the targets). Skipped, by name, where the corpus is absent.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// What the classifier reaches now (2026-12-03: 0.9812 / 0.9321 / 0.8256): status and
-/// hard/soft at the targets, reason below.
+/// What the classifier reaches now (2026-12-03: 0.9812 / 0.9367 / 0.8642), each at or above
+/// its target.
 const FLOORS: [(&str, f64); 3] = [
     ("status_acc", 0.98),
     ("hard_acc", 0.93),
-    ("reason_acc", 0.82),
+    ("reason_acc", 0.86),
 ];
 
 #[test]

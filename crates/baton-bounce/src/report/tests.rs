@@ -266,3 +266,49 @@ fn a_filter_gateways_no_such_user_is_its_verdict_on_the_message() {
         ("a@example.org", Class::InvalidRecipient, true)
     );
 }
+
+#[test]
+fn delays_lost_connections_and_status_comments() {
+    // A delay notice that names no cause in words is expiry in the making, whatever its code.
+    let delayed = dsn(
+        "Your message has not been delivered yet. The server will keep trying.",
+        "Final-Recipient: rfc822; slow@example.org\r\nAction: delayed\r\n\
+         Status: 4.4.0 (other or undefined network or routing status)\r\n",
+    );
+    assert_eq!(one(&delayed).class, Class::Expired);
+    // The reporter's comment on its status is read when nothing else says why.
+    let named = delayed.replace(
+        "(other or undefined network or routing status)",
+        "(mx.example.org: host name lookup failure)",
+    );
+    assert_eq!(one(&named).class, Class::Routing);
+    let disabled = dsn(
+        "Delivery failed.",
+        "Final-Recipient: rfc822; old@example.org\r\nAction: failed\r\n\
+         Status: 5.2.1 (mailbox disabled, not accepting messages)\r\n",
+    );
+    assert_eq!(one(&disabled).class, Class::InactiveMailbox);
+    // A host that never answered, reported as failed: the queue gave up (expiry). A
+    // connection that was made and then lost is a network error.
+    let timed_out = dsn(
+        "Delivery failed.",
+        "Final-Recipient: rfc822; far@example.org\r\nAction: failed\r\nStatus: 4.4.1\r\n\
+         Diagnostic-Code: X-Postfix; connect to mx.example.org[192.0.2.1]:25: Connection timed out\r\n",
+    );
+    assert_eq!(one(&timed_out).class, Class::Expired);
+    let lost = timed_out.replace(
+        "connect to mx.example.org[192.0.2.1]:25: Connection timed out",
+        "lost connection with mx.example.org[192.0.2.1] while performing the HELO handshake",
+    );
+    assert_eq!(one(&lost).class, Class::Connection);
+}
+
+#[test]
+fn yahoos_phase_marker_counts_as_rcpt() {
+    let raw = "From: MAILER-DAEMON@yahoo.example\r\nSubject: Failure Notice\r\n\r\n\
+        Sorry, we were unable to deliver your message to the following address.\r\n\r\n\
+        <gone@example.org>:\r\nRemote host said: 550 5.2.1 <gone@example.org>... User Unknown [RCPT_TO]\r\n\r\n\
+        --- Below this line is a copy of the message.\r\n\r\nFrom: a@example.net\r\n\r\nhi\r\n";
+    let r = one(raw);
+    assert_eq!((r.class, r.hard), (Class::InvalidRecipient, true), "{r:?}");
+}
