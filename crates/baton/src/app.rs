@@ -71,7 +71,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         config.spool.max_queued_recipients,
     );
     let backpressure = Backpressure::start(thresholds, &config.data_dir, queue.queued());
-    let intake = Intake::new(spool, events.clone(), queue.clone());
+    let intake = Intake::new(spool, events.clone(), queue.clone(), suppressions.clone());
     // Listeners last: once a client can connect, the queue and the control socket are up.
     let http_listener = match &config.http {
         Some(http) => Some(api::bind(http).await?),

@@ -3,12 +3,17 @@
 //! reception events and hand it to the queue manager. The caller acknowledges its client only
 //! after this returns Ok.
 //!
+//! Also the one place intake asks the suppression list whether a recipient may be sent to.
+//!
 //! Owns that hand-over; it must not parse SMTP or HTTP.
+
+use std::sync::Arc;
 
 use baton_events::{EventKind, Events};
 use baton_spool::{BodyWriter, Envelope, QueueId, Spool, SpoolError, StoredMessage};
 
 use crate::qmgr::QueueHandle;
+use crate::suppression::{Entry, Suppressions};
 
 /// The handles intake needs: the spool to commit to, the event log, the queue manager.
 /// Cheap to clone; sessions and the API each hold one.
@@ -17,15 +22,45 @@ pub struct Intake {
     spool: Spool,
     events: Events,
     queue: QueueHandle,
+    suppressions: Arc<Suppressions>,
 }
 
 impl Intake {
-    pub fn new(spool: Spool, events: Events, queue: QueueHandle) -> Intake {
+    pub fn new(
+        spool: Spool,
+        events: Events,
+        queue: QueueHandle,
+        suppressions: Arc<Suppressions>,
+    ) -> Intake {
         Intake {
             spool,
             events,
             queue,
+            suppressions,
         }
+    }
+
+    /// The live suppression entry that keeps `recipient` of a message from `tenant` (and
+    /// `campaign`, if any) from being sent, as a `suppression` event; None when it may go.
+    pub fn suppressed(
+        &self,
+        recipient: &str,
+        sender: &str,
+        tenant: Option<&str>,
+        campaign: Option<&str>,
+    ) -> Option<Entry> {
+        let entry = self.suppressions.find(recipient, tenant, campaign)?;
+        let mut e = self
+            .events
+            .new_event(EventKind::Suppression, "", recipient, sender);
+        e.response = Some(format!(
+            "not sent: the address is on the suppression list ({}: {})",
+            entry.scope, entry.reason
+        ));
+        e.campaign = campaign.map(str::to_string);
+        e.tenant = tenant.map(str::to_string);
+        self.events.emit(e);
+        Some(entry)
     }
 
     /// A fresh queue id for a message being received.

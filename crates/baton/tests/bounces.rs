@@ -48,7 +48,7 @@ fn server(w: &World, hook_port: u16) -> Server {
         "",
         &format!(
             "[bounces]\ndomain = \"{BOUNCE_DOMAIN}\"\nsecret = \"a-long-bounce-signing-secret\"\n\
-             unsubscribe_url = \"https://mail.sender.test\"\n\
+             unsubscribe_url = \"https://mail.sender.test\"\nlist_unsubscribe_tenants = [\"Beta\"]\n\
              [[webhook]]\nurl = \"http://127.0.0.1:{hook_port}/hook\"\nsecret = \"a-webhook-secret-of-some-length\"\n\
              events = [\"bounce\", \"complaint\", \"auto_reply\", \"unsubscribe\", \"suppression\"]\n"
         ),
@@ -436,6 +436,33 @@ fn one_click_unsubscribes_from_its_list_only() {
 }
 
 #[test]
+fn a_tenant_can_have_list_unsubscribe_by_default() {
+    let (w, mx) = world();
+    let server = server(&w, free_port());
+    for (rcpt, tenant, asked) in [
+        ("by-default@dest.test", "beta", Value::Null),
+        ("declined@dest.test", "beta", json!(false)),
+        ("other-tenant@dest.test", "acme", Value::Null),
+    ] {
+        let mut call = json!({"envelope_sender": "news@sender.test", "tenant": tenant,
+            "content": "Subject: x\r\n\r\nx\r\n", "recipients": [{"email": rcpt}]});
+        if !asked.is_null() {
+            call["list_unsubscribe"] = asked;
+        }
+        let r = post(server.http, "/api/v1/inject", &call);
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    mx.wait_for(3, 30);
+    let has_fields = |rcpt: &str| {
+        let (_, body) = received_for(&mx, rcpt);
+        body.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+    };
+    assert!(has_fields("by-default@dest.test"));
+    assert!(!has_fields("declined@dest.test"));
+    assert!(!has_fields("other-tenant@dest.test"));
+}
+
+#[test]
 fn the_suppression_api_pages_filters_and_moves_csv() {
     let (w, _mx) = world();
     let server = server(&w, free_port());
@@ -500,6 +527,77 @@ fn the_suppression_api_pages_filters_and_moves_csv() {
         None,
     );
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn smtp_intake_refuses_or_drops_suppressed_recipients_per_scope() {
+    let (w, mx) = world();
+    let server = server(&w, free_port());
+    let csv = "email,scope,reason,expires\ngone@dest.test,,hard_bounce,\nquiet@dest.test,tenant:acme,unsubscribe,\n";
+    let r = http::request(
+        server.http,
+        None,
+        "POST",
+        "/api/v1/suppressions/import",
+        &[],
+        Some(csv.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut c = server.connect();
+    c.hello();
+    // Globally suppressed: refused at RCPT, saying why.
+    assert_eq!(c.cmd("MAIL FROM:<app@sender.test>").code, 250);
+    let refused = c.cmd("RCPT TO:<gone@dest.test>");
+    assert_eq!(refused.code, 550, "{refused:?}");
+    assert!(
+        refused.text().contains("5.7.1")
+            && refused
+                .text()
+                .contains("suppression list (global: hard_bounce)"),
+        "{refused:?}"
+    );
+    // The tenant's entry is known once X-Baton-Tenant is read: that recipient is dropped, the
+    // other delivered.
+    for rcpt in ["quiet@dest.test", "ok@dest.test"] {
+        assert_eq!(c.cmd(&format!("RCPT TO:<{rcpt}>")).code, 250);
+    }
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"X-Baton-Tenant: acme\r\nSubject: one\r\n\r\nhello\r\n.\r\n");
+    let accepted = c.reply();
+    assert_eq!(accepted.code, 250, "{accepted:?}");
+    let id = accepted.queue_id();
+    // With only suppressed recipients left, the message itself is refused.
+    assert_eq!(c.cmd("MAIL FROM:<app@sender.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<quiet@dest.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"X-Baton-Tenant: acme\r\nSubject: two\r\n\r\nhello\r\n.\r\n");
+    let all_gone = c.reply();
+    assert_eq!(all_gone.code, 550, "{all_gone:?}");
+    assert!(
+        all_gone.text().contains("tenant:acme: unsubscribe"),
+        "{all_gone:?}"
+    );
+    // Another tenant's mail (none here) may still reach the address.
+    let free = c.send_mail(
+        "app@sender.test",
+        &["quiet@dest.test"],
+        b"Subject: three\r\n\r\nhi\r\n",
+    );
+    assert_eq!(free.code, 250, "{free:?}");
+    let got = mx.wait_for(2, 20);
+    let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["ok@dest.test", "quiet@dest.test"], "{got:?}");
+    let received: Vec<String> = server
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "reception" && e["message_id"] == id.as_str())
+        .map(|e| e["recipient"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(received, ["ok@dest.test"]);
+    for rcpt in ["gone@dest.test", "quiet@dest.test"] {
+        server.wait_event(10, |e| e["type"] == "suppression" && e["recipient"] == rcpt);
+    }
 }
 
 /// A webhook receiver that keeps every event posted to it.

@@ -18,9 +18,9 @@ pub(super) struct InjectRequest {
     /// RFC 3339 (or RFC 5322) time before which nothing is sent.
     pub(super) send_at: Option<String>,
     /// Add List-Unsubscribe (an HTTPS one-click link and, with a return-path domain, a mailto)
-    /// and List-Unsubscribe-Post (RFC 8058): one message per recipient.
-    #[serde(default)]
-    pub(super) list_unsubscribe: bool,
+    /// and List-Unsubscribe-Post (RFC 8058): one message per recipient. Unset: the tenant's
+    /// default (`[bounces] list_unsubscribe_tenants`).
+    pub(super) list_unsubscribe: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +120,7 @@ pub(super) async fn inject(
         ));
     }
     normalise_addresses(&mut request)?;
+    request.list_unsubscribe = Some(wants_list_unsubscribe(&ctx, &request));
     let suppressed = leave_out_suppressed(&ctx, &mut request);
     if request.recipients.is_empty() && !suppressed.is_empty() {
         return Ok((
@@ -179,8 +180,8 @@ fn build_all(
             let text = planned.render(request);
             let envelope = envelope_for(ctx, request, shared, planned.rcpts, client);
             let extra = match request.list_unsubscribe {
-                true => list_unsubscribe(ctx, &envelope),
-                false => String::new(),
+                Some(true) => list_unsubscribe(ctx, &envelope),
+                _ => String::new(),
             };
             let bytes = message_bytes(ctx, &envelope, &text, client, &extra)?;
             built = built.saturating_add(bytes.len() as u64);
@@ -286,35 +287,36 @@ pub(super) fn normalise_addresses(request: &mut InjectRequest) -> Result<(), Api
 pub(super) fn leave_out_suppressed(ctx: &Context, request: &mut InjectRequest) -> Vec<String> {
     let mut left_out = Vec::new();
     request.recipients.retain(|r| {
-        let Some(entry) = ctx.suppressions.find(
-            &r.email,
-            request.tenant.as_deref(),
-            request.campaign.as_deref(),
-        ) else {
-            return true;
-        };
-        let mut e = ctx.events.new_event(
-            baton_events::EventKind::Suppression,
-            "",
+        let entry = ctx.intake.suppressed(
             &r.email,
             &request.envelope_sender,
+            request.tenant.as_deref(),
+            request.campaign.as_deref(),
         );
-        e.response = Some(format!(
-            "not sent: the address is on the suppression list ({}: {})",
-            entry.scope, entry.reason
-        ));
-        e.campaign = request.campaign.clone();
-        ctx.events.emit(e);
-        left_out.push(r.email.clone());
-        false
+        if entry.is_some() {
+            left_out.push(r.email.clone());
+        }
+        entry.is_none()
     });
     left_out
+}
+
+/// The call's `list_unsubscribe`, else its tenant's default.
+fn wants_list_unsubscribe(ctx: &Context, request: &InjectRequest) -> bool {
+    request.list_unsubscribe.unwrap_or_else(|| {
+        request.tenant.as_deref().is_some_and(|t| {
+            ctx.config
+                .bounces
+                .list_unsubscribe_tenants
+                .contains(&t.to_ascii_lowercase())
+        })
+    })
 }
 
 /// `list_unsubscribe` needs the public address its links point at, and content that does
 /// not already carry the fields.
 fn check_list_unsubscribe(ctx: &Context, request: &InjectRequest) -> Result<(), ApiError> {
-    if !request.list_unsubscribe {
+    if request.list_unsubscribe != Some(true) {
         return Ok(());
     }
     if ctx.config.bounces.unsubscribe_url.is_none() {
@@ -393,7 +395,7 @@ pub(super) fn plan_injection(
     {
         return Err(bad_request(format!("no [[pool]] named {pool:?}")));
     }
-    if !has_placeholders(&request.content) && !request.list_unsubscribe {
+    if !has_placeholders(&request.content) && request.list_unsubscribe != Some(true) {
         return Ok(vec![Planned {
             rcpts: (0..request.recipients.len()).collect(),
             personal: None,

@@ -55,6 +55,16 @@ impl Validator<'_> {
                 }
             }
         });
+        let unsubscribe_url = raw.unsubscribe_url.and_then(|u| self.unsubscribe_url(u));
+        if let Some(first) = raw.list_unsubscribe_tenants.first()
+            && unsubscribe_url.is_none()
+        {
+            self.error::<()>(
+                first.span(),
+                "list_unsubscribe_tenants needs unsubscribe_url".into(),
+                "set [bounces] unsubscribe_url to the public https address of this server's API",
+            );
+        }
         BouncesConfig {
             domain,
             tenant_domains,
@@ -68,7 +78,12 @@ impl Validator<'_> {
                 .soft_bounce_window
                 .and_then(|d| self.duration(d))
                 .unwrap_or(Duration::from_secs(30 * 86400)),
-            unsubscribe_url: raw.unsubscribe_url.and_then(|u| self.unsubscribe_url(u)),
+            unsubscribe_url,
+            list_unsubscribe_tenants: raw
+                .list_unsubscribe_tenants
+                .iter()
+                .map(|t| t.get_ref().to_ascii_lowercase())
+                .collect(),
         }
     }
 

@@ -183,6 +183,9 @@ pub struct BouncesConfig {
     pub soft_bounce_window: Duration,
     /// Public base URL of the HTTP API for one-click unsubscribe links.
     pub unsubscribe_url: Option<String>,
+    /// Tenants (lower case) whose API injections get List-Unsubscribe unless a call says
+    /// `"list_unsubscribe": false`.
+    pub list_unsubscribe_tenants: std::collections::BTreeSet<String>,
 }
 
 impl BouncesConfig {

@@ -66,6 +66,8 @@ pub(super) struct RawBounces {
     pub(super) soft_bounce_limit: Option<Spanned<u64>>,
     pub(super) soft_bounce_window: Option<Spanned<Quantity>>,
     pub(super) unsubscribe_url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) list_unsubscribe_tenants: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

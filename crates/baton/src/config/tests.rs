@@ -98,6 +98,22 @@ fn unknown_key_and_syntax_errors() {
     assert_eq!(e[0].line, 1);
 }
 
+#[test]
+fn list_unsubscribe_tenants_need_the_unsubscribe_url() {
+    let e = Config::parse("[bounces]\nlist_unsubscribe_tenants = [\"acme\"]\n").unwrap_err();
+    assert_eq!((e.len(), e[0].line), (1, 2), "{e:?}");
+    assert!(e[0].message.contains("unsubscribe_url"), "{}", e[0].message);
+    let c = Config::parse(
+        "[bounces]\nunsubscribe_url = \"https://mail.example.com/\"\nlist_unsubscribe_tenants = [\"Acme\"]\n",
+    )
+    .unwrap();
+    assert!(c.bounces.list_unsubscribe_tenants.contains("acme"));
+    assert_eq!(
+        c.bounces.unsubscribe_url.as_deref(),
+        Some("https://mail.example.com")
+    );
+}
+
 /// A listener with a certificate, a CA file and a DKIM key, none of which exist.
 const MISSING_FILES: &str = "[[listener]]\naddress = \"127.0.0.1:2465\"\nrole = \"submissions\"\n\
     tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\

@@ -318,10 +318,13 @@ impl Session {
         envelope.size = body.len();
         // X-Baton-* controls (send-at, window, tenant) are for the operator's own clients: from
         // anyone else they are mere header fields.
-        if self.relay_allowed()
-            && let Err(reply) = apply_schedule(&mut envelope, &head, &self.ctx.config)
-        {
-            return reply;
+        if self.relay_allowed() {
+            if let Err(reply) = apply_schedule(&mut envelope, &head, &self.ctx.config) {
+                return reply;
+            }
+            if let Some(reply) = self.leave_out_suppressed(&mut envelope) {
+                return reply;
+            }
         }
         match self
             .ctx

@@ -2,6 +2,7 @@
 //! recipients.
 
 use super::*;
+use crate::suppression::Entry;
 
 impl Session {
     pub(super) fn hello(&mut self, host: String, esmtp: bool) -> Reply {
@@ -129,9 +130,7 @@ impl Session {
                 ),
             );
         }
-        let local = rcpt.address == "postmaster"
-            || returns
-            || domain.is_some_and(|d| self.ctx.config.relay.local_domains.contains(&d));
+        let local = self.local_recipient(&rcpt.address);
         if !local && !relay_allowed {
             return Reply::new(
                 554,
@@ -140,6 +139,9 @@ impl Session {
             );
         }
         if let Some(reply) = self.unknown_local_user(&rcpt.address) {
+            return reply;
+        }
+        if !local && let Some(reply) = self.suppressed(&rcpt.address) {
             return reply;
         }
         if let Some(reply) = self.user_rate(&self.ctx.user_recipients, "recipient") {
@@ -174,6 +176,48 @@ impl Session {
         ))
     }
 
+    /// 550 for outbound mail to a globally suppressed address: refused at RCPT, so that the
+    /// client's own bounce tells its sender. Narrower scopes (a tenant's) are known only after
+    /// DATA ([`Session::leave_out_suppressed`]).
+    fn suppressed(&self, address: &str) -> Option<Reply> {
+        let sender = self.tx.as_ref().map_or("", |tx| tx.mail.address.as_str());
+        let entry = self.ctx.intake.suppressed(address, sender, None, None)?;
+        Some(suppressed_reply(address, &entry))
+    }
+
+    /// Takes the outbound recipients suppressed in the message's scopes (its tenant's, from
+    /// X-Baton-Tenant) out of `envelope`: they had their 250 at RCPT, so they are dropped,
+    /// each a `suppression` event. None while some remain; else the reply that refuses it.
+    pub(super) fn leave_out_suppressed(&self, envelope: &mut Envelope) -> Option<Reply> {
+        let tenant = envelope.meta.tenant.as_deref()?;
+        let mut last = None;
+        let sender = &envelope.sender;
+        envelope.recipients.retain(|r| {
+            if self.local_recipient(&r.address) {
+                return true;
+            }
+            let entry = self
+                .ctx
+                .intake
+                .suppressed(&r.address, sender, Some(tenant), None);
+            let keep = entry.is_none();
+            last = entry.map(|e| (r.address.clone(), e)).or(last.take());
+            keep
+        });
+        let (address, entry) = last.filter(|_| envelope.recipients.is_empty())?;
+        Some(suppressed_reply(&address, &entry))
+    }
+
+    /// Whether mail for `address` stays here: the bare postmaster, a local domain, a
+    /// return-path domain.
+    pub(super) fn local_recipient(&self, address: &str) -> bool {
+        let config = &self.ctx.config;
+        address == "postmaster"
+            || domain_of(address).is_some_and(|d| {
+                config.relay.local_domains.contains(&d) || config.bounces.is_return_domain(&d)
+            })
+    }
+
     pub(super) fn relay_allowed(&self) -> bool {
         self.auth_user.is_some() || self.in_relay_networks()
     }
@@ -187,6 +231,20 @@ impl Session {
             .iter()
             .any(|n| n.contains(&ip))
     }
+}
+
+/// 550 5.7.1 for a recipient on the suppression list, with the entry's scope and reason.
+pub(super) fn suppressed_reply(address: &str, entry: &Entry) -> Reply {
+    Reply::new(
+        550,
+        "5.7.1",
+        format!(
+            "<{}>: Recipient address rejected: on the suppression list ({}: {})",
+            printable(address),
+            entry.scope,
+            printable(&entry.reason)
+        ),
+    )
 }
 
 /// The local parts a return-path domain takes: signed return paths and unsubscribe addresses
