@@ -116,11 +116,14 @@ pub enum EventKind {
     AutoReply,
     /// A recipient asked to be taken off the list (one-click, mailto or a feedback report).
     Unsubscribe,
+    /// This node lost or regained the cluster's Redis (`[cluster]`): limits are local or
+    /// shared again.
+    Cluster,
 }
 
 impl EventKind {
     /// Every kind, in the order the documentation lists them.
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::Reception,
         EventKind::Delivery,
         EventKind::TransientFailure,
@@ -136,6 +139,7 @@ impl EventKind {
         EventKind::Complaint,
         EventKind::AutoReply,
         EventKind::Unsubscribe,
+        EventKind::Cluster,
     ];
 
     /// The `type` field's value.
@@ -156,6 +160,7 @@ impl EventKind {
             EventKind::Complaint => "complaint",
             EventKind::AutoReply => "auto_reply",
             EventKind::Unsubscribe => "unsubscribe",
+            EventKind::Cluster => "cluster",
         }
     }
 

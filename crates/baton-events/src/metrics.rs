@@ -54,6 +54,31 @@ static RECEIVED: AtomicU64 = AtomicU64::new(0);
 static DELIVERED: AtomicU64 = AtomicU64::new(0);
 static BOUNCED: AtomicU64 = AtomicU64::new(0);
 static DEPTH: AtomicI64 = AtomicI64::new(0);
+static CONNECTIONS_IN: AtomicI64 = AtomicI64::new(0);
+static CONNECTIONS_OUT: AtomicI64 = AtomicI64::new(0);
+
+/// This process's running figures, for the cluster heartbeat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub received: u64,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub queue: u64,
+    pub connections_in: u64,
+    pub connections_out: u64,
+}
+
+pub fn totals() -> Totals {
+    let positive = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
+    Totals {
+        received: RECEIVED.load(Ordering::Relaxed),
+        delivered: DELIVERED.load(Ordering::Relaxed),
+        bounced: BOUNCED.load(Ordering::Relaxed),
+        queue: positive(&DEPTH),
+        connections_in: positive(&CONNECTIONS_IN),
+        connections_out: positive(&CONNECTIONS_OUT),
+    }
+}
 
 /// One sample every `SAMPLE_EVERY`, the last hour of them.
 pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -157,7 +182,18 @@ pub fn queue_depth(delta: i64) {
     }
 }
 
+/// Whether this node reaches the cluster's Redis, and how many nodes it last saw alive.
+pub fn cluster(up: bool, nodes: u32) {
+    metrics::gauge!("baton_cluster_up").set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!("baton_cluster_nodes").set(f64::from(nodes));
+}
+
 pub fn connection(direction: &'static str, opened: bool) {
+    let count = match direction {
+        "inbound" => &CONNECTIONS_IN,
+        _ => &CONNECTIONS_OUT,
+    };
+    count.fetch_add(if opened { 1 } else { -1 }, Ordering::Relaxed);
     let gauge = metrics::gauge!("baton_connections", "direction" => direction);
     if opened {
         gauge.increment(1.0);

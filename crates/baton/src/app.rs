@@ -43,6 +43,8 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     let trust =
         Arc::new(Trust::load(config.delivery.tls_ca_file.as_deref()).map_err(anyhow::Error::msg)?);
     start_webhooks(&config, &events, &trust, stop.clone())?;
+    let (fleet_changes, changes_in) = tokio::sync::mpsc::unbounded_channel();
+    let fleet = crate::cluster::start(&config, &events, fleet_changes);
     let suppressions =
         Arc::new(Suppressions::open(&config.data_dir).context("cannot read the suppression list")?);
     let tokens = Arc::new(crate::returns::token::Tokens::new(&bounce_key(&config)?));
@@ -59,7 +61,12 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         events.clone(),
         suppressions.clone(),
         services,
+        fleet.as_ref().map(|f| f.out.clone()),
     )?;
+    if let Some(fleet) = &fleet {
+        suppressions.share_with(fleet.out.clone());
+    }
+    crate::cluster::apply_fleet_changes(changes_in, queue.clone(), suppressions.clone());
     tokio::spawn({
         let queue = queue.clone();
         async move { queue.recover(replay).await }
@@ -93,6 +100,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
             suppressions,
             backpressure,
             returns,
+            cluster: fleet.map(|f| f.cluster),
         };
         api::serve(Arc::new(ctx), listener, stop.clone());
     }

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backpressure;
 pub mod bounce;
 pub mod bounces;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod delivery;

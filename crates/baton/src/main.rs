@@ -83,6 +83,13 @@ enum Cmd {
         #[command(subcommand)]
         command: BounceCmd,
     },
+    /// The fleet of nodes sharing one Redis ([cluster]).
+    Cluster {
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
     /// Look into the queue.
     Queue {
         #[arg(long, value_name = "FILE", global = true)]
@@ -90,6 +97,17 @@ enum Cmd {
         #[command(subcommand)]
         command: QueueCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Every node's last heartbeat: state, queue, connections, rates.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a node removed for good out of the fleet's view.
+    Forget { node: String },
 }
 
 #[derive(Subcommand)]
@@ -260,6 +278,9 @@ fn main() -> ExitCode {
             config,
             command: UserCmd::Add { name },
         } => load_config(config.as_deref()).and_then(|c| add_user(&c, &name)),
+        Cmd::Cluster { config, command } => {
+            load_config(config.as_deref()).and_then(|c| cluster_command(&c, command))
+        }
         Cmd::Resume {
             destination,
             config,
@@ -389,6 +410,13 @@ fn ask(
 fn print(reply: &Reply) -> anyhow::Result<()> {
     println!("{}", reply.to_json());
     Ok(())
+}
+
+fn cluster_command(config: &Config, command: ClusterCmd) -> anyhow::Result<()> {
+    match command {
+        ClusterCmd::Status { json } => baton::cluster::status_command(config, json),
+        ClusterCmd::Forget { node } => baton::cluster::forget_command(config, &node),
+    }
 }
 
 fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {

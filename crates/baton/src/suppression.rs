@@ -189,6 +189,8 @@ pub struct Suppressions {
     path: PathBuf,
     entries: Mutex<HashMap<Key, Entry>>,
     soft: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// With `[cluster]`: where this node's own changes go, to be shared with the fleet.
+    fleet: OnceLock<tokio::sync::mpsc::UnboundedSender<baton_cluster::FleetChange>>,
 }
 
 impl Suppressions {
@@ -216,6 +218,7 @@ impl Suppressions {
             path,
             entries: Mutex::new(entries),
             soft: Mutex::new(HashMap::new()),
+            fleet: OnceLock::new(),
         })
     }
 
@@ -265,9 +268,43 @@ impl Suppressions {
         self.insert(Entry::new(email, &Scope::Global, reason))
     }
 
+    /// From now on, every change made on this node goes to `fleet` too ([`Self::apply_from_fleet`]
+    /// takes the other nodes' changes).
+    pub fn share_with(
+        &self,
+        fleet: tokio::sync::mpsc::UnboundedSender<baton_cluster::FleetChange>,
+    ) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Another node's change, kept here without sharing it back.
+    pub fn apply_from_fleet(&self, change: &baton_cluster::SuppressionChange) {
+        let Ok(line) = serde_json::from_str::<LogLine>(&change.entry) else {
+            tracing::warn!(key = %change.key, "an unreadable suppression entry from the fleet");
+            return;
+        };
+        if change.removed || line.removed {
+            self.remove_here(&line.entry.email, &line.entry.scope);
+        } else {
+            self.insert_here(line.entry);
+        }
+    }
+
     /// Adds an entry; false if its address was already suppressed in its scope (an expired
     /// entry is replaced).
     pub fn insert(&self, entry: Entry) -> bool {
+        let shared = self.fleet.get().map(|_| entry.clone());
+        let added = self.insert_here(entry);
+        if added && let Some(entry) = shared {
+            self.share(LogLine {
+                removed: false,
+                entry,
+            });
+        }
+        added
+    }
+
+    fn insert_here(&self, entry: Entry) -> bool {
         let k = key(&entry.email, &entry.scope);
         let mut entries = self.lock();
         if entries
@@ -291,15 +328,41 @@ impl Suppressions {
 
     /// Removes an entry of `scope`; false if it was not there.
     pub fn remove_in(&self, email: &str, scope: &Scope) -> bool {
-        let mut entries = self.lock();
-        let Some(entry) = entries.remove(&key(email, &scope.to_string())) else {
+        let Some(entry) = self.remove_here(email, &scope.to_string()) else {
             return false;
         };
-        self.append(&LogLine {
+        self.share(LogLine {
             removed: true,
             entry,
         });
         true
+    }
+
+    fn remove_here(&self, email: &str, scope: &str) -> Option<Entry> {
+        let mut entries = self.lock();
+        let entry = entries.remove(&key(email, scope))?;
+        self.append(&LogLine {
+            removed: true,
+            entry: entry.clone(),
+        });
+        Some(entry)
+    }
+
+    /// Sends a change made here to the fleet, when there is one.
+    fn share(&self, line: LogLine) {
+        let Some(fleet) = self.fleet.get() else {
+            return;
+        };
+        let Ok(entry) = serde_json::to_string(&line) else {
+            return;
+        };
+        let _ = fleet.send(baton_cluster::FleetChange::Suppression(
+            baton_cluster::SuppressionChange {
+                key: format!("{}|{}", line.entry.scope, line.entry.email),
+                entry,
+                removed: line.removed,
+            },
+        ));
     }
 
     /// Every entry, by scope then address.

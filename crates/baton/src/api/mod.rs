@@ -35,12 +35,14 @@ use crate::intake::Intake;
 use crate::operator::{ControlError, OperatorCommand};
 
 mod compose;
+mod fleet;
 mod inject;
 mod lists;
 mod operate;
 mod read;
 
 use compose::*;
+use fleet::*;
 use inject::*;
 use lists::*;
 use operate::*;
@@ -97,6 +99,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/suppressions/import"),
     ("get", "/unsubscribe/{token}"),
     ("post", "/unsubscribe/{token}"),
+    ("get", "/api/v1/cluster"),
 ];
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -115,6 +118,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/", get(dashboard))
         .route(
@@ -153,6 +157,8 @@ pub struct Context {
     pub backpressure: Arc<crate::backpressure::Backpressure>,
     /// Unsubscribe links: made at injection, applied by the one-click POST.
     pub returns: Arc<crate::returns::Returns>,
+    /// The fleet's view, with `[cluster]`.
+    pub cluster: Option<baton_cluster::Cluster>,
 }
 
 /// Binds the API's address (before the SMTP listeners: once mail can come in, so can API

@@ -34,6 +34,7 @@ pub use baton_shaping::{Pool, Source};
 pub use baton_units::{human_duration, parse_duration, parse_size};
 
 mod bounces;
+mod cluster;
 mod delivery;
 mod error;
 mod files;
@@ -158,6 +159,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     pub dkim: Vec<DkimConfig>,
     pub bounces: BouncesConfig,
+    /// `[cluster]`: None runs a single node, as without Redis.
+    pub cluster: Option<baton_cluster::ClusterConfig>,
     /// The certificates, keys and CA file named above, each with the line naming it: read by
     /// [`Config::check_files`], never by parsing.
     pub files: Vec<NamedFile>,

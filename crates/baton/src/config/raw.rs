@@ -51,6 +51,24 @@ pub(super) struct RawConfig {
     pub(super) dkim: Vec<RawDkim>,
     #[serde(default)]
     pub(super) bounces: RawBounces,
+    pub(super) cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis: Option<Spanned<RedisUrls>>,
+    pub(super) node: Option<Spanned<String>>,
+    pub(super) heartbeat: Option<Spanned<Quantity>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) fallback_nodes: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RedisUrls {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize, Default)]

@@ -25,7 +25,7 @@ fn webhook_events_are_event_kinds() {
         Some(
             "types: reception, delivery, transient_failure, bounce, expiration, dsn_queued, \
              bounce_dropped, shaping, deleted, held, suppression, operator, complaint, \
-             auto_reply, unsubscribe"
+             auto_reply, unsubscribe, cluster"
         )
     );
 }
@@ -112,6 +112,40 @@ fn list_unsubscribe_tenants_need_the_unsubscribe_url() {
         c.bounces.unsubscribe_url.as_deref(),
         Some("https://mail.example.com")
     );
+}
+
+#[test]
+fn cluster_takes_one_url_or_several_and_names_the_node() {
+    assert!(Config::defaults().cluster.is_none());
+    let c = Config::parse(
+        "hostname = \"mx1.example.com\"\n[cluster]\nredis = \"redis://10.0.0.5:6379\"\n",
+    )
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.redis, ["redis://10.0.0.5:6379"]);
+    assert_eq!(cluster.node, "mx1.example.com", "the hostname by default");
+    assert_eq!(cluster.heartbeat, Duration::from_secs(1));
+    assert_eq!(
+        (cluster.prefix.as_str(), cluster.fallback_nodes),
+        ("baton", None)
+    );
+    let c = Config::parse(
+        "[cluster]\nredis = [\"redis://a:6379\", \"redis+unix:///run/redis.sock\"]\nnode = \"n-2\"\n\
+         heartbeat = \"2s\"\nfallback_nodes = 4\nprefix = \"fleet1\"\n",
+    )
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.redis.len(), 2);
+    assert_eq!(
+        (cluster.node.as_str(), cluster.fallback_nodes),
+        ("n-2", Some(4))
+    );
+    let e = Config::parse("[cluster]\nnode = \"a\"\n").unwrap_err();
+    assert!(e[0].message.contains("needs redis"), "{e:?}");
+    let e = Config::parse("[cluster]\nredis = \"http://a:6379\"\n").unwrap_err();
+    assert_eq!(e[0].line, 2, "{e:?}");
+    let e = Config::parse("[cluster]\nredis = \"redis://a\"\nnode = \"bad name\"\n").unwrap_err();
+    assert_eq!(e[0].line, 3, "{e:?}");
 }
 
 /// A listener with a certificate, a CA file and a DKIM key, none of which exist.

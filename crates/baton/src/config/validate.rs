@@ -139,6 +139,7 @@ impl Validator<'_> {
         let webhooks = self.each(raw.webhook, Self::webhook);
         let submission = self.submission(raw.submission, sender_policy);
         let bounces = self.bounces(raw.bounces);
+        let cluster = self.cluster(raw.cluster, &hostname);
         self.default_pool_exists(&delivery, &pools);
         Config {
             hostname,
@@ -164,6 +165,7 @@ impl Validator<'_> {
             local,
             routes,
             bounces,
+            cluster,
             files: std::mem::take(&mut self.files),
         }
     }

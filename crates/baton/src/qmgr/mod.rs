@@ -53,6 +53,8 @@ pub struct QueueHandle {
     tx: mpsc::UnboundedSender<Submission>,
     control: mpsc::UnboundedSender<Commanded>,
     queued: Arc<AtomicU64>,
+    /// With `[cluster]`: operator suspensions made here go to the fleet.
+    fleet: Option<tokio::sync::mpsc::UnboundedSender<baton_cluster::FleetChange>>,
 }
 
 /// What comes into the queue.
@@ -107,14 +109,43 @@ impl QueueHandle {
         let _ = self.tx.send(Submission::RecoveryDone);
     }
 
-    /// Carries out an operator's command in the queue manager and returns its answer.
+    /// Carries out an operator's command in the queue manager and returns its answer; a
+    /// suspension or resumption that succeeded is shared with the fleet too.
     pub async fn control(&self, command: OperatorCommand) -> Answer {
+        let shared = self.fleet.as_ref().zip(fleet_suspension(&command));
+        let answer = self.control_here(command).await;
+        if let (Ok(_), Some((fleet, suspension))) = (&answer, shared) {
+            let _ = fleet.send(baton_cluster::FleetChange::Suspension(suspension));
+        }
+        answer
+    }
+
+    /// Carries out a command on this node only (one the fleet shared with it).
+    pub async fn control_here(&self, command: OperatorCommand) -> Answer {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.control.send((command, tx)).is_err() {
             return Err(ControlError::new("the queue manager has stopped"));
         }
         rx.await
             .unwrap_or_else(|_| Err(ControlError::new("no answer from the queue manager")))
+    }
+}
+
+/// The fleet-wide form of a suspension or resumption; None for other commands.
+fn fleet_suspension(command: &OperatorCommand) -> Option<baton_cluster::Suspension> {
+    match command {
+        OperatorCommand::Suspend {
+            destination,
+            seconds,
+        } => Some(baton_cluster::Suspension {
+            destination: destination.text.clone(),
+            until_ms: now_ms().saturating_add(seconds.seconds().saturating_mul(1000)),
+        }),
+        OperatorCommand::Resume { destination } => Some(baton_cluster::Suspension {
+            destination: destination.text.clone(),
+            until_ms: 0,
+        }),
+        _ => None,
     }
 }
 
@@ -242,6 +273,7 @@ impl QueueManager {
         events: Events,
         suppressions: Arc<crate::suppression::Suppressions>,
         services: Services,
+        fleet: Option<tokio::sync::mpsc::UnboundedSender<baton_cluster::FleetChange>>,
     ) -> anyhow::Result<QueueHandle> {
         let (tx, submissions) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
@@ -284,6 +316,7 @@ impl QueueManager {
             tx,
             control: control_tx,
             queued,
+            fleet,
         })
     }
 

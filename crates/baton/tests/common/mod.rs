@@ -7,6 +7,7 @@ pub mod dns;
 pub mod http;
 pub mod mx;
 pub mod pki;
+pub mod redis;
 pub mod world;
 
 use std::io::{BufRead, BufReader, Read, Write};

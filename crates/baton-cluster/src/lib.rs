@@ -1,0 +1,86 @@
+//! Baton's cluster link: several nodes, each with its own spool, share one Redis.
+//!
+//! Owns the Redis connection (connect, reconnect with backoff, degraded state), the node's
+//! heartbeat and the fleet's view ([`read_fleet`]); the shared limits are built on [`Cluster::conn`].
+//! It must not touch the spool, SMTP or the event log: the server watches [`Cluster::health`]
+//! and turns its changes into events and metrics.
+//!
+//! Without Redis (not configured, or down) nothing here blocks mail: callers get `None` and
+//! use their local limits, divided by [`local_share`].
+
+mod fleet;
+mod link;
+mod ops;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use fleet::{NodeReport, forget_node, read_fleet};
+pub use link::{Cluster, Health};
+pub use ops::{FleetChange, SuppressionChange, Suspension};
+
+/// `[cluster]` as the server uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Redis URLs, tried in turn (`redis://host:port/db`, `rediss://`, `redis+unix://`).
+    pub redis: Vec<String>,
+    /// This node's name, unique in the fleet.
+    pub node: String,
+    /// How often the node reports itself; a node silent for three beats is down.
+    pub heartbeat: Duration,
+    /// Key prefix, so that several fleets can share one Redis.
+    pub prefix: String,
+    /// While Redis is down, shared limits are divided by this many nodes; None: by the number
+    /// of nodes last seen alive.
+    pub fallback_nodes: Option<u32>,
+}
+
+/// What the server tells the fleet about itself at each heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalStats {
+    /// Recipients queued.
+    pub queue: u64,
+    /// Open SMTP connections, inbound and outbound.
+    pub connections_in: u64,
+    pub connections_out: u64,
+    /// Recipients delivered and bounced since start (rates are worked out from two beats).
+    pub delivered: u64,
+    pub bounced: u64,
+}
+
+/// Where the server's figures come from (called once per heartbeat).
+pub type StatsSource = Arc<dyn Fn() -> LocalStats + Send + Sync>;
+
+/// The part of a fleet-wide `limit` one node may use on its own while Redis is down: the limit
+/// divided by the nodes it was shared with (at least one), never below one unit for a
+/// positive limit, so that a degraded fleet slows down but does not stop.
+pub fn local_share(limit: u64, nodes_seen: u32, configured: Option<u32>) -> u64 {
+    if limit == 0 {
+        return 0;
+    }
+    let nodes = u64::from(configured.unwrap_or(nodes_seen).max(1));
+    (limit / nodes).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_degraded_node_takes_its_share_of_a_shared_limit() {
+        assert_eq!(local_share(12, 3, None), 4);
+        assert_eq!(
+            local_share(12, 0, None),
+            12,
+            "no node seen yet: the whole limit"
+        );
+        assert_eq!(local_share(12, 3, Some(4)), 3, "the configured count wins");
+        assert_eq!(local_share(2, 5, None), 1, "never below one");
+        assert_eq!(local_share(0, 5, None), 0);
+        assert_eq!(
+            local_share(10, 3, None),
+            3,
+            "rounded down: never over the limit"
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! The connection to Redis and the heartbeat: one supervising task connects (each URL in
+//! turn), beats every `heartbeat`, and on any error drops the connection, says so through
+//! [`Health`] and reconnects with backoff (0.1 s doubling to 5 s).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
+
+use crate::fleet::{self, NodeReport, now_ms};
+use crate::ops::{self, FleetChange};
+use crate::{ClusterConfig, LocalStats, StatsSource};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait for a connection or a heartbeat's answer.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether this node shares the fleet's limits now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub up: bool,
+    /// Nodes alive at the last good heartbeat, this one included (0 before the first).
+    pub nodes_seen: u32,
+    /// Why Redis cannot be used, while it cannot (None before the first attempt ends).
+    pub error: Option<String>,
+}
+
+/// A handle on the cluster link; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    health: watch::Sender<Health>,
+    /// Where the changes other nodes share go.
+    changes: UnboundedSender<FleetChange>,
+}
+
+impl Cluster {
+    /// Starts the link in the background; it never fails: with Redis down the node runs
+    /// degraded until it comes back. What the fleet shares (what is live when the link comes
+    /// up, then each change another node makes) goes to `changes`.
+    pub fn start(
+        config: ClusterConfig,
+        stats: StatsSource,
+        version: &str,
+        changes: UnboundedSender<FleetChange>,
+    ) -> Cluster {
+        let (health, _) = watch::channel(Health {
+            up: false,
+            nodes_seen: 0,
+            error: None,
+        });
+        let inner = Arc::new(Inner {
+            config,
+            conn: Mutex::new(None),
+            health,
+            changes,
+        });
+        let me = Cluster { inner };
+        tokio::spawn(supervise(me.clone(), stats, version.to_string()));
+        me
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.inner.config
+    }
+
+    /// Changes of [`Health`], as they happen.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.inner.health.subscribe()
+    }
+
+    /// The live connection, or None while degraded (use local limits then).
+    pub fn conn(&self) -> Option<MultiplexedConnection> {
+        self.lock().clone()
+    }
+
+    /// Every node Redis knows of, alive or not, by name.
+    pub async fn fleet(&self) -> Result<Vec<NodeReport>, String> {
+        let mut conn = self.conn().ok_or_else(|| {
+            let why = self.inner.health.borrow().error.clone();
+            why.unwrap_or_else(|| "not connected yet".into())
+        })?;
+        fleet::read(&mut conn, &self.inner.config.prefix).await
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_health(&self, health: Health) {
+        self.inner.health.send_if_modified(|h| {
+            let changed = *h != health;
+            *h = health;
+            changed
+        });
+    }
+}
+
+/// Connects to the first URL that answers.
+pub(crate) async fn connect(
+    urls: &[String],
+) -> Result<(redis::Client, MultiplexedConnection), String> {
+    let mut why = String::from("no redis URL");
+    for url in urls {
+        let attempt = async {
+            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+            let conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((client, conn))
+        };
+        match tokio::time::timeout(TIMEOUT, attempt).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => why = format!("{url}: {e}"),
+            Err(_) => why = format!("{url}: no answer within {} s", TIMEOUT.as_secs()),
+        }
+    }
+    Err(why)
+}
+
+async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
+    let started_ms = now_ms();
+    let mut backoff = MIN_BACKOFF;
+    let mut last = Beat::default();
+    loop {
+        let error = match connect(&cluster.inner.config.redis).await {
+            Ok((client, conn)) => {
+                *cluster.lock() = Some(conn.clone());
+                let config = &cluster.inner.config;
+                let follower = tokio::spawn(ops::follow(
+                    client,
+                    conn.clone(),
+                    config.prefix.clone(),
+                    config.node.clone(),
+                    cluster.inner.changes.clone(),
+                ));
+                let beats =
+                    beat_until_error(&cluster, conn, &stats, &version, started_ms, &mut last);
+                let why = following(follower, beats).await;
+                *cluster.lock() = None;
+                backoff = MIN_BACKOFF;
+                why
+            }
+            Err(why) => why,
+        };
+        let nodes_seen = cluster.inner.health.borrow().nodes_seen;
+        cluster.set_health(Health {
+            up: false,
+            nodes_seen,
+            error: Some(error),
+        });
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Runs the heartbeat and the channel's follower together; whichever fails first ends both
+/// (the link then reconnects them together).
+async fn following(
+    mut follower: tokio::task::JoinHandle<Result<(), String>>,
+    beats: impl std::future::Future<Output = String>,
+) -> String {
+    let why = tokio::select! {
+        why = beats => why,
+        ended = &mut follower => match ended {
+            Ok(Err(why)) => why,
+            Ok(Ok(())) => "the channel's follower stopped".into(),
+            Err(e) => format!("the channel's follower failed: {e}"),
+        },
+    };
+    follower.abort();
+    why
+}
+
+/// The figures of the previous beat, for rates.
+#[derive(Default)]
+struct Beat {
+    at_ms: u64,
+    stats: LocalStats,
+}
+
+/// Beats until Redis fails; returns why.
+async fn beat_until_error(
+    cluster: &Cluster,
+    mut conn: MultiplexedConnection,
+    stats: &StatsSource,
+    version: &str,
+    started_ms: u64,
+    last: &mut Beat,
+) -> String {
+    let config = &cluster.inner.config;
+    let mut tick = tokio::time::interval(config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        let current = stats();
+        let report = NodeReport::new(
+            config,
+            version,
+            started_ms,
+            now,
+            &current,
+            (last.at_ms, &last.stats),
+        );
+        let beat = fleet::beat(&mut conn, &config.prefix, &report);
+        match tokio::time::timeout(TIMEOUT, beat).await {
+            Ok(Ok(nodes_seen)) => cluster.set_health(Health {
+                up: true,
+                nodes_seen,
+                error: None,
+            }),
+            Ok(Err(e)) => return e,
+            Err(_) => return format!("no answer from redis within {} s", TIMEOUT.as_secs()),
+        }
+        *last = Beat {
+            at_ms: now,
+            stats: current,
+        };
+    }
+}

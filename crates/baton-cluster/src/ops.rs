@@ -1,0 +1,165 @@
+//! What nodes tell each other as it happens: operator suspensions and suppression-list
+//! changes. Each kind has a hash of what is live (`<prefix>:suspensions`, destination →
+//! until in Unix ms; `<prefix>:suppressions`, `scope|email` → the entry's JSON) for nodes that
+//! join or come back, and every change goes out on one channel (`<prefix>:ops`).
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::fleet::now_ms;
+use crate::link::Cluster;
+
+/// A destination suspended until `until_ms` (Unix ms), or resumed (`until_ms` 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// As the operator wrote it: a domain, `pool:NAME` or `tenant:NAME`.
+    pub destination: String,
+    pub until_ms: u64,
+}
+
+/// A suppression-list entry added or removed; the entry stays opaque here (the server's
+/// JSON), keyed by `scope|email`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuppressionChange {
+    pub key: String,
+    pub entry: String,
+    pub removed: bool,
+}
+
+/// One change shared by the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetChange {
+    Suspension(Suspension),
+    Suppression(SuppressionChange),
+}
+
+/// What goes over the channel: the change and the node it came from (which ignores it).
+#[derive(Serialize, Deserialize)]
+struct Notice {
+    node: String,
+    change: FleetChange,
+}
+
+/// Entries read per step when a node catches up on the suppression hash.
+const SCAN_BATCH: usize = 1000;
+
+impl Cluster {
+    /// Tells the fleet of a change made on this node. Err while degraded: the caller keeps
+    /// it and tries again when the link is back.
+    pub async fn share(&self, change: &FleetChange) -> Result<(), String> {
+        let mut conn = self.conn().ok_or("redis unavailable")?;
+        let prefix = &self.config().prefix;
+        let json = serde_json::to_string(&Notice {
+            node: self.config().node.clone(),
+            change: change.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        let mut pipe = redis::pipe();
+        match change {
+            FleetChange::Suspension(s) if s.until_ms == 0 => pipe
+                .cmd("HDEL")
+                .arg(format!("{prefix}:suspensions"))
+                .arg(&s.destination),
+            FleetChange::Suspension(s) => pipe
+                .cmd("HSET")
+                .arg(format!("{prefix}:suspensions"))
+                .arg(&s.destination)
+                .arg(s.until_ms),
+            FleetChange::Suppression(c) if c.removed => pipe
+                .cmd("HDEL")
+                .arg(format!("{prefix}:suppressions"))
+                .arg(&c.key),
+            FleetChange::Suppression(c) => pipe
+                .cmd("HSET")
+                .arg(format!("{prefix}:suppressions"))
+                .arg(&c.key)
+                .arg(&c.entry),
+        };
+        pipe.ignore()
+            .cmd("PUBLISH")
+            .arg(format!("{prefix}:ops"))
+            .arg(json)
+            .ignore();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Feeds `to` what is live in the fleet, then every change another node shares, until the
+/// connection fails (the link starts it again on reconnecting).
+pub(crate) async fn follow(
+    client: redis::Client,
+    mut conn: redis::aio::MultiplexedConnection,
+    prefix: String,
+    node: String,
+    to: UnboundedSender<FleetChange>,
+) -> Result<(), String> {
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    pubsub
+        .subscribe(format!("{prefix}:ops"))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Subscribed first, read second: nothing shared in between is missed.
+    catch_up(&mut conn, &prefix, &to).await?;
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let Ok(payload) = message.get_payload::<String>() else {
+            continue;
+        };
+        match serde_json::from_str::<Notice>(&payload) {
+            Ok(notice) if notice.node != node => {
+                if to.send(notice.change).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "unreadable notice on the cluster channel"),
+        }
+    }
+    Err("the cluster channel closed".into())
+}
+
+/// The live suspensions and every shared suppression entry, a batch at a time.
+async fn catch_up(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    to: &UnboundedSender<FleetChange>,
+) -> Result<(), String> {
+    let live: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}:suspensions"))
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = now_ms();
+    for (destination, until_ms) in live.into_iter().filter(|(_, until)| *until > now) {
+        let _ = to.send(FleetChange::Suspension(Suspension {
+            destination,
+            until_ms,
+        }));
+    }
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(format!("{prefix}:suppressions"))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .query_async(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (key, entry) in batch {
+            let _ = to.send(FleetChange::Suppression(SuppressionChange {
+                key,
+                entry,
+                removed: false,
+            }));
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

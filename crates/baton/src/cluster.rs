@@ -1,0 +1,222 @@
+//! The server's side of `[cluster]`: starts the link ([`baton_cluster::Cluster`]) with this
+//! process's figures for its heartbeat, and turns the link's health into `cluster` events and
+//! the `baton_cluster_up` / `baton_cluster_nodes` gauges.
+//!
+//! Owns that wiring only; the link, the heartbeat and the shared state are baton-cluster's.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use baton_cluster::{Cluster, FleetChange, Health, LocalStats};
+use baton_events::{EventKind, Events};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::config::Config;
+use crate::operator::OperatorCommand;
+use crate::qmgr::QueueHandle;
+use crate::suppression::Suppressions;
+
+/// Changes made here that wait while Redis is unreachable; past this many the oldest are
+/// dropped (and logged): an outage must not grow memory without bound.
+const MAX_BACKLOG: usize = 100_000;
+
+/// The running link, and where this node's own changes go to be shared.
+pub struct Fleet {
+    pub cluster: Cluster,
+    /// Suspensions and suppression changes made here, sent in order, kept while degraded.
+    pub out: UnboundedSender<FleetChange>,
+}
+
+/// Starts the link when `[cluster]` is set; what the other nodes share goes to `incoming`
+/// (see [`apply_fleet_changes`]).
+pub fn start(
+    config: &Config,
+    events: &Events,
+    incoming: UnboundedSender<FleetChange>,
+) -> Option<Fleet> {
+    let cluster_config = config.cluster.clone()?;
+    let stats = Arc::new(|| {
+        let t = baton_events::metrics::totals();
+        LocalStats {
+            queue: t.queue,
+            connections_in: t.connections_in,
+            connections_out: t.connections_out,
+            delivered: t.delivered,
+            bounced: t.bounced,
+        }
+    });
+    tracing::info!(node = %cluster_config.node, redis = ?cluster_config.redis, "joining the cluster");
+    let cluster = Cluster::start(cluster_config, stats, env!("CARGO_PKG_VERSION"), incoming);
+    tokio::spawn(report_health(cluster.clone(), events.clone()));
+    let (out, outgoing) = unbounded_channel();
+    tokio::spawn(forward(cluster.clone(), outgoing));
+    Some(Fleet { cluster, out })
+}
+
+/// Shares this node's changes in order; while Redis is unreachable they wait (at most
+/// [`MAX_BACKLOG`]) and go when it is back.
+async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>) {
+    let mut backlog: VecDeque<FleetChange> = VecDeque::new();
+    let mut health = cluster.health();
+    loop {
+        while let Some(change) = backlog.front() {
+            match cluster.share(change).await {
+                Ok(()) => {
+                    backlog.pop_front();
+                }
+                Err(why) => {
+                    tracing::debug!(%why, waiting = backlog.len(), "changes wait for redis");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            change = outgoing.recv() => {
+                let Some(change) = change else { return };
+                if backlog.len() >= MAX_BACKLOG {
+                    tracing::warn!("redis unreachable for long: the oldest change made here is not shared");
+                    backlog.pop_front();
+                }
+                backlog.push_back(change);
+            }
+            changed = health.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Carries out, on this node only, what the fleet shares: suspensions and resumptions (each a
+/// `shaping` event here, as the operator's own) and suppression-list changes.
+pub fn apply_fleet_changes(
+    mut from: UnboundedReceiver<FleetChange>,
+    queue: QueueHandle,
+    suppressions: Arc<Suppressions>,
+) {
+    tokio::spawn(async move {
+        while let Some(change) = from.recv().await {
+            match change {
+                FleetChange::Suspension(s) => apply_suspension(&queue, s).await,
+                FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
+            }
+        }
+    });
+}
+
+async fn apply_suspension(queue: &QueueHandle, s: baton_cluster::Suspension) {
+    let command = if s.until_ms == 0 {
+        Ok(OperatorCommand::resume(&s.destination))
+    } else {
+        let left_ms = s.until_ms.saturating_sub(baton_spool::now_ms());
+        OperatorCommand::suspend(&s.destination, Some(left_ms.div_ceil(1000).max(1)))
+    };
+    let answer = match command {
+        Ok(command) => queue.control_here(command).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = answer {
+        tracing::warn!(destination = %s.destination, error = %e, "a suspension shared by the fleet was not applied");
+    }
+}
+
+/// One `cluster` event per change between up and degraded (not per reconnect attempt).
+async fn report_health(cluster: Cluster, events: Events) {
+    let mut health = cluster.health();
+    let mut reported: Option<bool> = None;
+    loop {
+        let now = health.borrow_and_update().clone();
+        baton_events::metrics::cluster(now.up, now.nodes_seen);
+        // Once the first attempt has ended, either way: a node that starts degraded says so.
+        let attempted = now.up || now.error.is_some();
+        if attempted && reported != Some(now.up) {
+            let text = describe(&cluster, &now);
+            if now.up {
+                tracing::info!(nodes = now.nodes_seen, "{text}");
+            } else {
+                tracing::warn!("{text}");
+            }
+            let mut e = events.new_event(EventKind::Cluster, "", "", "");
+            e.response = Some(text);
+            events.emit(e);
+            reported = Some(now.up);
+        }
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn describe(cluster: &Cluster, health: &Health) -> String {
+    let node = &cluster.config().node;
+    if health.up {
+        return format!(
+            "node {node}: redis reached; limits shared, {} node(s) alive",
+            health.nodes_seen
+        );
+    }
+    let nodes = cluster
+        .config()
+        .fallback_nodes
+        .unwrap_or(health.nodes_seen)
+        .max(1);
+    format!(
+        "node {node}: redis unavailable ({}); each shared limit divided by {nodes} and kept \
+         locally until it is back",
+        health.error.as_deref().unwrap_or("no reason given")
+    )
+}
+
+/// `baton cluster status`: the fleet, read from Redis itself (it works with this node down).
+pub fn status_command(config: &Config, json: bool) -> anyhow::Result<()> {
+    let Some(cluster) = &config.cluster else {
+        anyhow::bail!("this node is not in a cluster: the config has no [cluster] section");
+    };
+    let nodes = runtime()?
+        .block_on(baton_cluster::read_fleet(cluster))
+        .map_err(|why| anyhow::anyhow!("cannot read the fleet from redis: {why}"))?;
+    if json {
+        println!("{}", serde_json::json!({ "nodes": nodes }));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<6} {:>8} {:>7} {:>7} {:>10} {:>9}  last seen",
+        "node", "state", "queue", "conn in", "out", "deliv/min", "bounce/m"
+    );
+    for n in &nodes {
+        println!(
+            "{:<20} {:<6} {:>8} {:>7} {:>7} {:>10} {:>9}  {}",
+            n.node,
+            if n.alive { "up" } else { "DOWN" },
+            n.queue,
+            n.connections_in,
+            n.connections_out,
+            n.delivered_per_min,
+            n.bounced_per_min,
+            n.last_seen
+        );
+    }
+    if nodes.is_empty() {
+        println!("(no node has reported to this redis yet)");
+    }
+    Ok(())
+}
+
+/// `baton cluster forget NODE`: drops a node removed for good from the fleet's view.
+pub fn forget_command(config: &Config, node: &str) -> anyhow::Result<()> {
+    let Some(cluster) = &config.cluster else {
+        anyhow::bail!("this node is not in a cluster: the config has no [cluster] section");
+    };
+    let removed = runtime()?
+        .block_on(baton_cluster::forget_node(cluster, node))
+        .map_err(|why| anyhow::anyhow!("cannot reach redis: {why}"))?;
+    if removed {
+        println!("{node}: forgotten (it reappears if it is still running)");
+    } else {
+        println!("{node}: no such node");
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
