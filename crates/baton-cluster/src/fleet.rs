@@ -193,6 +193,7 @@ mod tests {
             heartbeat: Duration::from_secs(1),
             prefix: "baton".into(),
             fallback_nodes: None,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 

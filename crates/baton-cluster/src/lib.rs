@@ -9,6 +9,7 @@
 //! use their local limits, divided by [`local_share`].
 
 mod fleet;
+mod leases;
 mod link;
 mod ops;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use fleet::{NodeReport, forget_node, read_fleet};
+pub use leases::{Lease, LeaseGuard, Leases};
 pub use link::{Cluster, Health};
 pub use ops::{FleetChange, SuppressionChange, Suspension};
 
@@ -33,6 +35,9 @@ pub struct ClusterConfig {
     /// While Redis is down, shared limits are divided by this many nodes; None: by the number
     /// of nodes last seen alive.
     pub fallback_nodes: Option<u32>,
+    /// How long a connection lease lasts unrenewed: a dead node's connections stop counting
+    /// against the fleet's caps this long after it died.
+    pub lease_ttl: Duration,
 }
 
 /// What the server tells the fleet about itself at each heartbeat.

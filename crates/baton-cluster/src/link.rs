@@ -77,6 +77,11 @@ impl Cluster {
         self.inner.health.subscribe()
     }
 
+    /// Nodes alive at the last good heartbeat (this one included; 0 before the first).
+    pub fn nodes_seen(&self) -> u32 {
+        self.inner.health.borrow().nodes_seen
+    }
+
     /// The live connection, or None while degraded (use local limits then).
     pub fn conn(&self) -> Option<MultiplexedConnection> {
         self.lock().clone()

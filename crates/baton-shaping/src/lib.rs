@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub mod leases;
 mod limits;
 mod operator;
 pub mod ratelimit;
@@ -67,6 +68,8 @@ pub struct Shaper {
     states: Mutex<HashMap<StateKey, Arc<Limits>>>,
     /// Where warm-up counts outlive a restart (none: in memory only).
     ledger: Option<Arc<crate::warmup::Ledger>>,
+    /// Connection caps shared with other nodes (`[cluster]`); none: this node's alone.
+    leases: Option<Arc<dyn leases::SharedLeases>>,
 }
 
 impl Shaper {
@@ -98,7 +101,14 @@ impl Shaper {
             default,
             states: Mutex::default(),
             ledger: None,
+            leases: None,
         }
+    }
+
+    /// Holds every connection cap across the fleet through `leases`.
+    pub fn with_shared_leases(mut self, leases: Arc<dyn leases::SharedLeases>) -> Shaper {
+        self.leases = Some(leases);
+        self
     }
 
     /// Keeps warm-up counts in `ledger`, so that a restart does not reset them.
@@ -267,7 +277,15 @@ impl Shaper {
                     let key = format!("{} {}", s.name, rule.matcher);
                     Some(Warmup::new(s.warmup.clone()?, key, self.ledger.clone()))
                 });
-                Arc::new(Limits::new(rule, warmup, self.nominal_connections))
+                let shared = self.leases.clone().map(|l| {
+                    let key = format!(
+                        "{} {}",
+                        source.map_or("", |s| s.name.as_str()),
+                        rule.matcher
+                    );
+                    (l, key)
+                });
+                Arc::new(Limits::new(rule, warmup, self.nominal_connections).sharing(shared))
             })
             .clone();
         let mut by_domain = self.by_domain.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,11 +9,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::later;
+use crate::leases::{Leased, SharedLeases};
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
 
 /// Successes in a row that undo one halving of a throttled rate.
 pub(crate) const RECOVERY_RUN: u32 = 10;
+/// How often a connection waiting for a fleet-wide lease asks again (sooner when one of this
+/// node's own connections closes).
+const LEASE_POLL: Duration = Duration::from_millis(100);
 /// The rate a throttle cuts when the rule sets none.
 const NOMINAL_RATE: Duration = Duration::from_millis(100);
 
@@ -53,6 +57,8 @@ impl Pacer {
 /// A connection's place under its limits; given back on drop.
 pub struct ConnectionSlot {
     _permit: Option<OwnedSemaphorePermit>,
+    /// The fleet-wide lease, with `[cluster]`.
+    _lease: Option<Box<dyn Send + Sync>>,
     limits: Arc<Limits>,
 }
 
@@ -81,6 +87,8 @@ pub struct Limits {
     pub(crate) closed: tokio::sync::Notify,
     /// The connection count a throttle cuts when the rule sets no cap.
     pub(crate) nominal_connections: usize,
+    /// The fleet's leases and this rule's key there, with `[cluster]`.
+    pub(crate) shared: Option<(Arc<dyn SharedLeases>, String)>,
 }
 
 impl Limits {
@@ -111,7 +119,15 @@ impl Limits {
             open: Default::default(),
             closed: tokio::sync::Notify::new(),
             nominal_connections,
+            shared: None,
         }
+    }
+
+    /// Holds the connection cap across the fleet through `shared` (the store and this
+    /// rule's key).
+    pub(crate) fn sharing(mut self, shared: Option<(Arc<dyn SharedLeases>, String)>) -> Limits {
+        self.shared = shared;
+        self
     }
 
     /// Counts a transaction's recipients against the warm-up cap, or says when the next period
@@ -233,6 +249,7 @@ impl Limits {
                 _ => break,
             }
         }
+        let lease = self.fleet_lease().await;
         self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(pacer) = &self.connection_pacer {
             loop {
@@ -248,7 +265,30 @@ impl Limits {
         }
         ConnectionSlot {
             _permit: permit,
+            _lease: lease,
             limits: self.clone(),
+        }
+    }
+
+    /// One of the fleet's leases on this rule's connection cap, when the cap is shared: waits
+    /// while all are held; while the store is unreachable, keeps to this node's share.
+    async fn fleet_lease(&self) -> Option<Box<dyn Send + Sync>> {
+        let (leases, key) = self.shared.as_ref()?;
+        let cap = self.rule.max_connections?;
+        loop {
+            match leases.acquire(key, cap).await {
+                Leased::Held(lease) => return Some(lease),
+                Leased::Full => {
+                    let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
+                }
+                Leased::Unavailable => {
+                    let open = self.open.load(std::sync::atomic::Ordering::Relaxed);
+                    if open < leases.local_share(cap) {
+                        return None;
+                    }
+                    let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
+                }
+            }
         }
     }
 

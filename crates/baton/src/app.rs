@@ -43,8 +43,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     let trust =
         Arc::new(Trust::load(config.delivery.tls_ca_file.as_deref()).map_err(anyhow::Error::msg)?);
     start_webhooks(&config, &events, &trust, stop.clone())?;
-    let (fleet_changes, changes_in) = tokio::sync::mpsc::unbounded_channel();
-    let fleet = crate::cluster::start(&config, &events, fleet_changes);
+    let mut fleet = crate::cluster::start(&config, &events);
     let suppressions =
         Arc::new(Suppressions::open(&config.data_dir).context("cannot read the suppression list")?);
     let tokens = Arc::new(crate::returns::token::Tokens::new(&bounce_key(&config)?));
@@ -54,7 +53,10 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         suppressions.clone(),
         events.clone(),
     ));
-    let services = delivery_services(&config, trust, returns.clone())?;
+    let leases = fleet
+        .as_ref()
+        .map(|f| crate::cluster::shared_leases(&f.cluster));
+    let services = delivery_services(&config, trust, returns.clone(), leases)?;
     let queue = QueueManager::start(
         config.clone(),
         spool.clone(),
@@ -63,10 +65,9 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         services,
         fleet.as_ref().map(|f| f.out.clone()),
     )?;
-    if let Some(fleet) = &fleet {
-        suppressions.share_with(fleet.out.clone());
+    if let Some(fleet) = &mut fleet {
+        fleet.join(&queue, &suppressions);
     }
-    crate::cluster::apply_fleet_changes(changes_in, queue.clone(), suppressions.clone());
     tokio::spawn({
         let queue = queue.clone();
         async move { queue.recover(replay).await }
@@ -170,6 +171,7 @@ fn delivery_services(
     config: &Config,
     trust: Arc<Trust>,
     returns: Arc<crate::returns::Returns>,
+    leases: Option<Arc<dyn baton_shaping::leases::SharedLeases>>,
 ) -> anyhow::Result<Services> {
     let mut dkim = HashMap::new();
     for d in &config.dkim {
@@ -196,7 +198,10 @@ fn delivery_services(
     Ok(Services {
         dkim,
         dns: baton_dns::Dns::new(&config.dns)?,
-        shaper: shaper(config),
+        shaper: match leases {
+            Some(leases) => shaper(config).with_shared_leases(leases),
+            None => shaper(config),
+        },
         trust,
         mta_sts,
         returns,

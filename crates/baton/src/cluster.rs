@@ -7,8 +7,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use baton_cluster::{Cluster, FleetChange, Health, LocalStats};
+use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats};
 use baton_events::{EventKind, Events};
+use baton_shaping::leases::{Leased, SharedLeases};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -25,15 +26,23 @@ pub struct Fleet {
     pub cluster: Cluster,
     /// Suspensions and suppression changes made here, sent in order, kept while degraded.
     pub out: UnboundedSender<FleetChange>,
+    /// What the other nodes share, until [`Fleet::join`] takes it.
+    incoming: Option<UnboundedReceiver<FleetChange>>,
 }
 
-/// Starts the link when `[cluster]` is set; what the other nodes share goes to `incoming`
-/// (see [`apply_fleet_changes`]).
-pub fn start(
-    config: &Config,
-    events: &Events,
-    incoming: UnboundedSender<FleetChange>,
-) -> Option<Fleet> {
+impl Fleet {
+    /// Shares the suppression list's changes and applies the fleet's to this node's queue
+    /// manager and list (once the queue is up).
+    pub fn join(&mut self, queue: &QueueHandle, suppressions: &Arc<Suppressions>) {
+        suppressions.share_with(self.out.clone());
+        if let Some(incoming) = self.incoming.take() {
+            apply_fleet_changes(incoming, queue.clone(), suppressions.clone());
+        }
+    }
+}
+
+/// Starts the link when `[cluster]` is set.
+pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
     let cluster_config = config.cluster.clone()?;
     let stats = Arc::new(|| {
         let t = baton_events::metrics::totals();
@@ -46,11 +55,16 @@ pub fn start(
         }
     });
     tracing::info!(node = %cluster_config.node, redis = ?cluster_config.redis, "joining the cluster");
+    let (incoming, incoming_rx) = unbounded_channel();
     let cluster = Cluster::start(cluster_config, stats, env!("CARGO_PKG_VERSION"), incoming);
     tokio::spawn(report_health(cluster.clone(), events.clone()));
     let (out, outgoing) = unbounded_channel();
     tokio::spawn(forward(cluster.clone(), outgoing));
-    Some(Fleet { cluster, out })
+    Some(Fleet {
+        cluster,
+        out,
+        incoming: Some(incoming_rx),
+    })
 }
 
 /// Shares this node's changes in order; while Redis is unreachable they wait (at most
@@ -84,9 +98,48 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
     }
 }
 
+/// The fleet's connection leases, for the shaper: every `max_connections` holds across the
+/// fleet; while Redis is unreachable each node keeps to its share.
+pub fn shared_leases(cluster: &Cluster) -> Arc<dyn SharedLeases> {
+    Arc::new(FleetLeases {
+        leases: Leases::start(cluster.clone()),
+        cluster: cluster.clone(),
+    })
+}
+
+struct FleetLeases {
+    leases: Arc<Leases>,
+    cluster: Cluster,
+}
+
+impl SharedLeases for FleetLeases {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        cap: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Leased> + Send + 'a>> {
+        Box::pin(async move {
+            match self.leases.acquire(key, cap).await {
+                Lease::Held(guard) => Leased::Held(Box::new(guard)),
+                Lease::Full => Leased::Full,
+                Lease::Unavailable => Leased::Unavailable,
+            }
+        })
+    }
+
+    fn local_share(&self, cap: usize) -> usize {
+        let share = baton_cluster::local_share(
+            cap as u64,
+            self.cluster.nodes_seen(),
+            self.cluster.config().fallback_nodes,
+        );
+        usize::try_from(share).unwrap_or(cap)
+    }
+}
+
 /// Carries out, on this node only, what the fleet shares: suspensions and resumptions (each a
 /// `shaping` event here, as the operator's own) and suppression-list changes.
-pub fn apply_fleet_changes(
+fn apply_fleet_changes(
     mut from: UnboundedReceiver<FleetChange>,
     queue: QueueHandle,
     suppressions: Arc<Suppressions>,

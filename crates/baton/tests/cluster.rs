@@ -7,9 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::dns::DnsServer;
 use common::http::{self, get, post};
+use common::mx::{FakeMx, Script, common_port};
 use common::redis::Redis;
+use common::{Client, Server};
 use serde_json::{Value, json};
 
 fn node(redis: &Redis, name: &str) -> Server {
@@ -284,4 +286,121 @@ fn without_cluster_the_view_is_this_node() {
     let out = server.cli(&["cluster", "status"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no [cluster]"));
+}
+
+/// A fake MX for one.test under the site bigmail.test on 127.0.0.2, holding each DATA reply
+/// `hold`; its DNS; and the [[shaping]] and [delivery] lines for a node capped at `cap`.
+fn bigmail(hold: Duration, cap: usize) -> (DnsServer, FakeMx, String) {
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("one.test", 10, "mx1.bigmail.test");
+    dns.a("mx1.bigmail.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            data_delay: hold,
+            ..Script::default()
+        },
+    );
+    let extra = format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n\
+         [[shaping]]\nsite = \"bigmail.test\"\nmax_connections = {cap}\nmax_messages_per_connection = 3\n",
+        dns.config()
+    );
+    (dns, mx, extra)
+}
+
+fn delivering_node(redis: &Redis, name: &str, extra: &str, lease_ttl: u64) -> Server {
+    Server::start_delivering(&format!(
+        "{extra}\n[cluster]\nredis = \"{}\"\nnode = \"{name}\"\nheartbeat = 1\nlease_ttl = {lease_ttl}\n",
+        redis.url()
+    ))
+}
+
+/// Sends `n` messages to one.test through `server` on `threads` connections.
+fn push(server: &Server, n: usize, threads: usize) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|t| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                c.hello();
+                for i in 0..n / threads {
+                    let body = format!("Subject: {t}-{i}\r\n\r\nhi\r\n");
+                    assert_eq!(
+                        c.send_mail("a@sender.test", &["x@one.test"], body.as_bytes())
+                            .code,
+                        250
+                    );
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_site_connection_cap_holds_across_the_fleet() {
+    let redis = Redis::start();
+    let (_dns, mx, extra) = bigmail(Duration::from_millis(60), 4);
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|n| delivering_node(&redis, n, &extra, 10))
+        .collect();
+    for n in &nodes {
+        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
+    }
+    // Each node alone would open 4: 12 at once without the shared leases.
+    let pushes: Vec<_> = nodes.iter().flat_map(|n| push(n, 24, 4)).collect();
+    for p in pushes {
+        p.join().unwrap();
+    }
+    let got = mx.wait_for(72, 120);
+    assert_eq!(got.len(), 72);
+    let (max_active, connections) = (mx.max_active(), mx.connections());
+    eprintln!("72 messages from 3 nodes, {connections} connections, at most {max_active} at once");
+    assert!(
+        max_active <= 4,
+        "the fleet's site cap of 4 was exceeded: {max_active}"
+    );
+    assert!(
+        max_active >= 2,
+        "expected parallel connections, saw {max_active}"
+    );
+}
+
+#[test]
+fn a_killed_nodes_leases_run_out_by_themselves() {
+    let redis = Redis::start();
+    // Connections held for a long time: the cap of 2 stays taken while a lives.
+    let (_dns, mx, extra) = bigmail(Duration::from_secs(30), 2);
+    let mut a = delivering_node(&redis, "a", &extra, 2);
+    let b = delivering_node(&redis, "b", &extra, 2);
+    for n in [&a, &b] {
+        wait_fleet(n, "both up", |f| alive(f) == ["a", "b"]);
+    }
+    for p in push(&a, 4, 2) {
+        p.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mx.max_active() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "a never held its two connections"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.kill9();
+    // b's mail goes once a's leases run out (2 s), not when a's sessions would have ended.
+    for p in push(&b, 1, 1) {
+        p.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while mx.connections() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "b never got a lease: {}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -50,6 +50,7 @@ impl Validator<'_> {
             node,
             heartbeat: self.duration_or(raw.heartbeat, 1),
             prefix,
+            lease_ttl: self.duration_or(raw.lease_ttl, 10),
             fallback_nodes: raw
                 .fallback_nodes
                 .map(|n| self.count(Some(n), 1).min(u64::from(u32::MAX)) as u32),

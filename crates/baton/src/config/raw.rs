@@ -62,6 +62,7 @@ pub(super) struct RawCluster {
     pub(super) heartbeat: Option<Spanned<Quantity>>,
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) fallback_nodes: Option<Spanned<u64>>,
+    pub(super) lease_ttl: Option<Spanned<Quantity>>,
 }
 
 #[derive(Deserialize)]
