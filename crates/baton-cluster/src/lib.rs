@@ -5,13 +5,14 @@
 //! It must not touch the spool, SMTP or the event log: the server watches [`Cluster::health`]
 //! and turns its changes into events and metrics.
 //!
-//! Without Redis (not configured, or down) nothing here blocks mail: callers get `None` and
-//! use their local limits, divided by [`local_share`].
+//! Without Redis (not configured, or down) nothing here blocks mail: callers get `None` or an
+//! error and keep to their share of each limit (the limit divided by the nodes last seen).
 
 mod fleet;
 mod leases;
 mod link;
 mod ops;
+mod rates;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,37 +56,3 @@ pub struct LocalStats {
 
 /// Where the server's figures come from (called once per heartbeat).
 pub type StatsSource = Arc<dyn Fn() -> LocalStats + Send + Sync>;
-
-/// The part of a fleet-wide `limit` one node may use on its own while Redis is down: the limit
-/// divided by the nodes it was shared with (at least one), never below one unit for a
-/// positive limit, so that a degraded fleet slows down but does not stop.
-pub fn local_share(limit: u64, nodes_seen: u32, configured: Option<u32>) -> u64 {
-    if limit == 0 {
-        return 0;
-    }
-    let nodes = u64::from(configured.unwrap_or(nodes_seen).max(1));
-    (limit / nodes).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_degraded_node_takes_its_share_of_a_shared_limit() {
-        assert_eq!(local_share(12, 3, None), 4);
-        assert_eq!(
-            local_share(12, 0, None),
-            12,
-            "no node seen yet: the whole limit"
-        );
-        assert_eq!(local_share(12, 3, Some(4)), 3, "the configured count wins");
-        assert_eq!(local_share(2, 5, None), 1, "never below one");
-        assert_eq!(local_share(0, 5, None), 0);
-        assert_eq!(
-            local_share(10, 3, None),
-            3,
-            "rounded down: never over the limit"
-        );
-    }
-}

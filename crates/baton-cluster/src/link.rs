@@ -82,6 +82,16 @@ impl Cluster {
         self.inner.health.borrow().nodes_seen
     }
 
+    /// How many nodes share each limit: `fallback_nodes` when set, else the nodes alive at
+    /// the last good heartbeat; at least 1. A degraded node keeps to 1/n of each limit.
+    pub fn sharing_nodes(&self) -> u32 {
+        self.inner
+            .config
+            .fallback_nodes
+            .unwrap_or_else(|| self.nodes_seen())
+            .max(1)
+    }
+
     /// The live connection, or None while degraded (use local limits then).
     pub fn conn(&self) -> Option<MultiplexedConnection> {
         self.lock().clone()

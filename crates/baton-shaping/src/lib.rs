@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub mod leases;
+pub mod fleet;
 mod limits;
 mod operator;
 pub mod ratelimit;
@@ -68,8 +68,8 @@ pub struct Shaper {
     states: Mutex<HashMap<StateKey, Arc<Limits>>>,
     /// Where warm-up counts outlive a restart (none: in memory only).
     ledger: Option<Arc<crate::warmup::Ledger>>,
-    /// Connection caps shared with other nodes (`[cluster]`); none: this node's alone.
-    leases: Option<Arc<dyn leases::SharedLeases>>,
+    /// Connection caps and rates shared with other nodes (`[cluster]`); none: this node's alone.
+    fleet: Option<Arc<dyn fleet::FleetLimits>>,
 }
 
 impl Shaper {
@@ -101,13 +101,13 @@ impl Shaper {
             default,
             states: Mutex::default(),
             ledger: None,
-            leases: None,
+            fleet: None,
         }
     }
 
-    /// Holds every connection cap across the fleet through `leases`.
-    pub fn with_shared_leases(mut self, leases: Arc<dyn leases::SharedLeases>) -> Shaper {
-        self.leases = Some(leases);
+    /// Holds every connection cap and message rate across the fleet through `fleet`.
+    pub fn with_fleet(mut self, fleet: Arc<dyn fleet::FleetLimits>) -> Shaper {
+        self.fleet = Some(fleet);
         self
     }
 
@@ -277,7 +277,7 @@ impl Shaper {
                     let key = format!("{} {}", s.name, rule.matcher);
                     Some(Warmup::new(s.warmup.clone()?, key, self.ledger.clone()))
                 });
-                let shared = self.leases.clone().map(|l| {
+                let shared = self.fleet.clone().map(|l| {
                     let key = format!(
                         "{} {}",
                         source.map_or("", |s| s.name.as_str()),
@@ -318,8 +318,16 @@ fn under(host: &str, site: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::{Pacer, RECOVERY_RUN};
+    use crate::limits::{Pacer, RECOVERY_RUN, local_share};
     use regex::Regex;
+
+    #[test]
+    fn a_node_cut_off_from_the_fleet_keeps_to_its_share_of_a_cap() {
+        assert_eq!(local_share(12, 3), 4);
+        assert_eq!(local_share(12, 0), 12, "no node seen: the whole cap");
+        assert_eq!(local_share(10, 3), 3, "rounded down: never over the cap");
+        assert_eq!(local_share(2, 5), 1, "never below one");
+    }
 
     fn rule(matcher: Matcher) -> ShapingRule {
         ShapingRule {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::fleet::{FleetLimits, Leased, Paced};
 use crate::later;
-use crate::leases::{Leased, SharedLeases};
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
 
@@ -88,7 +88,7 @@ pub struct Limits {
     /// The connection count a throttle cuts when the rule sets no cap.
     pub(crate) nominal_connections: usize,
     /// The fleet's leases and this rule's key there, with `[cluster]`.
-    pub(crate) shared: Option<(Arc<dyn SharedLeases>, String)>,
+    pub(crate) shared: Option<(Arc<dyn FleetLimits>, String)>,
 }
 
 impl Limits {
@@ -125,7 +125,7 @@ impl Limits {
 
     /// Holds the connection cap across the fleet through `shared` (the store and this
     /// rule's key).
-    pub(crate) fn sharing(mut self, shared: Option<(Arc<dyn SharedLeases>, String)>) -> Limits {
+    pub(crate) fn sharing(mut self, shared: Option<(Arc<dyn FleetLimits>, String)>) -> Limits {
         self.shared = shared;
         self
     }
@@ -276,14 +276,14 @@ impl Limits {
         let (leases, key) = self.shared.as_ref()?;
         let cap = self.rule.max_connections?;
         loop {
-            match leases.acquire(key, cap).await {
+            match leases.lease(key, cap).await {
                 Leased::Held(lease) => return Some(lease),
                 Leased::Full => {
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
                 }
                 Leased::Unavailable => {
                     let open = self.open.load(std::sync::atomic::Ordering::Relaxed);
-                    if open < leases.local_share(cap) {
+                    if open < local_share(cap, leases.nodes()) {
                         return None;
                     }
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
@@ -294,6 +294,9 @@ impl Limits {
 
     /// Waits until the message rate (cut while throttled) allows one more message.
     pub async fn message(&self) {
+        if let (Some((fleet, key)), Some(rate)) = (&self.shared, self.rule.max_message_rate) {
+            return self.fleet_message(fleet.as_ref(), key, rate).await;
+        }
         loop {
             let factor = self.adaptive().factor;
             let pacer = match (factor, &self.message_pacer) {
@@ -311,4 +314,37 @@ impl Limits {
             }
         }
     }
+
+    /// The message rate held across the fleet: each message takes the fleet's next slot; while
+    /// the store is unreachable this node paces alone at its share of the rate.
+    async fn fleet_message(&self, fleet: &dyn FleetLimits, key: &str, rate: Rate) {
+        loop {
+            let factor = self.adaptive().factor.unwrap_or(1.0).clamp(0.001, 1.0);
+            let interval = rate.interval().div_f64(factor);
+            match fleet.pace(key, interval).await {
+                Paced::Go => return,
+                Paced::Wait(d) => tokio::time::sleep(d.min(Duration::from_secs(1))).await,
+                Paced::Unavailable => {
+                    let Some(pacer) = &self.message_pacer else {
+                        return;
+                    };
+                    let share = factor / f64::from(fleet.nodes().max(1));
+                    let taken = pacer
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .try_take(Instant::now(), share);
+                    match taken {
+                        Ok(()) => return,
+                        Err(at) => tokio::time::sleep_until(at).await,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// This node's part of a fleet-wide connection cap while the fleet's store is unreachable:
+/// the cap divided among the nodes, at least one.
+pub(crate) fn local_share(cap: usize, nodes: u32) -> usize {
+    (cap / usize::try_from(nodes.max(1)).unwrap_or(usize::MAX)).max(1)
 }

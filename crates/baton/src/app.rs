@@ -53,10 +53,10 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         suppressions.clone(),
         events.clone(),
     ));
-    let leases = fleet
+    let limits = fleet
         .as_ref()
-        .map(|f| crate::cluster::shared_leases(&f.cluster));
-    let services = delivery_services(&config, trust, returns.clone(), leases)?;
+        .map(|f| crate::cluster::fleet_limits(&f.cluster));
+    let services = delivery_services(&config, trust, returns.clone(), limits)?;
     let queue = QueueManager::start(
         config.clone(),
         spool.clone(),
@@ -171,7 +171,7 @@ fn delivery_services(
     config: &Config,
     trust: Arc<Trust>,
     returns: Arc<crate::returns::Returns>,
-    leases: Option<Arc<dyn baton_shaping::leases::SharedLeases>>,
+    fleet: Option<Arc<dyn baton_shaping::fleet::FleetLimits>>,
 ) -> anyhow::Result<Services> {
     let mut dkim = HashMap::new();
     for d in &config.dkim {
@@ -198,8 +198,8 @@ fn delivery_services(
     Ok(Services {
         dkim,
         dns: baton_dns::Dns::new(&config.dns)?,
-        shaper: match leases {
-            Some(leases) => shaper(config).with_shared_leases(leases),
+        shaper: match fleet {
+            Some(fleet) => shaper(config).with_fleet(fleet),
             None => shaper(config),
         },
         trust,

@@ -6,10 +6,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats};
 use baton_events::{EventKind, Events};
-use baton_shaping::leases::{Leased, SharedLeases};
+use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -98,26 +99,22 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
     }
 }
 
-/// The fleet's connection leases, for the shaper: every `max_connections` holds across the
-/// fleet; while Redis is unreachable each node keeps to its share.
-pub fn shared_leases(cluster: &Cluster) -> Arc<dyn SharedLeases> {
-    Arc::new(FleetLeases {
+/// The fleet's limits, for the shaper: every `max_connections` and `max_message_rate` holds
+/// across the fleet; while Redis is unreachable each node keeps to its share.
+pub fn fleet_limits(cluster: &Cluster) -> Arc<dyn FleetLimits> {
+    Arc::new(FleetStore {
         leases: Leases::start(cluster.clone()),
         cluster: cluster.clone(),
     })
 }
 
-struct FleetLeases {
+struct FleetStore {
     leases: Arc<Leases>,
     cluster: Cluster,
 }
 
-impl SharedLeases for FleetLeases {
-    fn acquire<'a>(
-        &'a self,
-        key: &'a str,
-        cap: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Leased> + Send + 'a>> {
+impl FleetLimits for FleetStore {
+    fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased> {
         Box::pin(async move {
             match self.leases.acquire(key, cap).await {
                 Lease::Held(guard) => Leased::Held(Box::new(guard)),
@@ -127,13 +124,18 @@ impl SharedLeases for FleetLeases {
         })
     }
 
-    fn local_share(&self, cap: usize) -> usize {
-        let share = baton_cluster::local_share(
-            cap as u64,
-            self.cluster.nodes_seen(),
-            self.cluster.config().fallback_nodes,
-        );
-        usize::try_from(share).unwrap_or(cap)
+    fn pace<'a>(&'a self, key: &'a str, interval: Duration) -> Answer<'a, Paced> {
+        Box::pin(async move {
+            match self.cluster.pace(key, interval).await {
+                Ok(wait) if wait.is_zero() => Paced::Go,
+                Ok(wait) => Paced::Wait(wait),
+                Err(_) => Paced::Unavailable,
+            }
+        })
+    }
+
+    fn nodes(&self) -> u32 {
+        self.cluster.sharing_nodes()
     }
 }
 
@@ -205,11 +207,7 @@ fn describe(cluster: &Cluster, health: &Health) -> String {
             health.nodes_seen
         );
     }
-    let nodes = cluster
-        .config()
-        .fallback_nodes
-        .unwrap_or(health.nodes_seen)
-        .max(1);
+    let nodes = cluster.sharing_nodes();
     format!(
         "node {node}: redis unavailable ({}); each shared limit divided by {nodes} and kept \
          locally until it is back",

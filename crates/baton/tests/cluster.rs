@@ -289,8 +289,8 @@ fn without_cluster_the_view_is_this_node() {
 }
 
 /// A fake MX for one.test under the site bigmail.test on 127.0.0.2, holding each DATA reply
-/// `hold`; its DNS; and the [[shaping]] and [delivery] lines for a node capped at `cap`.
-fn bigmail(hold: Duration, cap: usize) -> (DnsServer, FakeMx, String) {
+/// `hold`; its DNS; and the [delivery] lines and `shaping` for a node.
+fn bigmail(hold: Duration, shaping: &str) -> (DnsServer, FakeMx, String) {
     let dns = DnsServer::start();
     let port = common_port(&["127.0.0.2"]);
     dns.mx("one.test", 10, "mx1.bigmail.test");
@@ -303,11 +303,16 @@ fn bigmail(hold: Duration, cap: usize) -> (DnsServer, FakeMx, String) {
         },
     );
     let extra = format!(
-        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n\
-         [[shaping]]\nsite = \"bigmail.test\"\nmax_connections = {cap}\nmax_messages_per_connection = 3\n",
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n{shaping}\n",
         dns.config()
     );
     (dns, mx, extra)
+}
+
+fn site_cap(cap: usize) -> String {
+    format!(
+        "[[shaping]]\nsite = \"bigmail.test\"\nmax_connections = {cap}\nmax_messages_per_connection = 3\n"
+    )
 }
 
 fn delivering_node(redis: &Redis, name: &str, extra: &str, lease_ttl: u64) -> Server {
@@ -341,7 +346,7 @@ fn push(server: &Server, n: usize, threads: usize) -> Vec<std::thread::JoinHandl
 #[test]
 fn a_site_connection_cap_holds_across_the_fleet() {
     let redis = Redis::start();
-    let (_dns, mx, extra) = bigmail(Duration::from_millis(60), 4);
+    let (_dns, mx, extra) = bigmail(Duration::from_millis(60), &site_cap(4));
     let nodes: Vec<Server> = ["a", "b", "c"]
         .iter()
         .map(|n| delivering_node(&redis, n, &extra, 10))
@@ -372,7 +377,7 @@ fn a_site_connection_cap_holds_across_the_fleet() {
 fn a_killed_nodes_leases_run_out_by_themselves() {
     let redis = Redis::start();
     // Connections held for a long time: the cap of 2 stays taken while a lives.
-    let (_dns, mx, extra) = bigmail(Duration::from_secs(30), 2);
+    let (_dns, mx, extra) = bigmail(Duration::from_secs(30), &site_cap(2));
     let mut a = delivering_node(&redis, "a", &extra, 2);
     let b = delivering_node(&redis, "b", &extra, 2);
     for n in [&a, &b] {
@@ -403,4 +408,44 @@ fn a_killed_nodes_leases_run_out_by_themselves() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_message_rate_holds_across_the_fleet() {
+    let redis = Redis::start();
+    let rate = "[[shaping]]\ndomain = \"one.test\"\nmax_message_rate = \"10/s\"\n";
+    let (_dns, mx, extra) = bigmail(Duration::ZERO, rate);
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|n| delivering_node(&redis, n, &extra, 10))
+        .collect();
+    for n in &nodes {
+        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
+    }
+    // 15 messages per node: alone, each would send its own 10/s (30/s for the fleet).
+    let pushes: Vec<_> = nodes.iter().flat_map(|n| push(n, 15, 3)).collect();
+    for p in pushes {
+        p.join().unwrap();
+    }
+    let n = 45;
+    let got = mx.wait_for(n, 60);
+    assert_eq!(got.len(), n);
+    let mut times: Vec<_> = got.iter().map(|m| m.at).collect();
+    times.sort();
+    // Whole one-second windows from the first arrival, as the single-node rate test counts.
+    let mut windows = vec![0usize; 4];
+    for t in &times {
+        if let Some(w) = windows.get_mut(t.duration_since(times[0]).as_secs_f64() as usize) {
+            *w += 1;
+        }
+    }
+    eprintln!("fleet messages per second: {windows:?}");
+    for (i, w) in windows.iter().enumerate() {
+        assert!(
+            (9..=11).contains(w),
+            "window {i}: {w} messages (want 10 ± 1): {windows:?}"
+        );
+    }
+    let rate = (n - 1) as f64 / times[n - 1].duration_since(times[0]).as_secs_f64();
+    assert!((9.0..=11.0).contains(&rate), "fleet rate {rate:.2}/s");
 }

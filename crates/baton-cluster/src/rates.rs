@@ -1,0 +1,44 @@
+//! Message rates shared by the fleet: GCRA with a burst of one, one message every `interval`
+//! across all nodes, in one script per message over `<prefix>:rate:<rule>` (the theoretical
+//! arrival time, in Redis's clock). Only rated rules call it, at their own (limited) pace.
+
+use std::time::Duration;
+
+use crate::link::Cluster;
+
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat > now then
+  return tat - now
+end
+redis.call('SET', KEYS[1], now + interval, 'PX', interval + 60000)
+return 0
+";
+
+impl Cluster {
+    /// Takes the next slot of `rule`'s rate (one message every `interval` across the fleet):
+    /// Ok(zero) to send now, Ok(wait) until the next slot; Err while Redis is unreachable.
+    pub async fn pace(&self, rule: &str, interval: Duration) -> Result<Duration, String> {
+        let mut conn = self.conn().ok_or("redis unavailable")?;
+        let key = format!("{}:rate:{rule}", self.config().prefix);
+        let interval_ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let script = redis::Script::new(GCRA);
+        let mut call = script.key(&key);
+        call.arg(interval_ms);
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
+        match answer.await {
+            // A wait past a minute is no answer to trust (a clock or a key gone wrong).
+            Ok(Ok(ms)) => Ok(Duration::from_millis(
+                u64::try_from(ms).unwrap_or(0).min(60_000),
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer from redis within 1 s".into()),
+        }
+    }
+}

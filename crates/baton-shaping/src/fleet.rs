@@ -1,0 +1,42 @@
+//! Limits shared by several nodes: the seam a cluster's store plugs into (the `baton`
+//! crate's, over Redis). Shaping asks it for one of a cap's leases before a connection opens
+//! (dropping the lease when the connection closes) and for each message's slot under a rate.
+//! While the store cannot be reached, each node keeps to its share of every limit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// What the store answers when asked for one of `cap` leases.
+pub enum Leased {
+    /// Taken; given back when dropped.
+    Held(Box<dyn Send + Sync>),
+    /// All `cap` are held across the fleet now.
+    Full,
+    /// The store cannot be reached: the node keeps to its own share of the cap.
+    Unavailable,
+}
+
+/// What the store answers when asked for a message's slot under a rate.
+pub enum Paced {
+    /// Taken: send now.
+    Go,
+    /// The fleet's next slot is this far off.
+    Wait(Duration),
+    /// The store cannot be reached: the node paces alone, at its share of the rate.
+    Unavailable,
+}
+
+pub type Answer<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store of limits shared by the fleet. Keys are the same on every node for the same rule.
+pub trait FleetLimits: Send + Sync {
+    /// Takes one of `cap` leases on `key`.
+    fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased>;
+
+    /// Takes the next slot of `key`'s rate, one message every `interval` across the fleet.
+    fn pace<'a>(&'a self, key: &'a str, interval: Duration) -> Answer<'a, Paced>;
+
+    /// How many nodes share the limits now (at least 1): a node alone takes 1/n of each.
+    fn nodes(&self) -> u32;
+}
