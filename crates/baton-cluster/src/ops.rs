@@ -27,12 +27,24 @@ pub struct SuppressionChange {
     pub removed: bool,
 }
 
+/// A destination that pushed back on one node (a backoff rule matched its reply), under the
+/// shaping rule's key: until when it is suspended, how far its rate and connections are cut
+/// and until when (Unix ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushbackChange {
+    pub key: String,
+    pub suspended_until_ms: Option<u64>,
+    pub factor: Option<f64>,
+    pub throttled_until_ms: Option<u64>,
+}
+
 /// One change shared by the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FleetChange {
     Suspension(Suspension),
     Suppression(SuppressionChange),
+    Pushback(PushbackChange),
 }
 
 /// What goes over the channel: the change and the node it came from (which ignores it).
@@ -58,27 +70,36 @@ impl Cluster {
         .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         match change {
-            FleetChange::Suspension(s) if s.until_ms == 0 => pipe
-                .cmd("HDEL")
-                .arg(format!("{prefix}:suspensions"))
-                .arg(&s.destination),
-            FleetChange::Suspension(s) => pipe
-                .cmd("HSET")
-                .arg(format!("{prefix}:suspensions"))
-                .arg(&s.destination)
-                .arg(s.until_ms),
-            FleetChange::Suppression(c) if c.removed => pipe
-                .cmd("HDEL")
-                .arg(format!("{prefix}:suppressions"))
-                .arg(&c.key),
-            FleetChange::Suppression(c) => pipe
-                .cmd("HSET")
-                .arg(format!("{prefix}:suppressions"))
-                .arg(&c.key)
-                .arg(&c.entry),
-        };
-        pipe.ignore()
-            .cmd("PUBLISH")
+            FleetChange::Suspension(s) if s.until_ms == 0 => {
+                pipe.cmd("HDEL")
+                    .arg(format!("{prefix}:suspensions"))
+                    .arg(&s.destination)
+                    .ignore();
+            }
+            FleetChange::Suspension(s) => {
+                pipe.cmd("HSET")
+                    .arg(format!("{prefix}:suspensions"))
+                    .arg(&s.destination)
+                    .arg(s.until_ms)
+                    .ignore();
+            }
+            FleetChange::Suppression(c) if c.removed => {
+                pipe.cmd("HDEL")
+                    .arg(format!("{prefix}:suppressions"))
+                    .arg(&c.key)
+                    .ignore();
+            }
+            FleetChange::Suppression(c) => {
+                pipe.cmd("HSET")
+                    .arg(format!("{prefix}:suppressions"))
+                    .arg(&c.key)
+                    .arg(&c.entry)
+                    .ignore();
+            }
+            // Only told: it lasts minutes, and a node that misses it meets the push-back itself.
+            FleetChange::Pushback(_) => {}
+        }
+        pipe.cmd("PUBLISH")
             .arg(format!("{prefix}:ops"))
             .arg(json)
             .ignore();

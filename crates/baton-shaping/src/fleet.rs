@@ -27,6 +27,15 @@ pub enum Paced {
     Unavailable,
 }
 
+/// A destination's push-back as one node saw it, for the others: until when it is suspended,
+/// and how far its rate and connections are cut until when (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Pushback {
+    pub suspended_until_ms: Option<u64>,
+    pub factor: Option<f64>,
+    pub throttled_until_ms: Option<u64>,
+}
+
 pub type Answer<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A store of limits shared by the fleet. Keys are the same on every node for the same rule.
@@ -39,4 +48,10 @@ pub trait FleetLimits: Send + Sync {
 
     /// How many nodes share the limits now (at least 1): a node alone takes 1/n of each.
     fn nodes(&self) -> u32;
+
+    /// Tells the fleet that the destination under `key` pushed back here (fire and forget).
+    fn share_pushback(&self, key: &str, pushback: Pushback);
+
+    /// The live push-back another node shared for `key`, if any.
+    fn pushback(&self, key: &str) -> Option<Pushback>;
 }

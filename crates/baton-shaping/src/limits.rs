@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::fleet::{FleetLimits, Leased, Paced};
+use crate::fleet::{FleetLimits, Leased, Paced, Pushback};
 use crate::later;
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
@@ -158,8 +158,10 @@ impl Limits {
         self.adaptive.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Until when the destination is suspended, if it is.
+    /// Until when the destination is suspended, if it is (here or, with `[cluster]`, on
+    /// another node that shared it).
     pub fn suspended_until(&self) -> Option<Instant> {
+        self.merge_fleet_pushback();
         let mut a = self.adaptive();
         match a.suspended_until {
             Some(t) if t > Instant::now() => Some(t),
@@ -170,8 +172,50 @@ impl Limits {
         }
     }
 
+    /// Takes in another node's push-back for this destination: the later suspension and the
+    /// deeper cut win (merging is idempotent, so it is done on every look).
+    fn merge_fleet_pushback(&self) {
+        let Some(p) = self
+            .shared
+            .as_ref()
+            .and_then(|(fleet, key)| fleet.pushback(key))
+        else {
+            return;
+        };
+        let mut a = self.adaptive();
+        let until = |ms: Option<u64>| ms.map(instant_at);
+        if let Some(t) = until(p.suspended_until_ms) {
+            a.suspended_until = Some(a.suspended_until.map_or(t, |mine| mine.max(t)));
+        }
+        if let (Some(f), Some(t)) = (p.factor, until(p.throttled_until_ms)) {
+            a.factor = Some(a.factor.map_or(f, |mine| mine.min(f)));
+            a.throttled_until = Some(a.throttled_until.map_or(t, |mine| mine.max(t)));
+        }
+    }
+
+    /// Shares this node's push-back for the destination with the fleet.
+    fn share_pushback(&self, a: &Adaptive) {
+        let Some((fleet, key)) = &self.shared else {
+            return;
+        };
+        fleet.share_pushback(
+            key,
+            Pushback {
+                suspended_until_ms: a.suspended_until.map(ms_at),
+                factor: a.factor,
+                throttled_until_ms: a.throttled_until.map(ms_at),
+            },
+        );
+    }
+
     /// The destination pushed back and `rule` matched: returns what changed, for the log.
     pub fn pushback(&self, rule: &BackoffRule) -> String {
+        let change = self.pushback_here(rule);
+        self.share_pushback(&self.adaptive());
+        change
+    }
+
+    fn pushback_here(&self, rule: &BackoffRule) -> String {
         let mut a = self.adaptive();
         a.successes = 0;
         match rule.action {
@@ -347,4 +391,16 @@ impl Limits {
 /// the cap divided among the nodes, at least one.
 pub(crate) fn local_share(cap: usize, nodes: u32) -> usize {
     (cap / usize::try_from(nodes.max(1)).unwrap_or(usize::MAX)).max(1)
+}
+
+/// The instant of Unix time `ms` (now, for a time past).
+fn instant_at(ms: u64) -> Instant {
+    let now = baton_spool::now_ms();
+    later(Duration::from_millis(ms.saturating_sub(now)))
+}
+
+/// The Unix time (ms) of `at`.
+fn ms_at(at: Instant) -> u64 {
+    let left = at.saturating_duration_since(Instant::now());
+    baton_spool::now_ms().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
 }

@@ -53,9 +53,7 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
         suppressions.clone(),
         events.clone(),
     ));
-    let limits = fleet
-        .as_ref()
-        .map(|f| crate::cluster::fleet_limits(&f.cluster));
+    let limits = fleet.as_ref().map(crate::cluster::Fleet::limits);
     let services = delivery_services(&config, trust, returns.clone(), limits)?;
     let queue = QueueManager::start(
         config.clone(),

@@ -4,13 +4,13 @@
 //!
 //! Owns that wiring only; the link, the heartbeat and the shared state are baton-cluster's.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats};
+use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats, PushbackChange};
 use baton_events::{EventKind, Events};
-use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced};
+use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced, Pushback};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -29,15 +29,25 @@ pub struct Fleet {
     pub out: UnboundedSender<FleetChange>,
     /// What the other nodes share, until [`Fleet::join`] takes it.
     incoming: Option<UnboundedReceiver<FleetChange>>,
+    /// The shaper's view of the fleet: leases, rates, push-backs.
+    store: Arc<FleetStore>,
 }
 
 impl Fleet {
+    /// The fleet's limits, for the shaper: every `max_connections` and `max_message_rate`
+    /// holds across the fleet, and a destination's push-back on one node holds on all; while
+    /// Redis is unreachable each node keeps to its share.
+    pub fn limits(&self) -> Arc<dyn FleetLimits> {
+        self.store.clone()
+    }
+
     /// Shares the suppression list's changes and applies the fleet's to this node's queue
     /// manager and list (once the queue is up).
     pub fn join(&mut self, queue: &QueueHandle, suppressions: &Arc<Suppressions>) {
         suppressions.share_with(self.out.clone());
         if let Some(incoming) = self.incoming.take() {
-            apply_fleet_changes(incoming, queue.clone(), suppressions.clone());
+            let store = self.store.clone();
+            apply_fleet_changes(incoming, queue.clone(), suppressions.clone(), store);
         }
     }
 }
@@ -61,10 +71,17 @@ pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
     tokio::spawn(report_health(cluster.clone(), events.clone()));
     let (out, outgoing) = unbounded_channel();
     tokio::spawn(forward(cluster.clone(), outgoing));
+    let store = Arc::new(FleetStore {
+        leases: Leases::start(cluster.clone()),
+        cluster: cluster.clone(),
+        out: out.clone(),
+        pushbacks: Mutex::new(HashMap::new()),
+    });
     Some(Fleet {
         cluster,
         out,
         incoming: Some(incoming_rx),
+        store,
     })
 }
 
@@ -99,18 +116,19 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
     }
 }
 
-/// The fleet's limits, for the shaper: every `max_connections` and `max_message_rate` holds
-/// across the fleet; while Redis is unreachable each node keeps to its share.
-pub fn fleet_limits(cluster: &Cluster) -> Arc<dyn FleetLimits> {
-    Arc::new(FleetStore {
-        leases: Leases::start(cluster.clone()),
-        cluster: cluster.clone(),
-    })
-}
-
 struct FleetStore {
     leases: Arc<Leases>,
     cluster: Cluster,
+    /// Where this node's push-backs go to be shared.
+    out: UnboundedSender<FleetChange>,
+    /// The push-backs other nodes shared, by rule key.
+    pushbacks: Mutex<HashMap<String, Pushback>>,
+}
+
+impl FleetStore {
+    fn pushbacks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pushback>> {
+        self.pushbacks.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl FleetLimits for FleetStore {
@@ -137,6 +155,28 @@ impl FleetLimits for FleetStore {
     fn nodes(&self) -> u32 {
         self.cluster.sharing_nodes()
     }
+
+    fn share_pushback(&self, key: &str, p: Pushback) {
+        let _ = self.out.send(FleetChange::Pushback(PushbackChange {
+            key: key.to_string(),
+            suspended_until_ms: p.suspended_until_ms,
+            factor: p.factor,
+            throttled_until_ms: p.throttled_until_ms,
+        }));
+    }
+
+    fn pushback(&self, key: &str) -> Option<Pushback> {
+        let mut all = self.pushbacks();
+        let p = *all.get(key)?;
+        let now = baton_spool::now_ms();
+        let live = |t: Option<u64>| t.is_some_and(|t| t > now);
+        if live(p.suspended_until_ms) || live(p.throttled_until_ms) {
+            Some(p)
+        } else {
+            all.remove(key);
+            None
+        }
+    }
 }
 
 /// Carries out, on this node only, what the fleet shares: suspensions and resumptions (each a
@@ -145,12 +185,22 @@ fn apply_fleet_changes(
     mut from: UnboundedReceiver<FleetChange>,
     queue: QueueHandle,
     suppressions: Arc<Suppressions>,
+    store: Arc<FleetStore>,
 ) {
     tokio::spawn(async move {
         while let Some(change) = from.recv().await {
             match change {
                 FleetChange::Suspension(s) => apply_suspension(&queue, s).await,
                 FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
+                FleetChange::Pushback(p) => {
+                    // Bounded by the rules a node has: one entry per rule key.
+                    let pushback = Pushback {
+                        suspended_until_ms: p.suspended_until_ms,
+                        factor: p.factor.map(|f| f.clamp(0.001, 1.0)),
+                        throttled_until_ms: p.throttled_until_ms,
+                    };
+                    store.pushbacks().insert(p.key, pushback);
+                }
             }
         }
     });

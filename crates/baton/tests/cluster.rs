@@ -449,3 +449,62 @@ fn a_message_rate_holds_across_the_fleet() {
     let rate = (n - 1) as f64 / times[n - 1].duration_since(times[0]).as_secs_f64();
     assert!((9.0..=11.0).contains(&rate), "fleet rate {rate:.2}/s");
 }
+
+#[test]
+fn a_pushback_seen_by_one_node_holds_the_others() {
+    let redis = Redis::start();
+    let dns = DnsServer::start();
+    let port = common_port(&["127.0.0.2"]);
+    dns.mx("one.test", 10, "mx1.bigmail.test");
+    dns.a("mx1.bigmail.test", "127.0.0.2");
+    let mx = FakeMx::start(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        Script {
+            rcpt: std::sync::Arc::new(|_, _| "451 4.7.1 Rate limited, try again later".into()),
+            ..Script::default()
+        },
+    );
+    let extra = format!(
+        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n\
+         [[backoff]]\ncode = 451\npattern = \"(?i)rate limited\"\naction = \"suspend\"\nduration = \"1h\"\n",
+        dns.config()
+    );
+    let (a, b, c) = (
+        delivering_node(&redis, "a", &extra, 10),
+        delivering_node(&redis, "b", &extra, 10),
+        delivering_node(&redis, "c", &extra, 10),
+    );
+    for n in [&a, &b, &c] {
+        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
+    }
+    for p in push(&a, 1, 1) {
+        p.join().unwrap();
+    }
+    a.wait_event(20, |e| {
+        e["type"] == "shaping"
+            && e["response"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("suspended"))
+    });
+    // The notice crosses the channel in well under this; it only orders the test.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in [&b, &c] {
+        for p in push(n, 1, 1) {
+            p.join().unwrap();
+        }
+        let held = n.wait_event(20, |e| {
+            e["type"] == "held" && e["recipient"] == "x@one.test"
+        });
+        assert!(
+            held["response"]
+                .as_str()
+                .is_some_and(|r| r.contains("suspended")),
+            "{held}"
+        );
+    }
+    assert_eq!(
+        mx.connections(),
+        1,
+        "only a met the push-back; b and c held their mail"
+    );
+}
