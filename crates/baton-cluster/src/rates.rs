@@ -18,7 +18,42 @@ redis.call('SET', KEYS[1], now + interval, 'PX', interval + 60000)
 return 0
 ";
 
+const WARM: &str = r"
+local sent = tonumber(redis.call('GET', KEYS[1]) or 0)
+if sent >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('INCRBY', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
 impl Cluster {
+    /// Counts `n` recipients against `cap` for warm-up `key` in `period` (the counter kept
+    /// `ttl`): Ok(true) counted, Ok(false) the fleet reached the cap; Err while unreachable.
+    pub async fn warm(
+        &self,
+        key: &str,
+        period: u64,
+        cap: u64,
+        n: u64,
+        ttl: Duration,
+    ) -> Result<bool, String> {
+        let mut conn = self.conn().ok_or("redis unavailable")?;
+        let key = format!("{}:warmup:{key}:{period}", self.config().prefix);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1000);
+        let script = redis::Script::new(WARM);
+        let mut call = script.key(&key);
+        call.arg(cap).arg(n).arg(ttl_ms);
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
+        match answer.await {
+            Ok(Ok(taken)) => Ok(taken == 1),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer from redis within 1 s".into()),
+        }
+    }
+
     /// Takes the next slot of `rule`'s rate (one message every `interval` across the fleet):
     /// Ok(zero) to send now, Ok(wait) until the next slot; Err while Redis is unreachable.
     pub async fn pace(&self, rule: &str, interval: Duration) -> Result<Duration, String> {

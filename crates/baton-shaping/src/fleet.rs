@@ -27,6 +27,16 @@ pub enum Paced {
     Unavailable,
 }
 
+/// What the store answers when a transaction's recipients are counted against a warm-up cap.
+pub enum Warmed {
+    /// Counted: send.
+    Taken,
+    /// The fleet reached this period's cap.
+    Capped,
+    /// The store cannot be reached: the node counts alone, against its share of the cap.
+    Unavailable,
+}
+
 /// A destination's push-back as one node saw it, for the others: until when it is suspended,
 /// and how far its rate and connections are cut until when (Unix ms).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -48,6 +58,17 @@ pub trait FleetLimits: Send + Sync {
 
     /// How many nodes share the limits now (at least 1): a node alone takes 1/n of each.
     fn nodes(&self) -> u32;
+
+    /// Counts `n` recipients against `cap` for `key` in warm-up period `period` (kept `ttl`),
+    /// unless the fleet has reached it.
+    fn warm<'a>(
+        &'a self,
+        key: &'a str,
+        period: u64,
+        cap: u64,
+        n: u64,
+        ttl: Duration,
+    ) -> Answer<'a, Warmed>;
 
     /// Tells the fleet that the destination under `key` pushed back here (fire and forget).
     fn share_pushback(&self, key: &str, pushback: Pushback);

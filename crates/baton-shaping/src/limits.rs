@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::fleet::{FleetLimits, Leased, Paced, Pushback};
+use crate::fleet::{FleetLimits, Leased, Paced, Pushback, Warmed};
 use crate::later;
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
@@ -133,6 +133,31 @@ impl Limits {
     /// Counts a transaction's recipients against the warm-up cap, or says when the next period
     /// starts (ms since the epoch) and what the cap was, if this period's cap is reached.
     pub fn warmup_take(&self, now_ms: u64, recipients: u64) -> Result<(), (u64, u64)> {
+        self.take_warmup(now_ms, recipients, 1)
+    }
+
+    /// [`Limits::warmup_take`] across the fleet, with `[cluster]`: the cap is the fleet's
+    /// (counted in Redis); while it is unreachable, this node counts alone against its share.
+    pub async fn warmup_admit(&self, now_ms: u64, recipients: u64) -> Result<(), (u64, u64)> {
+        let (Some((fleet, _)), Some(w)) = (&self.shared, &self.warmup) else {
+            return self.warmup_take(now_ms, recipients);
+        };
+        let (period, cap, next) = w.plan.period(now_ms);
+        let Some(cap) = cap else { return Ok(()) };
+        let ttl = w.plan.period.saturating_mul(2);
+        match fleet.warm(&w.key, period, cap, recipients, ttl).await {
+            // Counted here too: the ledger and the fallback share go on from it.
+            Warmed::Taken => {
+                self.take_warmup(now_ms, recipients, 0).ok();
+                Ok(())
+            }
+            Warmed::Capped => Err((next, cap)),
+            Warmed::Unavailable => self.take_warmup(now_ms, recipients, fleet.nodes()),
+        }
+    }
+
+    /// Counts against the cap divided among `nodes` (0: count without a cap).
+    fn take_warmup(&self, now_ms: u64, recipients: u64, nodes: u32) -> Result<(), (u64, u64)> {
         let Some(w) = &self.warmup else {
             return Ok(());
         };
@@ -142,7 +167,7 @@ impl Limits {
         if count.period != period {
             *count = WarmupCount { period, sent: 0 };
         }
-        if count.sent >= cap {
+        if nodes > 0 && count.sent >= (cap / u64::from(nodes)).max(1) {
             return Err((next, cap));
         }
         // Recipients, not transactions, are what a provider counts; a transaction that

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats, PushbackChange};
 use baton_events::{EventKind, Events};
-use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced, Pushback};
+use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced, Pushback, Warmed};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -154,6 +154,23 @@ impl FleetLimits for FleetStore {
 
     fn nodes(&self) -> u32 {
         self.cluster.sharing_nodes()
+    }
+
+    fn warm<'a>(
+        &'a self,
+        key: &'a str,
+        period: u64,
+        cap: u64,
+        n: u64,
+        ttl: Duration,
+    ) -> Answer<'a, Warmed> {
+        Box::pin(async move {
+            match self.cluster.warm(key, period, cap, n, ttl).await {
+                Ok(true) => Warmed::Taken,
+                Ok(false) => Warmed::Capped,
+                Err(_) => Warmed::Unavailable,
+            }
+        })
     }
 
     fn share_pushback(&self, key: &str, p: Pushback) {

@@ -215,7 +215,7 @@ impl Worker {
         };
         limits.message().await;
         let now = baton_spool::now_ms();
-        let Err((next, cap)) = limits.warmup_take(now, job.rcpts.len() as u64) else {
+        let Err((next, cap)) = limits.warmup_admit(now, job.rcpts.len() as u64).await else {
             return Some(job);
         };
         let source = connection.source.clone().unwrap_or_default();
