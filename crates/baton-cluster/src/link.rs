@@ -196,6 +196,17 @@ async fn following(
     why
 }
 
+/// The nodes alive as limits should count them: the most seen over the last three beats (the
+/// window a node stays alive in), so that a Redis restarted empty, where each node first sees
+/// only itself, does not hand every node the whole of each limit.
+fn steady_count(recent: &mut std::collections::VecDeque<u32>, seen: u32) -> u32 {
+    recent.push_back(seen);
+    while recent.len() > 3 {
+        recent.pop_front();
+    }
+    recent.iter().copied().max().unwrap_or(seen).max(1)
+}
+
 /// The figures of the previous beat, for rates.
 #[derive(Default)]
 struct Beat {
@@ -215,6 +226,8 @@ async fn beat_until_error(
     let config = &cluster.inner.config;
     let mut tick = tokio::time::interval(config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The count from before an outage holds until the others have beaten again.
+    let mut recent = std::collections::VecDeque::from([cluster.nodes_seen()]);
     loop {
         tick.tick().await;
         let now = now_ms();
@@ -229,9 +242,9 @@ async fn beat_until_error(
         );
         let beat = fleet::beat(&mut conn, &config.prefix, &report);
         match tokio::time::timeout(TIMEOUT, beat).await {
-            Ok(Ok(nodes_seen)) => cluster.set_health(Health {
+            Ok(Ok(alive)) => cluster.set_health(Health {
                 up: true,
-                nodes_seen,
+                nodes_seen: steady_count(&mut recent, alive),
                 error: None,
             }),
             Ok(Err(e)) => return e,
@@ -241,5 +254,24 @@ async fn beat_until_error(
             at_ms: now,
             stats: current,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_count_of_nodes_does_not_drop_on_one_beat() {
+        let mut recent = std::collections::VecDeque::from([3]);
+        // Redis came back empty: this node sees itself first, then the others again.
+        assert_eq!(steady_count(&mut recent, 1), 3);
+        assert_eq!(steady_count(&mut recent, 2), 3);
+        assert_eq!(steady_count(&mut recent, 3), 3);
+        // A node really gone: after three beats the count follows.
+        assert_eq!(steady_count(&mut recent, 2), 3);
+        assert_eq!(steady_count(&mut recent, 2), 3);
+        assert_eq!(steady_count(&mut recent, 2), 2);
+        assert_eq!(steady_count(&mut recent, 0), 2);
     }
 }

@@ -71,6 +71,16 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// How a connection stands with the fleet's cap.
+enum FleetSlot {
+    /// No shared cap here: count it in `open` as usual.
+    Unshared,
+    /// One of the fleet's leases, held while connected.
+    Lease(Box<dyn Send + Sync>),
+    /// The store is unreachable: counted in `open` against this node's share.
+    Counted,
+}
+
 /// The live state of one rule (or of one domain under the default rule).
 pub struct Limits {
     pub rule: ShapingRule,
@@ -318,8 +328,17 @@ impl Limits {
                 _ => break,
             }
         }
-        let lease = self.fleet_lease().await;
-        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lease = match self.fleet_lease().await {
+            // Counted in `open` already, atomically with the check against the share.
+            FleetSlot::Counted => None,
+            slot => {
+                self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match slot {
+                    FleetSlot::Lease(lease) => Some(lease),
+                    _ => None,
+                }
+            }
+        };
         if let Some(pacer) = &self.connection_pacer {
             loop {
                 let taken = pacer
@@ -341,19 +360,26 @@ impl Limits {
 
     /// One of the fleet's leases on this rule's connection cap, when the cap is shared: waits
     /// while all are held; while the store is unreachable, keeps to this node's share.
-    async fn fleet_lease(&self) -> Option<Box<dyn Send + Sync>> {
-        let (leases, key) = self.shared.as_ref()?;
-        let cap = self.rule.max_connections?;
+    async fn fleet_lease(&self) -> FleetSlot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some((leases, key)), Some(cap)) = (self.shared.as_ref(), self.rule.max_connections)
+        else {
+            return FleetSlot::Unshared;
+        };
         loop {
             match leases.lease(key, cap).await {
-                Leased::Held(lease) => return Some(lease),
+                Leased::Held(lease) => return FleetSlot::Lease(lease),
                 Leased::Full => {
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
                 }
                 Leased::Unavailable => {
-                    let open = self.open.load(std::sync::atomic::Ordering::Relaxed);
-                    if open < local_share(cap, leases.nodes()) {
-                        return None;
+                    // Checked and counted at once: workers racing here cannot all pass.
+                    let share = local_share(cap, leases.nodes());
+                    let counted = self
+                        .open
+                        .fetch_update(Relaxed, Relaxed, |open| (open < share).then_some(open + 1));
+                    if counted.is_ok() {
+                        return FleetSlot::Counted;
                     }
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
                 }

@@ -570,3 +570,75 @@ fn a_warmup_cap_counts_the_whole_fleet() {
     }
     assert_eq!(mx.messages().len(), 5, "the fleet's cap is 5 a day");
 }
+
+#[test]
+fn redis_killed_mid_run_loses_no_mail_and_the_fleet_shares_again() {
+    let mut redis = Redis::start();
+    let (_dns, mx, extra) = bigmail(Duration::from_millis(20), &site_cap(4));
+    let nodes: Vec<Server> = ["a", "b"]
+        .iter()
+        .map(|n| delivering_node(&redis, n, &extra, 10))
+        .collect();
+    for n in &nodes {
+        wait_fleet(n, "both up", |f| alive(f) == ["a", "b"]);
+    }
+    for p in nodes
+        .iter()
+        .flat_map(|n| push(n, 20, 2))
+        .collect::<Vec<_>>()
+    {
+        p.join().unwrap();
+    }
+    mx.wait_for(40, 60);
+    // Killed once those connections are done (idle_timeout 1 s): the outage's own cap is
+    // what is measured. (Connections open when Redis goes away run to their end.)
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = mx.max_active();
+    redis.stop();
+    for n in &nodes {
+        wait_fleet(n, "degraded", |f| f["redis"] == "degraded");
+    }
+    // Acknowledged while Redis is away: taken and delivered all the same, each node keeping
+    // to its share of the cap (4 / 2 nodes).
+    for p in nodes
+        .iter()
+        .flat_map(|n| push(n, 12, 4))
+        .collect::<Vec<_>>()
+    {
+        p.join().unwrap();
+    }
+    let got = mx.wait_for(64, 60);
+    assert_eq!(
+        got.len(),
+        64,
+        "every acknowledged message delivered; queues: {:?}; log: {}",
+        nodes.iter().map(|n| n.queue_json()).collect::<Vec<_>>(),
+        nodes[0].log()
+    );
+    // Each node keeps to its share (4 / 2) while degraded; measured here, not asserted: the
+    // fake MX has seen 5 at once in this phase (4 before it), one over, not yet explained
+    // (see docs/CLUSTER.md, failure modes).
+    eprintln!(
+        "at most {} at once during the outage, {before} before",
+        mx.max_active()
+    );
+    redis.restart();
+    for n in &nodes {
+        wait_fleet(n, "rejoined", |f| {
+            f["redis"] == "up" && alive(f) == ["a", "b"]
+        });
+    }
+    let after: Vec<_> = nodes.iter().flat_map(|n| push(n, 10, 2)).collect();
+    for p in after {
+        p.join().unwrap();
+    }
+    assert_eq!(
+        mx.wait_for(84, 60).len(),
+        84,
+        "delivered after the outage too"
+    );
+    // Not asserted: around Redis's return this test has seen 8 connections at once for the
+    // cap of 4 (an open bug, docs/CLUSTER.md); the steady-state cap is
+    // a_site_connection_cap_holds_across_the_fleet's.
+    eprintln!("at most {} at once over the whole run", mx.max_active());
+}
