@@ -59,6 +59,9 @@ pub trait FleetLimits: Send + Sync {
     /// How many nodes share the limits now (at least 1): a node alone takes 1/n of each.
     fn nodes(&self) -> u32;
 
+    /// Whether the store can be reached now.
+    fn available(&self) -> bool;
+
     /// Counts `n` recipients against `cap` for `key` in warm-up period `period` (kept `ttl`),
     /// unless the fleet has reached it.
     fn warm<'a>(

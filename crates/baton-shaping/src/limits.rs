@@ -59,7 +59,22 @@ pub struct ConnectionSlot {
     _permit: Option<OwnedSemaphorePermit>,
     /// The fleet-wide lease, with `[cluster]`.
     _lease: Option<Box<dyn Send + Sync>>,
+    /// Counted against this node's share while the fleet's store was unreachable.
+    unleased: bool,
     limits: Arc<Limits>,
+}
+
+impl ConnectionSlot {
+    /// Whether this connection was opened without a lease while the fleet's store was away,
+    /// and the store is back: it should close at its next chance (new connections take leases).
+    pub fn outlived(&self) -> bool {
+        self.unleased
+            && self
+                .limits
+                .shared
+                .as_ref()
+                .is_some_and(|(fleet, _)| fleet.available())
+    }
 }
 
 impl Drop for ConnectionSlot {
@@ -328,7 +343,9 @@ impl Limits {
                 _ => break,
             }
         }
-        let lease = match self.fleet_lease().await {
+        let slot = self.fleet_lease().await;
+        let unleased = matches!(slot, FleetSlot::Counted);
+        let lease = match slot {
             // Counted in `open` already, atomically with the check against the share.
             FleetSlot::Counted => None,
             slot => {
@@ -354,6 +371,7 @@ impl Limits {
         ConnectionSlot {
             _permit: permit,
             _lease: lease,
+            unleased,
             limits: self.clone(),
         }
     }

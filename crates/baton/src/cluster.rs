@@ -156,6 +156,10 @@ impl FleetLimits for FleetStore {
         self.cluster.sharing_nodes()
     }
 
+    fn available(&self) -> bool {
+        self.cluster.conn().is_some()
+    }
+
     fn warm<'a>(
         &'a self,
         key: &'a str,

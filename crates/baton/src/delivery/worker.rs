@@ -20,7 +20,7 @@ pub(super) struct Connection {
     /// The egress source this connection left from.
     pub(super) source: Option<String>,
     /// This connection's place under the rule's connection cap; released on drop.
-    _slot: Option<baton_shaping::ConnectionSlot>,
+    slot: Option<baton_shaping::ConnectionSlot>,
     _gauge: OpenGauge,
 }
 
@@ -36,7 +36,7 @@ impl Connection {
             client,
             limits,
             source,
-            _slot: slot,
+            slot,
             _gauge: OpenGauge,
         }
     }
@@ -101,7 +101,9 @@ impl Worker {
                 .as_ref()
                 .and_then(|l| l.rule.max_messages_per_connection)
                 .unwrap_or(global_reuse);
-            c.client.transactions >= limit
+            // Opened while the fleet's store was away: it holds no lease, so once the
+            // store is back it makes way for one that does.
+            c.client.transactions >= limit || c.slot.as_ref().is_some_and(|s| s.outlived())
         });
         if used_up {
             self.close().await;
