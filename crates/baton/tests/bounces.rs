@@ -467,15 +467,7 @@ fn the_suppression_api_pages_filters_and_moves_csv() {
     let (w, _mx) = world();
     let server = server(&w, free_port());
     let csv = "email,scope,reason,expires\nu1@x.test,,manual,\n*@dead.test,tenant:acme,bad_domain,\nu2@x.test,list:spring,unsubscribe,30d\n";
-    let r = http::request(
-        server.http,
-        None,
-        "POST",
-        "/api/v1/suppressions/import",
-        &[],
-        Some(csv.as_bytes()),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
+    let r = import(&server, csv);
     assert_eq!(r.json()["added"], 3);
     let bad = http::request(
         server.http,
@@ -534,15 +526,7 @@ fn smtp_intake_refuses_or_drops_suppressed_recipients_per_scope() {
     let (w, mx) = world();
     let server = server(&w, free_port());
     let csv = "email,scope,reason,expires\ngone@dest.test,,hard_bounce,\nquiet@dest.test,tenant:acme,unsubscribe,\n";
-    let r = http::request(
-        server.http,
-        None,
-        "POST",
-        "/api/v1/suppressions/import",
-        &[],
-        Some(csv.as_bytes()),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
+    import(&server, csv);
     let mut c = server.connect();
     c.hello();
     // Globally suppressed: refused at RCPT, saying why.
@@ -598,6 +582,20 @@ fn smtp_intake_refuses_or_drops_suppressed_recipients_per_scope() {
     for rcpt in ["gone@dest.test", "quiet@dest.test"] {
         server.wait_event(10, |e| e["type"] == "suppression" && e["recipient"] == rcpt);
     }
+}
+
+/// Imports suppression entries from `csv`; the answer must be 200.
+fn import(server: &Server, csv: &str) -> http::Response {
+    let r = http::request(
+        server.http,
+        None,
+        "POST",
+        "/api/v1/suppressions/import",
+        &[],
+        Some(csv.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r
 }
 
 /// A webhook receiver that keeps every event posted to it.

@@ -197,6 +197,16 @@ fn an_operator_suspension_on_one_node_holds_on_all() {
     assert_eq!(suspended, 2, "{:#?}", a.events());
 }
 
+/// Adds `email` to `server`'s global suppression list through the API.
+fn suppress(server: &Server, email: &str) {
+    let r = post(
+        server.http,
+        "/api/v1/suppressions",
+        &json!({ "email": email }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
 /// Polls until RCPT for `rcpt` on `server` gets `code` (20 s at most).
 fn wait_rcpt(server: &Server, rcpt: &str, code: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -221,12 +231,7 @@ fn a_suppression_added_on_one_node_refuses_the_address_on_another() {
         wait_fleet(n, "both up", |f| alive(f) == ["a", "c"]);
     }
     wait_rcpt(&c, "gone@far.test", 250);
-    let r = post(
-        a.http,
-        "/api/v1/suppressions",
-        &json!({"email": "gone@far.test"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    suppress(&a, "gone@far.test");
     wait_rcpt(&c, "gone@far.test", 550);
     // Removed on c: gone on a too.
     let r = http::request(
@@ -242,12 +247,7 @@ fn a_suppression_added_on_one_node_refuses_the_address_on_another() {
     // Added while Redis is down: it waits on a, and reaches c once Redis is back.
     redis.stop();
     wait_fleet(&a, "degraded", |f| f["redis"] == "degraded");
-    let r = post(
-        a.http,
-        "/api/v1/suppressions",
-        &json!({"email": "later@far.test"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    suppress(&a, "later@far.test");
     wait_rcpt(&a, "later@far.test", 550);
     redis.restart();
     wait_rcpt(&c, "later@far.test", 550);
@@ -291,22 +291,48 @@ fn without_cluster_the_view_is_this_node() {
 /// A fake MX for one.test under the site bigmail.test on 127.0.0.2, holding each DATA reply
 /// `hold`; its DNS; and the [delivery] lines and `shaping` for a node.
 fn bigmail(hold: Duration, shaping: &str) -> (DnsServer, FakeMx, String) {
+    let script = Script {
+        data_delay: hold,
+        ..Script::default()
+    };
+    bigmail_answering(script, shaping)
+}
+
+/// [`bigmail`] with a fake MX answering per `script`.
+fn bigmail_answering(script: Script, shaping: &str) -> (DnsServer, FakeMx, String) {
     let dns = DnsServer::start();
     let port = common_port(&["127.0.0.2"]);
     dns.mx("one.test", 10, "mx1.bigmail.test");
     dns.a("mx1.bigmail.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script {
-            data_delay: hold,
-            ..Script::default()
-        },
-    );
+    let mx = FakeMx::start(format!("127.0.0.2:{port}").parse().unwrap(), script);
     let extra = format!(
         "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n{shaping}\n",
         dns.config()
     );
     (dns, mx, extra)
+}
+
+/// Delivering nodes named `names`, up and seeing each other.
+fn fleet(redis: &Redis, names: &[&str], extra: &str, lease_ttl: u64) -> Vec<Server> {
+    let nodes: Vec<Server> = names
+        .iter()
+        .map(|n| delivering_node(redis, n, extra, lease_ttl))
+        .collect();
+    for n in &nodes {
+        wait_fleet(n, "all up", |f| alive(f) == names);
+    }
+    nodes
+}
+
+/// Sends `n` messages through each node on `threads` connections each, and waits for them.
+fn push_all(nodes: &[Server], n: usize, threads: usize) {
+    for p in nodes
+        .iter()
+        .flat_map(|s| push(s, n, threads))
+        .collect::<Vec<_>>()
+    {
+        p.join().unwrap();
+    }
 }
 
 fn site_cap(cap: usize) -> String {
@@ -347,18 +373,9 @@ fn push(server: &Server, n: usize, threads: usize) -> Vec<std::thread::JoinHandl
 fn a_site_connection_cap_holds_across_the_fleet() {
     let redis = Redis::start();
     let (_dns, mx, extra) = bigmail(Duration::from_millis(60), &site_cap(4));
-    let nodes: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .map(|n| delivering_node(&redis, n, &extra, 10))
-        .collect();
-    for n in &nodes {
-        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
-    }
+    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
     // Each node alone would open 4: 12 at once without the shared leases.
-    let pushes: Vec<_> = nodes.iter().flat_map(|n| push(n, 24, 4)).collect();
-    for p in pushes {
-        p.join().unwrap();
-    }
+    push_all(&nodes, 24, 4);
     let got = mx.wait_for(72, 120);
     assert_eq!(got.len(), 72);
     let (max_active, connections) = (mx.max_active(), mx.connections());
@@ -415,18 +432,9 @@ fn a_message_rate_holds_across_the_fleet() {
     let redis = Redis::start();
     let rate = "[[shaping]]\ndomain = \"one.test\"\nmax_message_rate = \"10/s\"\n";
     let (_dns, mx, extra) = bigmail(Duration::ZERO, rate);
-    let nodes: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .map(|n| delivering_node(&redis, n, &extra, 10))
-        .collect();
-    for n in &nodes {
-        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
-    }
+    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
     // 15 messages per node: alone, each would send its own 10/s (30/s for the fleet).
-    let pushes: Vec<_> = nodes.iter().flat_map(|n| push(n, 15, 3)).collect();
-    for p in pushes {
-        p.join().unwrap();
-    }
+    push_all(&nodes, 15, 3);
     let n = 45;
     let got = mx.wait_for(n, 60);
     assert_eq!(got.len(), n);
@@ -453,31 +461,15 @@ fn a_message_rate_holds_across_the_fleet() {
 #[test]
 fn a_pushback_seen_by_one_node_holds_the_others() {
     let redis = Redis::start();
-    let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
-    dns.mx("one.test", 10, "mx1.bigmail.test");
-    dns.a("mx1.bigmail.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script {
-            rcpt: std::sync::Arc::new(|_, _| "451 4.7.1 Rate limited, try again later".into()),
-            ..Script::default()
-        },
-    );
-    let extra = format!(
-        "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n\
-         [[backoff]]\ncode = 451\npattern = \"(?i)rate limited\"\naction = \"suspend\"\nduration = \"1h\"\n",
-        dns.config()
-    );
-    let (a, b, c) = (
-        delivering_node(&redis, "a", &extra, 10),
-        delivering_node(&redis, "b", &extra, 10),
-        delivering_node(&redis, "c", &extra, 10),
-    );
-    for n in [&a, &b, &c] {
-        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
-    }
-    for p in push(&a, 1, 1) {
+    let script = Script {
+        rcpt: std::sync::Arc::new(|_, _| "451 4.7.1 Rate limited, try again later".into()),
+        ..Script::default()
+    };
+    let backoff = "[[backoff]]\ncode = 451\npattern = \"(?i)rate limited\"\naction = \"suspend\"\nduration = \"1h\"\n";
+    let (_dns, mx, extra) = bigmail_answering(script, backoff);
+    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    for p in push(a, 1, 1) {
         p.join().unwrap();
     }
     a.wait_event(20, |e| {
@@ -488,7 +480,7 @@ fn a_pushback_seen_by_one_node_holds_the_others() {
     });
     // The notice crosses the channel in well under this; it only orders the test.
     std::thread::sleep(Duration::from_millis(500));
-    for n in [&b, &c] {
+    for n in [b, c] {
         for p in push(n, 1, 1) {
             p.join().unwrap();
         }
@@ -520,13 +512,7 @@ fn a_warmup_cap_counts_the_whole_fleet() {
          [[pool]]\nname = \"new\"\nsources = [\"ip10\"]\nsender_domains = [\"new.test\"]\n"
     );
     let (_dns, mx, extra) = bigmail(Duration::ZERO, &warmup);
-    let nodes: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .map(|n| delivering_node(&redis, n, &extra, 10))
-        .collect();
-    for n in &nodes {
-        wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
-    }
+    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
     // Four messages from each node: each alone would let all four through (12 > 5).
     for n in &nodes {
         let mut c = n.connect();
@@ -575,13 +561,7 @@ fn a_warmup_cap_counts_the_whole_fleet() {
 fn redis_killed_mid_run_loses_no_mail_and_the_fleet_shares_again() {
     let mut redis = Redis::start();
     let (_dns, mx, extra) = bigmail(Duration::from_millis(20), &site_cap(4));
-    let nodes: Vec<Server> = ["a", "b"]
-        .iter()
-        .map(|n| delivering_node(&redis, n, &extra, 10))
-        .collect();
-    for n in &nodes {
-        wait_fleet(n, "both up", |f| alive(f) == ["a", "b"]);
-    }
+    let nodes = fleet(&redis, &["a", "b"], &extra, 10);
     for p in nodes
         .iter()
         .flat_map(|n| push(n, 20, 2))
