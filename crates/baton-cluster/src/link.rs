@@ -15,6 +15,8 @@ use crate::{ClusterConfig, LocalStats, StatsSource};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A link up this long has earned a fresh backoff when it fails.
+const STABLE: Duration = Duration::from_secs(10);
 /// Longest wait for a connection or a heartbeat's answer.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -158,11 +160,16 @@ async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
                     config.node.clone(),
                     cluster.inner.changes.clone(),
                 ));
+                let connected_at = tokio::time::Instant::now();
                 let beats =
                     beat_until_error(&cluster, conn, &stats, &version, started_ms, &mut last);
                 let why = following(follower, beats).await;
                 *cluster.lock() = None;
-                backoff = MIN_BACKOFF;
+                // A link that fails at once after connecting (an ACL refusing SUBSCRIBE, a
+                // damaged key) keeps backing off instead of reconnecting ten times a second.
+                if connected_at.elapsed() >= STABLE {
+                    backoff = MIN_BACKOFF;
+                }
                 why
             }
             Err(why) => why,

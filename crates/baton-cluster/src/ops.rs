@@ -83,12 +83,8 @@ impl Cluster {
                     .arg(s.until_ms)
                     .ignore();
             }
-            FleetChange::Suppression(c) if c.removed => {
-                pipe.cmd("HDEL")
-                    .arg(format!("{prefix}:suppressions"))
-                    .arg(&c.key)
-                    .ignore();
-            }
+            // A removal stays in the hash as the entry marked removed, so that a node that
+            // was away when it happened learns of it when it catches up.
             FleetChange::Suppression(c) => {
                 pipe.cmd("HSET")
                     .arg(format!("{prefix}:suppressions"))

@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use crate::link::Cluster;
 
+// Microseconds (Lua's doubles hold them exactly): a rate of 300/s is 3,333 µs, not 3 ms.
 const GCRA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat > now then
   return tat - now
 end
-redis.call('SET', KEYS[1], now + interval, 'PX', interval + 60000)
+redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 60000)
 return 0
 ";
 
@@ -59,18 +60,18 @@ impl Cluster {
     pub async fn pace(&self, rule: &str, interval: Duration) -> Result<Duration, String> {
         let mut conn = self.conn().ok_or("redis unavailable")?;
         let key = format!("{}:rate:{rule}", self.config().prefix);
-        let interval_ms = u64::try_from(interval.as_millis())
+        let interval_us = u64::try_from(interval.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let script = redis::Script::new(GCRA);
         let mut call = script.key(&key);
-        call.arg(interval_ms);
+        call.arg(interval_us);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
         match answer.await {
             // A wait past a minute is no answer to trust (a clock or a key gone wrong).
-            Ok(Ok(ms)) => Ok(Duration::from_millis(
-                u64::try_from(ms).unwrap_or(0).min(60_000),
+            Ok(Ok(us)) => Ok(Duration::from_micros(
+                u64::try_from(us).unwrap_or(0).min(60_000_000),
             )),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no answer from redis within 1 s".into()),

@@ -21,6 +21,11 @@ use crate::suppression::Suppressions;
 /// Changes made here that wait while Redis is unreachable; past this many the oldest are
 /// dropped (and logged): an outage must not grow memory without bound.
 const MAX_BACKLOG: usize = 100_000;
+/// How soon a change that could not be shared is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// The push-backs kept from other nodes (one per rule key), and how far ahead they may reach.
+const MAX_PUSHBACKS: usize = 10_000;
+const MAX_PUSHBACK_MS: u64 = 7 * 86_400_000;
 
 /// The running link, and where this node's own changes go to be shared.
 pub struct Fleet {
@@ -105,6 +110,10 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
         tokio::select! {
             change = outgoing.recv() => {
                 let Some(change) = change else { return };
+                // A push-back is news only now: it does not wait (nor crowd out what must).
+                if matches!(change, FleetChange::Pushback(_)) && !backlog.is_empty() {
+                    continue;
+                }
                 if backlog.len() >= MAX_BACKLOG {
                     tracing::warn!("redis unreachable for long: the oldest change made here is not shared");
                     backlog.pop_front();
@@ -112,7 +121,10 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
                 backlog.push_back(change);
             }
             changed = health.changed() => if changed.is_err() { return },
+            // A share that failed while the link stayed up is tried again.
+            _ = tokio::time::sleep(RETRY), if !backlog.is_empty() => {}
         }
+        backlog.retain(|c| !matches!(c, FleetChange::Pushback(_)) || cluster.conn().is_some());
     }
 }
 
@@ -128,6 +140,28 @@ struct FleetStore {
 impl FleetStore {
     fn pushbacks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pushback>> {
         self.pushbacks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps another node's push-back: its times at most a week ahead, its factor in
+    /// range, and at most [`MAX_PUSHBACKS`] (the ones over are dropped, expired first).
+    fn keep_pushback(&self, p: PushbackChange) {
+        let now = baton_spool::now_ms();
+        let cap = |t: Option<u64>| t.map(|t| t.min(now.saturating_add(MAX_PUSHBACK_MS)));
+        let pushback = Pushback {
+            suspended_until_ms: cap(p.suspended_until_ms),
+            factor: p.factor.map(|f| f.clamp(0.001, 1.0)),
+            throttled_until_ms: cap(p.throttled_until_ms),
+        };
+        let mut all = self.pushbacks();
+        if all.len() >= MAX_PUSHBACKS && !all.contains_key(&p.key) {
+            let live = |t: Option<u64>| t.is_some_and(|t| t > now);
+            all.retain(|_, p| live(p.suspended_until_ms) || live(p.throttled_until_ms));
+            if all.len() >= MAX_PUSHBACKS {
+                tracing::warn!("too many push-backs from the fleet; one is not kept");
+                return;
+            }
+        }
+        all.insert(p.key, pushback);
     }
 }
 
@@ -213,15 +247,7 @@ fn apply_fleet_changes(
             match change {
                 FleetChange::Suspension(s) => apply_suspension(&queue, s).await,
                 FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
-                FleetChange::Pushback(p) => {
-                    // Bounded by the rules a node has: one entry per rule key.
-                    let pushback = Pushback {
-                        suspended_until_ms: p.suspended_until_ms,
-                        factor: p.factor.map(|f| f.clamp(0.001, 1.0)),
-                        throttled_until_ms: p.throttled_until_ms,
-                    };
-                    store.pushbacks().insert(p.key, pushback);
-                }
+                FleetChange::Pushback(p) => store.keep_pushback(p),
             }
         }
     });

@@ -285,7 +285,8 @@ impl Suppressions {
         };
         if change.removed || line.removed {
             self.remove_here(&line.entry.email, &line.entry.scope);
-        } else {
+        } else if !line.entry.expired_at(jiff::Timestamp::now()) {
+            // An expired one is not written here again at every catch-up.
             self.insert_here(line.entry);
         }
     }

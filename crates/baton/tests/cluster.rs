@@ -254,6 +254,20 @@ fn a_suppression_added_on_one_node_refuses_the_address_on_another() {
     // A node that joins later has the list.
     let d = node(&redis, "d");
     wait_rcpt(&d, "later@far.test", 550);
+    // A removal made while d was down reaches d when it comes back.
+    let mut d = d;
+    d.kill9();
+    let r = http::request(
+        a.http,
+        None,
+        "DELETE",
+        "/api/v1/suppressions/later%40far.test",
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.spawn();
+    wait_rcpt(&d, "later@far.test", 250);
 }
 
 #[test]
