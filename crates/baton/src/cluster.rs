@@ -314,9 +314,7 @@ fn describe(cluster: &Cluster, health: &Health) -> String {
 
 /// `baton cluster status`: the fleet, read from Redis itself (it works with this node down).
 pub fn status_command(config: &Config, json: bool) -> anyhow::Result<()> {
-    let Some(cluster) = &config.cluster else {
-        anyhow::bail!("this node is not in a cluster: the config has no [cluster] section");
-    };
+    let cluster = cluster_config(config)?;
     let nodes = runtime()?
         .block_on(baton_cluster::read_fleet(cluster))
         .map_err(|why| anyhow::anyhow!("cannot read the fleet from redis: {why}"))?;
@@ -349,9 +347,7 @@ pub fn status_command(config: &Config, json: bool) -> anyhow::Result<()> {
 
 /// `baton cluster forget NODE`: drops a node removed for good from the fleet's view.
 pub fn forget_command(config: &Config, node: &str) -> anyhow::Result<()> {
-    let Some(cluster) = &config.cluster else {
-        anyhow::bail!("this node is not in a cluster: the config has no [cluster] section");
-    };
+    let cluster = cluster_config(config)?;
     let removed = runtime()?
         .block_on(baton_cluster::forget_node(cluster, node))
         .map_err(|why| anyhow::anyhow!("cannot reach redis: {why}"))?;
@@ -361,6 +357,12 @@ pub fn forget_command(config: &Config, node: &str) -> anyhow::Result<()> {
         println!("{node}: no such node");
     }
     Ok(())
+}
+
+fn cluster_config(config: &Config) -> anyhow::Result<&baton_cluster::ClusterConfig> {
+    config.cluster.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("this node is not in a cluster: the config has no [cluster] section")
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -21,6 +21,15 @@ fn node(redis: &Redis, name: &str) -> Server {
     ))
 }
 
+/// Polls until `ok` holds, `secs` at most; else fails with `why`.
+fn wait_until(secs: u64, ok: impl Fn() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `GET /api/v1/cluster` on `server` until `ok` holds (20 s at most).
 fn wait_fleet(server: &Server, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -417,28 +426,21 @@ fn a_killed_nodes_leases_run_out_by_themselves() {
     for p in push(&a, 4, 2) {
         p.join().unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mx.max_active() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "a never held its two connections"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        20,
+        || mx.max_active() >= 2,
+        || "a never held its two connections".into(),
+    );
     a.kill9();
     // b's mail goes once a's leases run out (2 s), not when a's sessions would have ended.
     for p in push(&b, 1, 1) {
         p.join().unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(25);
-    while mx.connections() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "b never got a lease: {}",
-            b.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        25,
+        || mx.connections() >= 3,
+        || format!("b never got a lease: {}", b.log()),
+    );
 }
 
 #[test]
@@ -572,7 +574,7 @@ fn a_warmup_cap_counts_the_whole_fleet() {
 }
 
 #[test]
-fn redis_killed_mid_run_loses_no_mail_and_the_fleet_shares_again() {
+fn redis_killed_mid_run_loses_no_mail_and_the_nodes_rejoin() {
     let mut redis = Redis::start();
     let (_dns, mx, extra) = bigmail(Duration::from_millis(20), &site_cap(4));
     let nodes = fleet(&redis, &["a", "b"], &extra, 10);

@@ -112,7 +112,10 @@ impl QueueHandle {
     /// Carries out an operator's command in the queue manager and returns its answer; a
     /// suspension or resumption that succeeded is shared with the fleet too.
     pub async fn control(&self, command: OperatorCommand) -> Answer {
-        let shared = self.fleet.as_ref().zip(fleet_suspension(&command));
+        let shared = self
+            .fleet
+            .as_ref()
+            .and_then(|fleet| Some((fleet, fleet_suspension(&command)?)));
         let answer = self.control_here(command).await;
         if let (Ok(_), Some((fleet, suspension))) = (&answer, shared) {
             let _ = fleet.send(baton_cluster::FleetChange::Suspension(suspension));
