@@ -11,7 +11,9 @@
 //! - `writer`: the thread that appends to the log and rotates its files;
 //! - `files`: the log's files, reading across them, retention;
 //! - `read`: queries over the log (events, a message's history, statistics);
-//! - `webhooks`: batches of events POSTed to receivers, from a saved offset;
+//! - `export`: following the log from a saved offset for a receiver off the node;
+//! - `webhooks`: batches of events POSTed to receivers;
+//! - `nats`: the events published to a NATS JetStream stream;
 //! - `metrics`: the Prometheus counters and gauges.
 
 use std::fmt;
@@ -19,8 +21,10 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+mod export;
 pub mod files;
 pub mod metrics;
+pub mod nats;
 mod read;
 pub mod webhooks;
 mod writer;

@@ -7,7 +7,8 @@
 //! - sessions ([`Reception`]): config, [`Intake`], their limits;
 //! - the HTTP API ([`api::Context`]): config, [`Intake`], the queue handle, events,
 //!   suppressions;
-//! - webhooks: the event log and an HTTPS configuration from the trust store.
+//! - webhooks: the event log and an HTTPS configuration from the trust store;
+//! - the NATS export: the event log.
 //!
 //! Owns construction and wiring only; no service reaches back here for another.
 
@@ -43,6 +44,13 @@ pub async fn serve(config: Config, stop: watch::Receiver<bool>) -> anyhow::Resul
     let trust =
         Arc::new(Trust::load(config.delivery.tls_ca_file.as_deref()).map_err(anyhow::Error::msg)?);
     start_webhooks(&config, &events, &trust, stop.clone())?;
+    baton_events::nats::start(
+        config.nats.as_ref(),
+        &config.data_dir,
+        &events,
+        stop.clone(),
+    )
+    .context("cannot start the NATS export")?;
     let mut fleet = crate::cluster::start(&config, &events);
     let suppressions =
         Arc::new(Suppressions::open(&config.data_dir).context("cannot read the suppression list")?);

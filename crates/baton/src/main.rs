@@ -447,8 +447,9 @@ fn check_config(file: &Path) -> ExitCode {
 
 /// Info for Baton; rustls only for errors: it warns about ordinary client behaviour ("Illegal
 /// SNI extension" from every client that connects by IP literal), and Baton reports failed
-/// handshakes itself. RUST_LOG overrides it.
-const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+/// handshakes itself. async-nats only for warnings: it logs each reconnect attempt at info, and
+/// Baton reports a failing export itself. RUST_LOG overrides it.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error,async_nats=warn";
 
 fn serve(config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()

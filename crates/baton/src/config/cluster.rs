@@ -4,7 +4,7 @@
 
 use toml::Spanned;
 
-use super::raw::{RawCluster, RedisUrls};
+use super::raw::{RawCluster, UrlList};
 use super::validate::Validator;
 
 impl Validator<'_> {
@@ -23,8 +23,8 @@ impl Validator<'_> {
         };
         let span = urls.span();
         let urls = match urls.into_inner() {
-            RedisUrls::One(url) => vec![url],
-            RedisUrls::Many(urls) => urls,
+            UrlList::One(url) => vec![url],
+            UrlList::Many(urls) => urls,
         };
         if urls.is_empty() {
             return self.error(span, "redis lists no URL".into(), "give at least one URL");

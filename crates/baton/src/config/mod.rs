@@ -28,6 +28,7 @@ use ipnet::IpNet;
 
 pub use baton_client::TlsMode;
 pub use baton_dns::DnsConfig;
+pub use baton_events::nats::NatsConfig;
 pub use baton_events::webhooks::WebhookConfig;
 use baton_shaping::{BackoffRule, Rate, ShapingRule};
 pub use baton_shaping::{Pool, Source};
@@ -161,6 +162,8 @@ pub struct Config {
     pub bounces: BouncesConfig,
     /// `[cluster]`: None runs a single node, as without Redis.
     pub cluster: Option<baton_cluster::ClusterConfig>,
+    /// `[nats]`: the events exported to NATS JetStream; None exports nothing.
+    pub nats: Option<NatsConfig>,
     /// The certificates, keys and CA file named above, each with the line naming it: read by
     /// [`Config::check_files`], never by parsing.
     pub files: Vec<NamedFile>,

@@ -52,12 +52,24 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) bounces: RawBounces,
     pub(super) cluster: Option<RawCluster>,
+    pub(super) nats: Option<RawNats>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNats {
+    pub(super) url: Option<Spanned<UrlList>>,
+    pub(super) subject: Option<Spanned<String>>,
+    pub(super) stream: Option<Spanned<String>>,
+    pub(super) max_age: Option<Spanned<Quantity>>,
+    pub(super) events: Option<Vec<Spanned<String>>>,
+    pub(super) batch_size: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
-    pub(super) redis: Option<Spanned<RedisUrls>>,
+    pub(super) redis: Option<Spanned<UrlList>>,
     pub(super) node: Option<Spanned<String>>,
     pub(super) heartbeat: Option<Spanned<Quantity>>,
     pub(super) prefix: Option<Spanned<String>>,
@@ -67,7 +79,7 @@ pub(super) struct RawCluster {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-pub(super) enum RedisUrls {
+pub(super) enum UrlList {
     One(String),
     Many(Vec<String>),
 }

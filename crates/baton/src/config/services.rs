@@ -1,4 +1,5 @@
-//! The services around the mail flow: `[submission]`, `[[dkim]]`, `[http]` and `[[webhook]]`
+//! The services around the mail flow: `[submission]`, `[[dkim]]`, `[http]`, `[[webhook]]` and
+//! `[nats]`
 //! (`[inbound]` is one switch, read in `validate.rs`).
 //!
 //! Owns their checks and defaults. DKIM keys and the users file are only named here: the keys
@@ -11,9 +12,9 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::files::ConfigFile;
-use super::raw::{RawDkim, RawHttp, RawSubmission, RawWebhook};
+use super::raw::{RawDkim, RawHttp, RawNats, RawSubmission, RawWebhook, UrlList};
 use super::validate::Validator;
-use super::{DkimConfig, HttpConfig, SenderPolicy, SubmissionConfig, WebhookConfig};
+use super::{DkimConfig, HttpConfig, NatsConfig, SenderPolicy, SubmissionConfig, WebhookConfig};
 
 impl Validator<'_> {
     pub(super) fn sender_policy(&mut self, raw: Option<&Spanned<String>>) -> SenderPolicy {
@@ -85,8 +86,96 @@ impl Validator<'_> {
                 "use a long random string, e.g. `openssl rand -hex 32`",
             );
         }
+        let events = self.event_kinds(raw.events);
+        let batch_size = self.count(raw.batch_size, 100) as usize;
+        Some(WebhookConfig {
+            url,
+            secret: raw.secret.into_inner(),
+            events,
+            batch_size,
+        })
+    }
+
+    /// `[nats]`: the JetStream export; `node` names this node in message ids.
+    pub(super) fn nats(&mut self, raw: Option<RawNats>, node: &str) -> Option<NatsConfig> {
+        let raw = raw?;
+        let Some(urls) = raw.url else {
+            self.error_at_top(
+                "[nats] needs url".into(),
+                "e.g. url = \"nats://127.0.0.1:4222\", or a list of servers",
+            );
+            return None;
+        };
+        let span = urls.span();
+        let servers = match urls.into_inner() {
+            UrlList::One(url) => vec![url],
+            UrlList::Many(urls) => urls,
+        };
+        if servers.is_empty() {
+            return self.error(span, "url lists no server".into(), "give at least one URL");
+        }
+        for server in &servers {
+            if let Err(why) = baton_events::nats::check_server(server) {
+                return self.error(
+                    span.clone(),
+                    format!("{server:?} is not a NATS server address: {why}"),
+                    "write nats://HOST:PORT (or tls://HOST:PORT)",
+                );
+            }
+        }
+        let subject = self.nats_name(raw.subject, "baton.events", true)?;
+        let stream = self.nats_name(raw.stream, "BATON_EVENTS", false)?;
+        Some(NatsConfig {
+            servers,
+            subject,
+            stream,
+            max_age: self.duration_or(raw.max_age, 7 * 86_400),
+            node: node.to_string(),
+            events: self.event_kinds(raw.events),
+            batch_size: self.count(raw.batch_size, 100) as usize,
+        })
+    }
+
+    /// A subject prefix (dot-separated tokens) or a stream name (one token).
+    fn nats_name(
+        &mut self,
+        raw: Option<Spanned<String>>,
+        default: &str,
+        dots: bool,
+    ) -> Option<String> {
+        let Some(raw) = raw else {
+            return Some(default.to_string());
+        };
+        let name = raw.get_ref().trim();
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        };
+        let ok = name.len() <= 200
+            && if dots {
+                name.split('.').all(token)
+            } else {
+                token(name)
+            };
+        if ok {
+            return Some(name.to_string());
+        }
+        self.error(
+            raw.span(),
+            format!("{name:?} is not usable here"),
+            if dots {
+                "use dot-separated words of letters, digits, '-' or '_', e.g. \"baton.events\""
+            } else {
+                "use letters, digits, '-' or '_', e.g. \"BATON_EVENTS\""
+            },
+        )
+    }
+
+    /// An `events = [...]` filter; empty = all.
+    fn event_kinds(&mut self, raw: Option<Vec<Spanned<String>>>) -> Vec<baton_events::EventKind> {
         let mut events = Vec::new();
-        for e in raw.events.unwrap_or_default() {
+        for e in raw.unwrap_or_default() {
             match e.get_ref().parse::<baton_events::EventKind>() {
                 Ok(kind) => events.push(kind),
                 Err(unknown) => {
@@ -99,16 +188,7 @@ impl Validator<'_> {
                 }
             }
         }
-        let batch_size = raw
-            .batch_size
-            .map(|n| self.count(Some(n), 100) as usize)
-            .unwrap_or(100);
-        Some(WebhookConfig {
-            url,
-            secret: raw.secret.into_inner(),
-            events,
-            batch_size,
-        })
+        events
     }
 
     pub(super) fn http(&mut self, raw: RawHttp) -> Option<HttpConfig> {

@@ -148,6 +148,47 @@ fn cluster_takes_one_url_or_several_and_names_the_node() {
     assert_eq!(e[0].line, 3, "{e:?}");
 }
 
+#[test]
+fn nats_export_has_defaults_and_checks_its_names() {
+    assert!(Config::defaults().nats.is_none());
+    let c =
+        Config::parse("hostname = \"mx1.example.com\"\n[nats]\nurl = \"nats://10.0.0.7:4222\"\n")
+            .unwrap();
+    let nats = c.nats.unwrap();
+    assert_eq!(nats.servers, ["nats://10.0.0.7:4222"]);
+    assert_eq!(
+        (
+            nats.subject.as_str(),
+            nats.stream.as_str(),
+            nats.node.as_str()
+        ),
+        ("baton.events", "BATON_EVENTS", "mx1.example.com")
+    );
+    assert_eq!(nats.max_age, Duration::from_secs(7 * 86_400));
+    assert_eq!((nats.events.len(), nats.batch_size), (0, 100));
+    // In a cluster, the node's cluster name.
+    let c = Config::parse(
+        "[cluster]\nredis = \"redis://a\"\nnode = \"n-2\"\n[nats]\nurl = [\"nats://a\", \"tls://b:4443\"]\n\
+         subject = \"mail.events\"\nstream = \"MAIL\"\nmax_age = \"1d\"\nevents = [\"bounce\"]\n",
+    )
+    .unwrap();
+    let nats = c.nats.unwrap();
+    assert_eq!((nats.node.as_str(), nats.servers.len()), ("n-2", 2));
+    assert_eq!(nats.events, [baton_events::EventKind::Bounce]);
+    assert_eq!(nats.max_age, Duration::from_secs(86_400));
+    for (bad, line) in [
+        ("[nats]\nsubject = \"x\"\n", 0),
+        ("[nats]\nurl = \"http://a:4222\"\n", 2),
+        ("[nats]\nurl = \"nats://a\"\nsubject = \"a..b\"\n", 3),
+        ("[nats]\nurl = \"nats://a\"\nsubject = \"a.>\"\n", 3),
+        ("[nats]\nurl = \"nats://a\"\nstream = \"A.B\"\n", 3),
+        ("[nats]\nurl = \"nats://a\"\nevents = [\"sent\"]\n", 3),
+    ] {
+        let e = Config::parse(bad).unwrap_err();
+        assert_eq!(e[0].line, line, "{bad}: {e:?}");
+    }
+}
+
 /// A listener with a certificate, a CA file and a DKIM key, none of which exist.
 const MISSING_FILES: &str = "[[listener]]\naddress = \"127.0.0.1:2465\"\nrole = \"submissions\"\n\
     tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\

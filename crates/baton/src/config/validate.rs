@@ -140,6 +140,10 @@ impl Validator<'_> {
         let submission = self.submission(raw.submission, sender_policy);
         let bounces = self.bounces(raw.bounces);
         let cluster = self.cluster(raw.cluster, &hostname);
+        let node = cluster
+            .as_ref()
+            .map_or(hostname.as_str(), |c| c.node.as_str());
+        let nats = self.nats(raw.nats, node);
         self.default_pool_exists(&delivery, &pools);
         Config {
             hostname,
@@ -166,6 +170,7 @@ impl Validator<'_> {
             routes,
             bounces,
             cluster,
+            nats,
             files: std::mem::take(&mut self.files),
         }
     }

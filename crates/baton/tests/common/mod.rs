@@ -6,6 +6,7 @@
 pub mod dns;
 pub mod http;
 pub mod mx;
+pub mod nats;
 pub mod pki;
 pub mod redis;
 pub mod world;
