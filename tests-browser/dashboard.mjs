@@ -37,6 +37,7 @@ try {
   const state = await page.evaluate(() => window.batonDashboard);
   const destinations = await page.$$eval("#destinations tr", rows => rows.map(r => r.innerText));
   const status = await page.textContent("#status");
+  const clusterHidden = await page.$eval("#cluster", s => s.hidden);
   const axes = await page.evaluate(() => window.__canvasText);
   // The page's own draw() with small series (as a quiet server has), one frame each.
   const small = await page.evaluate(() => {
@@ -80,7 +81,7 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   const foreign = requests.filter(u => !u.startsWith(new URL(url).origin));
   console.log(JSON.stringify({ state, destinations, status, foreign, lookup, axes, small, bounces,
-                               classes, complaints }));
+                               classes, complaints, clusterHidden }));
 } finally {
   await browser.close();
 }

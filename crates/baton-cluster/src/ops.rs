@@ -105,6 +105,44 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The operator suspensions in force across the fleet, soonest to end first; at most
+    /// [`MAX_LISTED`]. Err while degraded.
+    pub async fn suspensions(&self) -> Result<Vec<Suspension>, String> {
+        let mut conn = self.conn().ok_or("redis unavailable")?;
+        let key = format!("{}:suspensions", self.config().prefix);
+        let now = now_ms();
+        let mut live = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            live.extend(batch.into_iter().filter(|(_, until)| *until > now).map(
+                |(destination, until_ms)| Suspension {
+                    destination,
+                    until_ms,
+                },
+            ));
+            if next == 0 || live.len() >= MAX_LISTED {
+                break;
+            }
+            cursor = next;
+        }
+        live.sort_by(|a, b| (a.until_ms, &a.destination).cmp(&(b.until_ms, &b.destination)));
+        live.truncate(MAX_LISTED);
+        Ok(live)
+    }
+}
+
+/// The most suspensions [`Cluster::suspensions`] lists.
+pub const MAX_LISTED: usize = 1000;
+
 /// Feeds `to` what is live in the fleet, then every change another node shares, until the
 /// connection fails (the link starts it again on reconnecting).
 pub(crate) async fn follow(

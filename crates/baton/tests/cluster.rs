@@ -206,6 +206,75 @@ fn an_operator_suspension_on_one_node_holds_on_all() {
     assert_eq!(suspended, 2, "{:#?}", a.events());
 }
 
+#[test]
+fn the_dashboard_shows_the_fleet_and_its_suspensions() {
+    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests-browser");
+    assert!(
+        std::path::Path::new(browser_dir)
+            .join("node_modules/playwright-core")
+            .exists(),
+        "needs playwright-core in tests-browser/node_modules: scripts/test installs it"
+    );
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    wait_fleet(&b, "both up", |f| alive(f) == ["a", "b"]);
+    let out = a.cli(&["suspend", "far.test", "--for", "1h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fleet = wait_fleet(&b, "the shared suspension listed", |f| {
+        f["suspensions"][0]["destination"] == "far.test"
+    });
+    assert!(
+        fleet["suspensions"][0]["until"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{fleet}"
+    );
+    let screenshot =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-cluster.png");
+    let out = std::process::Command::new("node")
+        .current_dir(browser_dir)
+        .args(["cluster.mjs", &format!("http://{}/", b.http)])
+        .arg(&screenshot)
+        .args(["2", "1"])
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("cluster.mjs prints JSON");
+    assert_eq!(shown["hidden"], false, "{shown}");
+    assert!(
+        shown["heading"]
+            .as_str()
+            .is_some_and(|h| h.contains("redis up") && h.contains("seen from b")),
+        "{shown}"
+    );
+    let nodes: Vec<(String, String)> = shown["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|row| {
+            (
+                row[0].as_str().unwrap_or("").into(),
+                row[1].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [("a".into(), "up".into()), ("b".into(), "up".into())],
+        "{shown}"
+    );
+    assert_eq!(shown["suspensions"][0][0], "far.test", "{shown}");
+}
+
 /// Adds `email` to `server`'s global suppression list through the API.
 fn suppress(server: &Server, email: &str) {
     let r = post(

@@ -1,5 +1,6 @@
 //! `GET /api/v1/cluster`: the fleet as Redis knows it (every node's last heartbeat), or this
-//! node alone when it runs without `[cluster]` or cannot reach Redis now.
+//! node alone when it runs without `[cluster]` or cannot reach Redis now; with it, the
+//! operator suspensions every node keeps.
 
 use super::*;
 
@@ -15,6 +16,7 @@ pub(super) async fn cluster(State(ctx): State<Arc<Context>>) -> Json<Value> {
             "redis": "up",
             "nodes_seen": health.nodes_seen,
             "nodes": nodes,
+            "suspensions": shared_suspensions(cluster).await,
         })),
         Err(why) => Json(json!({
             "node": me["node"],
@@ -24,6 +26,23 @@ pub(super) async fn cluster(State(ctx): State<Arc<Context>>) -> Json<Value> {
             "nodes": [me],
         })),
     }
+}
+
+/// The operator suspensions every node keeps: `[{destination, until}]`, soonest to end first.
+async fn shared_suspensions(cluster: &baton_cluster::Cluster) -> Value {
+    let listed = cluster.suspensions().await.unwrap_or_default();
+    Value::Array(
+        listed
+            .into_iter()
+            .map(|s| {
+                let until = i64::try_from(s.until_ms)
+                    .ok()
+                    .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+                    .map(|t| t.to_string());
+                json!({"destination": s.destination, "until": until})
+            })
+            .collect(),
+    )
 }
 
 /// This node's own figures, as its heartbeat would give them.
