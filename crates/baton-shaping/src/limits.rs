@@ -65,6 +65,11 @@ pub struct ConnectionSlot {
 }
 
 impl ConnectionSlot {
+    /// Whether this connection was opened without a lease (the fleet's store was away).
+    pub fn unleased(&self) -> bool {
+        self.unleased
+    }
+
     /// Whether this connection was opened without a lease while the fleet's store was away,
     /// and the store is back: it should close at its next chance (new connections take leases).
     pub fn outlived(&self) -> bool {

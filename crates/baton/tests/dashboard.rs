@@ -137,7 +137,10 @@ fn dashboard_charts_move_under_load() {
         "{seen}"
     );
     assert_eq!(seen["foreign"], json!([]), "assets are Baton's own");
-    assert_eq!(seen["clusterHidden"], true, "a single node shows no cluster section");
+    assert_eq!(
+        seen["clusterHidden"], true,
+        "a single node shows no cluster section"
+    );
     assert_eq!(seen["lookup"]["id"], wanted.as_str(), "{seen}");
     assert_eq!(seen["lookup"]["recipients"][0]["email"], "findme@dest.test");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);

@@ -175,13 +175,15 @@ pub(super) fn pool_name(pool: &Pool) -> &str {
 
 /// Opens a connection for `dest` from `source`: its TLS plan, its hosts (MX, smarthost or
 /// LMTP), MTA-STS's and DANE's say on them, a slot under the shaping rule, then each host's
-/// addresses in turn.
+/// addresses in turn. Ok(None) when `wanted` says, once a slot is had, that the work went
+/// elsewhere meanwhile (a connected worker took it): the slot goes back unused.
 pub(super) async fn connect(
     ctx: &DeliveryContext,
     dest: &Destination,
     source: Option<&Source>,
     pool: Option<&str>,
-) -> Result<Connection, ConnectFailure> {
+    wanted: impl Fn() -> bool,
+) -> Result<Option<Connection>, ConnectFailure> {
     let config = &ctx.config;
     let auth = match dest {
         Destination::Smarthost(relay) => relay.auth.as_ref(),
@@ -209,7 +211,7 @@ pub(super) async fn connect(
             let client = Client::connect_unix(&path, &options)
                 .await
                 .map_err(|e| ConnectFailure::new(451, "4.4.1", e.to_string()))?;
-            return Ok(Connection::new(client, None, None, None));
+            return Ok(Some(Connection::new(client, None, None, None)));
         }
     };
     if let Some(policy) = &plan.sts {
@@ -237,6 +239,9 @@ pub(super) async fn connect(
         Some(l) => Some(l.connection().await),
         None => None,
     };
+    if !wanted() {
+        return Ok(None);
+    }
     let dial = Dial {
         ctx,
         dest,
@@ -247,7 +252,7 @@ pub(super) async fn connect(
     };
     let client = dial.first_answering(&hosts).await?;
     let source = source.map(|s| s.name.clone());
-    Ok(Connection::new(client, limits, source, slot))
+    Ok(Some(Connection::new(client, limits, source, slot)))
 }
 
 /// Where a destination's mail goes.

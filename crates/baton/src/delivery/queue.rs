@@ -12,6 +12,9 @@ use super::{DeliveryContext, Destination, Job};
 use crate::config::{Pool, Source};
 
 /// One destination's ready queue and its workers.
+/// How often an idle worker with a reason to end early asks again.
+const GIVE_UP_CHECK: Duration = Duration::from_secs(1);
+
 pub struct DestQueue {
     pub key: Destination,
     /// The egress pool whose sources this queue's connections bind to.
@@ -67,6 +70,17 @@ impl DestQueue {
 
     /// The next job, waiting up to `idle` for one; None when the worker should stop.
     pub(super) async fn next_job(&self, idle: Duration) -> Option<Job> {
+        self.next_job_unless(idle, None).await
+    }
+
+    /// As [`DestQueue::next_job`], and while idle asks `give_up` every [`GIVE_UP_CHECK`]: the
+    /// worker ends as soon as it says so (its connection should not wait out `idle`).
+    pub(super) async fn next_job_unless(
+        &self,
+        idle: Duration,
+        give_up: Option<&(dyn Fn() -> bool + Send + Sync)>,
+    ) -> Option<Job> {
+        let mut deadline = tokio::time::Instant::now() + idle;
         loop {
             {
                 let mut state = self.lock();
@@ -75,7 +89,11 @@ impl DestQueue {
                 }
                 state.idle += 1;
             }
-            let woken = tokio::time::timeout(idle, self.notify.notified())
+            let mut wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if give_up.is_some() {
+                wait = wait.min(GIVE_UP_CHECK);
+            }
+            let woken = tokio::time::timeout(wait, self.notify.notified())
                 .await
                 .is_ok();
             let mut state = self.lock();
@@ -83,12 +101,19 @@ impl DestQueue {
             if let Some(job) = state.jobs.pop_front() {
                 return Some(job);
             }
-            if !woken {
+            if woken {
+                deadline = tokio::time::Instant::now() + idle;
+            } else if tokio::time::Instant::now() >= deadline || give_up.is_some_and(|g| g()) {
                 // Decided under the lock, so a push now sees one worker fewer and starts one.
                 state.workers -= 1;
                 return None;
             }
         }
+    }
+
+    /// Whether jobs wait for a worker.
+    pub(super) fn has_jobs(&self) -> bool {
+        !self.lock().jobs.is_empty()
     }
 
     /// Puts a job back at the head of the queue, for this worker or an idle one to take.

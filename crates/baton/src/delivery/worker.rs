@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use baton_client::{Client, OutRcpt, Outgoing, Reply};
 use baton_shaping::Limits;
@@ -60,7 +61,7 @@ pub(super) async fn worker(dest: Arc<DestQueue>, ctx: Arc<DeliveryContext>) {
         ctx,
         conn: None,
     };
-    while let Some(job) = w.dest.next_job(idle).await {
+    while let Some(job) = w.next_job(idle).await {
         if w.dest.key == Destination::Local && w.ctx.config.local.lmtp.is_none() {
             deliver_maildir(&w.ctx, job).await;
             continue;
@@ -89,6 +90,20 @@ impl Worker {
     async fn close(&mut self) {
         if let Some(c) = self.conn.take() {
             c.client.quit().await;
+        }
+    }
+
+    /// The next job, waiting up to `idle`. A connection opened without a lease while the
+    /// fleet's store was away does not wait out `idle` once the store is back: the worker
+    /// ends (and closes it) then, so the fleet's count of connections is whole again.
+    async fn next_job(&self, idle: Duration) -> Option<Job> {
+        let slot = self.conn.as_ref().and_then(|c| c.slot.as_ref());
+        match slot.filter(|s| s.unleased()) {
+            Some(slot) => {
+                let outlived = || slot.outlived();
+                self.dest.next_job_unless(idle, Some(&outlived)).await
+            }
+            None => self.dest.next_job(idle).await,
         }
     }
 
@@ -128,11 +143,13 @@ impl Worker {
             }
         };
         let pool = dest.pool.as_ref().map(pool_name);
-        match connect(ctx, &dest.key, source, pool).await {
-            Ok(c) => {
+        match connect(ctx, &dest.key, source, pool, || dest.has_jobs()).await {
+            Ok(Some(c)) => {
                 ctx.connections_opened.fetch_add(1, Ordering::Relaxed);
                 self.conn = Some(c);
             }
+            // Connected workers took the work while this one waited for a slot.
+            Ok(None) => {}
             Err(failure) => {
                 // The destination is unreachable or suspended: everything waiting for it
                 // waits again.
