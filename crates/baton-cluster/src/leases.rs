@@ -4,7 +4,7 @@
 //! all it holds in one script every third of the lease time and gives a lease back when its
 //! connection closes. A node that dies stops renewing: its leases run out by themselves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,18 +13,56 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::link::Cluster;
 
+/// KEYS: the leases, the nodes waiting for one. ARGV: lease ms, cap, member, node, the node's
+/// fair share, how long a wait is remembered (ms). While another node waits, a node already
+/// holding its share gets none; a node that finds the cap full is noted as waiting.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
+local node = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local others = redis.call('ZCARD', KEYS[2])
+if redis.call('ZSCORE', KEYS[2], node) then others = others - 1 end
+if others > 0 then
+  local mine = 0
+  local prefix = node .. ':'
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
+  end
+  if mine >= tonumber(ARGV[5]) then return 0 end
+end
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  redis.call('ZREM', KEYS[2], node)
   return 1
 end
+local wait = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now + wait, node)
+redis.call('PEXPIRE', KEYS[2], wait * 2)
 return 0
 ";
+
+/// KEYS: wait sets. ARGV[1]: this node. 1 for each set where another node waits, else 0.
+const CONTENDED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('ZCOUNT', key, now, '+inf')
+  local mine = redis.call('ZSCORE', key, ARGV[1])
+  if mine and tonumber(mine) >= now then n = n - 1 end
+  out[i] = (n > 0) and 1 or 0
+end
+return out
+";
+
+/// How long a node that found a cap full counts as waiting (it asks again every 100 ms).
+const WAIT_MS: u64 = 2000;
+/// How often a node holding leases looks for other nodes waiting on their caps.
+const CONTENTION_POLL: Duration = Duration::from_millis(500);
 
 const RENEW: &str = r"
 local t = redis.call('TIME')
@@ -43,6 +81,8 @@ pub struct Leases {
     next: AtomicU64,
     /// id → (Redis key, member).
     held: Mutex<HashMap<u64, (String, String)>>,
+    /// The lease keys, among those held, that another node waits on.
+    contended: Mutex<HashSet<String>>,
     release: UnboundedSender<(String, String)>,
 }
 
@@ -76,9 +116,11 @@ impl Leases {
             cluster,
             next: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            contended: Mutex::new(HashSet::new()),
             release,
         });
         tokio::spawn(renew(Arc::downgrade(&leases), leases.ttl()));
+        tokio::spawn(watch_contention(Arc::downgrade(&leases)));
         tokio::spawn(give_back(leases.cluster.clone(), released));
         leases
     }
@@ -91,8 +133,13 @@ impl Leases {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one of `cap` leases on `rule` (the same name on every node).
-    pub async fn acquire(self: &Arc<Self>, rule: &str, cap: usize) -> Lease {
+    fn contended_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.contended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one of `cap` leases on `rule` (the same name on every node); while another
+    /// node waits for one, only if this node holds fewer than `share`.
+    pub async fn acquire(self: &Arc<Self>, rule: &str, cap: usize, share: usize) -> Lease {
         let Some(mut conn) = self.cluster.conn() else {
             return Lease::Unavailable;
         };
@@ -103,7 +150,13 @@ impl Leases {
         let ttl_ms = u64::try_from(self.ttl().as_millis()).unwrap_or(u64::MAX);
         let script = redis::Script::new(ACQUIRE);
         let mut call = script.key(&key);
-        call.arg(ttl_ms).arg(cap).arg(&member);
+        call.key(format!("{key}:wait"))
+            .arg(ttl_ms)
+            .arg(cap)
+            .arg(&member)
+            .arg(&config.node)
+            .arg(share)
+            .arg(WAIT_MS);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
         match answer.await {
@@ -117,6 +170,75 @@ impl Leases {
             Ok(Ok(_)) => Lease::Full,
             Ok(Err(_)) | Err(_) => Lease::Unavailable,
         }
+    }
+}
+
+impl LeaseGuard {
+    /// This lease's Redis key, while held.
+    fn key(&self) -> Option<String> {
+        self.leases.lock().get(&self.id).map(|(key, _)| key.clone())
+    }
+
+    /// Whether another node waits on this lease's cap (as of the last look, at most
+    /// [`CONTENTION_POLL`] old).
+    pub fn contended(&self) -> bool {
+        self.key()
+            .is_some_and(|key| self.leases.contended_keys().contains(&key))
+    }
+
+    /// Gives this lease back now if this node holds more than `share` leases of its cap;
+    /// true if it did. Counted and removed under one lock: of several connections over the
+    /// share, only the excess go.
+    pub fn give_back_over(&self, share: usize) -> bool {
+        let mut held = self.leases.lock();
+        let Some((key, _)) = held.get(&self.id) else {
+            return false;
+        };
+        let mine = held.values().filter(|(k, _)| k == key).count();
+        if mine <= share {
+            return false;
+        }
+        if let Some(lease) = held.remove(&self.id) {
+            let _ = self.leases.release.send(lease);
+        }
+        true
+    }
+}
+
+/// Looks, every [`CONTENTION_POLL`] while leases are held, for other nodes waiting on their
+/// caps, until the store is dropped.
+async fn watch_contention(leases: std::sync::Weak<Leases>) {
+    let mut tick = tokio::time::interval(CONTENTION_POLL);
+    loop {
+        tick.tick().await;
+        let Some(leases) = leases.upgrade() else {
+            return;
+        };
+        let mut keys: Vec<String> = leases.lock().values().map(|(k, _)| k.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let Some(mut conn) = leases.cluster.conn().filter(|_| !keys.is_empty()) else {
+            leases.contended_keys().clear();
+            continue;
+        };
+        let script = redis::Script::new(CONTENDED);
+        let mut call = script.prepare_invoke();
+        for key in &keys {
+            call.key(format!("{key}:wait"));
+        }
+        call.arg(&leases.cluster.config().node);
+        let answer = tokio::time::timeout(Duration::from_secs(1), call.invoke_async(&mut conn));
+        let flags: Vec<i64> = match answer.await {
+            Ok(Ok(flags)) => flags,
+            _ => Vec::new(),
+        };
+        let contended = keys
+            .into_iter()
+            .zip(flags)
+            .filter(|(_, f)| *f == 1)
+            .map(|(k, _)| k)
+            .collect();
+        *leases.contended_keys() = contended;
     }
 }
 

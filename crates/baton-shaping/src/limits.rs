@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::fleet::{FleetLimits, Leased, Paced, Pushback, Warmed};
+use crate::fleet::{FleetLimits, HeldLease, Leased, Paced, Pushback, Warmed};
 use crate::later;
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
@@ -58,16 +58,17 @@ impl Pacer {
 pub struct ConnectionSlot {
     _permit: Option<OwnedSemaphorePermit>,
     /// The fleet-wide lease, with `[cluster]`.
-    _lease: Option<Box<dyn Send + Sync>>,
+    lease: Option<Box<dyn HeldLease>>,
     /// Counted against this node's share while the fleet's store was unreachable.
     unleased: bool,
     limits: Arc<Limits>,
 }
 
 impl ConnectionSlot {
-    /// Whether this connection was opened without a lease (the fleet's store was away).
-    pub fn unleased(&self) -> bool {
-        self.unleased
+    /// Whether this connection counts against a cap the fleet shares (with a lease, or
+    /// against this node's share while the store was away).
+    pub fn shared(&self) -> bool {
+        self.unleased || self.lease.is_some()
     }
 
     /// Whether this connection was opened without a lease while the fleet's store was away,
@@ -79,6 +80,25 @@ impl ConnectionSlot {
                 .shared
                 .as_ref()
                 .is_some_and(|(fleet, _)| fleet.available())
+    }
+}
+
+impl ConnectionSlot {
+    /// Whether this connection should close to make way for another node's: another node
+    /// waits for one of its cap's leases, and this connection is `idle`, or this node holds
+    /// more than its fair share (then the lease is given back at once).
+    pub fn make_way(&self, idle: bool) -> bool {
+        let (Some(lease), Some((fleet, _)), Some(cap)) = (
+            self.lease.as_ref(),
+            self.limits.shared.as_ref(),
+            self.limits.rule.max_connections,
+        ) else {
+            return false;
+        };
+        if !lease.contended() {
+            return false;
+        }
+        idle || lease.give_back_over(fair_share(cap, fleet.nodes()))
     }
 }
 
@@ -96,7 +116,7 @@ enum FleetSlot {
     /// No shared cap here: count it in `open` as usual.
     Unshared,
     /// One of the fleet's leases, held while connected.
-    Lease(Box<dyn Send + Sync>),
+    Lease(Box<dyn HeldLease>),
     /// The store is unreachable: counted in `open` against this node's share.
     Counted,
 }
@@ -375,7 +395,7 @@ impl Limits {
         }
         ConnectionSlot {
             _permit: permit,
-            _lease: lease,
+            lease,
             unleased,
             limits: self.clone(),
         }
@@ -390,7 +410,10 @@ impl Limits {
             return FleetSlot::Unshared;
         };
         loop {
-            match leases.lease(key, cap).await {
+            match leases
+                .lease(key, cap, fair_share(cap, leases.nodes()))
+                .await
+            {
                 Leased::Held(lease) => return FleetSlot::Lease(lease),
                 Leased::Full => {
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
@@ -463,6 +486,12 @@ impl Limits {
 
 /// This node's part of a fleet-wide connection cap while the fleet's store is unreachable:
 /// the cap divided among the nodes, at least one.
+/// A node's fair part of a shared cap while others wait for it: `cap / nodes`, rounded up.
+pub(crate) fn fair_share(cap: usize, nodes: u32) -> usize {
+    cap.div_ceil(usize::try_from(nodes.max(1)).unwrap_or(usize::MAX))
+        .max(1)
+}
+
 pub(crate) fn local_share(cap: usize, nodes: u32) -> usize {
     (cap / usize::try_from(nodes.max(1)).unwrap_or(usize::MAX)).max(1)
 }

@@ -8,9 +8,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_cluster::{Cluster, FleetChange, Health, Lease, Leases, LocalStats, PushbackChange};
+use baton_cluster::{
+    Cluster, FleetChange, Health, Lease, LeaseGuard, Leases, LocalStats, PushbackChange,
+};
 use baton_events::{EventKind, Events};
-use baton_shaping::fleet::{Answer, FleetLimits, Leased, Paced, Pushback, Warmed};
+use baton_shaping::fleet::{Answer, FleetLimits, HeldLease, Leased, Paced, Pushback, Warmed};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -165,11 +167,24 @@ impl FleetStore {
     }
 }
 
+/// A fleet lease, as the shaper holds it.
+struct HeldLeaseGuard(LeaseGuard);
+
+impl HeldLease for HeldLeaseGuard {
+    fn contended(&self) -> bool {
+        self.0.contended()
+    }
+
+    fn give_back_over(&self, share: usize) -> bool {
+        self.0.give_back_over(share)
+    }
+}
+
 impl FleetLimits for FleetStore {
-    fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased> {
+    fn lease<'a>(&'a self, key: &'a str, cap: usize, share: usize) -> Answer<'a, Leased> {
         Box::pin(async move {
-            match self.leases.acquire(key, cap).await {
-                Lease::Held(guard) => Leased::Held(Box::new(guard)),
+            match self.leases.acquire(key, cap, share).await {
+                Lease::Held(guard) => Leased::Held(Box::new(HeldLeaseGuard(guard))),
                 Lease::Full => Leased::Full,
                 Lease::Unavailable => Leased::Unavailable,
             }

@@ -462,6 +462,35 @@ fn push(server: &Server, n: usize, threads: usize) -> Vec<std::thread::JoinHandl
 }
 
 #[test]
+fn an_idle_node_makes_way_for_one_that_waits() {
+    let redis = Redis::start();
+    let shaping = "[[shaping]]\nsite = \"bigmail.test\"\nmax_connections = 2\n";
+    let (_dns, mx, extra) = bigmail(Duration::from_millis(30), shaping);
+    // Idle connections would hold their leases for a minute.
+    let extra = extra.replace("idle_timeout = \"1s\"", "idle_timeout = \"60s\"");
+    let nodes = fleet(&redis, &["a", "b"], &extra, 10);
+    push_all(&nodes[..1], 8, 2);
+    assert_eq!(mx.wait_for(8, 30).len(), 8);
+    let connections = mx.connections();
+    // a's two connections are idle now, with both leases; b finds the cap full, says it
+    // waits, and a closes them for it.
+    let started = Instant::now();
+    push_all(&nodes[1..], 4, 2);
+    let got = mx.wait_for(12, 30);
+    eprintln!(
+        "b's mail went {:?} after it came, on {} new connections",
+        started.elapsed(),
+        mx.connections() - connections
+    );
+    assert_eq!(
+        got.len(),
+        12,
+        "b waited for a's idle connections to time out"
+    );
+    assert!(mx.max_active() <= 2, "the cap holds: {}", mx.max_active());
+}
+
+#[test]
 fn a_site_connection_cap_holds_across_the_fleet() {
     let redis = Redis::start();
     let (_dns, mx, extra) = bigmail(Duration::from_millis(60), &site_cap(4));

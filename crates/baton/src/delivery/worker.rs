@@ -93,15 +93,16 @@ impl Worker {
         }
     }
 
-    /// The next job, waiting up to `idle`. A connection opened without a lease while the
-    /// fleet's store was away does not wait out `idle` once the store is back: the worker
-    /// ends (and closes it) then, so the fleet's count of connections is whole again.
+    /// The next job, waiting up to `idle`. Under a cap the fleet shares, an idle connection
+    /// does not wait out `idle` when another node waits for one of the cap's leases, nor one
+    /// opened without a lease while the fleet's store was away once the store is back: the
+    /// worker ends (and closes it) then.
     async fn next_job(&self, idle: Duration) -> Option<Job> {
         let slot = self.conn.as_ref().and_then(|c| c.slot.as_ref());
-        match slot.filter(|s| s.unleased()) {
+        match slot.filter(|s| s.shared()) {
             Some(slot) => {
-                let outlived = || slot.outlived();
-                self.dest.next_job_unless(idle, Some(&outlived)).await
+                let give_up = || slot.outlived() || slot.make_way(true);
+                self.dest.next_job_unless(idle, Some(&give_up)).await
             }
             None => self.dest.next_job(idle).await,
         }
@@ -118,7 +119,11 @@ impl Worker {
                 .unwrap_or(global_reuse);
             // Opened while the fleet's store was away: it holds no lease, so once the
             // store is back it makes way for one that does.
-            c.client.transactions >= limit || c.slot.as_ref().is_some_and(|s| s.outlived())
+            // And one over this node's share of a cap that another node waits on makes way.
+            c.client.transactions >= limit
+                || c.slot
+                    .as_ref()
+                    .is_some_and(|s| s.outlived() || s.make_way(false))
         });
         if used_up {
             self.close().await;
