@@ -381,7 +381,17 @@ impl Limits {
                 }
             }
         };
-        if let Some(pacer) = &self.connection_pacer {
+        if let (Some((fleet, key)), Some(rate)) = (&self.shared, self.rule.max_connection_rate) {
+            let key = format!("{key} connections");
+            fleet_pace(
+                fleet.as_ref(),
+                &key,
+                rate,
+                || 1.0,
+                self.connection_pacer.as_ref(),
+            )
+            .await;
+        } else if let Some(pacer) = &self.connection_pacer {
             loop {
                 let taken = pacer
                     .lock()
@@ -459,39 +469,52 @@ impl Limits {
     /// The message rate held across the fleet: each message takes the fleet's next slot; while
     /// the store is unreachable this node paces alone at its share of the rate.
     async fn fleet_message(&self, fleet: &dyn FleetLimits, key: &str, rate: Rate) {
-        loop {
-            let factor = self.adaptive().factor.unwrap_or(1.0).clamp(0.001, 1.0);
-            let interval = rate.interval().div_f64(factor);
-            match fleet.pace(key, interval).await {
-                Paced::Go => return,
-                Paced::Wait(d) => tokio::time::sleep(d.min(Duration::from_secs(1))).await,
-                Paced::Unavailable => {
-                    let Some(pacer) = &self.message_pacer else {
-                        return;
-                    };
-                    let share = factor / f64::from(fleet.nodes().max(1));
-                    let taken = pacer
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .try_take(Instant::now(), share);
-                    match taken {
-                        Ok(()) => return,
-                        Err(at) => tokio::time::sleep_until(at).await,
-                    }
+        let factor = || self.adaptive().factor.unwrap_or(1.0);
+        fleet_pace(fleet, key, rate, factor, self.message_pacer.as_ref()).await
+    }
+}
+
+/// Waits for the next slot of the fleet's `rate` under `key` (cut by `factor()`, asked at
+/// each try); while the store is unreachable, for the next of `local` at this node's share.
+async fn fleet_pace(
+    fleet: &dyn FleetLimits,
+    key: &str,
+    rate: Rate,
+    factor: impl Fn() -> f64,
+    local: Option<&Mutex<Pacer>>,
+) {
+    loop {
+        let cut = factor().clamp(0.001, 1.0);
+        let interval = rate.interval().div_f64(cut);
+        match fleet.pace(key, interval).await {
+            Paced::Go => return,
+            Paced::Wait(d) => tokio::time::sleep(d.min(Duration::from_secs(1))).await,
+            Paced::Unavailable => {
+                let Some(pacer) = local else {
+                    return;
+                };
+                let share = cut / f64::from(fleet.nodes().max(1));
+                let taken = pacer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_take(Instant::now(), share);
+                match taken {
+                    Ok(()) => return,
+                    Err(at) => tokio::time::sleep_until(at).await,
                 }
             }
         }
     }
 }
 
-/// This node's part of a fleet-wide connection cap while the fleet's store is unreachable:
-/// the cap divided among the nodes, at least one.
 /// A node's fair part of a shared cap while others wait for it: `cap / nodes`, rounded up.
 pub(crate) fn fair_share(cap: usize, nodes: u32) -> usize {
     cap.div_ceil(usize::try_from(nodes.max(1)).unwrap_or(usize::MAX))
         .max(1)
 }
 
+/// This node's part of a fleet-wide connection cap while the fleet's store is unreachable:
+/// the cap divided among the nodes, at least one.
 pub(crate) fn local_share(cap: usize, nodes: u32) -> usize {
     (cap / usize::try_from(nodes.max(1)).unwrap_or(usize::MAX)).max(1)
 }

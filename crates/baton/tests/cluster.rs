@@ -573,6 +573,36 @@ fn a_message_rate_holds_across_the_fleet() {
 }
 
 #[test]
+fn a_connection_rate_holds_across_the_fleet() {
+    let redis = Redis::start();
+    // One message per connection: each arrival is one connection.
+    let rate = "[[shaping]]\ndomain = \"one.test\"\nmax_connection_rate = \"5/s\"\n\
+                max_messages_per_connection = 1\n";
+    let (_dns, mx, extra) = bigmail(Duration::ZERO, rate);
+    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
+    // 8 per node: alone, each would open its own 5 a second (15/s for the fleet).
+    push_all(&nodes, 8, 2);
+    let got = mx.wait_for(24, 60);
+    assert_eq!(got.len(), 24);
+    assert_eq!(mx.connections(), 24, "one connection per message");
+    let mut times: Vec<_> = got.iter().map(|m| m.at).collect();
+    times.sort();
+    let mut windows = vec![0usize; 4];
+    for t in &times {
+        if let Some(w) = windows.get_mut(t.duration_since(times[0]).as_secs_f64() as usize) {
+            *w += 1;
+        }
+    }
+    eprintln!("fleet connections per second: {windows:?}");
+    for (i, w) in windows.iter().enumerate() {
+        assert!(
+            (4..=6).contains(w),
+            "window {i}: {w} connections (want 5 ± 1): {windows:?}"
+        );
+    }
+}
+
+#[test]
 fn a_pushback_seen_by_one_node_holds_the_others() {
     let redis = Redis::start();
     let script = Script {
