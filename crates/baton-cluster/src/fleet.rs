@@ -32,6 +32,10 @@ pub struct NodeReport {
     /// Worked out when read: seen within three heartbeats.
     #[serde(default)]
     pub alive: bool,
+    /// Which process beats under this name (its start and pid): two that differ while both
+    /// beat are two nodes with one name.
+    #[serde(default)]
+    pub instance: String,
 }
 
 impl NodeReport {
@@ -62,6 +66,7 @@ impl NodeReport {
             delivered_per_min: per_min(stats.delivered, before.delivered),
             bounced_per_min: per_min(stats.bounced, before.bounced),
             alive: true,
+            instance: format!("{started_ms:x}-{}", std::process::id()),
         }
     }
 
@@ -71,21 +76,35 @@ impl NodeReport {
     }
 }
 
-/// Writes this node's report and returns how many nodes are alive (itself included).
+/// What a heartbeat learns.
+pub(crate) struct Beaten {
+    /// Nodes alive, this one included.
+    pub(crate) alive: u32,
+    /// Another process that beat under this node's name within three beats: its start.
+    pub(crate) namesake: Option<String>,
+}
+
+/// The keepalive each heartbeat publishes on the channel: a follower that hears nothing, not
+/// even its own node's, for long knows its subscription is dead.
+pub(crate) const KEEPALIVE: &str = "beat";
+
+/// Writes this node's report (and a keepalive on the channel) in one round trip, and says
+/// how many nodes are alive and whether another process beats under the same name.
 pub(crate) async fn beat(
     conn: &mut MultiplexedConnection,
     prefix: &str,
     report: &NodeReport,
-) -> Result<u32, String> {
+) -> Result<Beaten, String> {
     let json = serde_json::to_string(report).map_err(|e| e.to_string())?;
     let window = report.heartbeat_ms.saturating_mul(MISSED_BEATS);
     let since = report.last_seen_ms.saturating_sub(window);
-    let (_, _, alive): ((), (), u32) = redis::pipe()
+    let (before, _, alive): (Option<String>, (), u32) = redis::pipe()
         .cmd("SET")
         .arg(format!("{prefix}:node:{}", report.node))
         .arg(json)
         .arg("PX")
         .arg(REPORT_TTL_MS)
+        .arg("GET")
         .cmd("ZADD")
         .arg(format!("{prefix}:nodes"))
         .arg(report.last_seen_ms)
@@ -94,10 +113,21 @@ pub(crate) async fn beat(
         .arg(format!("{prefix}:nodes"))
         .arg(since)
         .arg("+inf")
+        .cmd("PUBLISH")
+        .arg(format!("{prefix}:ops"))
+        .arg(KEEPALIVE)
+        .ignore()
         .query_async(conn)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(alive.max(1))
+    let namesake = before
+        .and_then(|json| serde_json::from_str::<NodeReport>(&json).ok())
+        .filter(|b| b.instance != report.instance && b.alive_at(report.last_seen_ms))
+        .map(|b| b.started);
+    Ok(Beaten {
+        alive: alive.max(1),
+        namesake,
+    })
 }
 
 /// Every node with a report, by name; reports past their TTL drop out of the set here.

@@ -69,7 +69,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
   redis.call('PEXPIRE', key, ttl * 2)
 end
 return #KEYS
@@ -119,9 +119,14 @@ impl Leases {
             contended: Mutex::new(HashSet::new()),
             release,
         });
-        tokio::spawn(renew(Arc::downgrade(&leases), leases.ttl()));
+        let cluster = leases.cluster.clone();
+        tokio::spawn(keep(
+            Arc::downgrade(&leases),
+            cluster,
+            leases.ttl(),
+            released,
+        ));
         tokio::spawn(watch_contention(Arc::downgrade(&leases)));
-        tokio::spawn(give_back(leases.cluster.clone(), released));
         leases
     }
 
@@ -242,50 +247,73 @@ async fn watch_contention(leases: std::sync::Weak<Leases>) {
     }
 }
 
-/// Renews every lease held, a third of the lease time apart, until the store is dropped.
-async fn renew(leases: std::sync::Weak<Leases>, ttl: Duration) {
+/// Renews every lease held, a third of the lease time apart, and gives leases back as their
+/// connections close, a batch per round trip; both on this one task, so that a lease given
+/// back is never renewed after (renewal adds what is missing: a Redis restarted empty gets
+/// back the leases of the connections still open). Ends when the store is dropped.
+async fn keep(
+    leases: std::sync::Weak<Leases>,
+    cluster: Cluster,
+    ttl: Duration,
+    mut released: UnboundedReceiver<(String, String)>,
+) {
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
     loop {
-        tick.tick().await;
-        let Some(leases) = leases.upgrade() else {
-            return;
-        };
-        let held: Vec<(String, String)> = leases.lock().values().cloned().collect();
-        let Some(mut conn) = leases.cluster.conn() else {
-            continue;
-        };
-        if held.is_empty() {
-            continue;
-        }
-        let script = redis::Script::new(RENEW);
-        let mut call = script.prepare_invoke();
-        call.arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        for (key, member) in &held {
-            call.key(key).arg(member);
-        }
-        if let Err(e) = call.invoke_async::<i64>(&mut conn).await {
-            tracing::warn!(error = %e, leases = held.len(), "cannot renew connection leases");
+        tokio::select! {
+            _ = tick.tick() => {
+                let Some(leases) = leases.upgrade() else {
+                    return;
+                };
+                renew(&leases, ttl).await;
+            }
+            first = released.recv() => {
+                let Some(first) = first else {
+                    return;
+                };
+                give_back(&cluster, first, &mut released).await;
+            }
         }
     }
 }
 
-/// Gives leases back as their connections close, a batch per round trip.
-async fn give_back(cluster: Cluster, mut released: UnboundedReceiver<(String, String)>) {
-    while let Some(first) = released.recv().await {
-        let mut batch = vec![first];
-        while let Ok(more) = released.try_recv() {
-            batch.push(more);
-        }
-        // Unreachable: the leases run out by themselves.
-        let Some(mut conn) = cluster.conn() else {
-            continue;
-        };
-        let mut pipe = redis::pipe();
-        for (key, member) in &batch {
-            pipe.cmd("ZREM").arg(key).arg(member).ignore();
-        }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            tracing::debug!(error = %e, "leases not given back; they run out by themselves");
-        }
+async fn renew(leases: &Leases, ttl: Duration) {
+    let held: Vec<(String, String)> = leases.lock().values().cloned().collect();
+    let Some(mut conn) = leases.cluster.conn() else {
+        return;
+    };
+    if held.is_empty() {
+        return;
+    }
+    let script = redis::Script::new(RENEW);
+    let mut call = script.prepare_invoke();
+    call.arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    for (key, member) in &held {
+        call.key(key).arg(member);
+    }
+    if let Err(e) = call.invoke_async::<i64>(&mut conn).await {
+        tracing::warn!(error = %e, leases = held.len(), "cannot renew connection leases");
+    }
+}
+
+/// Gives back `first` and whatever else was released meanwhile, in one round trip.
+async fn give_back(
+    cluster: &Cluster,
+    first: (String, String),
+    released: &mut UnboundedReceiver<(String, String)>,
+) {
+    let mut batch = vec![first];
+    while let Ok(more) = released.try_recv() {
+        batch.push(more);
+    }
+    // Unreachable: the leases run out by themselves.
+    let Some(mut conn) = cluster.conn() else {
+        return;
+    };
+    let mut pipe = redis::pipe();
+    for (key, member) in &batch {
+        pipe.cmd("ZREM").arg(key).arg(member).ignore();
+    }
+    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        tracing::debug!(error = %e, "leases not given back; they run out by themselves");
     }
 }

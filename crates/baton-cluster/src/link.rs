@@ -28,6 +28,9 @@ pub struct Health {
     pub nodes_seen: u32,
     /// Why Redis cannot be used, while it cannot (None before the first attempt ends).
     pub error: Option<String>,
+    /// Another running process beats under this node's name (its start): node names must be
+    /// unique. Said after two of three beats, so a node's own restart does not count.
+    pub namesake: Option<String>,
 }
 
 /// A handle on the cluster link; cheap to clone.
@@ -58,6 +61,7 @@ impl Cluster {
             up: false,
             nodes_seen: 0,
             error: None,
+            namesake: None,
         });
         let inner = Arc::new(Inner {
             config,
@@ -129,8 +133,12 @@ pub(crate) async fn connect(
     for url in urls {
         let attempt = async {
             let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+            // The crate's own limit on an answer is 500 ms; Baton's is TIMEOUT.
+            let options = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(TIMEOUT))
+                .set_connection_timeout(Some(TIMEOUT));
             let conn = client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&options)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>((client, conn))
@@ -156,8 +164,7 @@ async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
                 let follower = tokio::spawn(ops::follow(
                     client,
                     conn.clone(),
-                    config.prefix.clone(),
-                    config.node.clone(),
+                    config.clone(),
                     cluster.inner.changes.clone(),
                 ));
                 let connected_at = tokio::time::Instant::now();
@@ -179,6 +186,7 @@ async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
             up: false,
             nodes_seen,
             error: Some(error),
+            namesake: None,
         });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -214,6 +222,26 @@ fn steady_count(recent: &mut std::collections::VecDeque<u32>, seen: u32) -> u32 
     recent.iter().copied().max().unwrap_or(seen).max(1)
 }
 
+/// Another process under this node's name: said once seen in two of the last three beats
+/// (one sighting is this node's own previous run, just restarted), and until three beats in
+/// a row see none (`was`: what the last beat said).
+fn persistent(
+    recent: &mut std::collections::VecDeque<Option<String>>,
+    seen: Option<String>,
+    was: Option<String>,
+) -> Option<String> {
+    recent.push_back(seen);
+    while recent.len() > 3 {
+        recent.pop_front();
+    }
+    let sightings: Vec<&String> = recent.iter().flatten().collect();
+    match sightings.len() {
+        0 => None,
+        1 => was,
+        n => Some(sightings[n - 1].clone()),
+    }
+}
+
 /// The figures of the previous beat, for rates.
 #[derive(Default)]
 struct Beat {
@@ -235,6 +263,7 @@ async fn beat_until_error(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The count from before an outage holds until the others have beaten again.
     let mut recent = std::collections::VecDeque::from([cluster.nodes_seen()]);
+    let mut namesakes = std::collections::VecDeque::new();
     loop {
         tick.tick().await;
         let now = now_ms();
@@ -249,11 +278,16 @@ async fn beat_until_error(
         );
         let beat = fleet::beat(&mut conn, &config.prefix, &report);
         match tokio::time::timeout(TIMEOUT, beat).await {
-            Ok(Ok(alive)) => cluster.set_health(Health {
-                up: true,
-                nodes_seen: steady_count(&mut recent, alive),
-                error: None,
-            }),
+            Ok(Ok(beaten)) => {
+                // Read before set_health: the watch's read guard must be gone by then.
+                let was = cluster.inner.health.borrow().namesake.clone();
+                cluster.set_health(Health {
+                    up: true,
+                    nodes_seen: steady_count(&mut recent, beaten.alive),
+                    error: None,
+                    namesake: persistent(&mut namesakes, beaten.namesake, was),
+                });
+            }
             Ok(Err(e)) => return e,
             Err(_) => return format!("no answer from redis within {} s", TIMEOUT.as_secs()),
         }
@@ -267,6 +301,28 @@ async fn beat_until_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namesake_counts_from_its_second_sighting_in_three_beats() {
+        let mut recent = std::collections::VecDeque::new();
+        let other = || Some("2026-12-03T10:00:00Z".to_string());
+        let mut said = None;
+        let mut beat = |seen: Option<String>| {
+            said = persistent(&mut recent, seen, said.clone());
+            said.clone()
+        };
+        // This node's own previous run, seen once as it restarts: not a namesake.
+        assert_eq!(beat(other()), None);
+        assert_eq!(beat(None), None);
+        assert_eq!(beat(None), None);
+        // Another process beating under the name: said from the second sighting.
+        assert_eq!(beat(other()), None);
+        assert_eq!(beat(other()), other());
+        // Said until three beats in a row see none.
+        assert_eq!(beat(None), other());
+        assert_eq!(beat(None), other());
+        assert_eq!(beat(None), None);
+    }
 
     #[test]
     fn the_count_of_nodes_does_not_drop_on_one_beat() {

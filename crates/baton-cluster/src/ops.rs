@@ -3,6 +3,8 @@
 //! until in Unix ms; `<prefix>:suppressions`, `scope|email` → the entry's JSON) for nodes that
 //! join or come back, and every change goes out on one channel (`<prefix>:ops`).
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
@@ -148,10 +150,13 @@ pub const MAX_LISTED: usize = 1000;
 pub(crate) async fn follow(
     client: redis::Client,
     mut conn: redis::aio::MultiplexedConnection,
-    prefix: String,
-    node: String,
+    config: crate::ClusterConfig,
     to: UnboundedSender<FleetChange>,
 ) -> Result<(), String> {
+    let (prefix, node) = (config.prefix, config.node);
+    // Every heartbeat publishes a keepalive: this long without a message, the subscription is
+    // dead (say, dropped by a NAT or load balancer without a reset).
+    let silence = (config.heartbeat * 10).max(Duration::from_secs(5));
     let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
     pubsub
         .subscribe(format!("{prefix}:ops"))
@@ -160,10 +165,22 @@ pub(crate) async fn follow(
     // Subscribed first, read second: nothing shared in between is missed.
     catch_up(&mut conn, &prefix, &to).await?;
     let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(silence, messages.next()).await else {
+            return Err(format!(
+                "nothing on the cluster channel for {} s, not even this node's keepalive",
+                silence.as_secs()
+            ));
+        };
+        let Some(message) = next else {
+            break;
+        };
         let Ok(payload) = message.get_payload::<String>() else {
             continue;
         };
+        if payload == crate::fleet::KEEPALIVE {
+            continue;
+        }
         match serde_json::from_str::<Notice>(&payload) {
             Ok(notice) if notice.node != node => {
                 if to.send(notice.change).is_err() {

@@ -288,9 +288,22 @@ async fn apply_suspension(queue: &QueueHandle, s: baton_cluster::Suspension) {
 async fn report_health(cluster: Cluster, events: Events) {
     let mut health = cluster.health();
     let mut reported: Option<bool> = None;
+    let mut namesake_reported = false;
     loop {
         let now = health.borrow_and_update().clone();
         baton_events::metrics::cluster(now.up, now.nodes_seen);
+        if now.namesake.is_some() != namesake_reported {
+            namesake_reported = now.namesake.is_some();
+            let text = describe_namesake(&cluster, now.namesake.as_deref());
+            if namesake_reported {
+                tracing::error!("{text}");
+            } else {
+                tracing::info!("{text}");
+            }
+            let mut e = events.new_event(EventKind::Cluster, "", "", "");
+            e.response = Some(text);
+            events.emit(e);
+        }
         // Once the first attempt has ended, either way: a node that starts degraded says so.
         let attempted = now.up || now.error.is_some();
         if attempted && reported != Some(now.up) {
@@ -308,6 +321,18 @@ async fn report_health(cluster: Cluster, events: Events) {
         if health.changed().await.is_err() {
             return;
         }
+    }
+}
+
+fn describe_namesake(cluster: &Cluster, other: Option<&str>) -> String {
+    let node = &cluster.config().node;
+    match other {
+        Some(started) => format!(
+            "node {node}: another running process (started {started}) beats under the same name; \
+             node names must be unique (set [cluster] node): until they are, the fleet's view \
+             and its count of nodes are wrong"
+        ),
+        None => format!("node {node}: no other process beats under this name any more"),
     }
 }
 

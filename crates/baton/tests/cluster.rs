@@ -170,6 +170,35 @@ fn wait_shaping(server: &Server, destination: &str, words: &str) {
 }
 
 #[test]
+fn two_nodes_with_one_name_are_told_and_a_quiet_fleet_stays_up() {
+    let redis = Redis::start();
+    let (a, twin, b) = (node(&redis, "a"), node(&redis, "a"), node(&redis, "b"));
+    for n in [&a, &twin] {
+        wait_until(
+            20,
+            || {
+                cluster_events(n)
+                    .iter()
+                    .any(|e| e.contains("beats under the same name"))
+            },
+            || format!("node a told of its namesake: {:?}", cluster_events(n)),
+        );
+    }
+    // Nothing happens for longer than a silent subscription is given (10 heartbeats): the
+    // heartbeats' keepalives keep the channel's followers from taking it for dead.
+    std::thread::sleep(Duration::from_secs(12));
+    let events = cluster_events(&b);
+    assert!(
+        !events.iter().any(|e| e.contains("unavailable")),
+        "b never lost the fleet: {events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains("same name")),
+        "b has a name of its own: {events:?}"
+    );
+}
+
+#[test]
 fn an_operator_suspension_on_one_node_holds_on_all() {
     let redis = Redis::start();
     let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
