@@ -20,7 +20,7 @@ use std::time::Duration;
 pub use fleet::{NodeReport, forget_node, read_fleet};
 pub use leases::{Lease, LeaseGuard, Leases};
 pub use link::{Cluster, Health};
-pub use ops::{FleetChange, PushbackChange, SuppressionChange, Suspension};
+pub use ops::{FleetChange, OperatorAction, PushbackChange, SuppressionChange, Suspension};
 
 /// `[cluster]` as the server uses it.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,5 @@
-//! What nodes tell each other as it happens: operator suspensions and suppression-list
-//! changes. Each kind has a hash of what is live (`<prefix>:suspensions`, destination →
+//! What nodes tell each other as it happens: operator suspensions and actions, push-backs and
+//! suppression-list changes. Each kind has a hash of what is live (`<prefix>:suspensions`, destination →
 //! until in Unix ms; `<prefix>:suppressions`, `scope|email` → the entry's JSON) for nodes that
 //! join or come back, and every change goes out on one channel (`<prefix>:ops`).
 
@@ -40,6 +40,14 @@ pub struct PushbackChange {
     pub throttled_until_ms: Option<u64>,
 }
 
+/// An operator's action on the whole queue of a destination (bounce, delete or flush a
+/// domain, hold or release everything, move a pool's mail), carried out on every node. The
+/// command stays opaque here (the server's JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorAction {
+    pub command: String,
+}
+
 /// One change shared by the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,6 +55,7 @@ pub enum FleetChange {
     Suspension(Suspension),
     Suppression(SuppressionChange),
     Pushback(PushbackChange),
+    Operator(OperatorAction),
 }
 
 /// What goes over the channel: the change and the node it came from (which ignores it).
@@ -96,6 +105,8 @@ impl Cluster {
             }
             // Only told: it lasts minutes, and a node that misses it meets the push-back itself.
             FleetChange::Pushback(_) => {}
+            // Only told: a one-off on what each node has queued at that moment.
+            FleetChange::Operator(_) => {}
         }
         pipe.cmd("PUBLISH")
             .arg(format!("{prefix}:ops"))

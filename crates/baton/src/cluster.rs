@@ -263,9 +263,25 @@ fn apply_fleet_changes(
                 FleetChange::Suspension(s) => apply_suspension(&queue, s).await,
                 FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
                 FleetChange::Pushback(p) => store.keep_pushback(p),
+                FleetChange::Operator(a) => apply_operator(&queue, &a).await,
             }
         }
     });
+}
+
+/// Carries out an action another node's operator took on the whole fleet; only the kinds
+/// meant to be shared, whatever the channel carries.
+async fn apply_operator(queue: &QueueHandle, action: &baton_cluster::OperatorAction) {
+    let command = serde_json::from_str::<OperatorCommand>(&action.command);
+    match command {
+        Ok(command) if command.fleet_wide() => {
+            if let Err(e) = queue.control_here(command.clone()).await {
+                tracing::warn!(?command, error = %e, "an operator action from the fleet failed here");
+            }
+        }
+        Ok(command) => tracing::warn!(?command, "ignored from the fleet: not a fleet-wide action"),
+        Err(e) => tracing::warn!(error = %e, "unreadable operator action from the fleet"),
+    }
 }
 
 async fn apply_suspension(queue: &QueueHandle, s: baton_cluster::Suspension) {

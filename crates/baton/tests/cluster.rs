@@ -304,6 +304,46 @@ fn the_dashboard_shows_the_fleet_and_its_suspensions() {
     assert_eq!(shown["suspensions"][0][0], "far.test", "{shown}");
 }
 
+#[test]
+fn an_operator_action_on_a_destination_runs_on_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    wait_fleet(&b, "both up", |f| alive(f) == ["a", "b"]);
+    // Mail for far.test waits on b (held by its config); a has none.
+    let mut c = b.connect();
+    c.hello();
+    let r = c.send_mail("s@sender.test", &["r@far.test"], b"Subject: x\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250);
+    let out = a.cli(&["queue", "bounce", "far.test"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_event(20, |e| {
+        e["type"] == "bounce" && e["recipient"] == "r@far.test"
+    });
+    // One message by its id is the node's own business: b does not act on a's ids.
+    let kept = {
+        let mut c = b.connect();
+        c.hello();
+        c.send_mail(
+            "s@sender.test",
+            &["k@kept.test"],
+            b"Subject: y\r\n\r\ny\r\n",
+        )
+        .queue_id()
+    };
+    a.cli(&["queue", "bounce", &kept]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !b.events()
+            .iter()
+            .any(|e| e["type"] == "bounce" && e["recipient"] == "k@kept.test"),
+        "b kept its message"
+    );
+}
+
 /// Adds `email` to `server`'s global suppression list through the API.
 fn suppress(server: &Server, email: &str) {
     let r = post(

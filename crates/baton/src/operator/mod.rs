@@ -58,6 +58,23 @@ pub enum OperatorCommand {
 }
 
 impl OperatorCommand {
+    /// Whether this acts on whole destinations, so that with `[cluster]` every node carries
+    /// it out: bounce, delete or flush a domain (pool, tenant), hold or release everything,
+    /// move a pool's mail. Not what names one message (it lives on one node), nor
+    /// suspensions (shared as state), nor questions.
+    pub fn fleet_wide(&self) -> bool {
+        match self {
+            OperatorCommand::Bounce { destination } | OperatorCommand::Delete { destination } => {
+                !matches!(destination.target, Target::Message(_))
+            }
+            OperatorCommand::Flush { .. } | OperatorCommand::Rebind { .. } => true,
+            OperatorCommand::Hold { target } | OperatorCommand::Release { target } => {
+                *target == Target::All
+            }
+            _ => false,
+        }
+    }
+
     /// `explain ID`.
     pub fn explain(id: &str) -> Result<OperatorCommand, ControlError> {
         let id = id.parse().map_err(ControlError::new)?;

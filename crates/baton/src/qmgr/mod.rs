@@ -115,10 +115,10 @@ impl QueueHandle {
         let shared = self
             .fleet
             .as_ref()
-            .and_then(|fleet| Some((fleet, fleet_suspension(&command)?)));
+            .and_then(|fleet| Some((fleet, fleet_change(&command)?)));
         let answer = self.control_here(command).await;
-        if let (Ok(_), Some((fleet, suspension))) = (&answer, shared) {
-            let _ = fleet.send(baton_cluster::FleetChange::Suspension(suspension));
+        if let (Ok(_), Some((fleet, change))) = (&answer, shared) {
+            let _ = fleet.send(change);
         }
         answer
     }
@@ -132,6 +132,21 @@ impl QueueHandle {
         rx.await
             .unwrap_or_else(|_| Err(ControlError::new("no answer from the queue manager")))
     }
+}
+
+/// The fleet-wide form of a command: suspensions and resumptions, and actions on whole
+/// destinations ([`OperatorCommand::fleet_wide`]); None for the others (a message lives on
+/// one node; questions are answered here).
+fn fleet_change(command: &OperatorCommand) -> Option<baton_cluster::FleetChange> {
+    if let Some(suspension) = fleet_suspension(command) {
+        return Some(baton_cluster::FleetChange::Suspension(suspension));
+    }
+    let command = serde_json::to_string(command)
+        .ok()
+        .filter(|_| command.fleet_wide())?;
+    Some(baton_cluster::FleetChange::Operator(
+        baton_cluster::OperatorAction { command },
+    ))
 }
 
 /// The fleet-wide form of a suspension or resumption; None for other commands.
