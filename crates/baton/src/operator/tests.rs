@@ -266,3 +266,27 @@ fn commands_cross_the_socket_unchanged() {
     let zero = r#"{"cmd":"suspend","destination":{"target":"all","text":""},"seconds":0}"#;
     assert!(serde_json::from_str::<OperatorCommand>(zero).is_err());
 }
+
+#[test]
+fn only_actions_on_whole_destinations_are_fleet_wide() {
+    let id = "1A23CF80D0100000";
+    let wide = |c: Result<OperatorCommand, ControlError>| c.unwrap().fleet_wide();
+    assert!(wide(OperatorCommand::bounce("far.test")));
+    assert!(wide(OperatorCommand::delete("far.test")));
+    assert!(
+        !wide(OperatorCommand::bounce(id)),
+        "one message stays on its node"
+    );
+    assert!(!wide(OperatorCommand::delete(id)));
+    assert!(wide(OperatorCommand::hold("ALL")));
+    assert!(wide(OperatorCommand::release("all")));
+    assert!(!wide(OperatorCommand::hold(id)));
+    assert!(OperatorCommand::flush(None).fleet_wide());
+    assert!(OperatorCommand::flush(Some("pool:bulk")).fleet_wide());
+    assert!(
+        !wide(OperatorCommand::suspend("far.test", None)),
+        "shared as state"
+    );
+    assert!(!wide(OperatorCommand::explain(id)));
+    assert!(!OperatorCommand::Summary.fleet_wide());
+}
