@@ -4,7 +4,7 @@
 //! all it holds in one script every third of the lease time and gives a lease back when its
 //! connection closes. A node that dies stops renewing: its leases run out by themselves.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,48 +13,59 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::link::Cluster;
 
-/// KEYS: the leases, the nodes waiting for one. ARGV: lease ms, cap, member, node, the node's
-/// fair share, how long a wait is remembered (ms). While another node waits, a node already
-/// holding its share gets none; a node that finds the cap full is noted as waiting.
+/// KEYS: the leases; the nodes waiting for one (a hash: node → "until ms:leases it holds").
+/// ARGV: lease ms, cap, member, node, how long a wait is remembered (ms). A node gets none
+/// while a node holding fewer waits (that one goes first); one that finds the cap full is
+/// noted as waiting, with how many it holds.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local node = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local others = redis.call('ZCARD', KEYS[2])
-if redis.call('ZSCORE', KEYS[2], node) then others = others - 1 end
-if others > 0 then
-  local mine = 0
-  local prefix = node .. ':'
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
+local mine = 0
+local prefix = node .. ':'
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
+end
+local waits = redis.call('HGETALL', KEYS[2])
+for i = 1, #waits, 2 do
+  local until_ms, held = string.match(waits[i + 1], '^(%d+):(%d+)$')
+  if not until_ms or tonumber(until_ms) <= now then
+    redis.call('HDEL', KEYS[2], waits[i])
+  elseif waits[i] ~= node and tonumber(held) < mine then
+    return 0
   end
-  if mine >= tonumber(ARGV[5]) then return 0 end
 end
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ttl * 2)
-  redis.call('ZREM', KEYS[2], node)
+  redis.call('HDEL', KEYS[2], node)
   return 1
 end
-local wait = tonumber(ARGV[6])
-redis.call('ZADD', KEYS[2], now + wait, node)
+local wait = tonumber(ARGV[5])
+redis.call('HSET', KEYS[2], node, (now + wait) .. ':' .. mine)
 redis.call('PEXPIRE', KEYS[2], wait * 2)
 return 0
 ";
 
-/// KEYS: wait sets. ARGV[1]: this node. 1 for each set where another node waits, else 0.
+/// KEYS: wait hashes. ARGV[1]: this node. For each, the fewest leases another node waiting
+/// there holds, or -1 when none waits.
 const CONTENDED: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i, key in ipairs(KEYS) do
-  local n = redis.call('ZCOUNT', key, now, '+inf')
-  local mine = redis.call('ZSCORE', key, ARGV[1])
-  if mine and tonumber(mine) >= now then n = n - 1 end
-  out[i] = (n > 0) and 1 or 0
+  local fewest = -1
+  local waits = redis.call('HGETALL', key)
+  for j = 1, #waits, 2 do
+    local until_ms, held = string.match(waits[j + 1], '^(%d+):(%d+)$')
+    if until_ms and tonumber(until_ms) > now and waits[j] ~= ARGV[1] then
+      held = tonumber(held)
+      if fewest < 0 or held < fewest then fewest = held end
+    end
+  end
+  out[i] = fewest
 end
 return out
 ";
@@ -81,8 +92,9 @@ pub struct Leases {
     next: AtomicU64,
     /// id → (Redis key, member).
     held: Mutex<HashMap<u64, (String, String)>>,
-    /// The lease keys, among those held, that another node waits on.
-    contended: Mutex<HashSet<String>>,
+    /// The lease keys, among those held, that another node waits on, with the fewest leases
+    /// such a node holds.
+    contended: Mutex<HashMap<String, usize>>,
     release: UnboundedSender<(String, String)>,
 }
 
@@ -116,7 +128,7 @@ impl Leases {
             cluster,
             next: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
-            contended: Mutex::new(HashSet::new()),
+            contended: Mutex::new(HashMap::new()),
             release,
         });
         let cluster = leases.cluster.clone();
@@ -138,20 +150,22 @@ impl Leases {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn contended_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn contended_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.contended.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one of `cap` leases on `rule` (the same name on every node); while another
-    /// node waits for one, only if this node holds fewer than `share`.
-    pub async fn acquire(self: &Arc<Self>, rule: &str, cap: usize, share: usize) -> Lease {
+    /// Takes one of `cap` leases on `rule` (the same name on every node); none while a node
+    /// holding fewer waits for one.
+    pub async fn acquire(self: &Arc<Self>, rule: &str, cap: usize) -> Lease {
         let Some(mut conn) = self.cluster.conn() else {
             return Lease::Unavailable;
         };
         let config = self.cluster.config();
         let key = format!("{}:lease:{rule}", config.prefix);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let member = format!("{}:{id}", config.node);
+        // The process in the name too: two processes under one node name (a mistake the
+        // heartbeat reports) must not take each other's leases for their own.
+        let member = format!("{}:{}-{id}", config.node, std::process::id());
         let ttl_ms = u64::try_from(self.ttl().as_millis()).unwrap_or(u64::MAX);
         let script = redis::Script::new(ACQUIRE);
         let mut call = script.key(&key);
@@ -160,7 +174,6 @@ impl Leases {
             .arg(cap)
             .arg(&member)
             .arg(&config.node)
-            .arg(share)
             .arg(WAIT_MS);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
@@ -188,19 +201,23 @@ impl LeaseGuard {
     /// [`CONTENTION_POLL`] old).
     pub fn contended(&self) -> bool {
         self.key()
-            .is_some_and(|key| self.leases.contended_keys().contains(&key))
+            .is_some_and(|key| self.leases.contended_keys().contains_key(&key))
     }
 
-    /// Gives this lease back now if this node holds more than `share` leases of its cap;
-    /// true if it did. Counted and removed under one lock: of several connections over the
-    /// share, only the excess go.
-    pub fn give_back_over(&self, share: usize) -> bool {
-        let mut held = self.leases.lock();
-        let Some((key, _)) = held.get(&self.id) else {
+    /// Gives this lease back now if this node holds two or more leases of its cap beyond
+    /// what a node waiting on it holds; true if it did. Counted and removed under one lock:
+    /// of several connections, only the excess go. Nodes end up within one lease of each
+    /// other.
+    pub fn give_back_if_richer(&self) -> bool {
+        let Some(key) = self.key() else {
             return false;
         };
-        let mine = held.values().filter(|(k, _)| k == key).count();
-        if mine <= share {
+        let Some(fewest) = self.leases.contended_keys().get(&key).copied() else {
+            return false;
+        };
+        let mut held = self.leases.lock();
+        let mine = held.values().filter(|(k, _)| *k == key).count();
+        if mine <= fewest.saturating_add(1) {
             return false;
         }
         if let Some(lease) = held.remove(&self.id) {
@@ -233,15 +250,14 @@ async fn watch_contention(leases: std::sync::Weak<Leases>) {
         }
         call.arg(&leases.cluster.config().node);
         let answer = tokio::time::timeout(Duration::from_secs(1), call.invoke_async(&mut conn));
-        let flags: Vec<i64> = match answer.await {
-            Ok(Ok(flags)) => flags,
+        let fewest: Vec<i64> = match answer.await {
+            Ok(Ok(fewest)) => fewest,
             _ => Vec::new(),
         };
         let contended = keys
             .into_iter()
-            .zip(flags)
-            .filter(|(_, f)| *f == 1)
-            .map(|(k, _)| k)
+            .zip(fewest)
+            .filter_map(|(k, n)| Some((k, usize::try_from(n).ok()?)))
             .collect();
         *leases.contended_keys() = contended;
     }

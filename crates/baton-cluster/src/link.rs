@@ -181,12 +181,16 @@ async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
             }
             Err(why) => why,
         };
-        let nodes_seen = cluster.inner.health.borrow().nodes_seen;
+        // The namesake said before the outage holds until the beats say otherwise.
+        let (nodes_seen, namesake) = {
+            let h = cluster.inner.health.borrow();
+            (h.nodes_seen, h.namesake.clone())
+        };
         cluster.set_health(Health {
             up: false,
             nodes_seen,
             error: Some(error),
-            namesake: None,
+            namesake,
         });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -22,10 +22,10 @@ pub trait HeldLease: Send + Sync {
     /// Whether another node waits for one of this cap's leases now.
     fn contended(&self) -> bool;
 
-    /// Gives this lease back now if this node holds more than `share` of the cap's leases;
-    /// checked and given back at once, so that of several connections over the share only
-    /// the excess go. True if it did (its connection should close).
-    fn give_back_over(&self, share: usize) -> bool;
+    /// Gives this lease back now if this node holds two or more of the cap's leases beyond
+    /// what a node waiting on it holds; checked and given back at once, so that of several
+    /// connections only the excess go. True if it did (its connection should close).
+    fn give_back_if_richer(&self) -> bool;
 }
 
 /// What the store answers when asked for a message's slot under a rate.
@@ -61,9 +61,8 @@ pub type Answer<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A store of limits shared by the fleet. Keys are the same on every node for the same rule.
 pub trait FleetLimits: Send + Sync {
-    /// Takes one of `cap` leases on `key`; while other nodes wait for one, only up to this
-    /// node's `share` of them.
-    fn lease<'a>(&'a self, key: &'a str, cap: usize, share: usize) -> Answer<'a, Leased>;
+    /// Takes one of `cap` leases on `key`; none while a node holding fewer waits for one.
+    fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased>;
 
     /// Takes the next slot of `key`'s rate, one message every `interval` across the fleet.
     fn pace<'a>(&'a self, key: &'a str, interval: Duration) -> Answer<'a, Paced>;

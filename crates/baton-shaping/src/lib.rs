@@ -318,7 +318,7 @@ fn under(host: &str, site: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::{Pacer, RECOVERY_RUN, fair_share, local_share};
+    use crate::limits::{Pacer, RECOVERY_RUN, local_share};
     use regex::Regex;
 
     #[test]
@@ -327,14 +327,6 @@ mod tests {
         assert_eq!(local_share(12, 0), 12, "no node seen: the whole cap");
         assert_eq!(local_share(10, 3), 3, "rounded down: never over the cap");
         assert_eq!(local_share(2, 5), 1, "never below one");
-    }
-
-    #[test]
-    fn a_contended_cap_is_shared_rounded_up() {
-        assert_eq!(fair_share(8, 3), 3, "3 + 3 + 2: the whole cap in use");
-        assert_eq!(fair_share(4, 2), 2);
-        assert_eq!(fair_share(8, 0), 8, "no node seen: the whole cap");
-        assert_eq!(fair_share(1, 3), 1, "never below one");
     }
 
     fn rule(matcher: Matcher) -> ShapingRule {

@@ -54,6 +54,9 @@ impl Pacer {
     }
 }
 
+/// Whether a connection waited for is still wanted (its work may have gone to another).
+pub type Wanted<'a> = dyn Fn() -> bool + Send + Sync + 'a;
+
 /// A connection's place under its limits; given back on drop.
 pub struct ConnectionSlot {
     _permit: Option<OwnedSemaphorePermit>,
@@ -86,19 +89,12 @@ impl ConnectionSlot {
 impl ConnectionSlot {
     /// Whether this connection should close to make way for another node's: another node
     /// waits for one of its cap's leases, and this connection is `idle`, or this node holds
-    /// more than its fair share (then the lease is given back at once).
+    /// two or more beyond what the waiting node holds (then the lease is given back at once).
     pub fn make_way(&self, idle: bool) -> bool {
-        let (Some(lease), Some((fleet, _)), Some(cap)) = (
-            self.lease.as_ref(),
-            self.limits.shared.as_ref(),
-            self.limits.rule.max_connections,
-        ) else {
+        let Some(lease) = self.lease.as_ref() else {
             return false;
         };
-        if !lease.contended() {
-            return false;
-        }
-        idle || lease.give_back_over(fair_share(cap, fleet.nodes()))
+        lease.contended() && (idle || lease.give_back_if_richer())
     }
 }
 
@@ -344,12 +340,26 @@ impl Limits {
     /// Waits for a connection slot (cap, throttled cap, rate); the slot is held while
     /// connected and given back when dropped.
     pub async fn connection(self: &Arc<Self>) -> ConnectionSlot {
+        loop {
+            if let Some(slot) = self.connection_for(&|| true).await {
+                return slot;
+            }
+        }
+    }
+
+    /// As [`Limits::connection`], while `wanted` says the connection is still wanted (asked
+    /// at each step of the wait): None once it is not, and no rate slot or lease is taken
+    /// for it.
+    pub async fn connection_for(self: &Arc<Self>, wanted: &Wanted<'_>) -> Option<ConnectionSlot> {
         let permit = match &self.connections {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
         // While throttled, the connection cap is cut by the same factor.
         loop {
+            if !wanted() {
+                return None;
+            }
             let limit = self.adaptive().factor.map(|f| {
                 ((self
                     .rule
@@ -368,7 +378,11 @@ impl Limits {
                 _ => break,
             }
         }
-        let slot = self.fleet_lease().await;
+        // Paced before the fleet's lease: a lease is not held while waiting for a slot.
+        if !self.connection_rate(wanted).await {
+            return None;
+        }
+        let slot = self.fleet_lease(wanted).await?;
         let unleased = matches!(slot, FleetSlot::Counted);
         let lease = match slot {
             // Counted in `open` already, atomically with the check against the share.
@@ -381,50 +395,54 @@ impl Limits {
                 }
             }
         };
-        if let (Some((fleet, key)), Some(rate)) = (&self.shared, self.rule.max_connection_rate) {
-            let key = format!("{key} connections");
-            fleet_pace(
-                fleet.as_ref(),
-                &key,
-                rate,
-                || 1.0,
-                self.connection_pacer.as_ref(),
-            )
-            .await;
-        } else if let Some(pacer) = &self.connection_pacer {
-            loop {
-                let taken = pacer
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .try_take(Instant::now(), 1.0);
-                match taken {
-                    Ok(()) => break,
-                    Err(at) => tokio::time::sleep_until(at).await,
-                }
-            }
-        }
-        ConnectionSlot {
+        Some(ConnectionSlot {
             _permit: permit,
             lease,
             unleased,
             limits: self.clone(),
+        })
+    }
+
+    /// Waits for the next new connection's slot under `max_connection_rate`: the fleet's
+    /// with `[cluster]`, else this node's. False (no slot taken) once it is not `wanted`.
+    async fn connection_rate(&self, wanted: &Wanted<'_>) -> bool {
+        if let (Some((fleet, key)), Some(rate)) = (&self.shared, self.rule.max_connection_rate) {
+            let key = format!("{key} connections");
+            let local = self.connection_pacer.as_ref();
+            return fleet_pace(fleet.as_ref(), &key, rate, || 1.0, local, wanted).await;
+        }
+        let Some(pacer) = &self.connection_pacer else {
+            return true;
+        };
+        loop {
+            if !wanted() {
+                return false;
+            }
+            let taken = pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_take(Instant::now(), 1.0);
+            match taken {
+                Ok(()) => return true,
+                Err(at) => tokio::time::sleep_until(at).await,
+            }
         }
     }
 
     /// One of the fleet's leases on this rule's connection cap, when the cap is shared: waits
     /// while all are held; while the store is unreachable, keeps to this node's share.
-    async fn fleet_lease(&self) -> FleetSlot {
+    async fn fleet_lease(&self, wanted: &Wanted<'_>) -> Option<FleetSlot> {
         use std::sync::atomic::Ordering::Relaxed;
         let (Some((leases, key)), Some(cap)) = (self.shared.as_ref(), self.rule.max_connections)
         else {
-            return FleetSlot::Unshared;
+            return Some(FleetSlot::Unshared);
         };
         loop {
-            match leases
-                .lease(key, cap, fair_share(cap, leases.nodes()))
-                .await
-            {
-                Leased::Held(lease) => return FleetSlot::Lease(lease),
+            if !wanted() {
+                return None;
+            }
+            match leases.lease(key, cap).await {
+                Leased::Held(lease) => return Some(FleetSlot::Lease(lease)),
                 Leased::Full => {
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
                 }
@@ -435,7 +453,7 @@ impl Limits {
                         .open
                         .fetch_update(Relaxed, Relaxed, |open| (open < share).then_some(open + 1));
                     if counted.is_ok() {
-                        return FleetSlot::Counted;
+                        return Some(FleetSlot::Counted);
                     }
                     let _ = tokio::time::timeout(LEASE_POLL, self.closed.notified()).await;
                 }
@@ -470,28 +488,41 @@ impl Limits {
     /// the store is unreachable this node paces alone at its share of the rate.
     async fn fleet_message(&self, fleet: &dyn FleetLimits, key: &str, rate: Rate) {
         let factor = || self.adaptive().factor.unwrap_or(1.0);
-        fleet_pace(fleet, key, rate, factor, self.message_pacer.as_ref()).await
+        fleet_pace(
+            fleet,
+            key,
+            rate,
+            factor,
+            self.message_pacer.as_ref(),
+            &|| true,
+        )
+        .await;
     }
 }
 
 /// Waits for the next slot of the fleet's `rate` under `key` (cut by `factor()`, asked at
 /// each try); while the store is unreachable, for the next of `local` at this node's share.
+/// False, with no slot taken, once the slot is not `wanted` (asked before each try).
 async fn fleet_pace(
     fleet: &dyn FleetLimits,
     key: &str,
     rate: Rate,
     factor: impl Fn() -> f64,
     local: Option<&Mutex<Pacer>>,
-) {
+    wanted: &Wanted<'_>,
+) -> bool {
     loop {
+        if !wanted() {
+            return false;
+        }
         let cut = factor().clamp(0.001, 1.0);
         let interval = rate.interval().div_f64(cut);
         match fleet.pace(key, interval).await {
-            Paced::Go => return,
+            Paced::Go => return true,
             Paced::Wait(d) => tokio::time::sleep(d.min(Duration::from_secs(1))).await,
             Paced::Unavailable => {
                 let Some(pacer) = local else {
-                    return;
+                    return true;
                 };
                 let share = cut / f64::from(fleet.nodes().max(1));
                 let taken = pacer
@@ -499,18 +530,12 @@ async fn fleet_pace(
                     .unwrap_or_else(|e| e.into_inner())
                     .try_take(Instant::now(), share);
                 match taken {
-                    Ok(()) => return,
+                    Ok(()) => return true,
                     Err(at) => tokio::time::sleep_until(at).await,
                 }
             }
         }
     }
-}
-
-/// A node's fair part of a shared cap while others wait for it: `cap / nodes`, rounded up.
-pub(crate) fn fair_share(cap: usize, nodes: u32) -> usize {
-    cap.div_ceil(usize::try_from(nodes.max(1)).unwrap_or(usize::MAX))
-        .max(1)
 }
 
 /// This node's part of a fleet-wide connection cap while the fleet's store is unreachable:

@@ -175,15 +175,15 @@ impl HeldLease for HeldLeaseGuard {
         self.0.contended()
     }
 
-    fn give_back_over(&self, share: usize) -> bool {
-        self.0.give_back_over(share)
+    fn give_back_if_richer(&self) -> bool {
+        self.0.give_back_if_richer()
     }
 }
 
 impl FleetLimits for FleetStore {
-    fn lease<'a>(&'a self, key: &'a str, cap: usize, share: usize) -> Answer<'a, Leased> {
+    fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased> {
         Box::pin(async move {
-            match self.leases.acquire(key, cap, share).await {
+            match self.leases.acquire(key, cap).await {
                 Lease::Held(guard) => Leased::Held(Box::new(HeldLeaseGuard(guard))),
                 Lease::Full => Leased::Full,
                 Lease::Unavailable => Leased::Unavailable,

@@ -663,12 +663,25 @@ fn a_connection_rate_holds_across_the_fleet() {
         }
     }
     eprintln!("fleet connections per second: {windows:?}");
+    eprintln!(
+        "arrivals: {:?}",
+        times
+            .iter()
+            .map(|t| t.duration_since(times[0]).as_millis())
+            .collect::<Vec<_>>()
+    );
+    // An arrival comes a connection, a greeting and a transaction after its slot: on a busy
+    // machine one can slip into the next window (CI has seen [5, 5, 5, 3]). Each node alone
+    // gives [15, 9, 0, 0].
     for (i, w) in windows.iter().enumerate() {
         assert!(
-            (4..=6).contains(w),
-            "window {i}: {w} connections (want 5 ± 1): {windows:?}"
+            (3..=7).contains(w),
+            "window {i}: {w} connections (want 5 ± 2): {windows:?}"
         );
     }
+    let n = times.len();
+    let rate = (n - 1) as f64 / times[n - 1].duration_since(times[0]).as_secs_f64();
+    assert!((4.0..=6.0).contains(&rate), "fleet rate {rate:.2}/s");
 }
 
 #[test]

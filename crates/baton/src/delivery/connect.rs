@@ -182,7 +182,7 @@ pub(super) async fn connect(
     dest: &Destination,
     source: Option<&Source>,
     pool: Option<&str>,
-    wanted: impl Fn() -> bool,
+    wanted: impl Fn() -> bool + Send + Sync,
 ) -> Result<Option<Connection>, ConnectFailure> {
     let config = &ctx.config;
     let auth = match dest {
@@ -236,7 +236,10 @@ pub(super) async fn connect(
         return Err(ConnectFailure::suspended(dest, until, by));
     }
     let slot = match &limits {
-        Some(l) => Some(l.connection().await),
+        Some(l) => match l.connection_for(&wanted).await {
+            Some(slot) => Some(slot),
+            None => return Ok(None),
+        },
         None => None,
     };
     if !wanted() {

@@ -101,12 +101,17 @@ impl DestQueue {
             if let Some(job) = state.jobs.pop_front() {
                 return Some(job);
             }
-            if woken {
-                deadline = tokio::time::Instant::now() + idle;
-            } else if tokio::time::Instant::now() >= deadline || give_up.is_some_and(|g| g()) {
+            // Asked after a wake-up whose job another worker took, too: with others busy,
+            // this one may be woken often and never time out.
+            let done =
+                give_up.is_some_and(|g| g()) || (!woken && tokio::time::Instant::now() >= deadline);
+            if done {
                 // Decided under the lock, so a push now sees one worker fewer and starts one.
                 state.workers -= 1;
                 return None;
+            }
+            if woken {
+                deadline = tokio::time::Instant::now() + idle;
             }
         }
     }
