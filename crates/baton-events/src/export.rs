@@ -38,6 +38,9 @@ pub(crate) trait Sink: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// The event types sent; empty = all.
     fn events(&self) -> &[EventKind];
+    /// Whether it uses each event's id and type ([`Line::id`], [`Line::kind`]); without a
+    /// type filter a sink that does not is spared parsing every line.
+    fn reads_heads(&self) -> bool;
     fn batch_size(&self) -> usize;
     /// Sends a batch; Ok once the receiver has acknowledged all of it.
     fn send(&self, batch: &[Line]) -> impl Future<Output = Result<(), String>> + Send;
@@ -195,14 +198,16 @@ impl<S: Sink> Follower<S> {
             tracing::warn!(to = %self.sink.name(), offset, bytes = READ_CHUNK as u64 + skipped, "skipping an over-long event line");
             return Ok((Vec::new(), offset + READ_CHUNK as u64 + skipped));
         }
-        let (batch, used) = lines(&chunk, self.sink.events(), self.sink.batch_size());
+        let heads = self.sink.reads_heads() || !self.sink.events().is_empty();
+        let (batch, used) = lines(&chunk, self.sink.events(), self.sink.batch_size(), heads);
         Ok((batch, offset + used as u64))
     }
 }
 
 /// The wanted events among the whole lines of `chunk`, at most `max`, and how many bytes of
-/// `chunk` they (and the unwanted lines between them) took.
-fn lines(chunk: &[u8], wanted: &[EventKind], max: usize) -> (Vec<Line>, usize) {
+/// `chunk` they (and the unwanted lines between them) took. Each line's id and type are read
+/// only with `heads` (else they are left empty).
+fn lines(chunk: &[u8], wanted: &[EventKind], max: usize, heads: bool) -> (Vec<Line>, usize) {
     #[derive(Deserialize)]
     struct Head {
         #[serde(default)]
@@ -218,7 +223,9 @@ fn lines(chunk: &[u8], wanted: &[EventKind], max: usize) -> (Vec<Line>, usize) {
         if text.is_empty() {
             continue;
         }
-        let head = serde_json::from_slice::<Head>(text).ok();
+        let head = heads
+            .then(|| serde_json::from_slice::<Head>(text).ok())
+            .flatten();
         let kind = head.as_ref().and_then(|h| h.kind.parse().ok());
         if wanted.is_empty() || kind.is_some_and(|k| wanted.contains(&k)) {
             batch.push(Line {
@@ -258,7 +265,7 @@ mod tests {
     #[test]
     fn lines_keep_the_wanted_whole_lines_and_say_how_far_they_read() {
         let chunk = b"{\"id\":\"a-1\",\"type\":\"reception\"}\n\n{\"id\":\"a-2\",\"type\":\"delivery\"}\n{\"id\":\"a-3\",\"type\":\"reception\"}\n{\"id\":\"a-4\"";
-        let (all, used) = lines(chunk, &[], 100);
+        let (all, used) = lines(chunk, &[], 100, true);
         assert_eq!(
             all.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
             ["a-1", "a-2", "a-3"]
@@ -271,15 +278,24 @@ mod tests {
             "the unfinished line waits"
         );
 
-        let (receptions, used) = lines(chunk, &[EventKind::Reception], 1);
+        let (receptions, used) = lines(chunk, &[EventKind::Reception], 1, true);
         assert_eq!(receptions.len(), 1);
         assert_eq!(used, 32, "stops after the first wanted line");
-        let (receptions, _) = lines(chunk, &[EventKind::Reception], 100);
+        let (receptions, _) = lines(chunk, &[EventKind::Reception], 100, true);
+        // Without heads (a webhook with no filter): the lines as they are, unparsed.
+        let (raw, used_raw) = lines(chunk, &[], 100, false);
+        assert_eq!(raw.len(), 3);
+        assert_eq!((raw[1].id.as_str(), raw[1].kind), ("", None));
+        assert_eq!(used_raw, chunk.len() - "{\"id\":\"a-4\"".len());
         assert_eq!(receptions.len(), 2);
 
         // A line that is not JSON goes to receivers of everything, with no id.
-        let (odd, _) = lines(b"not json\n", &[], 10);
+        let (odd, _) = lines(b"not json\n", &[], 10, true);
         assert_eq!((odd[0].id.as_str(), odd[0].kind), ("", None));
-        assert!(lines(b"not json\n", &[EventKind::Bounce], 10).0.is_empty());
+        assert!(
+            lines(b"not json\n", &[EventKind::Bounce], 10, true)
+                .0
+                .is_empty()
+        );
     }
 }

@@ -98,6 +98,11 @@ impl crate::export::Sink for Exporter {
         self.config.batch_size
     }
 
+    /// Subjects and message ids come from them.
+    fn reads_heads(&self) -> bool {
+        true
+    }
+
     async fn send(&self, batch: &[Line]) -> Result<(), String> {
         tokio::time::timeout(BATCH_TIMEOUT, self.publish(batch))
             .await

@@ -77,6 +77,10 @@ impl crate::export::Sink for Hook {
         self.config.batch_size
     }
 
+    fn reads_heads(&self) -> bool {
+        false
+    }
+
     async fn send(&self, batch: &[Line]) -> Result<(), String> {
         let mut body =
             String::with_capacity(batch.iter().map(|l| l.text.len() + 1).sum::<usize>() + 2);
