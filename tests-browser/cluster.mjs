@@ -2,14 +2,10 @@
 // node of a cluster, waits until the cluster section lists NODES nodes and SUSPENDED shared
 // suspensions, and prints what it shows; saves a screenshot.
 // Usage: node cluster.mjs URL SCREENSHOT.png NODES SUSPENDED
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const [url, screenshot, nodes, suspended] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   await page.goto(url);

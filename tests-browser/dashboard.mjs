@@ -4,14 +4,10 @@
 // Also prints the y-axis labels painted on each chart (every frame of the run, and frames
 // drawn on demand with small series), and, once a bounce is listed, the widths of the recent
 // bounces card.
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const [url, screenshot, seconds, messageId] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const requests = [];

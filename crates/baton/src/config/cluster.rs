@@ -14,21 +14,8 @@ impl Validator<'_> {
         hostname: &str,
     ) -> Option<baton_cluster::ClusterConfig> {
         let raw = raw?;
-        let Some(urls) = raw.redis else {
-            self.error_at_top(
-                "[cluster] needs redis".into(),
-                "e.g. redis = \"redis://127.0.0.1:6379\", or a list of URLs tried in turn",
-            );
-            return None;
-        };
-        let span = urls.span();
-        let urls = match urls.into_inner() {
-            UrlList::One(url) => vec![url],
-            UrlList::Many(urls) => urls,
-        };
-        if urls.is_empty() {
-            return self.error(span, "redis lists no URL".into(), "give at least one URL");
-        }
+        let example = "e.g. redis = \"redis://127.0.0.1:6379\", or a list of URLs tried in turn";
+        let (urls, span) = self.url_list(raw.redis, "[cluster] needs redis", example)?;
         if let Some(bad) = urls.iter().find(|u| !redis_url(u)) {
             return self.error(
                 span,
@@ -55,6 +42,29 @@ impl Validator<'_> {
                 .fallback_nodes
                 .map(|n| self.count(Some(n), 1).min(u64::from(u32::MAX)) as u32),
         })
+    }
+
+    /// One URL or a list of them, at least one, and where it was written; `missing` (with
+    /// `example`) when the key is absent.
+    pub(super) fn url_list(
+        &mut self,
+        raw: Option<Spanned<UrlList>>,
+        missing: &str,
+        example: &str,
+    ) -> Option<(Vec<String>, std::ops::Range<usize>)> {
+        let Some(urls) = raw else {
+            self.error_at_top(missing.into(), example);
+            return None;
+        };
+        let span = urls.span();
+        let urls = match urls.into_inner() {
+            UrlList::One(url) => vec![url],
+            UrlList::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return self.error(span, "no URL given".into(), "give at least one URL");
+        }
+        Some((urls, span))
     }
 
     /// A node name or key prefix: 1-64 letters, digits, '.', '-' or '_'.

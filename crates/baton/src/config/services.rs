@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::files::ConfigFile;
-use super::raw::{RawDkim, RawHttp, RawNats, RawSubmission, RawWebhook, UrlList};
+use super::raw::{RawDkim, RawHttp, RawNats, RawSubmission, RawWebhook};
 use super::validate::Validator;
 use super::{DkimConfig, HttpConfig, NatsConfig, SenderPolicy, SubmissionConfig, WebhookConfig};
 
@@ -99,21 +99,8 @@ impl Validator<'_> {
     /// `[nats]`: the JetStream export; `node` names this node in message ids.
     pub(super) fn nats(&mut self, raw: Option<RawNats>, node: &str) -> Option<NatsConfig> {
         let raw = raw?;
-        let Some(urls) = raw.url else {
-            self.error_at_top(
-                "[nats] needs url".into(),
-                "e.g. url = \"nats://127.0.0.1:4222\", or a list of servers",
-            );
-            return None;
-        };
-        let span = urls.span();
-        let servers = match urls.into_inner() {
-            UrlList::One(url) => vec![url],
-            UrlList::Many(urls) => urls,
-        };
-        if servers.is_empty() {
-            return self.error(span, "url lists no server".into(), "give at least one URL");
-        }
+        let example = "e.g. url = \"nats://127.0.0.1:4222\", or a list of servers";
+        let (servers, span) = self.url_list(raw.url, "[nats] needs url", example)?;
         for server in &servers {
             if let Err(why) = baton_events::nats::check_server(server) {
                 return self.error(
