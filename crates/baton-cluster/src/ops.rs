@@ -81,10 +81,17 @@ impl Cluster {
         .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         match change {
+            // A resumption is kept (destination → when) so that a node that was away when
+            // it happened learns of it when it catches up.
             FleetChange::Suspension(s) if s.until_ms == 0 => {
                 pipe.cmd("HDEL")
                     .arg(format!("{prefix}:suspensions"))
                     .arg(&s.destination)
+                    .ignore();
+                pipe.cmd("HSET")
+                    .arg(format!("{prefix}:resumptions"))
+                    .arg(&s.destination)
+                    .arg(now_ms())
                     .ignore();
             }
             FleetChange::Suspension(s) => {
@@ -92,6 +99,10 @@ impl Cluster {
                     .arg(format!("{prefix}:suspensions"))
                     .arg(&s.destination)
                     .arg(s.until_ms)
+                    .ignore();
+                pipe.cmd("HDEL")
+                    .arg(format!("{prefix}:resumptions"))
+                    .arg(&s.destination)
                     .ignore();
             }
             // A removal stays in the hash as the entry marked removed, so that a node that
@@ -221,6 +232,18 @@ async fn catch_up(
         let _ = to.send(FleetChange::Suspension(Suspension {
             destination,
             until_ms,
+        }));
+    }
+    // Resumptions this node may have missed (it resumes only what it holds suspended).
+    let resumed: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}:resumptions"))
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (destination, _) in resumed {
+        let _ = to.send(FleetChange::Suspension(Suspension {
+            destination,
+            until_ms: 0,
         }));
     }
     let mut cursor = 0u64;

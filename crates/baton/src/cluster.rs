@@ -77,13 +77,14 @@ pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
     let cluster = Cluster::start(cluster_config, stats, env!("CARGO_PKG_VERSION"), incoming);
     tokio::spawn(report_health(cluster.clone(), events.clone()));
     let (out, outgoing) = unbounded_channel();
-    tokio::spawn(forward(cluster.clone(), outgoing));
     let store = Arc::new(FleetStore {
         leases: Leases::start(cluster.clone()),
         cluster: cluster.clone(),
         out: out.clone(),
         pushbacks: Mutex::new(HashMap::new()),
+        unshared: Mutex::new(HashMap::new()),
     });
+    tokio::spawn(forward(cluster.clone(), outgoing, store.clone()));
     Some(Fleet {
         cluster,
         out,
@@ -94,14 +95,20 @@ pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
 
 /// Shares this node's changes in order; while Redis is unreachable they wait (at most
 /// [`MAX_BACKLOG`]) and go when it is back.
-async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>) {
+async fn forward(
+    cluster: Cluster,
+    mut outgoing: UnboundedReceiver<FleetChange>,
+    store: Arc<FleetStore>,
+) {
     let mut backlog: VecDeque<FleetChange> = VecDeque::new();
     let mut health = cluster.health();
     loop {
         while let Some(change) = backlog.front() {
             match cluster.share(change).await {
                 Ok(()) => {
-                    backlog.pop_front();
+                    if let Some(shared) = backlog.pop_front() {
+                        store.waiting(&shared, false);
+                    }
                 }
                 Err(why) => {
                     tracing::debug!(%why, waiting = backlog.len(), "changes wait for redis");
@@ -118,8 +125,11 @@ async fn forward(cluster: Cluster, mut outgoing: UnboundedReceiver<FleetChange>)
                 }
                 if backlog.len() >= MAX_BACKLOG {
                     tracing::warn!("redis unreachable for long: the oldest change made here is not shared");
-                    backlog.pop_front();
+                    if let Some(dropped) = backlog.pop_front() {
+                        store.waiting(&dropped, false);
+                    }
                 }
+                store.waiting(&change, true);
                 backlog.push_back(change);
             }
             changed = health.changed() => if changed.is_err() { return },
@@ -137,9 +147,35 @@ struct FleetStore {
     out: UnboundedSender<FleetChange>,
     /// The push-backs other nodes shared, by rule key.
     pushbacks: Mutex<HashMap<String, Pushback>>,
+    /// Suspensions made here that wait to be shared (destination → how many changes).
+    unshared: Mutex<HashMap<String, usize>>,
 }
 
 impl FleetStore {
+    /// Whether a suspension or resumption of `destination` made here waits to be shared.
+    fn unshared_suspension(&self, destination: &str) -> bool {
+        self.unshared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(destination)
+    }
+
+    /// Counts `change` in or out of what waits to be shared.
+    fn waiting(&self, change: &FleetChange, queued: bool) {
+        let FleetChange::Suspension(s) = change else {
+            return;
+        };
+        let mut unshared = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
+        if queued {
+            *unshared.entry(s.destination.clone()).or_default() += 1;
+        } else if let Some(n) = unshared.get_mut(&s.destination) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                unshared.remove(&s.destination);
+            }
+        }
+    }
+
     fn pushbacks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pushback>> {
         self.pushbacks.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -260,7 +296,7 @@ fn apply_fleet_changes(
     tokio::spawn(async move {
         while let Some(change) = from.recv().await {
             match change {
-                FleetChange::Suspension(s) => apply_suspension(&queue, s).await,
+                FleetChange::Suspension(s) => apply_suspension(&queue, &store, s).await,
                 FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
                 FleetChange::Pushback(p) => store.keep_pushback(p),
                 FleetChange::Operator(a) => apply_operator(&queue, &a).await,
@@ -284,9 +320,18 @@ async fn apply_operator(queue: &QueueHandle, action: &baton_cluster::OperatorAct
     }
 }
 
-async fn apply_suspension(queue: &QueueHandle, s: baton_cluster::Suspension) {
+/// Applies a suspension or resumption the fleet shared. A resumption applies only to what
+/// this node holds suspended (a node catching up is sent every resumption kept), and not
+/// while a suspension of the same destination made here waits to be shared (it is newer).
+async fn apply_suspension(queue: &QueueHandle, store: &FleetStore, s: baton_cluster::Suspension) {
     let command = if s.until_ms == 0 {
-        Ok(OperatorCommand::resume(&s.destination))
+        if store.unshared_suspension(&s.destination) {
+            return;
+        }
+        Ok(OperatorCommand::Resume {
+            destination: crate::operator::Written::destination(&s.destination),
+            only_if_suspended: true,
+        })
     } else {
         let left_ms = s.until_ms.saturating_sub(baton_spool::now_ms());
         OperatorCommand::suspend(&s.destination, Some(left_ms.div_ceil(1000).max(1)))

@@ -38,7 +38,13 @@ pub enum OperatorCommand {
         seconds: SuspendFor,
     },
     /// Deliveries to a suspended destination go again, and what waited for it goes now.
-    Resume { destination: Written },
+    /// `only_if_suspended`: nothing at all (no event) unless the operator suspended it here
+    /// (the fleet's resumptions, which may be old news).
+    Resume {
+        destination: Written,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        only_if_suspended: bool,
+    },
     /// Bounce (with DSNs) every waiting recipient at a domain, or of one message.
     Bounce { destination: Written },
     /// Delete (without DSNs) every waiting recipient at a domain, or of one message.
@@ -96,6 +102,7 @@ impl OperatorCommand {
     pub fn resume(destination: &str) -> OperatorCommand {
         OperatorCommand::Resume {
             destination: Written::destination(destination),
+            only_if_suspended: false,
         }
     }
 

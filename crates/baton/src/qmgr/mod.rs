@@ -159,7 +159,7 @@ fn fleet_suspension(command: &OperatorCommand) -> Option<baton_cluster::Suspensi
             destination: destination.text.clone(),
             until_ms: now_ms().saturating_add(seconds.seconds().saturating_mul(1000)),
         }),
-        OperatorCommand::Resume { destination } => Some(baton_cluster::Suspension {
+        OperatorCommand::Resume { destination, .. } => Some(baton_cluster::Suspension {
             destination: destination.text.clone(),
             until_ms: 0,
         }),

@@ -34,7 +34,10 @@ impl QueueManager {
                 destination,
                 seconds,
             } => return self.suspend(destination, seconds, reply),
-            C::Resume { destination } => return self.resume(destination, reply),
+            C::Resume {
+                destination,
+                only_if_suspended,
+            } => return self.resume(destination, only_if_suspended, reply),
             C::Explain { id } => self.explain(id).map(Reply::Explain),
             C::ExplainDestination { domain } => {
                 Ok(Reply::ExplainDestination(self.explain_destination(&domain)))
@@ -98,7 +101,12 @@ impl QueueManager {
         self.shaping_event(&destination.text, why);
     }
 
-    fn resume(&mut self, destination: Written, reply: oneshot::Sender<Answer>) {
+    fn resume(
+        &mut self,
+        destination: Written,
+        only_if_suspended: bool,
+        reply: oneshot::Sender<Answer>,
+    ) {
         let what = match destination.target.suspendable() {
             Ok(what) => what,
             Err(refused) => {
@@ -106,6 +114,13 @@ impl QueueManager {
                 return;
             }
         };
+        if only_if_suspended && self.delivery.shaper.operator_suspension(&what).is_none() {
+            let _ = reply.send(Ok(Reply::Resumed(Resumed {
+                ok: true,
+                destination: destination.text,
+            })));
+            return;
+        }
         self.delivery.shaper.operator_resume(&what);
         let answer = Reply::Resumed(Resumed {
             ok: true,
