@@ -147,31 +147,35 @@ struct FleetStore {
     out: UnboundedSender<FleetChange>,
     /// The push-backs other nodes shared, by rule key.
     pushbacks: Mutex<HashMap<String, Pushback>>,
-    /// Suspensions made here that wait to be shared (destination → how many changes).
+    /// Suspensions and suppression changes made here that wait to be shared (destination or
+    /// suppression key → how many changes).
     unshared: Mutex<HashMap<String, usize>>,
 }
 
 impl FleetStore {
-    /// Whether a suspension or resumption of `destination` made here waits to be shared.
-    fn unshared_suspension(&self, destination: &str) -> bool {
-        self.unshared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(destination)
+    /// Whether a change made here to what `change` is about (a destination's suspension, a
+    /// suppression entry) waits to be shared: then what the fleet says of it is older.
+    fn unshared(&self, change: &FleetChange) -> bool {
+        unshared_key(change).is_some_and(|key| {
+            self.unshared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+        })
     }
 
     /// Counts `change` in or out of what waits to be shared.
     fn waiting(&self, change: &FleetChange, queued: bool) {
-        let FleetChange::Suspension(s) = change else {
+        let Some(key) = unshared_key(change) else {
             return;
         };
         let mut unshared = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
         if queued {
-            *unshared.entry(s.destination.clone()).or_default() += 1;
-        } else if let Some(n) = unshared.get_mut(&s.destination) {
+            *unshared.entry(key).or_default() += 1;
+        } else if let Some(n) = unshared.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                unshared.remove(&s.destination);
+                unshared.remove(&key);
             }
         }
     }
@@ -297,7 +301,12 @@ fn apply_fleet_changes(
         while let Some(change) = from.recv().await {
             match change {
                 FleetChange::Suspension(s) => apply_suspension(&queue, &store, s).await,
-                FleetChange::Suppression(c) => suppressions.apply_from_fleet(&c),
+                FleetChange::Suppression(c) => {
+                    // A catch-up's old copy must not undo a change made here that waits.
+                    if !store.unshared(&FleetChange::Suppression(c.clone())) {
+                        suppressions.apply_from_fleet(&c);
+                    }
+                }
                 FleetChange::Pushback(p) => store.keep_pushback(p),
                 FleetChange::Operator(a) => apply_operator(&queue, &a).await,
             }
@@ -320,12 +329,21 @@ async fn apply_operator(queue: &QueueHandle, action: &baton_cluster::OperatorAct
     }
 }
 
+/// What a change is about, for [`FleetStore::unshared`]: a destination or a suppression key.
+fn unshared_key(change: &FleetChange) -> Option<String> {
+    match change {
+        FleetChange::Suspension(s) => Some(format!("suspension {}", s.destination)),
+        FleetChange::Suppression(c) => Some(format!("suppression {}", c.key)),
+        FleetChange::Pushback(_) | FleetChange::Operator(_) => None,
+    }
+}
+
 /// Applies a suspension or resumption the fleet shared. A resumption applies only to what
 /// this node holds suspended (a node catching up is sent every resumption kept), and not
 /// while a suspension of the same destination made here waits to be shared (it is newer).
 async fn apply_suspension(queue: &QueueHandle, store: &FleetStore, s: baton_cluster::Suspension) {
     let command = if s.until_ms == 0 {
-        if store.unshared_suspension(&s.destination) {
+        if store.unshared(&FleetChange::Suspension(s.clone())) {
             return;
         }
         Ok(OperatorCommand::Resume {

@@ -396,6 +396,35 @@ fn suppress(server: &Server, email: &str) {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
+#[test]
+fn a_removal_made_while_redis_was_away_is_not_undone_by_the_catch_up() {
+    let mut redis = Redis::start_persistent();
+    let (a, c) = (node(&redis, "a"), node(&redis, "c"));
+    wait_fleet(&c, "both up", |f| alive(f) == ["a", "c"]);
+    suppress(&a, "back@far.test");
+    wait_rcpt(&c, "back@far.test", 550);
+    // Redis away (its data kept); a takes the address off its list meanwhile.
+    redis.stop();
+    wait_fleet(&a, "degraded", |f| f["redis"] == "degraded");
+    let r = http::request(
+        a.http,
+        None,
+        "DELETE",
+        "/api/v1/suppressions/back%40far.test",
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_rcpt(&a, "back@far.test", 250);
+    // Back: Redis still holds the old entry, which a's catch-up reads before a's removal is
+    // shared. a keeps its removal, and c learns of it.
+    redis.restart();
+    wait_fleet(&a, "rejoined", |f| f["redis"] == "up");
+    wait_rcpt(&c, "back@far.test", 250);
+    std::thread::sleep(Duration::from_secs(1));
+    wait_rcpt(&a, "back@far.test", 250);
+}
+
 /// Polls until RCPT for `rcpt` on `server` gets `code` (20 s at most).
 fn wait_rcpt(server: &Server, rcpt: &str, code: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);

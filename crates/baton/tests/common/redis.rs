@@ -10,14 +10,27 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Every write fsynced to an append-only file: a kill and restart keeps the data.
+    persistent: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(false)
+    }
+
+    /// A Redis whose data outlives a kill (an outage of the network or the process, not of
+    /// the disk).
+    pub fn start_persistent() -> Redis {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Redis {
         let mut redis = Redis {
             port: super::free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            persistent,
         };
         redis.restart();
         redis
@@ -32,7 +45,13 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
+            .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
