@@ -168,8 +168,12 @@ impl Drop for FakeMx {
 
 /// A port free on every one of `ips` (fake MX hosts share `[delivery] smtp_port`).
 pub fn common_port(ips: &[&str]) -> u16 {
+    use rand::RngExt;
+    // Below the kernel's ephemeral range (32768-60999 here): a port picked there can be taken
+    // by another test's outgoing connection (local 127.0.0.x:port) before the fake MX binds
+    // it, which CI once saw as "Address already in use".
     'search: for _ in 0..200 {
-        let port = super::free_port();
+        let port = rand::rng().random_range(20_000..32_000);
         let mut held = Vec::new();
         for ip in ips {
             match TcpListener::bind(format!("{ip}:{port}")) {
