@@ -533,10 +533,11 @@ fn bigmail(hold: Duration, shaping: &str) -> (DnsServer, FakeMx, String) {
 /// [`bigmail`] with a fake MX answering per `script`.
 fn bigmail_answering(script: Script, shaping: &str) -> (DnsServer, FakeMx, String) {
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     dns.mx("one.test", 10, "mx1.bigmail.test");
     dns.a("mx1.bigmail.test", "127.0.0.2");
-    let mx = FakeMx::start(format!("127.0.0.2:{port}").parse().unwrap(), script);
+    let mx = shared.mx("127.0.0.2", script);
     let extra = format!(
         "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1s\"\nidle_timeout = \"1s\"\n{shaping}\n",
         dns.config()

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::dns::DnsServer;
-use common::mx::{FakeMx, Script, common_port};
+use common::mx::{Script, common_port};
 use common::{BATON, Server};
 
 fn keygen(dir: &std::path::Path, domain: &str, selector: &str, ed25519: bool) -> (String, String) {
@@ -81,13 +81,11 @@ fn rsa_and_ed25519_signatures_verify_with_dkimpy() {
     });
 
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     dns.mx("dest.test", 10, "mx.dest.test");
     dns.a("mx.dest.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let mx = shared.mx("127.0.0.2", Script::default());
     let server = Server::start_delivering(&format!(
         "{}\n[delivery]\nsmtp_port = {port}\n\
          [[dkim]]\ndomain = \"rsa.test\"\nselector = \"s1\"\nkey = \"{rsa_key}\"\n\
@@ -146,13 +144,11 @@ fn one_click_unsubscribe_fields_are_inside_the_signature() {
     let (key, txt) = keygen(dir.path(), "rsa.test", "s1", false);
     let records = serde_json::json!({ "s1._domainkey.rsa.test": txt });
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     dns.mx("dest.test", 10, "mx.dest.test");
     dns.a("mx.dest.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let mx = shared.mx("127.0.0.2", Script::default());
     let server = Server::start_delivering(&format!(
         "{}\n[delivery]\nsmtp_port = {port}\n\
 [bounces]\ndomain = \"bounces.rsa.test\"\nunsubscribe_url = \"https://mail.rsa.test\"\n\

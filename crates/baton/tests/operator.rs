@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::Server;
 use common::dns::DnsServer;
-use common::mx::{FakeMx, Script, common_port};
+use common::mx::{Script, common_port};
 
 fn cli_ok(server: &Server, args: &[&str]) -> serde_json::Value {
     let out = server.cli(args);
@@ -22,14 +22,15 @@ fn cli_ok(server: &Server, args: &[&str]) -> serde_json::Value {
 #[test]
 fn suspend_explain_resume_bounce_delete() {
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2", "127.0.0.9"]);
+    let shared = common_port(&["127.0.0.2", "127.0.0.9"]);
+    let port = shared.port;
     dns.mx("ops.test", 10, "mx.ops.test");
     dns.a("mx.ops.test", "127.0.0.2");
     dns.mx("stuck.test", 10, "mx.ops.test");
     dns.mx("sender.test", 10, "mx.sender.test");
     dns.a("mx.sender.test", "127.0.0.9");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let mx = shared.mx(
+        "127.0.0.2",
         Script {
             rcpt: Arc::new(|addr, _| {
                 if addr.ends_with("@stuck.test") {
@@ -41,10 +42,7 @@ fn suspend_explain_resume_bounce_delete() {
             ..Script::default()
         },
     );
-    let sender_mx = FakeMx::start(
-        format!("127.0.0.9:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let sender_mx = shared.mx("127.0.0.9", Script::default());
     let server = Server::start_delivering(&format!(
         "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1h\"\nidle_timeout = \"1s\"\n",
         dns.config()
@@ -148,13 +146,11 @@ fn control_commands_need_a_running_server() {
 #[test]
 fn tenants_pick_pools_can_be_suspended_and_mail_can_be_rebound() {
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     dns.mx("dest.test", 10, "mx.dest.test");
     dns.a("mx.dest.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
-        Script::default(),
-    );
+    let mx = shared.mx("127.0.0.2", Script::default());
     let mut server = Server::start_delivering(&format!(
         "{}\n[delivery]\nsmtp_port = {port}\nretry_min = \"1h\"\nidle_timeout = \"1s\"\n\
          [[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\n\

@@ -19,10 +19,11 @@ fn server(dns: &DnsServer, port: u16, extra: &str) -> Server {
 /// A DNS server, a port, and `domain` served by a fake MX on 127.0.0.2 answering per `script`.
 fn destination(domain: &str, script: Script) -> (DnsServer, u16, FakeMx) {
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     dns.mx(domain, 10, &format!("mx.{domain}"));
     dns.a(&format!("mx.{domain}"), "127.0.0.2");
-    let mx = FakeMx::start(format!("127.0.0.2:{port}").parse().unwrap(), script);
+    let mx = shared.mx("127.0.0.2", script);
     (dns, port, mx)
 }
 
@@ -87,14 +88,15 @@ fn message_rate_of_10_per_second_holds_over_several_windows() {
 #[test]
 fn a_site_rule_caps_connections_across_its_domains() {
     let dns = DnsServer::start();
-    let port = common_port(&["127.0.0.2"]);
+    let shared = common_port(&["127.0.0.2"]);
+    let port = shared.port;
     // Two domains hosted at the same provider (MX hosts under bigmail.test).
     dns.mx("one.test", 10, "mx1.bigmail.test");
     dns.mx("two.test", 10, "mx2.bigmail.test");
     dns.a("mx1.bigmail.test", "127.0.0.2");
     dns.a("mx2.bigmail.test", "127.0.0.2");
-    let mx = FakeMx::start(
-        format!("127.0.0.2:{port}").parse().unwrap(),
+    let mx = shared.mx(
+        "127.0.0.2",
         Script {
             data_delay: Duration::from_millis(60),
             ..Script::default()

@@ -116,6 +116,12 @@ pub struct FakeMx {
 impl FakeMx {
     pub fn start(addr: SocketAddr, script: Script) -> FakeMx {
         let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        FakeMx::serve(listener, script)
+    }
+
+    /// A fake MX on a listener already bound (see [`SharedPort`]).
+    pub fn serve(listener: TcpListener, script: Script) -> FakeMx {
+        let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stats = Arc::new(Mutex::new(Stats::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,14 +172,40 @@ impl Drop for FakeMx {
     }
 }
 
-/// A port free on every one of `ips` (fake MX hosts share `[delivery] smtp_port`).
-pub fn common_port(ips: &[&str]) -> u16 {
-    use rand::RngExt;
-    // Below the kernel's ephemeral range (32768-60999 here): a port picked there can be taken
-    // by another test's outgoing connection (local 127.0.0.x:port) before the fake MX binds
-    // it, which CI once saw as "Address already in use".
+/// A port listened on at each of some loopback addresses: fake MX hosts share
+/// `[delivery] smtp_port`. The listeners are held until a fake MX takes one over, so no other
+/// socket can take the port between its choice and the fake MX's bind (CI saw "Address
+/// already in use" when the port was chosen, closed, then bound again).
+pub struct SharedPort {
+    pub port: u16,
+    held: Mutex<Vec<TcpListener>>,
+}
+
+impl SharedPort {
+    /// A fake MX on `ip`: on the listener held for it, or on a new one once released.
+    pub fn mx(&self, ip: &str, script: Script) -> FakeMx {
+        let addr: SocketAddr = format!("{ip}:{}", self.port).parse().unwrap();
+        let mut held = self.held.lock().unwrap();
+        match held.iter().position(|l| l.local_addr().ok() == Some(addr)) {
+            Some(i) => FakeMx::serve(held.swap_remove(i), script),
+            None => {
+                drop(held);
+                FakeMx::start(addr, script)
+            }
+        }
+    }
+
+    /// Closes the listeners no fake MX took, so those addresses refuse connections (a
+    /// listener nobody accepts on would leave a client waiting for a greeting instead).
+    pub fn release(&self) {
+        self.held.lock().unwrap().clear();
+    }
+}
+
+/// A port free on every one of `ips`, listened on at each of them until taken or released.
+pub fn common_port(ips: &[&str]) -> SharedPort {
     'search: for _ in 0..200 {
-        let port = rand::rng().random_range(20_000..32_000);
+        let port = super::free_port();
         let mut held = Vec::new();
         for ip in ips {
             match TcpListener::bind(format!("{ip}:{port}")) {
@@ -181,7 +213,8 @@ pub fn common_port(ips: &[&str]) -> u16 {
                 Err(_) => continue 'search,
             }
         }
-        return port;
+        let held = Mutex::new(held);
+        return SharedPort { port, held };
     }
     panic!("no port free on all of {ips:?}");
 }

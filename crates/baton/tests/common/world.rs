@@ -3,7 +3,7 @@
 
 use super::Server;
 use super::dns::DnsServer;
-use super::mx::{FakeMx, Script, common_port};
+use super::mx::{FakeMx, Script, SharedPort, common_port};
 
 /// The sender's own MX, where DSNs arrive.
 pub const SENDER_MX: &str = "127.0.0.9";
@@ -11,6 +11,7 @@ pub const SENDER_MX: &str = "127.0.0.9";
 pub struct World {
     pub dns: DnsServer,
     pub port: u16,
+    shared: SharedPort,
 }
 
 impl World {
@@ -20,14 +21,18 @@ impl World {
         let dns = DnsServer::start();
         let mut all: Vec<&str> = ips.to_vec();
         all.push(SENDER_MX);
-        let port = common_port(&all);
+        let shared = common_port(&all);
         dns.mx("sender.test", 10, "mx.sender.test");
         dns.a("mx.sender.test", SENDER_MX);
-        World { dns, port }
+        World {
+            dns,
+            port: shared.port,
+            shared,
+        }
     }
 
     pub fn mx(&self, ip: &str, script: Script) -> FakeMx {
-        FakeMx::start(format!("{ip}:{}", self.port).parse().unwrap(), script)
+        self.shared.mx(ip, script)
     }
 
     pub fn sender_mx(&self) -> FakeMx {
@@ -46,6 +51,8 @@ impl World {
         extra: &str,
         file_size_limit: Option<u64>,
     ) -> Server {
+        // Addresses without a fake MX by now refuse connections, as a host that is down.
+        self.shared.release();
         Server::start_delivering_with(
             &format!(
                 "{}\n[delivery]\nsmtp_port = {}\nretry_min = \"1s\"\nretry_max = \"2s\"\nidle_timeout = \"1s\"\nconnect_timeout = \"2s\"\n{delivery}\n{extra}\n",
