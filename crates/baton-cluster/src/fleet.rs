@@ -1,7 +1,7 @@
 //! The fleet's view in Redis: each node's last report (`<prefix>:node:<name>`, JSON, kept a
 //! week) and when each was last seen (`<prefix>:nodes`, a sorted set scored by milliseconds).
 
-use redis::aio::MultiplexedConnection;
+use crate::conn::Conn;
 use serde::{Deserialize, Serialize};
 
 use crate::{ClusterConfig, LocalStats};
@@ -91,7 +91,7 @@ pub(crate) const KEEPALIVE: &str = "beat";
 /// Writes this node's report (and a keepalive on the channel) in one round trip, and says
 /// how many nodes are alive and whether another process beats under the same name.
 pub(crate) async fn beat(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     prefix: &str,
     report: &NodeReport,
 ) -> Result<Beaten, String> {
@@ -131,10 +131,7 @@ pub(crate) async fn beat(
 }
 
 /// Every node with a report, by name; reports past their TTL drop out of the set here.
-pub(crate) async fn read(
-    conn: &mut MultiplexedConnection,
-    prefix: &str,
-) -> Result<Vec<NodeReport>, String> {
+pub(crate) async fn read(conn: &mut Conn, prefix: &str) -> Result<Vec<NodeReport>, String> {
     let names: Vec<String> = redis::cmd("ZRANGE")
         .arg(format!("{prefix}:nodes"))
         .arg(0)
@@ -175,13 +172,13 @@ pub(crate) async fn read(
 
 /// The fleet as seen from outside a running node (`baton cluster status`).
 pub async fn read_fleet(config: &ClusterConfig) -> Result<Vec<NodeReport>, String> {
-    let (_, mut conn) = crate::link::connect(&config.redis).await?;
+    let (_, mut conn) = crate::conn::connect(config).await?;
     read(&mut conn, &config.prefix).await
 }
 
 /// Takes a node out of the fleet's view at once (a node removed for good).
 pub async fn forget_node(config: &ClusterConfig, node: &str) -> Result<bool, String> {
-    let (_, mut conn) = crate::link::connect(&config.redis).await?;
+    let (_, mut conn) = crate::conn::connect(config).await?;
     let (removed, _): (u32, u32) = redis::pipe()
         .cmd("ZREM")
         .arg(format!("{}:nodes", config.prefix))
@@ -219,6 +216,7 @@ mod tests {
     fn config() -> ClusterConfig {
         ClusterConfig {
             redis: vec![],
+            redis_cluster: false,
             node: "a".into(),
             heartbeat: Duration::from_secs(1),
             prefix: "baton".into(),

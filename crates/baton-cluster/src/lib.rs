@@ -8,6 +8,7 @@
 //! Without Redis (not configured, or down) nothing here blocks mail: callers get `None` or an
 //! error and keep to their share of each limit (the limit divided by the nodes last seen).
 
+mod conn;
 mod fleet;
 mod leases;
 mod link;
@@ -17,6 +18,7 @@ mod rates;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use conn::Conn;
 pub use fleet::{NodeReport, forget_node, read_fleet};
 pub use leases::{Lease, LeaseGuard, Leases};
 pub use link::{Cluster, Health};
@@ -31,7 +33,10 @@ pub struct ClusterConfig {
     pub node: String,
     /// How often the node reports itself; a node silent for three beats is down.
     pub heartbeat: Duration,
-    /// Key prefix, so that several fleets can share one Redis.
+    /// The URLs are the seed nodes of a Redis Cluster, not servers tried in turn.
+    pub redis_cluster: bool,
+    /// Key prefix, so that several fleets can share one Redis. Under Redis Cluster it is a
+    /// hash tag (`{baton}`), so that every key is in one slot (see `conn`).
     pub prefix: String,
     /// While Redis is down, shared limits are divided by this many nodes; None: by the number
     /// of nodes last seen alive.

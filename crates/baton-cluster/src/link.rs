@@ -1,14 +1,14 @@
-//! The connection to Redis and the heartbeat: one supervising task connects (each URL in
-//! turn), beats every `heartbeat`, and on any error drops the connection, says so through
+//! The connection to Redis and the heartbeat: one supervising task connects (see `conn`),
+//! beats every `heartbeat`, and on any error drops the connection, says so through
 //! [`Health`] and reconnects with backoff (0.1 s doubling to 5 s).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
+use crate::conn::{Conn, TIMEOUT};
 use crate::fleet::{self, NodeReport, now_ms};
 use crate::ops::{self, FleetChange};
 use crate::{ClusterConfig, LocalStats, StatsSource};
@@ -17,8 +17,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A link up this long has earned a fresh backoff when it fails.
 const STABLE: Duration = Duration::from_secs(10);
-/// Longest wait for a connection or a heartbeat's answer.
-const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether this node shares the fleet's limits now.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +39,7 @@ pub struct Cluster {
 
 struct Inner {
     config: ClusterConfig,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<Conn>>,
     health: watch::Sender<Health>,
     /// Where the changes other nodes share go.
     changes: UnboundedSender<FleetChange>,
@@ -99,7 +97,7 @@ impl Cluster {
     }
 
     /// The live connection, or None while degraded (use local limits then).
-    pub fn conn(&self) -> Option<MultiplexedConnection> {
+    pub fn conn(&self) -> Option<Conn> {
         self.lock().clone()
     }
 
@@ -112,7 +110,7 @@ impl Cluster {
         fleet::read(&mut conn, &self.inner.config.prefix).await
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
         self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -125,39 +123,12 @@ impl Cluster {
     }
 }
 
-/// Connects to the first URL that answers.
-pub(crate) async fn connect(
-    urls: &[String],
-) -> Result<(redis::Client, MultiplexedConnection), String> {
-    let mut why = String::from("no redis URL");
-    for url in urls {
-        let attempt = async {
-            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-            // The crate's own limit on an answer is 500 ms; Baton's is TIMEOUT.
-            let options = redis::AsyncConnectionConfig::new()
-                .set_response_timeout(Some(TIMEOUT))
-                .set_connection_timeout(Some(TIMEOUT));
-            let conn = client
-                .get_multiplexed_async_connection_with_config(&options)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((client, conn))
-        };
-        match tokio::time::timeout(TIMEOUT, attempt).await {
-            Ok(Ok(connected)) => return Ok(connected),
-            Ok(Err(e)) => why = format!("{url}: {e}"),
-            Err(_) => why = format!("{url}: no answer within {} s", TIMEOUT.as_secs()),
-        }
-    }
-    Err(why)
-}
-
 async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
     let started_ms = now_ms();
     let mut backoff = MIN_BACKOFF;
     let mut last = Beat::default();
     loop {
-        let error = match connect(&cluster.inner.config.redis).await {
+        let error = match crate::conn::connect(&cluster.inner.config).await {
             Ok((client, conn)) => {
                 *cluster.lock() = Some(conn.clone());
                 let config = &cluster.inner.config;
@@ -256,7 +227,7 @@ struct Beat {
 /// Beats until Redis fails; returns why.
 async fn beat_until_error(
     cluster: &Cluster,
-    mut conn: MultiplexedConnection,
+    mut conn: Conn,
     stats: &StatsSource,
     version: &str,
     started_ms: u64,

@@ -171,7 +171,7 @@ pub const MAX_LISTED: usize = 1000;
 /// connection fails (the link starts it again on reconnecting).
 pub(crate) async fn follow(
     client: redis::Client,
-    mut conn: redis::aio::MultiplexedConnection,
+    mut conn: crate::conn::Conn,
     config: crate::ClusterConfig,
     to: UnboundedSender<FleetChange>,
 ) -> Result<(), String> {
@@ -218,7 +218,7 @@ pub(crate) async fn follow(
 
 /// The live suspensions and every shared suppression entry, a batch at a time.
 async fn catch_up(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::conn::Conn,
     prefix: &str,
     to: &UnboundedSender<FleetChange>,
 ) -> Result<(), String> {

@@ -28,12 +28,19 @@ impl Validator<'_> {
             Some(n) => self.node_name(n)?,
             None => hostname.to_string(),
         };
-        let prefix = match raw.prefix {
+        let mut prefix = match raw.prefix {
             Some(p) => self.node_name(p)?,
             None => "baton".into(),
         };
+        let redis_cluster = raw.redis_cluster.unwrap_or(false);
+        if redis_cluster {
+            // A hash tag: every key in one slot, so scripts over several keys stay on one
+            // shard (baton-cluster's conn).
+            prefix = format!("{{{prefix}}}");
+        }
         Some(baton_cluster::ClusterConfig {
             redis: urls,
+            redis_cluster,
             node,
             heartbeat: self.duration_or(raw.heartbeat, 1),
             prefix,

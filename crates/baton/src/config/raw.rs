@@ -70,6 +70,7 @@ pub(super) struct RawNats {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
     pub(super) redis: Option<Spanned<UrlList>>,
+    pub(super) redis_cluster: Option<bool>,
     pub(super) node: Option<Spanned<String>>,
     pub(super) heartbeat: Option<Spanned<Quantity>>,
     pub(super) prefix: Option<Spanned<String>>,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod fleet;
 pub mod http;
 pub mod mx;
 pub mod nats;
