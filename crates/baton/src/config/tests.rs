@@ -140,6 +140,17 @@ fn cluster_takes_one_url_or_several_and_names_the_node() {
         (cluster.node.as_str(), cluster.fallback_nodes),
         ("n-2", Some(4))
     );
+    assert!(!cluster.redis_cluster);
+    assert_eq!(cluster.prefix, "fleet1");
+    // Under Redis Cluster the prefix is a hash tag: every key in one slot.
+    let c = Config::parse(
+        "[cluster]\nredis = [\"redis://a:7000\", \"redis://b:7000\"]\nredis_cluster = true\n\
+         prefix = \"fleet1\"\n",
+    )
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert!(cluster.redis_cluster);
+    assert_eq!(cluster.prefix, "{fleet1}");
     let e = Config::parse("[cluster]\nnode = \"a\"\n").unwrap_err();
     assert!(e[0].message.contains("needs redis"), "{e:?}");
     let e = Config::parse("[cluster]\nredis = \"http://a:6379\"\n").unwrap_err();
