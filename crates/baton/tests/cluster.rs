@@ -150,12 +150,7 @@ fn an_operator_suspension_on_one_node_holds_on_all() {
     for n in [&a, &b, &c] {
         wait_fleet(n, "all up", |f| alive(f) == ["a", "b", "c"]);
     }
-    let out = a.cli(&["suspend", "far.test", "--for", "1h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    suspend(&a, "far.test");
     for n in [&b, &c] {
         wait_shaping(n, "far.test", "suspended by the operator");
     }
@@ -192,12 +187,7 @@ fn the_dashboard_shows_the_fleet_and_its_suspensions() {
     let redis = Redis::start();
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     wait_fleet(&b, "both up", |f| alive(f) == ["a", "b"]);
-    let out = a.cli(&["suspend", "far.test", "--for", "1h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    suspend(&a, "far.test");
     let fleet = wait_fleet(&b, "the shared suspension listed", |f| {
         f["suspensions"][0]["destination"] == "far.test"
     });
@@ -254,12 +244,7 @@ fn a_resumption_missed_while_away_is_caught_up() {
     let redis = Redis::start();
     let (a, mut b) = (node(&redis, "a"), node(&redis, "b"));
     wait_fleet(&b, "both up", |f| alive(f) == ["a", "b"]);
-    let out = a.cli(&["suspend", "far.test", "--for", "1h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    suspend(&a, "far.test");
     wait_shaping(&b, "far.test", "suspended by the operator");
     // b is down (its suspension saved with it) while a resumes.
     b.terminate();

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::fleet::{
-    alive, bigmail, cluster_events, fleet, node, push_all, site_cap, suppress, wait_fleet,
+    alive, bigmail, cluster_events, fleet, node, push_all, site_cap, suppress, suspend, wait_fleet,
     wait_rcpt, wait_shaping, wait_until,
 };
 use common::redis::RedisCluster;
@@ -20,12 +20,7 @@ fn a_fleet_shares_its_state_through_a_redis_cluster() {
         wait_fleet(n, "both up", |f| alive(f) == ["a", "b"]);
     }
     // Published on one shard's channel, heard by the node subscribed on another.
-    let out = a.cli(&["suspend", "far.test", "--for", "1h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    suspend(&a, "far.test");
     wait_shaping(&b, "far.test", "suspended by the operator");
     suppress(&a, "gone@far.test");
     wait_rcpt(&b, "gone@far.test", 550);
@@ -119,12 +114,7 @@ fn the_fleet_follows_its_shard_through_a_failover() {
             f["redis"] == "up" && alive(f) == ["a", "b"]
         });
     }
-    let out = b.cli(&["suspend", "far.test", "--for", "1h"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    suspend(&b, "far.test");
     wait_shaping(&a, "far.test", "suspended by the operator");
     suppress(&b, "after@far.test");
     wait_rcpt(&a, "after@far.test", 550);

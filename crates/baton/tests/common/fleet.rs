@@ -178,3 +178,13 @@ pub fn push(server: &Server, n: usize, threads: usize) -> Vec<std::thread::JoinH
         })
         .collect()
 }
+
+/// Suspends `destination` for an hour through `server`'s CLI.
+pub fn suspend(server: &Server, destination: &str) {
+    let out = server.cli(&["suspend", destination, "--for", "1h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
