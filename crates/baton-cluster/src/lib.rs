@@ -23,6 +23,7 @@ pub use fleet::{NodeReport, forget_node, read_fleet};
 pub use leases::{Lease, LeaseGuard, Leases};
 pub use link::{Cluster, Health};
 pub use ops::{FleetChange, OperatorAction, PushbackChange, SuppressionChange, Suspension};
+pub use rates::WarmupTake;
 
 /// `[cluster]` as the server uses it.
 #[derive(Debug, Clone, PartialEq)]

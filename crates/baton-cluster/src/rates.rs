@@ -19,33 +19,56 @@ redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 6
 return 0
 ";
 
+// A hash of each node's count: a node puts back what it counted and the hash lacks (Redis
+// restarted empty, or the node sent while it could not reach it), then the sum is the fleet's.
 const WARM: &str = r"
-local sent = tonumber(redis.call('GET', KEYS[1]) or 0)
+local mine = tonumber(redis.call('HGET', KEYS[1], ARGV[4]) or 0)
+local own = tonumber(ARGV[5])
+if own > mine then
+  redis.call('HSET', KEYS[1], ARGV[4], own)
+end
+local sent = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[1])) do
+  sent = sent + tonumber(n)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if sent >= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('INCRBY', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HINCRBY', KEYS[1], ARGV[4], ARGV[2])
 return 1
 ";
 
+/// One transaction counted against a warm-up cap (see [`Cluster::warm`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WarmupTake {
+    pub period: u64,
+    pub cap: u64,
+    /// Recipients in this transaction.
+    pub n: u64,
+    /// What this node counted in the period before this transaction.
+    pub own: u64,
+    /// How long the period's count is kept.
+    pub ttl: Duration,
+}
+
 impl Cluster {
-    /// Counts `n` recipients against `cap` for warm-up `key` in `period` (the counter kept
-    /// `ttl`): Ok(true) counted, Ok(false) the fleet reached the cap; Err while unreachable.
-    pub async fn warm(
-        &self,
-        key: &str,
-        period: u64,
-        cap: u64,
-        n: u64,
-        ttl: Duration,
-    ) -> Result<bool, String> {
+    /// Counts a transaction against warm-up `key`'s cap in its period: Ok(true) counted,
+    /// Ok(false) the fleet reached the cap; Err while unreachable. The count is a hash of
+    /// each node's (`<prefix>:warm:<key>:<period>`, kept `ttl`).
+    pub async fn warm(&self, key: &str, t: WarmupTake) -> Result<bool, String> {
         let mut conn = self.conn().ok_or("redis unavailable")?;
-        let key = format!("{}:warmup:{key}:{period}", self.config().prefix);
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1000);
+        let key = format!("{}:warm:{key}:{}", self.config().prefix, t.period);
+        let ttl_ms = u64::try_from(t.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1000);
         let script = redis::Script::new(WARM);
         let mut call = script.key(&key);
-        call.arg(cap).arg(n).arg(ttl_ms);
+        call.arg(t.cap)
+            .arg(t.n)
+            .arg(ttl_ms)
+            .arg(&self.config().node)
+            .arg(t.own);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
         match answer.await {

@@ -48,6 +48,22 @@ pub enum Warmed {
     Unavailable,
 }
 
+/// One transaction's recipients counted against a warm-up cap across the fleet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WarmTake {
+    /// The plan's period (its index since the plan started).
+    pub period: u64,
+    pub cap: u64,
+    /// Recipients in this transaction.
+    pub n: u64,
+    /// What this node counted in the period before it (its own ledger, fallback included):
+    /// the store takes it back where it lost it (restarted empty) or never had it (sent while
+    /// unreachable).
+    pub own: u64,
+    /// How long the store keeps the period's count.
+    pub ttl: Duration,
+}
+
 /// A destination's push-back as one node saw it, for the others: until when it is suspended,
 /// and how far its rate and connections are cut until when (Unix ms).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -73,16 +89,9 @@ pub trait FleetLimits: Send + Sync {
     /// Whether the store can be reached now.
     fn available(&self) -> bool;
 
-    /// Counts `n` recipients against `cap` for `key` in warm-up period `period` (kept `ttl`),
-    /// unless the fleet has reached it.
-    fn warm<'a>(
-        &'a self,
-        key: &'a str,
-        period: u64,
-        cap: u64,
-        n: u64,
-        ttl: Duration,
-    ) -> Answer<'a, Warmed>;
+    /// Counts a transaction's recipients against a warm-up cap for `key`, unless the fleet
+    /// has reached it.
+    fn warm<'a>(&'a self, key: &'a str, take: WarmTake) -> Answer<'a, Warmed>;
 
     /// Tells the fleet that the destination under `key` pushed back here (fire and forget).
     fn share_pushback(&self, key: &str, pushback: Pushback);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::fleet::{FleetLimits, HeldLease, Leased, Paced, Pushback, Warmed};
+use crate::fleet::{FleetLimits, HeldLease, Leased, Paced, Pushback, WarmTake, Warmed};
 use crate::later;
 use crate::rules::{BackoffAction, BackoffRule, Rate, ShapingRule};
 use crate::warmup::{Warmup, WarmupCount};
@@ -190,8 +190,22 @@ impl Limits {
         };
         let (period, cap, next) = w.plan.period(now_ms);
         let Some(cap) = cap else { return Ok(()) };
-        let ttl = w.plan.period.saturating_mul(2);
-        match fleet.warm(&w.key, period, cap, recipients, ttl).await {
+        let own = {
+            let count = w.count.lock().unwrap_or_else(|e| e.into_inner());
+            if count.period == period {
+                count.sent
+            } else {
+                0
+            }
+        };
+        let take = WarmTake {
+            period,
+            cap,
+            n: recipients,
+            own,
+            ttl: w.plan.period.saturating_mul(2),
+        };
+        match fleet.warm(&w.key, take).await {
             // Counted here too: the ledger and the fallback share go on from it.
             Warmed::Taken => {
                 self.take_warmup(now_ms, recipients, 0).ok();

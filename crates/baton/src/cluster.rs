@@ -12,7 +12,9 @@ use baton_cluster::{
     Cluster, FleetChange, Health, Lease, LeaseGuard, Leases, LocalStats, PushbackChange,
 };
 use baton_events::{EventKind, Events};
-use baton_shaping::fleet::{Answer, FleetLimits, HeldLease, Leased, Paced, Pushback, Warmed};
+use baton_shaping::fleet::{
+    Answer, FleetLimits, HeldLease, Leased, Paced, Pushback, WarmTake, Warmed,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
@@ -249,16 +251,16 @@ impl FleetLimits for FleetStore {
         self.cluster.conn().is_some()
     }
 
-    fn warm<'a>(
-        &'a self,
-        key: &'a str,
-        period: u64,
-        cap: u64,
-        n: u64,
-        ttl: Duration,
-    ) -> Answer<'a, Warmed> {
+    fn warm<'a>(&'a self, key: &'a str, t: WarmTake) -> Answer<'a, Warmed> {
         Box::pin(async move {
-            match self.cluster.warm(key, period, cap, n, ttl).await {
+            let take = baton_cluster::WarmupTake {
+                period: t.period,
+                cap: t.cap,
+                n: t.n,
+                own: t.own,
+                ttl: t.ttl,
+            };
+            match self.cluster.warm(key, take).await {
                 Ok(true) => Warmed::Taken,
                 Ok(false) => Warmed::Capped,
                 Err(_) => Warmed::Unavailable,

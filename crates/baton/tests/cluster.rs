@@ -655,62 +655,6 @@ fn a_pushback_seen_by_one_node_holds_the_others() {
 }
 
 #[test]
-fn a_warmup_cap_counts_the_whole_fleet() {
-    let redis = Redis::start();
-    let today = jiff::Timestamp::now()
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .date();
-    let warmup = format!(
-        "[[source]]\nname = \"ip10\"\naddress = \"127.0.0.10\"\nwarmup = [5]\nwarmup_start = \"{today}\"\n\
-         [[pool]]\nname = \"new\"\nsources = [\"ip10\"]\nsender_domains = [\"new.test\"]\n"
-    );
-    let (_dns, mx, extra) = bigmail(Duration::ZERO, &warmup);
-    let nodes = fleet(&redis, &["a", "b", "c"], &extra, 10);
-    // Four messages from each node: each alone would let all four through (12 > 5).
-    for n in &nodes {
-        let mut c = n.connect();
-        c.hello();
-        for i in 0..4 {
-            let body = format!("Subject: {i}\r\n\r\nx\r\n");
-            assert_eq!(
-                c.send_mail("a@new.test", &["u@one.test"], body.as_bytes())
-                    .code,
-                250
-            );
-        }
-    }
-    // Every message either delivered or held for the cap, across the fleet.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (mut delivered, mut held) = (0, std::collections::HashSet::new());
-        for n in &nodes {
-            for e in n.events() {
-                if e["type"] == "delivery" {
-                    delivered += 1;
-                } else if e["type"] == "held"
-                    && e["response"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("warm-up cap"))
-                {
-                    held.insert(e["message_id"].to_string());
-                }
-            }
-        }
-        if delivered + held.len() >= 12 {
-            assert_eq!(delivered, 5, "the fleet's cap is 5 a day");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{delivered} delivered, {} held",
-            held.len()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(mx.messages().len(), 5, "the fleet's cap is 5 a day");
-}
-
-#[test]
 fn redis_killed_mid_run_loses_no_mail_and_the_nodes_rejoin() {
     let mut redis = Redis::start();
     let (_dns, mx, extra) = bigmail(Duration::from_millis(20), &site_cap(4));
