@@ -118,7 +118,7 @@ fn an_endless_reply_is_abandoned_within_bounded_memory() {
     let w = World::new(&["127.0.0.2"]);
     w.dns.mx("endless.test", 10, "mx.endless.test");
     w.dns.a("mx.endless.test", "127.0.0.2");
-    let listener = TcpListener::bind(format!("127.0.0.2:{}", w.port)).unwrap();
+    let listener = w.listener("127.0.0.2");
     let writer = endless_greeting(listener, 400 << 20);
     let server = w.server("", "");
     let rss_before = server.peak_rss_kb();

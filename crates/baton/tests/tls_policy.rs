@@ -86,13 +86,13 @@ fn mta_sts_enforce_restricts_mx_hosts_and_requires_verified_tls() {
     let w = World::new(&["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]);
     let ca = TestCa::new("Baton Test CA");
     let https = HttpsServer::start(
-        format!("127.0.0.4:{}", w.port).parse().unwrap(),
+        w.listener("127.0.0.4"),
         ca.issue(&["mta-sts.sts.test", "mta-sts.plain-sts.test"])
             .server_config(),
         ENFORCE,
     );
     let lax_https = HttpsServer::start(
-        format!("127.0.0.5:{}", w.port).parse().unwrap(),
+        w.listener("127.0.0.5"),
         ca.issue(&["mta-sts.lax.test"]).server_config(),
         TESTING,
     );
@@ -183,7 +183,7 @@ fn mta_sts_policy_served_by_an_untrusted_certificate_is_ignored() {
     // The policy server's certificate is self-signed: the policy must not be believed, so an
     // attacker cannot plant one; delivery stays opportunistic.
     let https = HttpsServer::start(
-        format!("127.0.0.4:{}", w.port).parse().unwrap(),
+        w.listener("127.0.0.4"),
         tls_config("mta-sts.fake.test"),
         "version: STSv1\nmode: enforce\nmx: nowhere.test\nmax_age: 86400\n",
     );

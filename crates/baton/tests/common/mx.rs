@@ -184,14 +184,17 @@ pub struct SharedPort {
 impl SharedPort {
     /// A fake MX on `ip`: on the listener held for it, or on a new one once released.
     pub fn mx(&self, ip: &str, script: Script) -> FakeMx {
+        FakeMx::serve(self.listener(ip), script)
+    }
+
+    /// The listener on `ip` and this port: the one held for it, or a new one once released
+    /// (for a test's own server).
+    pub fn listener(&self, ip: &str) -> TcpListener {
         let addr: SocketAddr = format!("{ip}:{}", self.port).parse().unwrap();
         let mut held = self.held.lock().unwrap();
         match held.iter().position(|l| l.local_addr().ok() == Some(addr)) {
-            Some(i) => FakeMx::serve(held.swap_remove(i), script),
-            None => {
-                drop(held);
-                FakeMx::start(addr, script)
-            }
+            Some(i) => held.swap_remove(i),
+            None => TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")),
         }
     }
 

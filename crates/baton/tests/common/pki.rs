@@ -90,8 +90,8 @@ pub struct HttpsServer {
 }
 
 impl HttpsServer {
-    pub fn start(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, body: &str) -> HttpsServer {
-        let listener = TcpListener::bind(addr).expect("bind HTTPS test server");
+    /// Serves `body` over TLS on `listener` (see `World::listener`).
+    pub fn start(listener: TcpListener, tls: Arc<rustls::ServerConfig>, body: &str) -> HttpsServer {
         let addr = listener.local_addr().unwrap();
         let body = Arc::new(Mutex::new(body.to_string()));
         let requests = Arc::new(Mutex::new(Vec::new()));

@@ -35,6 +35,11 @@ impl World {
         self.shared.mx(ip, script)
     }
 
+    /// The listener on `ip` at the shared port, for a test's own server there.
+    pub fn listener(&self, ip: &str) -> std::net::TcpListener {
+        self.shared.listener(ip)
+    }
+
     pub fn sender_mx(&self) -> FakeMx {
         self.mx(SENDER_MX, Script::default())
     }
