@@ -2,6 +2,7 @@
 //! beats every `heartbeat`, and on any error drops the connection, says so through
 //! [`Health`] and reconnects with backoff (0.1 s doubling to 5 s).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ struct Inner {
     health: watch::Sender<Health>,
     /// Where the changes other nodes share go.
     changes: UnboundedSender<FleetChange>,
+    /// Catch-ups started (each reads what the fleet keeps, see `ops::follow`).
+    catch_ups: Arc<AtomicU64>,
 }
 
 impl Cluster {
@@ -66,6 +69,7 @@ impl Cluster {
             conn: Mutex::new(None),
             health,
             changes,
+            catch_ups: Arc::new(AtomicU64::new(0)),
         });
         let me = Cluster { inner };
         tokio::spawn(supervise(me.clone(), stats, version.to_string()));
@@ -79,6 +83,12 @@ impl Cluster {
     /// Changes of [`Health`], as they happen.
     pub fn health(&self) -> watch::Receiver<Health> {
         self.inner.health.subscribe()
+    }
+
+    /// How many catch-ups have started: one reading after a change was written sees it if
+    /// this was read after the write and its number is higher.
+    pub fn catch_ups_started(&self) -> u64 {
+        self.inner.catch_ups.load(Ordering::SeqCst)
     }
 
     /// Nodes alive at the last good heartbeat (this one included; 0 before the first).
@@ -137,6 +147,7 @@ async fn supervise(cluster: Cluster, stats: StatsSource, version: String) {
                     conn.clone(),
                     config.clone(),
                     cluster.inner.changes.clone(),
+                    cluster.inner.catch_ups.clone(),
                 ));
                 let connected_at = tokio::time::Instant::now();
                 let beats =

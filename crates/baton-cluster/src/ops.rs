@@ -56,6 +56,10 @@ pub enum FleetChange {
     Suppression(SuppressionChange),
     Pushback(PushbackChange),
     Operator(OperatorAction),
+    /// Not shared: the link's word that catch-up number N (see
+    /// [`crate::Cluster::catch_ups_started`]) has been fed in whole.
+    #[serde(skip)]
+    CaughtUp(u64),
 }
 
 /// What goes over the channel: the change and the node it came from (which ignores it).
@@ -72,6 +76,9 @@ impl Cluster {
     /// Tells the fleet of a change made on this node. Err while degraded: the caller keeps
     /// it and tries again when the link is back.
     pub async fn share(&self, change: &FleetChange) -> Result<(), String> {
+        if matches!(change, FleetChange::CaughtUp(_)) {
+            return Ok(()); // the link's own word, nothing to tell
+        }
         let mut conn = self.conn().ok_or("redis unavailable")?;
         let prefix = &self.config().prefix;
         let json = serde_json::to_string(&Notice {
@@ -118,6 +125,7 @@ impl Cluster {
             FleetChange::Pushback(_) => {}
             // Only told: a one-off on what each node has queued at that moment.
             FleetChange::Operator(_) => {}
+            FleetChange::CaughtUp(_) => {}
         }
         pipe.cmd("PUBLISH")
             .arg(format!("{prefix}:ops"))
@@ -174,6 +182,7 @@ pub(crate) async fn follow(
     mut conn: crate::conn::Conn,
     config: crate::ClusterConfig,
     to: UnboundedSender<FleetChange>,
+    catch_ups: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), String> {
     let (prefix, node) = (config.prefix, config.node);
     // Every heartbeat publishes a keepalive: this long without a message, the subscription is
@@ -184,8 +193,11 @@ pub(crate) async fn follow(
         .subscribe(format!("{prefix}:ops"))
         .await
         .map_err(|e| e.to_string())?;
-    // Subscribed first, read second: nothing shared in between is missed.
+    // Subscribed first, read second: nothing shared in between is missed. Counted before the
+    // first read: a change written after the count went up is in what this catch-up reads.
+    let number = catch_ups.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     catch_up(&mut conn, &prefix, &to).await?;
+    let _ = to.send(FleetChange::CaughtUp(number));
     let mut messages = pubsub.on_message();
     loop {
         let Ok(next) = tokio::time::timeout(silence, messages.next()).await else {

@@ -84,7 +84,7 @@ pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
         cluster: cluster.clone(),
         out: out.clone(),
         pushbacks: Mutex::new(HashMap::new()),
-        unshared: Mutex::new(HashMap::new()),
+        unshared: Mutex::new(Unshared::default()),
     });
     tokio::spawn(forward(cluster.clone(), outgoing, store.clone()));
     Some(Fleet {
@@ -109,7 +109,7 @@ async fn forward(
             match cluster.share(change).await {
                 Ok(()) => {
                     if let Some(shared) = backlog.pop_front() {
-                        store.waiting(&shared, false);
+                        store.shared(&shared, cluster.catch_ups_started());
                     }
                 }
                 Err(why) => {
@@ -128,10 +128,10 @@ async fn forward(
                 if backlog.len() >= MAX_BACKLOG {
                     tracing::warn!("redis unreachable for long: the oldest change made here is not shared");
                     if let Some(dropped) = backlog.pop_front() {
-                        store.waiting(&dropped, false);
+                        store.shared(&dropped, 0);
                     }
                 }
-                store.waiting(&change, true);
+                store.waiting(&change);
                 backlog.push_back(change);
             }
             changed = health.changed() => if changed.is_err() { return },
@@ -149,37 +149,75 @@ struct FleetStore {
     out: UnboundedSender<FleetChange>,
     /// The push-backs other nodes shared, by rule key.
     pushbacks: Mutex<HashMap<String, Pushback>>,
-    /// Suspensions and suppression changes made here that wait to be shared (destination or
-    /// suppression key → how many changes).
-    unshared: Mutex<HashMap<String, usize>>,
+    /// Suspensions and suppression changes made here that the fleet's copy may still be
+    /// older than.
+    unshared: Mutex<Unshared>,
+}
+
+/// What the fleet says of a destination or suppression entry is older than a change made here
+/// while that change waits to be shared, and after, until every catch-up that may have read
+/// the hash before it was written has been applied here (a catch-up's entries and its
+/// `CaughtUp` come in order on one channel).
+#[derive(Default)]
+struct Unshared {
+    /// By destination or suppression key.
+    marks: HashMap<String, Mark>,
+    /// The last catch-up applied here.
+    caught_up: u64,
+}
+
+#[derive(Default)]
+struct Mark {
+    /// Changes made here still waiting to be shared.
+    waiting: usize,
+    /// Shared while this catch-up was under way: kept until it has been applied.
+    until_catch_up: u64,
 }
 
 impl FleetStore {
     /// Whether a change made here to what `change` is about (a destination's suspension, a
-    /// suppression entry) waits to be shared: then what the fleet says of it is older.
+    /// suppression entry) is newer than what the fleet may say of it now (see [`Unshared`]).
     fn unshared(&self, change: &FleetChange) -> bool {
-        unshared_key(change).is_some_and(|key| {
-            self.unshared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&key)
-        })
+        unshared_key(change).is_some_and(|key| self.guard().marks.contains_key(&key))
     }
 
-    /// Counts `change` in or out of what waits to be shared.
-    fn waiting(&self, change: &FleetChange, queued: bool) {
+    /// Counts `change`, made here, in what waits to be shared.
+    fn waiting(&self, change: &FleetChange) {
+        if let Some(key) = unshared_key(change) {
+            self.guard().marks.entry(key).or_default().waiting += 1;
+        }
+    }
+
+    /// Counts `change` out of what waits, once written (or dropped: `catch_ups` 0); its mark
+    /// stays until the catch-ups started by then (`catch_ups`) have been applied.
+    fn shared(&self, change: &FleetChange, catch_ups: u64) {
         let Some(key) = unshared_key(change) else {
             return;
         };
-        let mut unshared = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
-        if queued {
-            *unshared.entry(key).or_default() += 1;
-        } else if let Some(n) = unshared.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                unshared.remove(&key);
-            }
+        let mut guard = self.guard();
+        let caught_up = guard.caught_up;
+        let Some(mark) = guard.marks.get_mut(&key) else {
+            return;
+        };
+        mark.waiting = mark.waiting.saturating_sub(1);
+        mark.until_catch_up = mark.until_catch_up.max(catch_ups);
+        if mark.waiting == 0 && mark.until_catch_up <= caught_up {
+            guard.marks.remove(&key);
         }
+    }
+
+    /// Catch-up `number` has been applied here: the marks it was keeping go.
+    fn caught_up(&self, number: u64) {
+        let mut guard = self.guard();
+        guard.caught_up = guard.caught_up.max(number);
+        let caught_up = guard.caught_up;
+        guard
+            .marks
+            .retain(|_, m| m.waiting > 0 || m.until_catch_up > caught_up);
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, Unshared> {
+        self.unshared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pushbacks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pushback>> {
@@ -311,6 +349,7 @@ fn apply_fleet_changes(
                 }
                 FleetChange::Pushback(p) => store.keep_pushback(p),
                 FleetChange::Operator(a) => apply_operator(&queue, &a).await,
+                FleetChange::CaughtUp(number) => store.caught_up(number),
             }
         }
     });
@@ -336,7 +375,7 @@ fn unshared_key(change: &FleetChange) -> Option<String> {
     match change {
         FleetChange::Suspension(s) => Some(format!("suspension {}", s.destination)),
         FleetChange::Suppression(c) => Some(format!("suppression {}", c.key)),
-        FleetChange::Pushback(_) | FleetChange::Operator(_) => None,
+        FleetChange::Pushback(_) | FleetChange::Operator(_) | FleetChange::CaughtUp(_) => None,
     }
 }
 
