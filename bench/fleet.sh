@@ -42,6 +42,7 @@ address = "127.0.0.1:$((8540 + $1))"
 [[route]]
 domain = "*"
 smarthost = "127.0.0.2:2546"
+[cluster]
 node = "fleet-$1"
 TOML
   if [ -n "$REDIS_CLUSTER" ]; then
@@ -87,7 +88,10 @@ run() {  # $1 = nodes
     pids+=("$!")
   done
   for i in $(seq "$nodes"); do
-    until ss -ltn "sport = :$((2540 + i))" | grep -q LISTEN; do sleep 0.1; done
+    until ss -ltn "sport = :$((2540 + i))" | grep -q LISTEN; do
+      kill -0 "${baton_pids[$((i - 1))]}" 2>/dev/null || { echo "node $i did not start:" >&2; tail -3 "$OUT/node-$i.log" >&2; exit 1; }
+      sleep 0.1
+    done
   done
   sleep 2  # every node has beaten once
   local c0 r0 t0 t1 count=0 src=()

@@ -7,17 +7,24 @@ use std::time::Duration;
 use crate::link::Cluster;
 
 // Microseconds (Lua's doubles hold them exactly): a rate of 300/s is 3,333 µs, not 3 ms.
+// A slot may be taken up to ARGV[2] early (the tolerance): a node's timer wakes it late by
+// whole milliseconds, and without it every late wake-up would lose a slot.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
+local slack = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat > now then
-  return tat - now
+if tat - slack > now then
+  return tat - slack - now
 end
-redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 60000)
+local next = math.max(tat, now) + interval
+redis.call('SET', KEYS[1], next, 'PX', math.floor((next - now) / 1000) + 60000)
 return 0
 ";
+
+/// How early a slot may be taken (shaping's pacer has the same).
+const SLACK: Duration = Duration::from_millis(10);
 
 // A hash of each node's count: a node puts back what it counted and the hash lacks (Redis
 // restarted empty, or the node sent while it could not reach it), then the sum is the fleet's.
@@ -88,7 +95,7 @@ impl Cluster {
             .max(1);
         let script = redis::Script::new(GCRA);
         let mut call = script.key(&key);
-        call.arg(interval_us);
+        call.arg(interval_us).arg(SLACK.as_micros() as u64);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
         match answer.await {

@@ -367,16 +367,42 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         assert_eq!(p.try_take(t0, 1.0), Ok(()));
-        assert_eq!(p.try_take(t0, 1.0), Err(t0 + ms(100)));
-        assert_eq!(p.try_take(t0 + ms(100), 1.0), Ok(()));
+        // The next slot is 100 ms on; it may be taken up to SLACK (10 ms) early.
+        assert_eq!(p.try_take(t0, 1.0), Err(t0 + ms(90)));
+        assert_eq!(p.try_take(t0 + ms(90), 1.0), Ok(()));
+        // Taken early, the slot after is still 100 ms after the slot, not after now.
+        assert_eq!(p.try_take(t0 + ms(91), 1.0), Err(t0 + ms(190)));
+        // Taken late, the next is counted from now: a late waiter does not bank time.
+        assert_eq!(p.try_take(t0 + ms(250), 1.0), Ok(()));
+        assert_eq!(p.try_take(t0 + ms(250), 1.0), Err(t0 + ms(340)));
         // After a pause the next event may go at once, but no burst builds up.
         let later = t0 + Duration::from_secs(5);
         assert_eq!(p.try_take(later, 0.5), Ok(()));
         assert_eq!(
             p.try_take(later + ms(100), 0.5),
-            Err(later + ms(200)),
+            Err(later + ms(190)),
             "halved rate"
         );
+    }
+
+    #[test]
+    fn a_fast_rate_is_met_by_a_waiter_woken_late() {
+        // 2,000/s, one waiter that the timer wakes 1 ms after each slot it asked for.
+        let mut p = Pacer {
+            interval: Duration::from_micros(500),
+            next: None,
+        };
+        let t0 = Instant::now();
+        let (mut now, mut sent) = (t0, 0);
+        while now < t0 + Duration::from_secs(1) {
+            match p.try_take(now, 1.0) {
+                Ok(()) => sent += 1,
+                Err(at) => now = at.max(now) + Duration::from_millis(1),
+            }
+        }
+        // Each wake-up takes every slot due within SLACK: about the rate, and never more
+        // than the rate plus SLACK's worth.
+        assert!((1_950..=2_021).contains(&sent), "{sent} in a second");
     }
 
     #[test]

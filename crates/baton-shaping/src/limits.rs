@@ -39,18 +39,24 @@ pub(crate) struct Pacer {
     pub(crate) next: Option<Instant>,
 }
 
+/// How early a slot may be taken (GCRA's tolerance): a waiter woken late by the timer (whole
+/// milliseconds) does not lose its slot, so a rate of thousands a second is met; after a pause
+/// at most this much of the rate goes at once (1 + SLACK / interval messages: 21 at 2,000/s,
+/// none extra at 100/s or less).
+pub(crate) const SLACK: Duration = Duration::from_millis(10);
+
 impl Pacer {
-    /// Takes the slot if it is due (the next one is then `interval / factor` later), or says
-    /// when to ask again. Slots are taken when due, never booked ahead, so a rate change
-    /// applies to the very next message.
+    /// Takes the slot if it is due, up to [`SLACK`] early (the next one is then
+    /// `interval / factor` after it, or after now if it was missed), or says when to ask
+    /// again. Slots are taken, never booked ahead, so a rate change applies to the very next
+    /// interval.
     pub(crate) fn try_take(&mut self, now: Instant, factor: f64) -> Result<(), Instant> {
-        match self.next {
-            Some(next) if next > now => Err(next),
-            _ => {
-                self.next = Some(now + self.interval.div_f64(factor.clamp(0.001, 1.0)));
-                Ok(())
-            }
+        let due = self.next.unwrap_or(now);
+        if due > now + SLACK {
+            return Err(due - SLACK);
         }
+        self.next = Some(due.max(now) + self.interval.div_f64(factor.clamp(0.001, 1.0)));
+        Ok(())
     }
 }
 
