@@ -48,6 +48,9 @@ pub enum Warmed {
     Unavailable,
 }
 
+/// This node's warm-up counts: (key, period, sent), each key in its latest period.
+pub type WarmupCounts = std::sync::Arc<dyn Fn() -> Vec<(String, u64, u64)> + Send + Sync>;
+
 /// One transaction's recipients counted against a warm-up cap across the fleet.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WarmTake {
@@ -98,4 +101,8 @@ pub trait FleetLimits: Send + Sync {
 
     /// The live push-back another node shared for `key`, if any.
     fn pushback(&self, key: &str) -> Option<Pushback>;
+
+    /// Where this node's warm-up counts can be read (its ledger), so that the store can put
+    /// them back when it comes back empty; by default the store does not.
+    fn keep_warmup_counts(&self, _counts: WarmupCounts) {}
 }

@@ -108,13 +108,23 @@ impl Shaper {
     /// Holds every connection cap and message rate across the fleet through `fleet`.
     pub fn with_fleet(mut self, fleet: Arc<dyn fleet::FleetLimits>) -> Shaper {
         self.fleet = Some(fleet);
+        self.share_ledger();
         self
     }
 
     /// Keeps warm-up counts in `ledger`, so that a restart does not reset them.
     pub fn with_ledger(mut self, ledger: Arc<crate::warmup::Ledger>) -> Shaper {
         self.ledger = Some(ledger);
+        self.share_ledger();
         self
+    }
+
+    /// Lets the fleet's store read the ledger, once both are set.
+    fn share_ledger(&self) {
+        if let (Some(fleet), Some(ledger)) = (&self.fleet, &self.ledger) {
+            let ledger = ledger.clone();
+            fleet.keep_warmup_counts(Arc::new(move || ledger.counts()));
+        }
     }
 
     /// Suspends a domain, pool or tenant by the operator's word.

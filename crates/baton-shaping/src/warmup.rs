@@ -81,6 +81,8 @@ pub struct Ledger {
     lines: Mutex<Option<mpsc::Sender<String>>>,
     writer: Option<JoinHandle<()>>,
     loaded: HashMap<String, (u64, u64)>,
+    /// What each key has sent in the latest period it counted in, this run included.
+    current: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl Ledger {
@@ -107,6 +109,7 @@ impl Ledger {
             path: path.to_path_buf(),
             lines,
             writer,
+            current: Mutex::new(loaded.clone()),
             loaded,
         };
         // An unreadable ledger is not replaced by an empty one: the counts may come back.
@@ -124,8 +127,27 @@ impl Ledger {
         }
     }
 
+    /// Every key's count in the latest period it counted in: (key, period, sent).
+    pub fn counts(&self) -> Vec<(String, u64, u64)> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            .iter()
+            .map(|(k, &(p, n))| (k.clone(), p, n))
+            .collect()
+    }
+
     /// Records `n` more recipients sent by `key` in `period`.
     pub fn record(&self, key: &str, period: u64, n: u64) {
+        {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let count = current.entry(key.to_string()).or_insert((period, 0));
+            if count.0 < period {
+                *count = (period, 0);
+            }
+            if count.0 == period {
+                count.1 = count.1.saturating_add(n);
+            }
+        }
         let line = format!("{period} {n} {key}\n");
         let unsent = match &*self.lines.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(tx) => tx.send(line).err().map(|mpsc::SendError(line)| line),
@@ -221,6 +243,16 @@ mod tests {
         ledger.record("ip10 domain gmail.com", 3, 5);
         ledger.record("ip11 site google.com", 2, 4);
         ledger.record("ip11 site google.com", 3, 1);
+        // What a fleet's store is given to put back: each key in its latest period.
+        let mut counts = ledger.counts();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("ip10 domain gmail.com".to_string(), 3, 7),
+                ("ip11 site google.com".to_string(), 3, 1)
+            ]
+        );
         drop(ledger);
         // A torn last line is skipped.
         std::fs::OpenOptions::new()
@@ -238,6 +270,7 @@ mod tests {
             "period 2 dropped"
         );
         assert_eq!(ledger.sent("nobody", 3), 0);
+        assert_eq!(ledger.counts().len(), 2, "read back at start");
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert_eq!(lines, 2, "compacted to one line per key");
     }

@@ -13,7 +13,7 @@ use baton_cluster::{
 };
 use baton_events::{EventKind, Events};
 use baton_shaping::fleet::{
-    Answer, FleetLimits, HeldLease, Leased, Paced, Pushback, WarmTake, Warmed,
+    Answer, FleetLimits, HeldLease, Leased, Paced, Pushback, WarmTake, Warmed, WarmupCounts,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -85,7 +85,9 @@ pub fn start(config: &Config, events: &Events) -> Option<Fleet> {
         out: out.clone(),
         pushbacks: Mutex::new(HashMap::new()),
         unshared: Mutex::new(Unshared::default()),
+        warmup_counts: std::sync::OnceLock::new(),
     });
+    tokio::spawn(put_back_warmup_counts(cluster.clone(), store.clone()));
     tokio::spawn(forward(cluster.clone(), outgoing, store.clone()));
     Some(Fleet {
         cluster,
@@ -152,6 +154,43 @@ struct FleetStore {
     /// Suspensions and suppression changes made here that the fleet's copy may still be
     /// older than.
     unshared: Mutex<Unshared>,
+    /// This node's warm-up ledger, to put its counts back whenever the link comes up.
+    warmup_counts: std::sync::OnceLock<WarmupCounts>,
+}
+
+/// How long a warm-up count put back is kept: two of the longest period (a day).
+const WARMUP_PUT_BACK_TTL: Duration = Duration::from_secs(2 * 86_400);
+
+/// Each time the link comes up (at start, after an outage, on a Redis that came back empty),
+/// puts this node's warm-up counts back where Redis has less, so that the fleet's count
+/// holds even for a source this node sends nothing more from.
+async fn put_back_warmup_counts(cluster: Cluster, store: Arc<FleetStore>) {
+    let mut health = cluster.health();
+    let mut was_up = false;
+    loop {
+        let up = health.borrow_and_update().up;
+        if up
+            && !was_up
+            && let Some(counts) = store.warmup_counts.get()
+        {
+            for (key, period, sent) in counts().into_iter().filter(|c| c.2 > 0) {
+                let take = baton_cluster::WarmupTake {
+                    period,
+                    cap: u64::MAX,
+                    n: 0,
+                    own: sent,
+                    ttl: WARMUP_PUT_BACK_TTL,
+                };
+                if let Err(e) = cluster.warm(&key, take).await {
+                    tracing::debug!(%key, error = %e, "a warm-up count was not put back");
+                }
+            }
+        }
+        was_up = up;
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// What the fleet says of a destination or suppression entry is older than a change made here
@@ -313,6 +352,10 @@ impl FleetLimits for FleetStore {
             factor: p.factor,
             throttled_until_ms: p.throttled_until_ms,
         }));
+    }
+
+    fn keep_warmup_counts(&self, counts: WarmupCounts) {
+        let _ = self.warmup_counts.set(counts);
     }
 
     fn pushback(&self, key: &str) -> Option<Pushback> {
