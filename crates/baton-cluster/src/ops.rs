@@ -76,16 +76,8 @@ impl Cluster {
     /// Tells the fleet of a change made on this node. Err while degraded: the caller keeps
     /// it and tries again when the link is back.
     pub async fn share(&self, change: &FleetChange) -> Result<(), String> {
-        if matches!(change, FleetChange::CaughtUp(_)) {
-            return Ok(()); // the link's own word, nothing to tell
-        }
         let mut conn = self.conn().ok_or("redis unavailable")?;
         let prefix = &self.config().prefix;
-        let json = serde_json::to_string(&Notice {
-            node: self.config().node.clone(),
-            change: change.clone(),
-        })
-        .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         match change {
             // A resumption is kept (destination → when) so that a node that was away when
@@ -125,8 +117,14 @@ impl Cluster {
             FleetChange::Pushback(_) => {}
             // Only told: a one-off on what each node has queued at that moment.
             FleetChange::Operator(_) => {}
-            FleetChange::CaughtUp(_) => {}
+            // The link's own word on this node: nothing to tell.
+            FleetChange::CaughtUp(_) => return Ok(()),
         }
+        let json = serde_json::to_string(&Notice {
+            node: self.config().node.clone(),
+            change: change.clone(),
+        })
+        .map_err(|e| e.to_string())?;
         pipe.cmd("PUBLISH")
             .arg(format!("{prefix}:ops"))
             .arg(json)

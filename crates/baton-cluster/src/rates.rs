@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::link::Cluster;
 
 // Microseconds (Lua's doubles hold them exactly): a rate of 300/s is 3,333 µs, not 3 ms.
-// A slot may be taken up to ARGV[2] early (the tolerance): a node's timer wakes it late by
-// whole milliseconds, and without it every late wake-up would lose a slot.
+// A slot may be taken up to ARGV[2] µs early (the tolerance, shaping's choice): a node's timer
+// wakes it late by whole milliseconds, and without it every late wake-up would lose a slot.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -22,9 +22,6 @@ local next = math.max(tat, now) + interval
 redis.call('SET', KEYS[1], next, 'PX', math.floor((next - now) / 1000) + 60000)
 return 0
 ";
-
-/// How early a slot may be taken (shaping's pacer has the same).
-const SLACK: Duration = Duration::from_millis(10);
 
 // A hash of each node's count: a node puts back what it counted and the hash lacks (Redis
 // restarted empty, or the node sent while it could not reach it), then the sum is the fleet's.
@@ -85,9 +82,15 @@ impl Cluster {
         }
     }
 
-    /// Takes the next slot of `rule`'s rate (one message every `interval` across the fleet):
-    /// Ok(zero) to send now, Ok(wait) until the next slot; Err while Redis is unreachable.
-    pub async fn pace(&self, rule: &str, interval: Duration) -> Result<Duration, String> {
+    /// Takes the next slot of `rule`'s rate (one message every `interval` across the fleet,
+    /// up to `tolerance` early): Ok(zero) to send now, Ok(wait) until the next slot; Err
+    /// while Redis is unreachable.
+    pub async fn pace(
+        &self,
+        rule: &str,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Result<Duration, String> {
         let mut conn = self.conn().ok_or("redis unavailable")?;
         let key = format!("{}:rate:{rule}", self.config().prefix);
         let interval_us = u64::try_from(interval.as_micros())
@@ -95,7 +98,8 @@ impl Cluster {
             .max(1);
         let script = redis::Script::new(GCRA);
         let mut call = script.key(&key);
-        call.arg(interval_us).arg(SLACK.as_micros() as u64);
+        let tolerance_us = u64::try_from(tolerance.as_micros()).unwrap_or(u64::MAX);
+        call.arg(interval_us).arg(tolerance_us);
         let answer =
             tokio::time::timeout(Duration::from_secs(1), call.invoke_async::<i64>(&mut conn));
         match answer.await {

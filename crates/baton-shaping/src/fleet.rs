@@ -83,8 +83,14 @@ pub trait FleetLimits: Send + Sync {
     /// Takes one of `cap` leases on `key`; none while a node holding fewer waits for one.
     fn lease<'a>(&'a self, key: &'a str, cap: usize) -> Answer<'a, Leased>;
 
-    /// Takes the next slot of `key`'s rate, one message every `interval` across the fleet.
-    fn pace<'a>(&'a self, key: &'a str, interval: Duration) -> Answer<'a, Paced>;
+    /// Takes the next slot of `key`'s rate, one message every `interval` across the fleet,
+    /// up to `tolerance` early (GCRA's tolerance).
+    fn pace<'a>(
+        &'a self,
+        key: &'a str,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Answer<'a, Paced>;
 
     /// How many nodes share the limits now (at least 1): a node alone takes 1/n of each.
     fn nodes(&self) -> u32;

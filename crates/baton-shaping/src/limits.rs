@@ -537,7 +537,7 @@ async fn fleet_pace(
         }
         let cut = factor().clamp(0.001, 1.0);
         let interval = rate.interval().div_f64(cut);
-        match fleet.pace(key, interval).await {
+        match fleet.pace(key, interval, SLACK).await {
             Paced::Go => return true,
             Paced::Wait(d) => tokio::time::sleep(d.min(Duration::from_secs(1))).await,
             Paced::Unavailable => {

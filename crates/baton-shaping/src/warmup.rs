@@ -80,8 +80,8 @@ pub struct Ledger {
     /// inline).
     lines: Mutex<Option<mpsc::Sender<String>>>,
     writer: Option<JoinHandle<()>>,
-    loaded: HashMap<String, (u64, u64)>,
-    /// What each key has sent in the latest period it counted in, this run included.
+    /// What each key has sent in the latest period it counted in (read at start, then kept
+    /// up to date).
     current: Mutex<HashMap<String, (u64, u64)>>,
 }
 
@@ -109,8 +109,7 @@ impl Ledger {
             path: path.to_path_buf(),
             lines,
             writer,
-            current: Mutex::new(loaded.clone()),
-            loaded,
+            current: Mutex::new(loaded),
         };
         // An unreadable ledger is not replaced by an empty one: the counts may come back.
         if readable {
@@ -119,9 +118,14 @@ impl Ledger {
         ledger
     }
 
-    /// What `key` has sent in `period`, as recorded before this start.
+    fn current(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What `key` has sent in `period` (read at start when a key's counter is made: each key
+    /// has one for the whole run).
     pub fn sent(&self, key: &str, period: u64) -> u64 {
-        match self.loaded.get(key) {
+        match self.current().get(key) {
             Some(&(p, n)) if p == period => n,
             _ => 0,
         }
@@ -129,8 +133,7 @@ impl Ledger {
 
     /// Every key's count in the latest period it counted in: (key, period, sent).
     pub fn counts(&self) -> Vec<(String, u64, u64)> {
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current
+        self.current()
             .iter()
             .map(|(k, &(p, n))| (k.clone(), p, n))
             .collect()
@@ -139,7 +142,7 @@ impl Ledger {
     /// Records `n` more recipients sent by `key` in `period`.
     pub fn record(&self, key: &str, period: u64, n: u64) {
         {
-            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let mut current = self.current();
             let count = current.entry(key.to_string()).or_insert((period, 0));
             if count.0 < period {
                 *count = (period, 0);
@@ -161,7 +164,7 @@ impl Ledger {
     /// Writes the loaded counts back, one line per key (a temporary file renamed over).
     fn compact(&self) {
         let mut text = String::new();
-        for (key, (period, n)) in &self.loaded {
+        for (key, (period, n)) in self.current().iter() {
             text.push_str(&format!("{period} {n} {key}\n"));
         }
         let tmp = self.path.with_extension("log.tmp");

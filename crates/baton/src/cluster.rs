@@ -310,9 +310,14 @@ impl FleetLimits for FleetStore {
         })
     }
 
-    fn pace<'a>(&'a self, key: &'a str, interval: Duration) -> Answer<'a, Paced> {
+    fn pace<'a>(
+        &'a self,
+        key: &'a str,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Answer<'a, Paced> {
         Box::pin(async move {
-            match self.cluster.pace(key, interval).await {
+            match self.cluster.pace(key, interval, tolerance).await {
                 Ok(wait) if wait.is_zero() => Paced::Go,
                 Ok(wait) => Paced::Wait(wait),
                 Err(_) => Paced::Unavailable,
